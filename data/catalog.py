@@ -1,0 +1,297 @@
+"""The catalog: the one place that knows a run folder's layout (../DESIGN.md).
+
+    RUN/run.json          config, package versions, model id + revision + fingerprint,
+                          stage states (written atomically)
+    RUN/samples.zarr/     h (n, T, C, H, W) float16, shards (b, T, C, H, W), chunks
+                          (b, 1, C, H, W); x0 (n, 3, R, R) uint8; seeds (n,) int64;
+                          timesteps (T,) int64; done (n_shards,) uint8, one file per shard
+    RUN/.lock             one writer at a time
+
+Zarr rules this module keeps (STACK_NOTES.md): the whole array is allocated up front
+(resize rewrites metadata); a shard is written whole by exactly one writer (partial shard
+writes race and silently lose data); its ``done`` marker is written only after the shard,
+so a crash mid-write leaves the shard pending and it is redone on resume; every chunk
+carries a crc32c checksum; h's fill value is NaN so a hole is visible.
+
+This module does not import torch, so read-only commands (``hspace inspect``) are fast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+RUN_JSON = "run.json"
+SAMPLES = "samples.zarr"
+ANNOTATIONS = "annotations.zarr"
+DIRECTIONS = "directions"
+FIGURES = "figures"
+LOCK = ".lock"
+PREFECT_RESULTS = ".prefect-results"
+FORMAT_VERSION = 1
+
+
+class RunError(Exception):
+    """A problem with a run folder that the user must act on; the message says how."""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- run folder
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / RUN_JSON
+
+    @property
+    def samples(self) -> Path:
+        return self.root / SAMPLES
+
+    @property
+    def annotations(self) -> Path:
+        return self.root / ANNOTATIONS
+
+    @property
+    def directions(self) -> Path:
+        return self.root / DIRECTIONS
+
+    @property
+    def figures(self) -> Path:
+        return self.root / FIGURES
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def prefect_results(self) -> Path:
+        return self.root / PREFECT_RESULTS
+
+    def exists(self) -> bool:
+        return self.run_json.exists()
+
+    def read(self) -> dict:
+        if not self.run_json.exists():
+            raise RunError(f"{self.root} is not an hspace run (no {RUN_JSON}); create one with `hspace sample --out {self.root}`")
+        try:
+            meta = json.loads(self.run_json.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{self.run_json} is not valid JSON ({e}); restore it or start a new run folder") from None
+        for key in ("format", "config", "model", "stages"):
+            if key not in meta:
+                raise RunError(f"{self.run_json} lacks the key {key!r} (edited by hand?); restore it or start a new run folder")
+        return meta
+
+    def write(self, meta: dict) -> None:
+        _write_json_atomic(self.run_json, meta)
+
+    def init(self, config: dict, model: dict, versions: dict) -> dict:
+        """Create run.json for a new run, or check that an existing one matches ``config``
+        and ``model``. Refuses (RunError) to reuse a folder holding another run."""
+        if self.exists():
+            meta = self.read()
+            diffs = [
+                f"{k}: stored {meta['config'].get(k)!r} != requested {config.get(k)!r}"
+                for k in sorted(set(meta["config"]) | set(config))
+                if meta["config"].get(k) != config.get(k)
+            ]
+            if meta["model"].get("fingerprint") != model.get("fingerprint"):
+                diffs.append(
+                    f"model: stored {meta['model'].get('id')} ({meta['model'].get('fingerprint', '')[:12]}) "
+                    f"!= requested {model.get('id')} ({model.get('fingerprint', '')[:12]})"
+                )
+            if diffs:
+                raise RunError(
+                    f"{self.root} already holds a run with a different config ({'; '.join(diffs)}); "
+                    "refusing to overwrite it: pick another --out or repeat the original command"
+                )
+            return meta
+        if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):
+            raise RunError(f"{self.root} exists, is not empty and holds no {RUN_JSON}; pick an empty or new --out folder")
+        meta = {
+            "format": FORMAT_VERSION,
+            "created": _now(),
+            "config": config,
+            "model": model,
+            "versions": versions,
+            "stages": {},
+        }
+        self.write(meta)
+        return meta
+
+    def set_stage(self, stage: str, **fields) -> None:
+        meta = self.read()
+        meta["stages"].setdefault(stage, {}).update(fields, updated=_now())
+        self.write(meta)
+
+    # ------------------------------------------------------------------------- locking
+
+    @contextmanager
+    def lock(self, command: str, break_stale: bool = False):
+        """Hold RUN/.lock for the duration; refuse a second writer (RunError naming the
+        holder). A lock whose pid is dead on this host is stale: reported, and removed only
+        when ``break_stale`` is set."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise RunError(f"{self.root} is not writable; fix its permissions or pick another --out")
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": command}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.lock_holder()
+                if holder is not None and _is_stale(holder) and break_stale:
+                    self.lock_path.unlink(missing_ok=True)
+                    continue
+                raise RunError(_lock_message(self.lock_path, holder)) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            break
+        try:
+            yield
+        finally:
+            self.lock_path.unlink(missing_ok=True)
+
+    def lock_holder(self) -> dict | None:
+        try:
+            return json.loads(self.lock_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(holder: dict) -> bool:
+    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+
+
+def _lock_message(path: Path, holder: dict | None) -> str:
+    if holder is None:
+        return f"{path} exists but is unreadable; if no hspace process uses this run, delete it"
+    who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} ({holder.get('command')})"
+    if _is_stale(holder):
+        return f"run is locked by {who}, which is no longer running (stale lock); rerun with --break-lock to take it over"
+    return f"run is locked by {who}; wait for it to finish (read-only commands such as `hspace inspect` work meanwhile)"
+
+
+# ---------------------------------------------------------------------------- samples.zarr
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    n: int
+    steps: int
+    h_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]
+    batch_size: int
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def shard_rows(self, k: int) -> range:
+        return range(k * self.batch_size, min(self.n, (k + 1) * self.batch_size))
+
+
+class SampleStore:
+    """samples.zarr: allocation, whole-shard writes, done markers."""
+
+    def __init__(self, path: Path, mode: str = "r"):
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(self.path, mode=mode)
+            self.h = self.group["h"]
+            self.x0 = self.group["x0"]
+            self.seeds = self.group["seeds"]
+            self.timesteps = self.group["timesteps"]
+            self.done = self.group["done"]
+        except (FileNotFoundError, KeyError) as e:
+            raise RunError(f"{self.path} is missing or incomplete ({e}); rerun `hspace sample` to recreate it") from None
+        n, steps, *h_shape = self.h.shape
+        self.layout = SampleLayout(n, steps, tuple(h_shape), tuple(self.x0.shape[1:]), self.h.shards[0])
+
+    @classmethod
+    def create(cls, path: Path, layout: SampleLayout, seeds: np.ndarray, timesteps: np.ndarray) -> SampleStore:
+        path = Path(path)
+        group = zarr.open_group(path, mode="w-")
+        n, steps, b = layout.n, layout.steps, layout.batch_size
+        c, hh, ww = layout.h_shape
+        group.create_array(
+            "h", shape=(n, steps, c, hh, ww), dtype="float16",
+            shards=(b, steps, c, hh, ww), chunks=(b, 1, c, hh, ww),
+            compressors=[Crc32cCodec()], fill_value=np.nan,
+            dimension_names=("sample", "step", "channel", "y", "x"),
+        )
+        group.create_array(
+            "x0", shape=(n, *layout.image_shape), dtype="uint8", chunks=(b, *layout.image_shape),
+            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+            dimension_names=("sample", "channel", "y", "x"),
+        )
+        group.create_array("seeds", data=np.asarray(seeds, np.int64), chunks=(max(1, n),), compressors=[Crc32cCodec()])
+        group.create_array("timesteps", data=np.asarray(timesteps, np.int64), chunks=(steps,), compressors=[Crc32cCodec()])
+        group.create_array("done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()])
+        group.attrs.update({"batch_size": b, "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)"})
+        return cls(path, mode="r+")
+
+    def write_shard(self, k: int, h: np.ndarray, x0: np.ndarray) -> None:
+        """Write shard k whole (h (b, T, C, H, W) float16, x0 (b, 3, R, R) uint8), then mark it done."""
+        rows = self.layout.shard_rows(k)
+        if h.shape[0] != len(rows) or x0.shape[0] != len(rows):
+            raise ValueError(f"shard {k} holds {len(rows)} samples, got h {h.shape}, x0 {x0.shape}")
+        self.h[rows.start : rows.stop] = h
+        self.x0[rows.start : rows.stop] = x0
+        self.done[k] = 1
+
+    def done_shards(self) -> np.ndarray:
+        return np.flatnonzero(self.done[:] == 1)
+
+    def pending_shards(self) -> list[int]:
+        return [int(k) for k in np.flatnonzero(self.done[:] != 1)]
+
+    def complete(self) -> bool:
+        return not self.pending_shards()
+
+
+def package_versions(names=("hspace", "torch", "diffusers", "prefect", "zarr", "numpy")) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

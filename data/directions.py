@@ -1,0 +1,73 @@
+"""Direction files: ``NAME.safetensors`` holding one tensor ``v`` of shape (T, C, H, W)
+and string metadata (DESIGN.md): model, revision, h_point, scheduler, eta, steps, method,
+source, scale_unit. Never pickles.
+
+``check`` refuses a direction that does not fit the model/schedule it is applied to,
+naming the field that differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, safe_open, save_file
+
+from data.catalog import RunError
+
+REQUIRED_META = ("model", "revision", "h_point", "scheduler", "eta", "steps", "method", "source", "scale_unit")
+
+
+def save(path: Path, v: torch.Tensor, meta: dict) -> Path:
+    """Write a direction file; ``meta`` values are stored as strings (JSON for non-strings)."""
+    if v.dim() != 4:
+        raise ValueError(f"direction must be (T, C, H, W), got shape {tuple(v.shape)}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"direction metadata lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strings = {k: val if isinstance(val, str) else json.dumps(val) for k, val in meta.items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file({"v": v.detach().to(torch.float32).contiguous().cpu()}, str(tmp), metadata=strings)
+    tmp.replace(path)
+    return path
+
+
+def load(path: Path) -> tuple[torch.Tensor, dict]:
+    """Read a direction file: (v (T, C, H, W) float32, metadata dict of strings)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunError(f"direction file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        v = load_file(str(path))["v"]
+    except (SafetensorsError, KeyError, OSError) as e:
+        raise RunError(f"{path} is not a readable direction file ({e}); re-create it") from None
+    return v, meta
+
+
+def scheduler_name(scheduler) -> str:
+    """A compact id of a noise schedule: class-independent, keyed on the betas."""
+    cfg = scheduler.config
+    return f"{cfg.beta_schedule}:{cfg.num_train_timesteps}:{cfg.beta_start}:{cfg.beta_end}"
+
+
+def check(path: Path, v: torch.Tensor, meta: dict, *, model_fingerprint: str, steps: int,
+          h_shape: tuple[int, int, int], h_point: str, scheduler: str) -> None:
+    """Raise RunError if the direction was made for another model, schedule or h point."""
+    expected = {"model": model_fingerprint, "steps": str(steps), "h_point": h_point, "scheduler": scheduler}
+    for key, want in expected.items():
+        got = meta.get(key)
+        if got is None:
+            raise RunError(f"direction {path} has no {key!r} metadata; re-create it with hspace")
+        if got != want:
+            what = {"model": "another model", "steps": "another number of steps", "h_point": "another h point",
+                    "scheduler": "another noise schedule"}[key]
+            raise RunError(f"direction {path} was made for {what} ({key}={got[:16]!r}, this run has {want[:16]!r}); "
+                           "use a direction from this model and schedule")
+    if tuple(v.shape) != (steps, *h_shape):
+        raise RunError(f"direction {path} has shape {tuple(v.shape)}, this model needs {(steps, *h_shape)}")

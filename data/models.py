@@ -1,0 +1,117 @@
+"""Where models come from: ``toy`` (shipped in data/), a local diffusers folder, or a
+Hugging Face id resolved through the local HF cache (downloaded only when allowed).
+
+A model folder is either a pipeline folder (``unet/`` + ``scheduler/``, as
+google/ddpm-ema-celebahq-256 is laid out) or a bare UNet folder (``config.json`` +
+weights) with an optional ``scheduler/`` or ``scheduler_config.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from data.catalog import RunError
+
+TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What identifies a model: the user's spec, the folder it resolved to, the HF revision
+    (commit) where known, and a sha256 over its config and weight files."""
+
+    id: str
+    path: str
+    revision: str | None
+    fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unet_dir(folder: Path) -> Path | None:
+    if (folder / "unet" / "config.json").exists():
+        return folder / "unet"
+    if (folder / "config.json").exists():
+        return folder
+    return None
+
+
+def fingerprint(unet_dir: Path) -> str:
+    """sha256 over the UNet's config and weight files (names and bytes)."""
+    digest = hashlib.sha256()
+    files = [unet_dir / "config.json"] + sorted(p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve(spec: str, allow_download: bool = False) -> ModelRef:
+    """Turn ``toy``, a folder path or an HF id into a ModelRef; RunError if none fits."""
+    if spec == "toy":
+        if _unet_dir(TOY_MODEL_DIR) is None:
+            raise RunError(
+                f"the toy model is not in {TOY_MODEL_DIR}; train it with `hspace train-toy` or reinstall hspace"
+            )
+        folder, revision = TOY_MODEL_DIR, None
+    elif Path(spec).expanduser().exists():
+        folder, revision = Path(spec).expanduser().resolve(), None
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        folder, revision = _from_hub(spec, allow_download)
+    else:
+        raise RunError(f"model {spec!r} is neither 'toy', an existing folder, nor a Hugging Face id (owner/name)")
+    unet_dir = _unet_dir(folder)
+    if unet_dir is None:
+        raise RunError(f"{folder} is not a diffusers model folder (no config.json or unet/config.json)")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in unet_dir.iterdir()):
+        raise RunError(f"{unet_dir} holds no weight file (*.safetensors or *.bin); copy the model's weights there")
+    return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=fingerprint(unet_dir))
+
+
+def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise RunError(
+            f"model {repo_id!r} is not in the local Hugging Face cache; download it where you have "
+            "network access (`huggingface-cli download ...`), pass a local folder, or add --allow-download"
+        ) from None
+    except Exception as e:  # hub errors are many; all mean "could not get it"
+        raise RunError(f"could not fetch model {repo_id!r} from the Hugging Face hub: {e}") from None
+    return path, path.name  # snapshot folders are named by commit hash
+
+
+def load(ref: ModelRef, device: str = "cpu", dtype=None):
+    """Load (unet, scheduler) for a resolved model, in eval mode on ``device``."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+
+    folder = Path(ref.path)
+    unet_dir = _unet_dir(folder)
+    config = json.loads((unet_dir / "config.json").read_text())
+    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    try:
+        unet = cls.from_pretrained(unet_dir, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"cannot load the UNet from {unet_dir}: {first}; the weight file may be truncated or from another architecture") from None
+    if dtype is not None:
+        unet = unet.to(dtype)
+    unet = unet.to(device).eval().requires_grad_(False)
+    sched_dir = next((d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None)
+    if sched_dir is not None:
+        scheduler = DDIMScheduler.from_pretrained(sched_dir)
+    elif (unet_dir / "scheduler_config.json").exists():
+        scheduler = DDIMScheduler.from_pretrained(unet_dir)
+    else:
+        raise RunError(f"{folder} has no scheduler config (scheduler/scheduler_config.json); add the scheduler the model was trained with")
+    return unet, scheduler

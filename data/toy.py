@@ -1,0 +1,114 @@
+"""The toy world's model recipe and training checkpoints.
+
+The shipped model lives in ``data/toy_model/`` (a diffusers folder: ``unet/`` with the
+EMA weights and ``scheduler/``); ``--model toy`` means that folder. Training checkpoints
+are folders holding ``unet/`` (online weights), ``ema/`` (EMA weights), both in diffusers
+format, and ``trainer.pt`` (optimizer state, step, recipe), replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from data import toyfaces
+from data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """Training recipe of the shipped toy DDPM (the defaults are what made it)."""
+
+    image_size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 2
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    steps: int = 8000
+    checkpoint_every: int = 250
+
+
+def build_unet(recipe: ToyRecipe) -> UNet2DModel:
+    n = len(recipe.block_out_channels)
+    return UNet2DModel(
+        sample_size=recipe.image_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=recipe.layers_per_block,
+        block_out_channels=tuple(recipe.block_out_channels),
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+        add_attention=False,
+        norm_num_groups=8,
+    )
+
+
+def build_scheduler(recipe: ToyRecipe) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=recipe.num_train_timesteps,
+        beta_schedule=recipe.beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def training_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
+    """The renders of training step ``step`` as (B, 3, H, W) in [-1, 1]; seeds are a pure
+    function of (recipe seed, step), so a resumed run sees the same data."""
+    first = (recipe.seed << 32) + step * recipe.batch_size
+    images, _ = toyfaces.render_batch(np.arange(first, first + recipe.batch_size), recipe.image_size)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def step_generator(recipe: ToyRecipe, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((recipe.seed << 32) + step + 1)
+
+
+def save_checkpoint(path: Path, unet, ema_model, optimizer, step: int, recipe: ToyRecipe) -> None:
+    """Write a checkpoint folder atomically: build ``path.tmp`` then swap it in."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet")
+    ema_model.save_pretrained(tmp / "ema")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer.pt")
+    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, ToyRecipe]:
+    """Inverse of ``save_checkpoint``: (unet, ema_unet, optimizer_state, step, recipe)."""
+    path = Path(path)
+    if not path.exists() and path.with_name(path.name + ".old").exists():
+        path = path.with_name(path.name + ".old")  # crashed between the two renames
+    raw = json.loads((path / "recipe.json").read_text())
+    raw["block_out_channels"] = tuple(raw["block_out_channels"])
+    recipe = ToyRecipe(**raw)
+    unet = UNet2DModel.from_pretrained(path / "unet")
+    ema = UNet2DModel.from_pretrained(path / "ema")
+    state = torch.load(path / "trainer.pt", weights_only=True)
+    return unet, ema, state["optimizer"], int(state["step"]), recipe
+
+
+def export_model(ema_model: UNet2DModel, recipe: ToyRecipe, out: Path) -> None:
+    """Write the shipped diffusers folder: EMA ``unet/`` plus a DDIM ``scheduler/``."""
+    out = Path(out)
+    ema_model.save_pretrained(out / "unet")
+    DDIMScheduler.from_config(build_scheduler(recipe).config).save_pretrained(out / "scheduler")

@@ -1,0 +1,260 @@
+"""The ``hspace`` command line.
+
+Heavy imports (torch, diffusers, prefect) happen inside the commands that need them, so
+read-only commands such as ``hspace inspect`` answer in well under two seconds and never
+start a Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from data.catalog import RunError, RunFolder
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Find and apply interpretable directions in the h-space of diffusion models.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _prefect_env() -> None:
+    """Defaults that make Prefect's ephemeral server usable offline (STACK_NOTES.md)."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _configure_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+
+
+# --------------------------------------------------------------------------- sample
+
+
+@app.command()
+def sample(
+    model: Annotated[str, typer.Option(help="'toy', a local diffusers folder, or a Hugging Face id (local cache)")] = "toy",
+    n: Annotated[int, typer.Option(help="number of samples")] = 256,
+    steps: Annotated[int, typer.Option(help="DDIM steps (num_inference_steps)")] = 50,
+    eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like")] = 0.0,
+    seed: Annotated[int, typer.Option(help="run seed; sample i uses a generator seeded from (seed, i)")] = 0,
+    batch_size: Annotated[int, typer.Option(help="samples per batch = per Zarr shard")] = 32,
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/toy"),
+    h_point: Annotated[str, typer.Option(help="'output' or 'input' of the mid block")] = "output",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 for the UNet")] = "float32",
+    allow_download: Annotated[bool, typer.Option(help="let a Hugging Face id download if not cached")] = False,
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Mass-sample a model, storing h at every step, x0 and seeds in OUT/samples.zarr."""
+    _configure_logging(verbose)
+    for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size)):
+        if value <= 0:
+            _fail(f"{name} must be a positive integer, got {value}")
+    if eta < 0:
+        _fail(f"--eta must be >= 0 (0 = DDIM, 1 = DDPM-like), got {eta}")
+    if h_point not in ("output", "input"):
+        _fail(f"--h-point must be 'output' or 'input', got {h_point!r}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        _fail(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    try:
+        from data import models
+        from data.catalog import package_versions
+        from tasks.sample import resolve_device
+
+        ref = models.resolve(model, allow_download=allow_download)
+        dev = resolve_device(device)
+        unet, scheduler = models.load(ref)
+        from hcore.hspace import h_shape
+
+        h_shape(unet)  # raises if there is no mid block
+        train_steps = scheduler.config.num_train_timesteps
+        if steps > train_steps:
+            _fail(f"--steps {steps} exceeds the model's {train_steps} training timesteps; use at most {train_steps}")
+        del unet
+        config = {"n": n, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+                  "h_point": h_point, "dtype": dtype}
+        run = RunFolder(out)
+        with run.lock(f"hspace sample --out {out}", break_stale=break_lock):
+            meta = run.init(config, ref.to_dict(), package_versions())
+            meta["runtime"] = {"device": dev}  # may change on resume; not part of the config
+            run.write(meta)
+            _prefect_env()
+            from flows.sample import sample_flow
+
+            run.set_stage("sample", state="running")
+            result = sample_flow(str(out))
+            run.set_stage("sample", state="done", recomputed_shards=len(result["recomputed"]))
+    except RunError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); free space or fix permissions, then rerun the same command")
+    console.print(f"samples: [bold]{out / 'samples.zarr'}[/] ({n} samples, {steps} steps); inspect with `hspace inspect {out}`")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+@app.command()
+def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
+            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """Show a run's config, arrays (shape, dtype, chunks, shards, bytes) and shard states."""
+    import zarr
+
+    from data.catalog import SampleStore
+
+    run = RunFolder(run_dir)
+    try:
+        meta = run.read()
+    except RunError as e:
+        _fail(str(e))
+    report = {"run": str(run_dir), "config": meta["config"], "model": meta["model"], "stages": meta["stages"],
+              "versions": meta.get("versions", {}), "arrays": [], "lock": run.lock_holder()}
+    for store_path in sorted(run.root.glob("*.zarr")):
+        group = zarr.open_group(store_path, mode="r")
+        for name, arr in sorted(group.arrays()):
+            report["arrays"].append({
+                "store": store_path.name, "name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                "chunks": list(arr.chunks), "shards": list(arr.shards) if arr.shards else None,
+                "bytes_on_disk": _du(store_path / name), "bytes_raw": int(arr.nbytes),
+            })
+    if run.samples.exists():
+        try:
+            store = SampleStore(run.samples)
+            pending = store.pending_shards()
+            report["shards"] = {"total": store.layout.n_shards, "done": store.layout.n_shards - len(pending),
+                                "pending": pending}
+        except RunError as e:
+            report["shards"] = {"error": str(e)}
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    console.print(f"[bold]run[/] {run_dir}   model [bold]{meta['model'].get('id')}[/] "
+                  f"(sha256 {meta['model'].get('fingerprint', '')[:12]}, revision {meta['model'].get('revision')})")
+    console.print("config: " + ", ".join(f"{k}={v}" for k, v in meta["config"].items()))
+    if report["lock"]:
+        console.print(f"[yellow]locked[/] by pid {report['lock'].get('pid')} since {report['lock'].get('started')}")
+    table = Table(title="arrays")
+    for col in ("store", "array", "shape", "dtype", "chunks", "shards", "on disk", "raw"):
+        table.add_column(col)
+    for a in report["arrays"]:
+        table.add_row(a["store"], a["name"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
+                      str(tuple(a["shards"])) if a["shards"] else "-", _human(a["bytes_on_disk"]), _human(a["bytes_raw"]))
+    console.print(table)
+    if "shards" in report:
+        s = report["shards"]
+        if "error" in s:
+            console.print(f"[red]samples.zarr: {s['error']}[/]")
+        else:
+            pend = s["pending"]
+            console.print(f"shards: {s['done']}/{s['total']} done"
+                          + (f", pending: {pend[:20]}{' ...' if len(pend) > 20 else ''}" if pend else ""))
+    stages = Table(title="stages")
+    for col in ("stage", "state", "details"):
+        stages.add_column(col)
+    for name, st in meta["stages"].items():
+        stages.add_row(name, st.get("state", "?"), ", ".join(f"{k}={v}" for k, v in st.items() if k != "state"))
+    console.print(stages)
+
+
+# --------------------------------------------------------------------------- edit
+
+
+@app.command()
+def edit(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="run folder to take the sample from")] = None,
+    sample_index: Annotated[Optional[int], typer.Option("--sample", help="index of the sample in RUN")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model, instead of RUN (with --seed)")] = None,
+    seed: Annotated[int, typer.Option(help="with --model: run seed (sample 0 of that seed)")] = 0,
+    steps: Annotated[int, typer.Option(help="with --model: DDIM steps")] = 50,
+    eta: Annotated[float, typer.Option(help="with --model: DDIM eta")] = 0.0,
+    direction: Annotated[list[str], typer.Option(help="FILE or FILE:gamma; repeat for several")] = [],  # noqa: B006
+    scales: Annotated[str, typer.Option(help="comma-separated gammas (columns)")] = "-2,-1,0,1,2",
+    window: Annotated[Optional[str], typer.Option(help="S0:S1, steps where the edit is applied")] = None,
+    asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Replay a sample with the same noise and render a grid of h-space edits."""
+    from data import models
+    from data.figures import grid_image, save_grid
+    from tasks import edit as edit_tasks
+    from tasks.sample import resolve_device
+
+    try:
+        scale_values = [float(s) for s in scales.split(",") if s.strip()]
+    except ValueError:
+        _fail(f"--scales {scales!r} is not a comma-separated list of numbers")
+    if not direction:
+        _fail("give at least one --direction FILE[:gamma]")
+    try:
+        if run_dir is not None:
+            if model is not None:
+                _fail("give either RUN --sample I or --model M --seed S, not both")
+            meta = RunFolder(run_dir).read()
+            cfg = meta["config"]
+            if sample_index is None or not (0 <= sample_index < cfg["n"]):
+                _fail(f"--sample must be an index in [0, {cfg['n']}) for this run")
+            ref = models.ModelRef(**meta["model"])
+            spec = edit_tasks.SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
+        elif model is not None:
+            ref = models.resolve(model)
+            spec = edit_tasks.SampleSpec(seed, 0, steps, eta, "output")
+        else:
+            _fail("give RUN --sample I, or --model M --seed S")
+        if models.fingerprint(models._unet_dir(Path(ref.path))) != ref.fingerprint:
+            _fail(f"the model at {ref.path} changed since this run was sampled (fingerprint differs); restore it")
+        unet, scheduler = models.load(ref, device=resolve_device(device))
+        from hcore.hspace import h_shape
+
+        specs = [edit_tasks.parse_direction(d) for d in direction]
+        vectors = edit_tasks.load_directions(specs, model_fingerprint=ref.fingerprint, steps=spec.steps,
+                                             h_shape=h_shape(unet), h_point=spec.h_point, scheduler=scheduler)
+        cells, rows, cols = edit_tasks.plan_grid(specs, scale_values)
+        images = edit_tasks.render_edits(unet, scheduler, spec, vectors, cells,
+                                         window=edit_tasks.parse_window(window, spec.steps), asyrp=asyrp)
+        title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "") + (f", window {window}" if window else "")
+        save_grid(out, grid_image(images, rows, cols, title=title))
+    except RunError as e:
+        _fail(str(e))
+    console.print(f"grid: [bold]{out}[/]")
+
+
+def main() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

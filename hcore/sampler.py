@@ -1,0 +1,165 @@
+"""Batched DDIM sampling with h-space capture and injection (paper sec. 3, eqs. (2)-(5)).
+
+Reproducibility: sample i of a run owns one ``torch.Generator`` seeded from
+(run seed, i). It alone draws x_T and then one z_t per step (drawn at every step, even
+when sigma_t = 0, so changing eta never shifts the stream). Batch size, batch
+composition and worker never change what sample i sees; an edit of sample i replays its
+x_T and z_{T:1} exactly.
+
+Editing: h_t^edit = h_t + sum_k gamma_k v_t^(k) (sec. 3). By default the edited eps feeds
+both P_t and D_t of eq. (2) (one U-Net pass per step, as in the paper); with
+``asyrp=True`` the edited eps feeds only P_t and a second, unedited pass gives D_t
+(Kwon et al.'s asymmetric reverse process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler
+
+from hcore.hspace import HSpace
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
+
+
+def sample_seed(run_seed: int, index: int) -> int:
+    """The 63-bit seed of sample ``index`` of a run, from numpy's SeedSequence (no cycles,
+    no collisions between neighbouring run seeds)."""
+    state = np.random.SeedSequence([int(run_seed), int(index)]).generate_state(1, np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
+def make_generators(run_seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(sample_seed(run_seed, i)) for i in indices]
+
+
+def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """One standard normal draw of ``shape`` per generator, stacked: (B, *shape), on CPU."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+
+
+def ddim_scheduler(scheduler) -> DDIMScheduler:
+    """A DDIMScheduler with the model's own noise schedule (e.g. from a DDPMScheduler)."""
+    sched = DDIMScheduler.from_config(scheduler.config)
+    if sched.config.prediction_type != "epsilon":
+        raise ValueError(
+            f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples "
+            "epsilon-prediction models only"
+        )
+    if sched.config.thresholding:
+        raise ValueError("scheduler uses dynamic thresholding, which hspace does not support")
+    return sched
+
+
+def ddim_step(
+    scheduler: DDIMScheduler,
+    x_t: torch.Tensor,
+    t: int,
+    eps_p: torch.Tensor,
+    eps_d: torch.Tensor,
+    eta: float,
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_{t-1} = sqrt(a_{t-1}) P_t(eps_p) + D_t(eps_d) + sigma_t z_t: eqs. (2)-(5).
+
+    With eps_p = eps_d this is exactly ``DDIMScheduler.step`` given ``variance_noise=z``;
+    the split is what Asyrp needs. Returns (x_{t-1}, P_t). ``scheduler`` must have had
+    ``set_timesteps`` called; alphas here are the paper's alpha (diffusers' alphas_cumprod).
+    """
+    cfg = scheduler.config
+    prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    alpha_t = scheduler.alphas_cumprod[t]
+    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    p_t = (x_t - (1 - alpha_t).sqrt() * eps_p) / alpha_t.sqrt()  # eq. (3)
+    if cfg.clip_sample:
+        p_t = p_t.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    sigma_t = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. (5)
+    d_t = (1 - alpha_prev - sigma_t**2).sqrt() * eps_d  # eq. (4)
+    x_prev = alpha_prev.sqrt() * p_t + d_t  # eq. (2)
+    if eta > 0:
+        x_prev = x_prev + sigma_t * z
+    return x_prev, p_t
+
+
+@dataclass
+class Edit:
+    """An h-space edit: h_t + sum_k gamma_k v_t^(k) at steps in ``window``.
+
+    directions: tensors (T, C, H, W), one per direction, T = number of sampling steps.
+    gammas: one per direction, each a float or a (B,) tensor (a strength per sample, so
+    one batch can render a whole grid of strengths).
+    window: (first, stop) step indices, half-open, step 0 = first denoising step;
+    None = all steps. asyrp: edited eps in P_t only.
+    """
+
+    directions: list[torch.Tensor] = field(default_factory=list)
+    gammas: list[float | torch.Tensor] = field(default_factory=list)
+    window: tuple[int, int] | None = None
+    asyrp: bool = False
+
+    def delta(self, step: int) -> torch.Tensor | None:
+        if not self.directions:
+            return None
+        if self.window is not None and not (self.window[0] <= step < self.window[1]):
+            return None
+        return sum(
+            torch.as_tensor(g, dtype=v.dtype).reshape(-1, 1, 1, 1) * v[step]
+            for v, g in zip(self.directions, self.gammas, strict=True)
+        )
+
+
+def sample(
+    unet: torch.nn.Module,
+    scheduler,
+    generators: Sequence[torch.Generator],
+    num_inference_steps: int,
+    eta: float | Sequence[float] = 0.0,
+    edit: Edit | None = None,
+    on_step: StepCallback | None = None,
+    h_point: str = "output",
+    x_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Generate one image per generator; returns x_0 as (B, C, R, R) float32 in [-1, 1].
+
+    on_step(step, t, h) receives, after each U-Net pass, the h_t that pass used (edited
+    if an edit is active), so the caller can stream h_{T:1} out without holding it all.
+    eta: one value, or one per step (the paper's eta_t).
+    """
+    sched = ddim_scheduler(scheduler)
+    sched.set_timesteps(num_inference_steps)
+    etas = [float(eta)] * num_inference_steps if np.isscalar(eta) else [float(e) for e in eta]
+    if len(etas) != num_inference_steps:
+        raise ValueError(f"eta has {len(etas)} values for {num_inference_steps} steps")
+    if edit is not None:
+        for v in edit.directions:
+            if v.shape[0] != num_inference_steps:
+                raise ValueError(f"direction has {v.shape[0]} timesteps, sampling uses {num_inference_steps}")
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    cfg = unet.config
+    shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
+    x = (draw_noise(generators, shape) if x_T is None else x_T.cpu().float()).to(device)
+    with torch.no_grad(), HSpace(unet, point=h_point) as hs:
+        for step, t in enumerate(sched.timesteps):
+            t_int = int(t)
+            z = draw_noise(generators, shape).to(device)
+            delta = edit.delta(step) if edit is not None else None
+            hs.delta = None if delta is None else delta.to(device)
+            eps = unet(x.to(dtype), t_int).sample.float()
+            if on_step is not None:
+                on_step(step, t_int, hs.last_h)
+            eps_d = eps
+            if delta is not None and edit.asyrp:
+                hs.delta = None
+                eps_d = unet(x.to(dtype), t_int).sample.float()
+            x, _ = ddim_step(sched, x, t_int, eps, eps_d, etas[step], z)
+    return x
+
+
+def to_uint8(x0: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, R, R) to uint8 (B, C, R, R)."""
+    return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -1,0 +1,76 @@
+"""DDPM training, as used for the toy-faces model: the simple epsilon-prediction loss
+of Ho et al. (the paper's eq. (1): x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) n, and the
+network is trained to predict n) and an exponential moving average of the weights.
+
+Pure: no file IO. The caller supplies batches, generators and does the checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+
+def ddpm_loss(
+    unet: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Mean squared error between the true and predicted noise at random timesteps.
+
+    x0: (B, C, H, W) in [-1, 1]. Timesteps and noise come from ``generator`` alone, so a
+    resumed run draws exactly what an uninterrupted one would have.
+    """
+    b = x0.shape[0]
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device
+    )
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = scheduler.add_noise(x0, noise, t)  # eq. (1)
+    eps = unet(x_t, t).sample
+    return torch.nn.functional.mse_loss(eps, noise)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters with the usual warm-up
+    decay min(decay, (1 + step) / (10 + step)), so early averages are not stuck at init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - d)
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up, then constant."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def train_step(
+    unet: UNet2DModel,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    step: int,
+    generator: torch.Generator,
+    base_lr: float,
+    warmup: int,
+    grad_clip: float = 1.0,
+) -> float:
+    """One optimisation step of ``ddpm_loss``; returns the loss value."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, base_lr, warmup)
+    unet.train()
+    loss = ddpm_loss(unet, scheduler, x0, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    optimizer.step()
+    ema.update(unet, step)
+    return float(loss.detach())

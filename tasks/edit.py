@@ -1,0 +1,109 @@
+"""Edit grids (``hspace edit``): replay one sample with the same x_T and z_{T:1} and render
+it under h-space edits (paper sec. 3: h^edit_{T:1} = h_{T:1} + gamma v_{T:1}).
+
+Grid semantics:
+- directions given without a strength are rows, swept over ``scales`` (columns);
+- directions given as FILE:gamma are added, at that gamma, to every cell;
+- if every direction has a fixed gamma, the grid is one row of sequential edits
+  (Fig. 11): the original, then each direction accumulated on top of the previous ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import directions as dirfile
+from data.catalog import RunError
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    name: str
+    path: Path
+    gamma: float | None
+
+
+def parse_direction(text: str) -> DirectionSpec:
+    """'FILE' or 'FILE:gamma' (a Windows drive colon is not a gamma)."""
+    path, gamma = text, None
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            gamma = float(tail)
+            path = head
+        except ValueError:
+            pass
+    p = Path(path)
+    return DirectionSpec(name=p.stem, path=p, gamma=gamma)
+
+
+@dataclass
+class SampleSpec:
+    """Which sample to replay: its run seed and index, and how it was sampled."""
+
+    run_seed: int
+    index: int
+    steps: int
+    eta: float
+    h_point: str
+
+
+def plan_grid(specs: list[DirectionSpec], scales: list[float]) -> tuple[list[list[list[tuple[int, float]]]], list[str], list[str]]:
+    """For every cell, the list of (direction index, gamma) to apply; plus labels."""
+    fixed = [(i, s.gamma) for i, s in enumerate(specs) if s.gamma is not None]
+    sweep = [i for i, s in enumerate(specs) if s.gamma is None]
+    if not sweep:
+        cells = [[fixed[:k] for k in range(len(fixed) + 1)]]
+        cols = ["original"] + [f"+{specs[i].name} ({g:+g})" for i, g in fixed]
+        return cells, ["sequential"], cols
+    cells = [[fixed + [(i, float(g))] for g in scales] for i in sweep]
+    rows = [specs[i].name + (" +fixed" if fixed else "") for i in sweep]
+    return cells, rows, [f"γ={g:+g}" for g in scales]
+
+
+def render_edits(
+    unet, scheduler, sample: SampleSpec, vectors: list[torch.Tensor],
+    cells: list[list[list[tuple[int, float]]]], window: tuple[int, int] | None = None, asyrp: bool = False,
+) -> np.ndarray:
+    """Render every cell in one batch; returns uint8 (rows, cols, C, R, R)."""
+    from hcore.sampler import Edit, make_generators, sample as run_sampler, to_uint8
+
+    rows, cols = len(cells), len(cells[0])
+    flat = [cell for row in cells for cell in row]
+    gammas = torch.zeros(len(vectors), len(flat))
+    for b, cell in enumerate(flat):
+        for i, g in cell:
+            gammas[i, b] += g
+    edit = Edit(directions=vectors, gammas=list(gammas), window=window, asyrp=asyrp) if vectors else None
+    generators = make_generators(sample.run_seed, [sample.index] * len(flat))
+    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point)
+    images = to_uint8(x0).cpu().numpy()
+    return images.reshape(rows, cols, *images.shape[1:])
+
+
+def load_directions(specs: list[DirectionSpec], *, model_fingerprint: str, steps: int, h_shape, h_point: str,
+                    scheduler) -> list[torch.Tensor]:
+    vectors = []
+    for spec in specs:
+        v, meta = dirfile.load(spec.path)
+        dirfile.check(spec.path, v, meta, model_fingerprint=model_fingerprint, steps=steps, h_shape=tuple(h_shape),
+                      h_point=h_point, scheduler=dirfile.scheduler_name(scheduler))
+        vectors.append(v)
+    return vectors
+
+
+def parse_window(text: str | None, steps: int) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) if x else None for x in text.split(":"))
+    except ValueError:
+        raise RunError(f"--window {text!r} is not S0:S1 (step indices, e.g. 0:25)") from None
+    a, b = a or 0, steps if b is None else b
+    if not (0 <= a < b <= steps):
+        raise RunError(f"--window {text!r} must satisfy 0 <= S0 < S1 <= {steps} (steps of the schedule)")
+    return a, b
