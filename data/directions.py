@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from data.catalog import RunError
@@ -45,7 +45,7 @@ def load(path: Path) -> tuple[torch.Tensor, dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
         v = load_file(str(path))["v"]
-    except (SafetensorsError, KeyError, OSError) as e:
+    except (SafetensorError, KeyError, OSError) as e:
         raise RunError(f"{path} is not a readable direction file ({e}); re-create it") from None
     return v, meta
 
@@ -54,6 +54,16 @@ def scheduler_name(scheduler) -> str:
     """A compact id of a noise schedule: class-independent, keyed on the betas."""
     cfg = scheduler.config
     return f"{cfg.beta_schedule}:{cfg.num_train_timesteps}:{cfg.beta_start}:{cfg.beta_end}"
+
+
+def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, **extra) -> dict:
+    """The metadata of a direction made from a run's samples (the fields ``check`` reads)."""
+    cfg, model = run_meta["config"], run_meta["model"]
+    return {
+        "model": model["fingerprint"], "model_id": model["id"], "revision": model.get("revision") or "",
+        "h_point": cfg["h_point"], "scheduler": model["scheduler"], "eta": cfg["eta"], "steps": cfg["steps"],
+        "method": method, "source": source, "scale_unit": scale_unit, **extra,
+    }
 
 
 def check(path: Path, v: torch.Tensor, meta: dict, *, model_fingerprint: str, steps: int,

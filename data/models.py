@@ -100,12 +100,10 @@ def load(ref: ModelRef, device: str = "cpu", dtype=None):
     config = json.loads((unet_dir / "config.json").read_text())
     cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
     try:
-        unet = cls.from_pretrained(unet_dir, local_files_only=True)
+        unet = cls.from_pretrained(unet_dir, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"cannot load the UNet from {unet_dir}: {first}; the weight file may be truncated or from another architecture") from None
-    if dtype is not None:
-        unet = unet.to(dtype)
     unet = unet.to(device).eval().requires_grad_(False)
     sched_dir = next((d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None)
     if sched_dir is not None:

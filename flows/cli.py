@@ -20,6 +20,12 @@ from rich.table import Table
 
 from data.catalog import RunError, RunFolder
 
+# Defaults that make Prefect's ephemeral server usable offline and quiet (STACK_NOTES.md);
+# set before anything imports prefect. The user's environment wins.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and apply interpretable directions in the h-space of diffusion models.")
 console = Console()
@@ -29,13 +35,6 @@ err = Console(stderr=True)
 def _fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def _prefect_env() -> None:
-    """Defaults that make Prefect's ephemeral server usable offline (STACK_NOTES.md)."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -83,9 +82,12 @@ def sample(
         ref = models.resolve(model, allow_download=allow_download)
         dev = resolve_device(device)
         unet, scheduler = models.load(ref)
-        from hcore.hspace import h_shape
+        from hcore.hspace import NoMidBlockError, h_shape
 
-        h_shape(unet)  # raises if there is no mid block
+        try:
+            h_shape(unet)
+        except NoMidBlockError as e:
+            raise RunError(str(e)) from None
         train_steps = scheduler.config.num_train_timesteps
         if steps > train_steps:
             _fail(f"--steps {steps} exceeds the model's {train_steps} training timesteps; use at most {train_steps}")
@@ -94,10 +96,12 @@ def sample(
                   "h_point": h_point, "dtype": dtype}
         run = RunFolder(out)
         with run.lock(f"hspace sample --out {out}", break_stale=break_lock):
-            meta = run.init(config, ref.to_dict(), package_versions())
+            from data.directions import scheduler_name
+
+            model_meta = {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}
+            meta = run.init(config, model_meta, package_versions())
             meta["runtime"] = {"device": dev}  # may change on resume; not part of the config
             run.write(meta)
-            _prefect_env()
             from flows.sample import sample_flow
 
             run.set_stage("sample", state="running")
@@ -227,7 +231,7 @@ def edit(
             cfg = meta["config"]
             if sample_index is None or not (0 <= sample_index < cfg["n"]):
                 _fail(f"--sample must be an index in [0, {cfg['n']}) for this run")
-            ref = models.ModelRef(**meta["model"])
+            ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
             spec = edit_tasks.SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
         elif model is not None:
             ref = models.resolve(model)

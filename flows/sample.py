@@ -35,12 +35,13 @@ def sample_flow(run_dir: str, show_progress: bool = True) -> dict:
         bar.advance(job, sum(len(store.layout.shard_rows(k)) for k in range(plan["n_shards"]) if k not in pending))
         done_new = 0
         for k in range(plan["n_shards"]):
+            # a pending shard must run even if Prefect remembers a result for its key
             task = sample_shard.with_options(result_storage=storage, refresh_cache=k in pending)
-            result = task(run_dir, k, key)
-            if result.get("recomputed"):
+            task(run_dir, k, key)
+            if k in pending:
                 recomputed.append(k)
                 done_new += len(store.layout.shard_rows(k))
                 elapsed = bar.get_time() - bar.tasks[job].start_time
                 bar.update(job, rate=f"{done_new / max(elapsed, 1e-9):.2f} samples/s")
-            bar.advance(job, len(store.layout.shard_rows(k)) if k in pending else 0)
+                bar.advance(job, len(store.layout.shard_rows(k)))
     return {"n_shards": plan["n_shards"], "recomputed": recomputed}

@@ -1,0 +1,239 @@
+"""`hspace sample | inspect | edit` end to end through Prefect (one test server per session),
+on tiny random models saved to disk; bad inputs get one clear line, exit != 0, and leave
+the disk as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from data import directions as dirfile
+from data.catalog import RunFolder, SampleStore
+from flows.cli import app
+from hcore.sampler import make_generators, sample, sample_seed, to_uint8
+
+runner = CliRunner()
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(path)).encode())
+            digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def hspace(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+SAMPLE_ARGS = ("--n", "10", "--steps", "5", "--batch-size", "4", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def run_dir(prefect_server, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_sample_stores_what_the_sampler_computes(run_dir, loaded_model):
+    store = SampleStore(run_dir / "samples.zarr")
+    assert store.h.shape == (10, 5, 16, 8, 8) and store.h.dtype == np.float16
+    assert store.h.shards == (4, 5, 16, 8, 8) and store.h.chunks == (4, 1, 16, 8, 8)
+    assert store.x0.shape == (10, 3, 16, 16) and store.x0.dtype == np.uint8
+    assert store.complete()
+    np.testing.assert_array_equal(store.seeds[:], [sample_seed(0, i) for i in range(10)])
+    unet, scheduler = loaded_model
+    hs = []
+    x0 = sample(unet, scheduler, make_generators(0, range(10)), 5, 0.0, on_step=lambda s, t, h: hs.append(h))
+    ref_h = torch.stack(hs, 1).half().numpy()
+    np.testing.assert_array_equal(store.h[:], ref_h)
+    np.testing.assert_array_equal(store.x0[:], to_uint8(x0).numpy())
+    assert not np.isnan(store.h[:].astype(np.float32)).any()
+    meta = RunFolder(run_dir).read()
+    assert meta["stages"]["sample"]["state"] == "done"
+    assert meta["model"]["fingerprint"] and meta["versions"]["torch"]
+
+
+def test_inspect_reports_arrays_and_shards_without_prefect(run_dir):
+    result = hspace("inspect", run_dir, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    arrays = {a["name"]: a for a in report["arrays"]}
+    assert arrays["h"]["shards"] == [4, 5, 16, 8, 8] and arrays["h"]["bytes_on_disk"] > 10 * 5 * 16 * 64 * 2
+    assert report["shards"] == {"total": 3, "done": 3, "pending": []}
+    text = hspace("inspect", run_dir)
+    assert "3/3 done" in text.output and "float16" in text.output
+
+
+def test_rerun_recomputes_only_missing_shards(run_dir, model_dir):
+    store = SampleStore(run_dir / "samples.zarr")
+    h_before, x_before = store.h[:], store.x0[:]
+    store_rw = SampleStore(run_dir / "samples.zarr", mode="r+")
+    store_rw.done[1] = 0  # as if the process died before marking shard 1
+    store_rw.h[4:8] = np.full((4, 5, 16, 8, 8), np.nan, np.float16)
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", run_dir)
+    assert result.exit_code == 0, result.output
+    assert RunFolder(run_dir).read()["stages"]["sample"]["recomputed_shards"] == 1
+    np.testing.assert_array_equal(SampleStore(run_dir / "samples.zarr").h[:], h_before)
+    np.testing.assert_array_equal(SampleStore(run_dir / "samples.zarr").x0[:], x_before)
+
+
+def write_direction(run_dir: Path, name: str, scale: float = 1.0, **overrides) -> Path:
+    meta = RunFolder(run_dir).read()
+    v = scale * torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    md = dirfile.metadata_for_run(meta, method="test", source="tests", scale_unit="raw")
+    md.update(overrides)
+    return dirfile.save(run_dir / "directions" / f"{name}.safetensors", v, md)
+
+
+def test_edit_grid_png(run_dir, tmp_path):
+    d1 = write_direction(run_dir, "rand1")
+    out = tmp_path / "grid.png"
+    result = hspace("edit", run_dir, "--sample", "2", "--direction", d1, "--scales", "-1,0,1", "--out", out,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 3 * 96
+    # sequential mode: every direction with a fixed gamma
+    out2 = tmp_path / "seq.png"
+    result = hspace("edit", run_dir, "--sample", "2", "--direction", f"{d1}:1.5", "--direction", f"{d1}:-0.5",
+                    "--out", out2, "--device", "cpu", "--window", "0:3", "--asyrp")
+    assert result.exit_code == 0, result.output
+    assert out2.exists()
+
+
+def test_edit_gamma_zero_column_is_the_stored_sample(run_dir, loaded_model):
+    from tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
+
+    unet, scheduler = loaded_model
+    spec = parse_direction(str(write_direction(run_dir, "rand2")) )
+    v, _ = dirfile.load(spec.path)
+    cells, rows, cols = plan_grid([spec], [-1.0, 0.0, 1.0])
+    images = render_edits(unet, scheduler, SampleSpec(0, 2, 5, 0.0, "output"), [v], cells)
+    stored = SampleStore(run_dir / "samples.zarr").x0[2]
+    np.testing.assert_array_equal(images[0, 1], stored)
+    assert np.abs(images[0, 0].astype(int) - stored).max() > 0
+    assert cols == ["γ=-1", "γ=+0", "γ=+1"] and rows == ["rand2"]
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+
+def assert_refused(result, *needles: str):
+    assert result.exit_code != 0, result.output
+    assert "error:" in result.output
+    for needle in needles:
+        assert needle in result.output.replace("\n", " "), result.output
+
+
+@pytest.fixture()
+def frozen_run(run_dir):
+    """The run folder's digest before and after the test must agree."""
+    before = tree_digest(run_dir)
+    yield run_dir
+    assert tree_digest(run_dir) == before
+
+
+def test_bad_sample_inputs(frozen_run, model_dir, tmp_path):
+    out = tmp_path / "new"
+    assert_refused(hspace("sample", "--model", tmp_path / "nope", "--out", out), "neither 'toy'")
+    assert_refused(hspace("sample", "--model", "someone/not-cached", "--out", out), "not in the local Hugging Face cache")
+    assert_refused(hspace("sample", "--model", model_dir, "--n", "0", "--out", out), "--n must be a positive")
+    assert_refused(hspace("sample", "--model", model_dir, "--steps", "101", "--out", out), "exceeds the model's 100")
+    assert_refused(hspace("sample", "--model", model_dir, "--eta", "-0.1", "--out", out), "--eta must be >= 0")
+    assert not out.exists()
+    # an --out holding a run with another config is never touched
+    assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS[:3], "6", *SAMPLE_ARGS[4:], "--out", frozen_run),
+                   "different config", "steps: stored 5 != requested 6")
+
+
+def test_other_model_on_existing_run_refused(frozen_run, other_model_dir):
+    assert_refused(hspace("sample", "--model", other_model_dir, *SAMPLE_ARGS, "--out", frozen_run), "model: stored")
+
+
+def test_model_without_mid_block(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    UNet2DModel(sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                mid_block_type=None).save_pretrained(tmp_path / "m" / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "m" / "scheduler")
+    assert_refused(hspace("sample", "--model", tmp_path / "m", "--out", tmp_path / "o"), "no mid_block")
+
+
+def test_truncated_weights(model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_refused(hspace("sample", "--model", broken, "--out", tmp_path / "o"), "cannot load the UNet")
+
+
+def test_locked_run_refused_and_stale_lock_needs_flag(frozen_run, model_dir):
+    lock = frozen_run / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now", "command": "x"}))
+    try:
+        assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run),
+                       f"locked by pid {os.getpid()}")
+        lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"}))
+        assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), "--break-lock")
+        assert lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def test_break_stale_lock(run_dir, model_dir):
+    lock = run_dir / ".lock"
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"}))
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", run_dir, "--break-lock")
+    assert result.exit_code == 0, result.output
+    assert not lock.exists()
+
+
+def test_unwritable_out(model_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", blocker / "run"), "cannot write")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_directions_from_elsewhere_refused(frozen_run, tmp_path):
+    d_model = write_direction(frozen_run, "x", model="0" * 64)
+    d_steps = write_direction(frozen_run, "y", steps=7)
+    try:
+        for path, needle in ((d_model, "another model"), (d_steps, "another number of steps")):
+            assert_refused(hspace("edit", frozen_run, "--sample", "0", "--direction", path, "--out", tmp_path / "g.png"),
+                           needle)
+        assert_refused(hspace("edit", frozen_run, "--sample", "99", "--direction", d_model, "--out", tmp_path / "g.png"),
+                       "--sample must be an index")
+        assert not (tmp_path / "g.png").exists()
+    finally:
+        d_model.unlink()
+        d_steps.unlink()
+
+
+def test_inspect_of_non_run(tmp_path):
+    assert_refused(hspace("inspect", tmp_path), "not an hspace run")
+    (tmp_path / "run.json").write_text("{broken")
+    assert_refused(hspace("inspect", tmp_path), "not valid JSON")
+
+
+def test_zarr_chunks_carry_checksums(run_dir):
+    h = zarr.open_array(run_dir / "samples.zarr" / "h", mode="r")
+    codecs = json.dumps(h.metadata.to_dict()["codecs"])
+    assert "crc32c" in codecs
