@@ -1,0 +1,93 @@
+"""Kill `hspace sample` (SIGKILL to its whole process group, so the ephemeral Prefect server
+it started dies with it) in the middle of a run, resume with the same command, and compare
+with an uninterrupted run: identical arrays, no shard marked done that is not complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from data.catalog import SampleStore
+from flows.cli import app
+
+ARGS = ["--n", "96", "--steps", "30", "--batch-size", "4", "--device", "cpu", "--eta", "1.0", "--seed", "5"]
+
+
+def hspace_cmd() -> list[str]:
+    return [sys.executable, "-m", "flows.cli"]
+
+
+def done_count(run: Path) -> int:
+    try:
+        return int((zarr.open_array(run / "samples.zarr" / "done", mode="r")[:] == 1).sum())
+    except Exception:  # not created yet
+        return 0
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, timeout: float = 300) -> tuple[int, str]:
+    """Run in a new process group with output to a file (a lingering server child holding a
+    pipe would hang the caller); kill the whole group afterwards."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return code, log.read_text()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses below: bitwise equality needs the same reduction order
+    try:
+        result = CliRunner().invoke(app, ["sample", "--model", str(model_dir), *ARGS, "--out", str(reference)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+
+    run = tmp_path / "victim"
+    # one torch thread: with 2 cores shared by pytest and two Prefect servers, OpenMP's
+    # spinning barriers make a 2-thread child crawl
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(Path(__file__).parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)  # the victim starts its own ephemeral server, as a user's would
+    cmd = [*hspace_cmd(), "sample", "--model", str(model_dir), *ARGS, "--out", str(run)]
+    victim = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while done_count(run) < 3 and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.1)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_at = done_count(run)
+    assert 3 <= killed_at < 24, f"kill came too late or too early ({killed_at} of 24 shards done)"
+
+    store = SampleStore(run / "samples.zarr")
+    h = store.h[:]
+    for k in store.done_shards():  # a shard marked done is complete
+        assert not np.isnan(h[4 * k : 4 * k + 4].astype(np.float32)).any()
+
+    # the dead process's lock is stale: reported, and broken only on request
+    again = run_logged([*cmd], env, tmp_path / "again.log")
+    assert again[0] != 0 and "--break-lock" in again[1]
+    resumed = run_logged([*cmd, "--break-lock"], env, tmp_path / "resume.log")
+    assert resumed[0] == 0, resumed[1][-3000:]
+
+    ref, got = SampleStore(reference / "samples.zarr"), SampleStore(run / "samples.zarr")
+    assert got.complete()
+    for name in ("h", "x0", "seeds", "timesteps"):
+        np.testing.assert_array_equal(getattr(got, name)[:], getattr(ref, name)[:], err_msg=name)
