@@ -133,6 +133,7 @@ class RunFolder:
             return meta
         if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):
             raise RunError(f"{self.root} exists, is not empty and holds no {RUN_JSON}; pick an empty or new --out folder")
+        self.root.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT_VERSION,
             "created": _now(),
@@ -295,3 +296,56 @@ def package_versions(names=("hspace", "torch", "diffusers", "prefect", "zarr", "
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+# ---------------------------------------------------------------------- annotations.zarr
+
+
+class AnnotationStore:
+    """annotations.zarr: one array per annotator, ``by_annotator/<id>`` (n, A_k) float32
+    with chunk-sized done markers (resumable, one writer per chunk), and the combined
+    ``scores`` (n, A) whose attrs ``names`` / ``annotators`` list every column, rebuilt
+    whenever an annotator completes (so several annotators append their columns)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.group = zarr.open_group(self.path, mode="a")
+
+    def annotator_array(self, annotator: str, names: list[str], n: int, chunk: int):
+        sub = self.group.require_group("by_annotator")
+        if annotator in sub:
+            arr = sub[annotator]
+            if list(arr.attrs.get("names", [])) != list(names) or arr.shape != (n, len(names)):
+                raise RunError(f"{self.path}/by_annotator/{annotator} holds other columns or rows than "
+                               f"{annotator} gives now; delete it to annotate again")
+            return arr, sub[f"{annotator}.done"]
+        arr = sub.create_array(annotator, shape=(n, len(names)), dtype="float32", chunks=(chunk, len(names)),
+                               fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("sample", "attribute"))
+        arr.attrs["names"] = list(names)
+        done = sub.create_array(f"{annotator}.done", shape=(-(-n // chunk),), dtype="uint8", chunks=(1,),
+                                fill_value=0, compressors=[Crc32cCodec()])
+        return arr, done
+
+    def rebuild_scores(self) -> list[str]:
+        """Concatenate every complete annotator's columns into ``scores``."""
+        sub = self.group["by_annotator"]
+        blocks, names, owners = [], [], []
+        for key in sorted(k for k in sub.array_keys() if not k.endswith(".done")):
+            if (sub[f"{key}.done"][:] == 1).all():
+                blocks.append(sub[key][:])
+                names += list(sub[key].attrs["names"])
+                owners += [key] * sub[key].shape[1]
+        if len(set(names)) != len(names):
+            dup = sorted({x for x in names if names.count(x) > 1})
+            raise RunError(f"annotators give the same attribute names {dup}; annotate with one of them only")
+        scores = np.concatenate(blocks, 1) if blocks else np.zeros((0, 0), np.float32)
+        arr = self.group.create_array("scores", data=scores, chunks=scores.shape or (1, 1), overwrite=True,
+                                      compressors=[Crc32cCodec()], dimension_names=("sample", "attribute"))
+        arr.attrs.update({"names": names, "annotators": owners})
+        return names
+
+    def scores(self) -> tuple[np.ndarray, list[str]]:
+        if "scores" not in self.group:
+            raise RunError(f"{self.path} has no scores yet; run `hspace annotate RUN --annotator oracle`")
+        arr = self.group["scores"]
+        return arr[:], list(arr.attrs["names"])

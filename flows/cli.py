@@ -256,6 +256,71 @@ def edit(
     console.print(f"grid: [bold]{out}[/]")
 
 
+# --------------------------------------------------------------------------- annotate
+
+
+@app.command()
+def annotate(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    annotator: Annotated[str, typer.Option(help="oracle | oracle:PATH")] = "oracle",
+    batch_size: Annotated[int, typer.Option(help="images per annotator batch (= chunk of the scores array)")] = 256,
+    device: Annotated[str, typer.Option()] = "auto",
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """Score every stored x0 with an annotator into RUN/annotations.zarr (resumable)."""
+    if batch_size <= 0:
+        _fail(f"--batch-size must be a positive integer, got {batch_size}")
+    try:
+        from data.annotators import load_annotator
+        from tasks.sample import resolve_device
+
+        run = RunFolder(run_dir)
+        run.read()
+        dev = resolve_device(device)
+        load_annotator(annotator, dev)  # fail on a bad spec or file before locking and starting Prefect
+        with run.lock(f"hspace annotate {run_dir}", break_stale=break_lock):
+            from flows.annotate import annotate_flow
+
+            run.set_stage("annotate", state="running", annotator=annotator)
+            result = annotate_flow(str(run_dir), annotator, batch_size, dev)
+            run.set_stage("annotate", state="done", annotator=annotator, names=result["names"])
+    except RunError as e:
+        _fail(str(e))
+    console.print(f"scores: [bold]{run_dir / 'annotations.zarr'}[/] ({', '.join(result['names'])})")
+
+
+# --------------------------------------------------------------------------- train-toy
+
+
+@app.command("train-toy")
+def train_toy(
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder (resumed if it exists)")] = Path("runs/toy-train/checkpoint"),
+    out: Annotated[Path, typer.Option(help="where to export the diffusers model folder")] = Path("runs/toy-train/model"),
+    steps: Annotated[Optional[int], typer.Option(help="total training steps (default: the recipe's)")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="steps between checkpoints")] = None,
+    oracle_out: Annotated[Optional[Path], typer.Option(help="also train the oracle annotator into this folder")] = None,
+    oracle_steps: Annotated[int, typer.Option(help="oracle training steps")] = 1200,
+) -> None:
+    """Train the toy-faces DDPM (a Prefect flow; kill it any time and rerun to resume)."""
+    from dataclasses import asdict
+
+    from data.toy import ToyRecipe
+
+    recipe = ToyRecipe()
+    overrides = {k: v for k, v in (("steps", steps), ("checkpoint_every", checkpoint_every)) if v is not None}
+    if any(v <= 0 for v in overrides.values()):
+        _fail("--steps and --checkpoint-every must be positive")
+    recipe_dict = {**asdict(recipe), **overrides}
+    try:
+        from flows.train_toy import train_toy_flow
+
+        result = train_toy_flow(str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None,
+                                oracle_steps)
+    except (RunError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"toy model at step {result['step']}: [bold]{out}[/]" + (f"; oracle: {result['oracle']}" if oracle_out else ""))
+
+
 def main() -> None:  # console-script entry point
     app()
 

@@ -33,7 +33,10 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
             )
         log.info("resuming %s at step %d", checkpoint, step)
     else:
-        unet, ema_model, opt_state, step = toy.build_unet(recipe), None, None, 0
+        with torch.random.fork_rng():  # initial weights from the recipe's seed, not global state
+            torch.manual_seed(recipe.seed)
+            unet = toy.build_unet(recipe)
+        ema_model, opt_state, step = None, None, 0
     ema = training.EMA(unet, recipe.ema_decay)
     if ema_model is not None:
         ema.model.load_state_dict(ema_model.state_dict())
@@ -61,6 +64,85 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     return step
 
 
-@task(name="train-toy", log_prints=False)
+@task(name="train-toy")
 def train_toy(checkpoint: str, recipe: dict) -> int:
-    return train_toy_model(Path(checkpoint), toy.ToyRecipe(**recipe))
+    """Not cached by Prefect: the checkpoint folder is the state, and resuming from it is
+    exactly what a re-run should do."""
+    from rich.progress import Progress
+
+    r = toy.ToyRecipe(**{**recipe, "block_out_channels": tuple(recipe.get("block_out_channels", (32, 64, 64)))})
+    with Progress() as bar:
+        job = bar.add_task("training toy DDPM", total=r.steps)
+        return train_toy_model(Path(checkpoint), r, progress=lambda step, loss: bar.update(job, completed=step))
+
+
+@task(name="export-toy")
+def export_toy(checkpoint: str, out: str) -> str:
+    _, ema_model, _, _, recipe = toy.load_checkpoint(Path(checkpoint))
+    toy.export_model(ema_model, recipe, Path(out))
+    return out
+
+
+@task(name="train-oracle")
+def train_oracle(out: str, steps: int) -> dict:
+    return train_oracle_model(Path(out), steps=steps)
+
+
+# ----------------------------------------------------------------------------- oracle
+
+ORACLE_TRAIN_SEED = 1 << 40  # oracle training renders: seeds from here on
+ORACLE_HELDOUT_SEED = 2 << 40  # held-out renders for its accuracy (never trained on)
+
+
+def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, generator=None):
+    """Renders and their targets: images (n, 3, size, size) in [-1, 1], targets (n, A)."""
+    import numpy as np
+
+    from data import toyfaces
+
+    images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if noise > 0:  # generated images are a little noisy; make the oracle indifferent to it
+        sigma = noise * torch.rand(n, 1, 1, 1, generator=generator)
+        x = x + sigma * torch.randn(x.shape, generator=generator)
+    return x, torch.from_numpy(factors.labels())
+
+
+def train_oracle_model(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+                       progress=None):
+    """Train the toy oracle on fresh renders (one new batch per step; no epochs)."""
+    from data import toyfaces
+    from data.annotators import save_oracle
+    from hcore.annotators import OracleNet
+
+    torch.manual_seed(seed)
+    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=24)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for step in range(steps):
+        x, y = oracle_batch(ORACLE_TRAIN_SEED + (seed << 24) + step * batch, batch, noise=0.08, generator=gen)
+        loss = net.loss(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step + 1, float(loss))
+        if (step + 1) % 100 == 0:
+            log.info("oracle step %d loss %.4f", step + 1, float(loss))
+    net.eval()
+    metrics = oracle_accuracy(net, n=2000)
+    save_oracle(net, out, extra={"heldout": metrics, "train_steps": steps})
+    return metrics
+
+
+def oracle_accuracy(net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED) -> dict:
+    """Accuracy per binary attribute and MAE (degrees) per pose angle on fresh renders."""
+    x, y = oracle_batch(first_seed, n)
+    scores = torch.cat([net.score(x[i : i + 256]) for i in range(0, n, 256)])
+    nb = len(net.binary)
+    out = {name: float(((scores[:, i] > 0.5).float() == y[:, i]).float().mean()) for i, name in enumerate(net.binary)}
+    out.update({f"{name}_mae": float((scores[:, nb + j] - y[:, nb + j]).abs().mean()) for j, name in enumerate(net.pose)})
+    return out

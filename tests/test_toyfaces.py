@@ -1,0 +1,132 @@
+"""The toy world: renderer determinism, factor ranges, the documented joint distribution,
+the oracle annotator interface, and the training flow's checkpoint/resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data import toy, toyfaces
+
+
+def test_render_is_deterministic_and_batch_independent():
+    a, fa = toyfaces.render(1234)
+    b, fb = toyfaces.render(1234)
+    np.testing.assert_array_equal(a, b)
+    assert fa == fb
+    batch, factors = toyfaces.render_batch([7, 1234, 99])
+    np.testing.assert_array_equal(batch[1], a)
+    assert factors.row(1) == fa
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert not np.array_equal(batch[0], batch[2])
+
+
+def test_factor_ranges():
+    f = toyfaces.draw_factors(np.arange(3000))
+    for name in toyfaces.POSE_ATTRIBUTES:
+        values = getattr(f, name)
+        assert np.abs(values).max() <= toyfaces.POSE_LIMIT[name]
+        assert values.std() > 0.5 * toyfaces.POSE_STD[name]
+    assert ((f.smile >= 0.6) == f.Smiling).all() and f.smile.min() >= 0 and f.smile.max() <= 1
+    assert set(np.unique(f.hair_colour)) == set(range(len(toyfaces.HAIR_COLOURS)))
+    assert (f.background >= 0).all() and (f.background <= 1).all()
+    assert f.labels().shape == (3000, len(toyfaces.ATTRIBUTES))
+
+
+def test_joint_distribution_on_10k():
+    f = toyfaces.draw_factors(np.arange(10_000))  # exactly the factors render_batch paints
+    male, young, glasses, hat = f.Male, f.Young, f.Eyeglasses, f.Wearing_Hat
+    assert abs(young.mean() - 0.70) < 0.02
+    assert abs(glasses.mean() - 0.236) < 0.02 and abs(hat.mean() - 0.265) < 0.02
+    assert glasses[~young].mean() / glasses[young].mean() > 5  # documented 7.5
+    assert hat[male].mean() / hat[~male].mean() > 4  # documented 5.6
+    phi = np.corrcoef(male.astype(float), young.astype(float))[0, 1]
+    assert -0.3 < phi < -0.14  # documented -0.22
+    assert abs(np.corrcoef(f.Smiling.astype(float), male.astype(float))[0, 1]) < 0.05
+
+
+def test_attributes_are_visible():
+    """Each binary factor changes the pixels: flip it with everything else fixed."""
+    f = toyfaces.draw_factors([5])
+    base = toyfaces.paint(f)
+    for name in toyfaces.BINARY_ATTRIBUTES:
+        flipped = toyfaces.Factors(**{**f.__dict__, name: ~getattr(f, name)})
+        if name == "Smiling":
+            flipped = toyfaces.Factors(**{**flipped.__dict__, "smile": 1.0 - f.smile})
+        diff = np.abs(toyfaces.paint(flipped).astype(int) - base).sum(-1)
+        assert (diff > 30).sum() >= 6, name
+
+
+def test_oracle_interface_roundtrip(tmp_path):
+    from data.annotators import load_annotator, save_oracle
+    from hcore.annotators import OracleNet
+
+    torch.manual_seed(0)
+    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
+    save_oracle(net, tmp_path / "oracle")
+    loaded = load_annotator(f"oracle:{tmp_path / 'oracle'}")
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    scores = loaded.score(x)
+    torch.testing.assert_close(scores, net.score(x))
+    assert scores.shape == (4, 8) and loaded.names == toyfaces.ATTRIBUTES
+    assert ((scores[:, :5] >= 0) & (scores[:, :5] <= 1)).all()
+    assert loaded.score(torch.rand(2, 3, 16, 16)).shape == (2, 8)  # resized internally
+
+
+def test_shipped_oracle_accuracy_on_fresh_renders():
+    from data.annotators import ORACLE_DIR, load_annotator
+    from tasks.train_toy import oracle_accuracy
+
+    if not (ORACLE_DIR / "oracle.safetensors").exists():
+        pytest.fail("the shipped oracle is missing from data/oracle; run `hspace train-toy --oracle-out data/oracle`")
+    metrics = oracle_accuracy(load_annotator("oracle"), n=400, first_seed=3 << 40)  # never seen in training
+    for name in toyfaces.BINARY_ATTRIBUTES:
+        assert metrics[name] >= 0.95, metrics
+    for name in toyfaces.POSE_ATTRIBUTES:
+        assert metrics[f"{name}_mae"] <= 6.0, metrics
+
+
+TINY = dict(block_out_channels=(8, 16), layers_per_block=1, batch_size=4, checkpoint_every=2, warmup=2)
+
+
+def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
+    from tasks.train_toy import train_toy_model
+
+    straight = train_toy_model(tmp_path / "a", toy.ToyRecipe(**TINY, steps=4))
+    train_toy_model(tmp_path / "b", toy.ToyRecipe(**TINY, steps=2))
+    assert toy.load_checkpoint(tmp_path / "b")[3] == 2
+    resumed = train_toy_model(tmp_path / "b", toy.ToyRecipe(**TINY, steps=4))
+    assert straight == resumed == 4
+    a, b = toy.load_checkpoint(tmp_path / "a"), toy.load_checkpoint(tmp_path / "b")
+    for name in ("unet", "ema"):
+        sa, sb = (a[0] if name == "unet" else a[1]).state_dict(), (b[0] if name == "unet" else b[1]).state_dict()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], atol=0, rtol=0, msg=f"{name}.{key}")
+    with pytest.raises(ValueError, match="different architecture"):
+        train_toy_model(tmp_path / "b", toy.ToyRecipe(**{**TINY, "block_out_channels": (16, 16)}, steps=6))
+
+
+def test_train_toy_flow_exports_a_loadable_model(prefect_server, tmp_path):
+    from data import models
+    from flows.train_toy import train_toy_flow
+    from hcore.sampler import make_generators, sample
+
+    recipe = {**toy.ToyRecipe().__dict__, **TINY, "steps": 2}
+    result = train_toy_flow(str(tmp_path / "ckpt"), str(tmp_path / "model"), recipe)
+    assert result["step"] == 2
+    unet, scheduler = models.load(models.resolve(str(tmp_path / "model")))
+    x0 = sample(unet, scheduler, make_generators(0, [0]), 3)
+    assert x0.shape == (1, 3, 32, 32) and torch.isfinite(x0).all()
+
+
+def test_shipped_toy_model_loads_like_a_user_folder():
+    from data import models
+    from hcore.hspace import h_shape
+
+    if not (models.TOY_MODEL_DIR / "unet" / "config.json").exists():
+        pytest.fail("the shipped toy model is missing from data/toy_model")
+    ref = models.resolve("toy")
+    assert ref.path == str(models.TOY_MODEL_DIR) and len(ref.fingerprint) == 64
+    unet, scheduler = models.load(ref)
+    assert h_shape(unet) == (64, 8, 8) and scheduler.config.num_train_timesteps == 1000
