@@ -131,9 +131,12 @@ def draw_factors(seeds: np.ndarray | list[int]) -> Factors:
 
 
 def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
-    """canvas (N, S, S, 3); mask (N, S, S) bool; colour (N, 3) or (3,)."""
-    colour = np.broadcast_to(np.asarray(colour, np.float32), (canvas.shape[0], 3))
-    np.copyto(canvas, colour[:, None, None, :], where=mask[..., None])
+    """canvas (3, N, S, S) channel-first (contiguous planes are fast to mask); mask
+    (N, S, S) or broadcastable; colour (N, 3) or (3,)."""
+    colour = np.broadcast_to(np.asarray(colour, np.float32), (canvas.shape[1], 3))
+    mask = np.broadcast_to(mask, canvas.shape[1:])
+    for c in range(3):
+        np.copyto(canvas[c], colour[:, c, None, None], where=mask)
 
 
 def paint(factors: Factors, size: int = 32) -> np.ndarray:
@@ -156,8 +159,8 @@ def paint(factors: Factors, size: int = 32) -> np.ndarray:
     skin = SKIN_LIGHT + factors.skin[:, None] * (SKIN_DARK - SKIN_LIGHT)
     hair = HAIR_COLOURS[factors.hair_colour]
     hair = np.where(factors.Young[:, None], hair, 0.15 * hair + 0.85 * GREY_HAIR)
-    canvas = np.empty((n, s, s, 3), np.float32)
-    canvas[:] = factors.background[:, None, None, :]
+    canvas = np.empty((3, n, s, s), np.float32)
+    canvas[:] = factors.background.T[:, :, None, None]
 
     # head: a superellipse, squarer for Male; narrower when turned
     half_w = 0.46 * (1.0 - 0.12 * np.abs(np.sin(np.deg2rad(col(factors.yaw)))))
@@ -211,7 +214,7 @@ def paint(factors: Factors, size: int = 32) -> np.ndarray:
     brim = hat & (np.abs(u) < 0.66) & (np.abs(v + 0.30) < 0.05)
     _paint(canvas, crown | brim, hat_colour)
 
-    small = canvas.reshape(n, size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(2, 4))
+    small = canvas.reshape(3, n, size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(3, 5)).transpose(1, 2, 3, 0)
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 

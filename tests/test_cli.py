@@ -237,3 +237,46 @@ def test_zarr_chunks_carry_checksums(run_dir):
     h = zarr.open_array(run_dir / "samples.zarr" / "h", mode="r")
     codecs = json.dumps(h.metadata.to_dict()["codecs"])
     assert "crc32c" in codecs
+
+
+@pytest.fixture(scope="module")
+def random_oracle(tmp_path_factory) -> Path:
+    from data import toyfaces
+    from data.annotators import save_oracle
+    from hcore.annotators import OracleNet
+
+    torch.manual_seed(1)
+    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
+    return save_oracle(net, tmp_path_factory.mktemp("oracle") / "o")
+
+
+def test_annotate_writes_scores_and_resumes(run_dir, random_oracle):
+    from data.annotators import load_annotator
+    from data.catalog import AnnotationStore
+
+    spec = f"oracle:{random_oracle}"
+    result = hspace("annotate", run_dir, "--annotator", spec, "--batch-size", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    group = zarr.open_group(run_dir / "annotations.zarr", mode="r")
+    scores, names = group["scores"][:], list(group["scores"].attrs["names"])
+    assert scores.shape == (10, 8) and names[:2] == ["Smiling", "Eyeglasses"]
+    x0 = torch.from_numpy(SampleStore(run_dir / "samples.zarr").x0[:]).float() / 127.5 - 1
+    np.testing.assert_allclose(scores, load_annotator(spec).score(x0).numpy(), atol=1e-5)
+    # lose one chunk's marker and values: only that chunk is recomputed
+    store = AnnotationStore(run_dir / "annotations.zarr")
+    store.group["by_annotator/oracle.done"][1] = 0
+    store.group["by_annotator/oracle"][4:8] = np.nan
+    result = hspace("annotate", run_dir, "--annotator", spec, "--batch-size", "4", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert RunFolder(run_dir).read()["stages"]["annotate"]["state"] == "done"
+    np.testing.assert_array_equal(zarr.open_group(run_dir / "annotations.zarr", mode="r")["scores"][:], scores)
+
+
+def test_annotate_bad_inputs(frozen_run, tmp_path):
+    assert_refused(hspace("annotate", frozen_run, "--annotator", "celebA99"), "unknown annotator")
+    assert_refused(hspace("annotate", frozen_run, "--annotator", f"oracle:{tmp_path}"), "no oracle in")
+    (tmp_path / "config.json").write_text(json.dumps({"binary": ["A"], "pose": [], "size": 32, "width": 8,
+                                                      "pose_scale": 30.0}))
+    (tmp_path / "oracle.safetensors").write_bytes(b"garbage")
+    assert_refused(hspace("annotate", frozen_run, "--annotator", f"oracle:{tmp_path}"), "cannot load the oracle")
+    assert_refused(hspace("annotate", tmp_path / "nothing"), "not an hspace run")
