@@ -280,3 +280,43 @@ def test_annotate_bad_inputs(frozen_run, tmp_path):
     (tmp_path / "oracle.safetensors").write_bytes(b"garbage")
     assert_refused(hspace("annotate", frozen_run, "--annotator", f"oracle:{tmp_path}"), "cannot load the oracle")
     assert_refused(hspace("annotate", tmp_path / "nothing"), "not an hspace run")
+
+
+def test_inspect_is_fast_and_never_imports_prefect_or_torch(run_dir):
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time; t = time.time(); from typer.testing import CliRunner; from flows.cli import app; "
+        f"r = CliRunner().invoke(app, ['inspect', {str(run_dir)!r}]); assert r.exit_code == 0, r.output; "
+        "print('prefect' in sys.modules, 'torch' in sys.modules, time.time() - t)"
+    )
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).parents[1])
+    wall = time.time() - t0
+    assert out.returncode == 0, out.stderr
+    prefect_loaded, torch_loaded, _ = out.stdout.split()
+    assert prefect_loaded == "False" and torch_loaded == "False"
+    assert wall < 2.0, f"inspect took {wall:.2f} s"
+
+
+def test_hf_id_resolves_through_local_cache(model_dir, tmp_path, monkeypatch):
+    """A Hugging Face id is looked up in the local cache (snapshot folders named by
+    commit), never downloaded without --allow-download."""
+    import shutil
+
+    from data import models
+
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-ddpm"
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    ref = models.resolve("someone/tiny-ddpm")
+    assert ref.revision == commit and ref.fingerprint == models.resolve(str(model_dir)).fingerprint
+    unet, _ = models.load(ref)
+    assert unet.config.sample_size == 16
