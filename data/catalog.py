@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -349,3 +350,53 @@ class AnnotationStore:
             raise RunError(f"{self.path} has no scores yet; run `hspace annotate RUN --annotator oracle`")
         arr = self.group["scores"]
         return arr[:], list(arr.attrs["names"])
+
+
+def timestep_batches(store: SampleStore, t: int, batch: int, rows: np.ndarray | None = None):
+    """A re-iterable source of (B, D) float32 batches of h_t, read chunk by chunk (the
+    shard layout puts one timestep per inner chunk, so only timestep t is touched).
+    ``rows``: restrict to these sample indices (sorted), e.g. the complete shards'."""
+    n = store.layout.n
+
+    def source():
+        if rows is None:
+            for start in range(0, n, batch):
+                x = store.h[start : min(n, start + batch), t]
+                yield x.reshape(x.shape[0], -1).astype(np.float32)
+        else:
+            for start in range(0, len(rows), batch):
+                part = rows[start : start + batch]
+                x = store.h[part[0] : part[-1] + 1, t][part - part[0]]
+                yield x.reshape(x.shape[0], -1).astype(np.float32)
+
+    return source
+
+
+class PCAStore:
+    """pca.zarr (DESIGN.md): mean (T, D), components (T, K, D), explained_variance (T, K),
+    explained_variance_ratio (T, K), std (T, K), sign_flips (T, K); attrs: method,
+    n_samples, reference_step, h_shape. Written whole by one process."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        tmp = self.path.with_name(self.path.name + ".partial")
+        old = self.path.with_name(self.path.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(tmp, mode="w")
+        for name, value in arrays.items():
+            chunks = (1, *value.shape[1:]) if value.ndim > 1 else value.shape
+            group.create_array(name, data=value, chunks=chunks, compressors=[Crc32cCodec()])
+        group.attrs.update(attrs)
+        if self.path.exists():  # keep the previous result until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.path, old)
+        os.replace(tmp, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def read(self) -> tuple[dict[str, np.ndarray], dict]:
+        if not self.path.exists():
+            raise RunError(f"{self.path} does not exist; run `hspace pca RUN` first")
+        group = zarr.open_group(self.path, mode="r")
+        return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)

@@ -289,6 +289,46 @@ def annotate(
     console.print(f"scores: [bold]{run_dir / 'annotations.zarr'}[/] ({', '.join(result['names'])})")
 
 
+# --------------------------------------------------------------------------- pca
+
+
+@app.command()
+def pca(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    components: Annotated[int, typer.Option(help="principal components per timestep (K)")] = 10,
+    method: Annotated[str, typer.Option(help="auto | ipca | randomized (see docs: auto picks by data size)")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="rows read per chunk (and IncrementalPCA batch)")] = 256,
+    workers: Annotated[int, typer.Option(help="local Dask workers (one timestep per task)")] = 1,
+    dask_address: Annotated[Optional[str], typer.Option(help="tcp://host:port of an existing Dask scheduler")] = None,
+    reference_step: Annotated[Optional[int], typer.Option(help="step whose components fix the signs (default T//2)")] = None,
+    complete_shards_only: Annotated[bool, typer.Option(help="use only complete shards of an unfinished run")] = False,
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """Per-timestep PCA of h (paper sec. 4.1): RUN/pca.zarr and directions pcNN + randomNN."""
+    if method not in ("auto", "ipca", "randomized"):
+        _fail(f"--method must be auto, ipca or randomized, got {method!r}")
+    if workers <= 0 or batch_size <= 0:
+        _fail("--workers and --batch-size must be positive")
+    try:
+        run = RunFolder(run_dir)
+        run.read()
+        with run.lock(f"hspace pca {run_dir}", break_stale=break_lock):
+            from flows.pca import pca_flow
+
+            run.set_stage("pca", state="running")
+            result = pca_flow(str(run_dir), components, method, batch_size, workers, dask_address, reference_step,
+                              complete_shards_only)
+            run.set_stage("pca", state="done", method=result["method"], k=components, n=result["n"],
+                          wall_seconds=round(result["wall_seconds"], 2))
+    except RunError as e:
+        _fail(str(e))
+    ratios = ", ".join(f"{r:.3f}" for r in result["explained_variance_ratio_mean"][:5])
+    console.print(f"pca: [bold]{run_dir / 'pca.zarr'}[/] ({result['method']}, n={result['n']}, "
+                  f"{result['wall_seconds']:.1f} s); explained variance ratio of PC0-4 (mean over t): {ratios}")
+    console.print(f"directions: {run_dir / 'directions'}/pc00..pc{components - 1:02d}, random00..; "
+                  f"view with `hspace edit {run_dir} --sample 0 --direction {run_dir}/directions/pc00.safetensors --scales -3,-2,-1,0,1,2,3`")
+
+
 # --------------------------------------------------------------------------- train-toy
 
 

@@ -1,0 +1,155 @@
+"""Global semantic directions by PCA of h_t, per timestep (paper sec. 4.1, Fig. 5-6).
+
+For every timestep t the n vectorised activations h_t (n, D) are decomposed; direction j
+is the concatenation over t of the j-th principal component, sign-aligned across t and
+scaled by that component's standard deviation, so that gamma is in units of sigma.
+
+Two streaming engines, both fed by a callable that yields row batches (B, D) of one
+timestep, so memory never grows with n:
+
+- ``fit_ipca``: scikit-learn's IncrementalPCA (the early version of the paper and the
+  design card name it). Each partial_fit is a full SVD of a (K + B) x D matrix.
+- ``fit_randomized``: randomized subspace iteration on the covariance (Halko, Martinsson &
+  Tropp 2011, Alg. 4.4 with a Rayleigh-Ritz step): one pass for the mean, then
+  ``n_iter`` passes of Z = C Q, Q = qr(Z), all with O(D (K + p)) memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+BatchSource = Callable[[], Iterable[np.ndarray]]  # each call re-reads the data from the start
+
+
+@dataclass
+class TimestepPCA:
+    """PCA of one timestep: mean (D,), components (K, D) unit rows, explained_variance (K,)
+    (unbiased, divided by n - 1, as scikit-learn), total_variance (scalar), n samples."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    total_variance: float
+    n: int
+
+    @property
+    def explained_variance_ratio(self) -> np.ndarray:
+        return self.explained_variance / self.total_variance
+
+
+def _mean_and_total_variance(batches: BatchSource) -> tuple[np.ndarray, float, int]:
+    """One pass, two accumulators (shifted by the first batch's mean for stability)."""
+    n, shift, s1, s2 = 0, None, None, 0.0
+    for x in batches():
+        x = np.asarray(x, np.float64)
+        if shift is None:
+            shift = x.mean(0)
+            s1 = np.zeros_like(shift)
+        xc = x - shift
+        s1 += xc.sum(0)
+        s2 += float((xc * xc).sum())
+        n += x.shape[0]
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 samples, got {n}")
+    mean_c = s1 / n
+    total = (s2 - n * float(mean_c @ mean_c)) / (n - 1)
+    return (shift + mean_c).astype(np.float32), total, n
+
+
+def fit_ipca(batches: BatchSource, n_components: int, batch_size: int) -> TimestepPCA:
+    """sklearn IncrementalPCA over the stream; batches are cast to float32 (it would
+    upcast fp16 to float64) and re-cut to ``batch_size`` rows. A tail shorter than K rows
+    (partial_fit refuses it) is merged into the block before it, so at most two blocks
+    are held at once."""
+    from sklearn.decomposition import IncrementalPCA
+
+    if batch_size < n_components:
+        raise ValueError(f"batch_size {batch_size} must be >= n_components {n_components}")
+    ipca = IncrementalPCA(n_components=n_components, batch_size=batch_size)
+    held, pending, buffered = None, [], 0
+    for x in batches():
+        pending.append(np.asarray(x, np.float32))
+        buffered += x.shape[0]
+        while buffered >= batch_size:
+            rows = np.concatenate(pending)
+            block, rest = rows[:batch_size], rows[batch_size:]
+            if held is not None:
+                ipca.partial_fit(held)
+            held, pending, buffered = block, [rest], rest.shape[0]
+    tail = np.concatenate(pending) if buffered else None
+    if tail is not None and held is not None and tail.shape[0] < n_components:
+        held, tail = np.concatenate([held, tail]), None
+    for block in (held, tail):
+        if block is not None:
+            ipca.partial_fit(block)
+    n = int(ipca.n_samples_seen_)
+    total_var = float(ipca.var_.sum() * n / (n - 1))
+    return TimestepPCA(ipca.mean_.astype(np.float32), ipca.components_.astype(np.float32),
+                       ipca.explained_variance_.astype(np.float32), total_var, n)
+
+
+def fit_randomized(batches: BatchSource, n_components: int, n_iter: int = 4, oversample: int = 10,
+                   seed: int = 0) -> TimestepPCA:
+    """Randomized subspace iteration on C = X_c^T X_c / (n - 1), streamed.
+
+    Pass 0: mean and total variance. Passes 1..n_iter: Z = C Q (accumulated batch by
+    batch as sum_b X_b^T (X_b Q) - n mu (mu^T Q)), Q = qr(Z). The last pass also gives
+    the Rayleigh quotient B = Q^T C Q, whose eigenpairs (Ritz pairs) are the PCA.
+    """
+    mean, total_var, n = _mean_and_total_variance(batches)
+    d = mean.shape[0]
+    rank = min(n_components + oversample, d, n)
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((d, rank)))
+    mu = mean.astype(np.float64)
+    n_iter = max(1, n_iter)
+    for it in range(n_iter):
+        z = np.zeros((d, rank))
+        for x in batches():
+            x = np.asarray(x, np.float64)
+            z += x.T @ (x @ q)
+        z = (z - n * np.outer(mu, mu @ q)) / (n - 1)  # C q, centred without forming X - mu
+        if it == n_iter - 1:
+            ritz = q.T @ z  # Rayleigh quotient B = Q^T C Q
+            break
+        q, _ = np.linalg.qr(z)
+    evals, evecs = np.linalg.eigh((ritz + ritz.T) / 2)
+    order = np.argsort(evals)[::-1][:n_components]
+    components = (q @ evecs[:, order]).T
+    return TimestepPCA(mean, components.astype(np.float32), evals[order].astype(np.float32), total_var, n)
+
+
+def align_signs(components: np.ndarray, reference: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flip each timestep's component j so that <c_{t,j}, c_{ref,j}> >= 0 (sec. 4.1: the
+    sign of a principal component is arbitrary; a direction over t needs one sign).
+
+    components: (T, K, D). Returns (aligned components, flips (T, K) bool)."""
+    dots = np.einsum("tkd,kd->tk", components, components[reference])
+    flips = dots < 0
+    return np.where(flips[..., None], -components, components), flips
+
+
+def directions_from_pca(components: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """v_j[t] = std_{t,j} c_{t,j}: (T, K, D) x (T, K) -> (K, T, D), gamma in sigma units."""
+    return np.transpose(components * std[..., None], (1, 0, 2))
+
+
+def random_directions(std: np.ndarray, d: int, seed: int = 0) -> np.ndarray:
+    """Norm-matched random baseline (Fig. 6): for each j and t a uniformly random unit
+    vector scaled to ||v_j[t]|| = std_{t,j}, the norm of the PC direction. (K, T, D)."""
+    rng = np.random.default_rng(seed)
+    t, k = std.shape
+    g = rng.standard_normal((k, t, d))
+    g /= np.linalg.norm(g, axis=-1, keepdims=True)
+    return (g * std.T[..., None]).astype(np.float32)
+
+
+def principal_angles_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Principal angles (degrees) between the row spaces of a (K, D) and b (K, D)."""
+    qa, _ = np.linalg.qr(a.T.astype(np.float64))
+    qb, _ = np.linalg.qr(b.T.astype(np.float64))
+    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return np.degrees(np.arccos(np.clip(s, -1.0, 1.0)))

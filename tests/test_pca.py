@@ -1,0 +1,164 @@
+"""PCA stage against numpy's exact SVD, out-of-core reads, sign alignment, the random
+baseline, and 1 vs 2 Dask workers, on a stored run with a planted spectrum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from data import directions as dirfile
+from data.catalog import PCAStore, RunError, RunFolder, SampleLayout, SampleStore, timestep_batches
+from flows.cli import app
+from hcore import pca as hpca
+from tasks.pca import fit_timestep, run_pca
+
+N, STEPS, H_SHAPE, B = 96, 3, (4, 4, 4), 32
+D = 64
+SCALES = np.r_[12.0, 9.0, 6.5, 4.5, 3.0, np.full(D - 5, 0.4)]  # eigengaps >= 1.4x for the top 5
+
+
+def planted_h(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h = np.empty((N, STEPS, D), np.float32)
+    for t in range(STEPS):
+        basis = np.linalg.qr(rng.standard_normal((D, D)))[0]
+        h[:, t] = (rng.standard_normal((N, D)) * SCALES) @ basis.T + rng.standard_normal(D) * 2
+    return h.astype(np.float16)
+
+
+def make_run(root, pending: tuple[int, ...] = ()) -> tuple[RunFolder, np.ndarray]:
+    run = RunFolder(root)
+    run.init({"n": N, "steps": STEPS, "eta": 0.0, "seed": 0, "batch_size": B, "h_point": "output", "dtype": "float32"},
+             {"id": "synthetic", "path": "-", "revision": None, "fingerprint": "f" * 64, "scheduler": "linear:100"},
+             {})
+    h = planted_h()
+    store = SampleStore.create(run.samples, SampleLayout(N, STEPS, H_SHAPE, (3, 8, 8), B),
+                               np.arange(N), np.arange(STEPS)[::-1])
+    for k in range(N // B):
+        if k not in pending:
+            store.write_shard(k, h[k * B : (k + 1) * B].reshape(B, STEPS, *H_SHAPE), np.zeros((B, 3, 8, 8), np.uint8))
+    return run, h.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("pca") / "run")
+
+
+def exact(h_t: np.ndarray, k: int):
+    xc = h_t - h_t.mean(0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    ev = s**2 / (len(h_t) - 1)
+    return ev[:k] / ev.sum(), vt[:k]
+
+
+@pytest.mark.parametrize("method", ["ipca", "randomized"])
+def test_engines_match_exact_svd(synthetic_run, method):
+    run, h = synthetic_run
+    result = run_pca(str(run.root), 5, method=method, batch_size=B, workers=1)
+    assert result["method"] == method
+    arrays, attrs = PCAStore(run.root / "pca.zarr").read()
+    assert arrays["components"].shape == (STEPS, 5, D) and attrs["n_samples"] == N
+    for t in range(STEPS):
+        ratio, vt = exact(h[:, t], 5)
+        np.testing.assert_allclose(arrays["explained_variance_ratio"][t], ratio, rtol=0.01)
+        assert hpca.principal_angles_deg(arrays["components"][t], vt).max() < 1.0
+        np.testing.assert_allclose(arrays["mean"][t], h[:, t].mean(0), atol=1e-3)
+    np.testing.assert_allclose(arrays["std"], np.sqrt(arrays["explained_variance"]), rtol=1e-6)
+
+
+def test_signs_aligned_with_reference_and_flips_recorded(synthetic_run):
+    run, _ = synthetic_run
+    run_pca(str(run.root), 5, method="randomized", batch_size=B, reference_step=1)
+    arrays, attrs = PCAStore(run.root / "pca.zarr").read()
+    c = arrays["components"]
+    assert attrs["reference_step"] == 1
+    assert (np.einsum("tkd,kd->tk", c, c[1]) >= 0).all()
+    assert arrays["sign_flips"].dtype == bool and not arrays["sign_flips"][1].any()
+    comps = np.stack([-c[0], c[1]])  # unaligned input: the flip is found and recorded
+    aligned, flips = hpca.align_signs(comps, 1)
+    assert flips[0].all() and np.array_equal(aligned[0], c[0])
+
+
+def test_directions_and_norm_matched_random_baseline(synthetic_run):
+    run, _ = synthetic_run
+    run_pca(str(run.root), 3, method="ipca", batch_size=B)
+    arrays, _ = PCAStore(run.root / "pca.zarr").read()
+    for j in range(3):
+        v, meta = dirfile.load(run.directions / f"pc{j:02d}.safetensors")
+        r, rmeta = dirfile.load(run.directions / f"random{j:02d}.safetensors")
+        assert v.shape == (STEPS, *H_SHAPE) and meta["method"] == "pca" and rmeta["method"] == "random"
+        pc_norms = v.flatten(1).norm(dim=1).numpy()
+        np.testing.assert_allclose(pc_norms, arrays["std"][:, j], rtol=1e-5)
+        np.testing.assert_allclose(r.flatten(1).norm(dim=1).numpy(), pc_norms, rtol=1e-5)
+        np.testing.assert_allclose(v.flatten(1).numpy(), arrays["components"][:, j] * arrays["std"][:, j, None],
+                                   rtol=1e-5, atol=1e-6)
+        cos = torch.nn.functional.cosine_similarity(v.flatten(1), r.flatten(1), dim=1)
+        assert cos.abs().max() < 0.6  # random, not the PC
+
+
+def test_reads_are_chunked_never_whole(synthetic_run):
+    run, _ = synthetic_run
+
+    class Spy:
+        def __init__(self, arr):
+            self.arr, self.rows = arr, []
+
+        def __getitem__(self, key):
+            self.rows.append(key[0].stop - key[0].start)
+            assert isinstance(key[1], int)  # one timestep per read
+            return self.arr[key]
+
+    store = SampleStore(run.samples)
+    spy = Spy(store.h)
+    store.h = spy
+    result = hpca.fit_randomized(timestep_batches(store, 1, 16), 3, n_iter=3)
+    assert max(spy.rows) <= 16 and sum(spy.rows) == N * 4  # mean pass + 3 passes, 16 rows at a time
+    assert result.n == N
+
+
+def test_one_and_two_workers_agree(synthetic_run):
+    run, _ = synthetic_run
+    run_pca(str(run.root), 4, method="randomized", batch_size=B, workers=1)
+    one, _ = PCAStore(run.root / "pca.zarr").read()
+    run_pca(str(run.root), 4, method="randomized", batch_size=B, workers=2)
+    two, attrs = PCAStore(run.root / "pca.zarr").read()
+    assert attrs["workers"] == 2
+    for name in ("components", "explained_variance", "mean"):
+        np.testing.assert_allclose(one[name], two[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fit_timestep_direct_matches_exact(synthetic_run):
+    run, h = synthetic_run
+    res = fit_timestep(str(run.samples), 2, "ipca", 5, B, 0)
+    assert hpca.principal_angles_deg(res.components, exact(h[:, 2], 5)[1]).max() < 1.0
+
+
+def test_bad_inputs(tmp_path):
+    run, _ = make_run(tmp_path / "partial", pending=(1,))
+    with pytest.raises(RunError, match=r"1 unfinished shards \[1\]"):
+        run_pca(str(run.root), 3)
+    result = run_pca(str(run.root), 3, method="ipca", batch_size=B, complete_only=True)
+    assert result["n"] == 2 * B
+    with pytest.raises(RunError, match="--components 65 is not allowed"):
+        run_pca(str(run.root), 65, method="randomized", complete_only=True)
+    with pytest.raises(RunError, match="cannot reach the Dask scheduler"):
+        run_pca(str(run.root), 3, dask_address="tcp://127.0.0.1:9", complete_only=True)
+    empty = RunFolder(tmp_path / "empty")
+    empty.init({"n": 1}, {"fingerprint": "x"}, {})
+    with pytest.raises(RunError, match="no samples.zarr"):
+        run_pca(str(empty.root), 3)
+
+
+def test_pca_command_end_to_end(prefect_server, tmp_path):
+    run, _ = make_run(tmp_path / "cli")
+    before = (run.root / "samples.zarr" / "h" / "zarr.json").read_bytes()
+    result = CliRunner().invoke(app, ["pca", str(run.root), "--components", "3", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert (run.directions / "pc02.safetensors").exists() and (run.directions / "random02.safetensors").exists()
+    assert RunFolder(run.root).read()["stages"]["pca"]["state"] == "done"
+    assert (run.root / "samples.zarr" / "h" / "zarr.json").read_bytes() == before
+    bad = CliRunner().invoke(app, ["pca", str(run.root), "--method", "svd"])
+    assert bad.exit_code != 0 and "--method must be" in bad.output
