@@ -329,6 +329,62 @@ def pca(
                   f"view with `hspace edit {run_dir} --sample 0 --direction {run_dir}/directions/pc00.safetensors --scales -3,-2,-1,0,1,2,3`")
 
 
+@app.command("name")
+def name_directions(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    directions: Annotated[str, typer.Option(help="comma-separated direction names in RUN/directions")] = "pc00,pc01,pc02,pc03,pc04,pc05,pc06,pc07,pc08,pc09",
+    annotator: Annotated[str, typer.Option(help="oracle | oracle:PATH")] = "oracle",
+    n: Annotated[Optional[int], typer.Option(help="samples edited per direction (the run's first n; default 64)")] = None,
+    gamma: Annotated[float, typer.Option(help="edit strength; each direction is applied at -gamma and +gamma")] = 2.0,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Measure how much each direction moves every attribute and name it (pc02 ~ yaw)."""
+    try:
+        from data import models
+        from data.annotators import load_annotator
+        from tasks import evaluate
+        from tasks.sample import resolve_device
+
+        run = RunFolder(run_dir)
+        meta = run.read()
+        cfg = meta["config"]
+        n = min(64, cfg["n"]) if n is None else n
+        if not (0 < n <= cfg["n"]):
+            _fail(f"--n must be in [1, {cfg['n']}] (samples in this run)")
+        names = [d.strip() for d in directions.split(",") if d.strip()]
+        missing = [d for d in names if not (run.directions / f"{d}.safetensors").exists()]
+        if missing:
+            _fail(f"no direction file for {missing} in {run.directions}; run `hspace pca` first or fix --directions")
+        dev = resolve_device(device)
+        ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+        unet, scheduler = models.load(ref, device=dev)
+        net = load_annotator(annotator, dev)
+        from data import directions as dirfile
+        from hcore.hspace import h_shape
+
+        vectors = []
+        for d in names:
+            path = run.directions / f"{d}.safetensors"
+            v, md = dirfile.load(path)
+            dirfile.check(path, v, md, model_fingerprint=ref.fingerprint, steps=cfg["steps"], h_shape=h_shape(unet),
+                          h_point=cfg["h_point"], scheduler=dirfile.scheduler_name(scheduler))
+            vectors.append(v)
+        changes = evaluate.attribute_changes(unet, scheduler, net, cfg, list(range(n)), vectors, gamma)
+        import torch
+
+        from data.catalog import SampleStore
+
+        x0 = torch.from_numpy(SampleStore(run.samples).x0[:n]).float() / 127.5 - 1
+        scale = net.score(x0).numpy().std(0)
+        table = evaluate.name_directions(changes, list(net.names), names, scale)
+        out = evaluate.save_naming(run, table, list(net.names), gamma)
+    except RunError as e:
+        _fail(str(e))
+    for row in table:
+        console.print(f"{row['direction']} ≈ [bold]{row['name']}[/] ({row['change']:+.3f} at ±{gamma:g})")
+    console.print(f"table: [bold]{out}[/]")
+
+
 # --------------------------------------------------------------------------- train-toy
 
 

@@ -320,3 +320,33 @@ def test_hf_id_resolves_through_local_cache(model_dir, tmp_path, monkeypatch):
     assert ref.revision == commit and ref.fingerprint == models.resolve(str(model_dir)).fingerprint
     unet, _ = models.load(ref)
     assert unet.config.sample_size == 16
+
+
+def test_attribute_changes_against_separate_renders(run_dir, loaded_model, random_oracle):
+    from data.annotators import load_annotator
+    from hcore.sampler import Edit
+    from tasks.evaluate import attribute_changes, name_directions
+
+    unet, scheduler = loaded_model
+    net = load_annotator(f"oracle:{random_oracle}")
+    cfg = RunFolder(run_dir).read()["config"]
+    v, _ = dirfile.load(write_direction(run_dir, "probe", scale=30.0))
+    got = attribute_changes(unet, scheduler, net, cfg, [0, 3], [v, torch.zeros_like(v)], gamma=2.0)
+    plus = sample(unet, scheduler, make_generators(0, [0, 3]), 5, 0.0, edit=Edit([v], [2.0]))
+    minus = sample(unet, scheduler, make_generators(0, [0, 3]), 5, 0.0, edit=Edit([v], [-2.0]))
+    ref = ((net.score(plus) - net.score(minus)) / 2).mean(0).numpy()
+    np.testing.assert_allclose(got[0], ref, atol=1e-5)
+    assert np.abs(got[0]).max() > 1e-6  # (a random oracle on a random model barely reacts)
+    np.testing.assert_array_equal(got[1], 0)  # a zero direction moves nothing
+    table = name_directions(np.array([[0.01, 0.0, 5.0], [0.3, 0.0, 1.0]]), ["Smiling", "Male", "yaw"], ["a", "b"],
+                            attribute_scale=np.array([0.4, 0.4, 10.0]))
+    assert [row["name"] for row in table] == ["yaw", "Smiling"]
+
+
+def test_name_command(run_dir, random_oracle):
+    write_direction(run_dir, "pcx", scale=3.0)
+    result = hspace("name", run_dir, "--directions", "pcx", "--annotator", f"oracle:{random_oracle}", "--n", "2",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "eval" / "pc_names.md").exists() and "pcx ≈" in result.output
+    assert_refused(hspace("name", run_dir, "--directions", "nope", "--device", "cpu"), "no direction file")
