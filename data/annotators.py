@@ -42,7 +42,15 @@ def load_oracle(folder: Path = ORACLE_DIR, device: str = "cpu"):
 
 
 def annotator_id(spec: str) -> str:
-    return spec.split(":", 1)[0]
+    """Where an annotator's scores are stored: its kind plus a hash of its weights, so
+    scores of another oracle file are never mistaken for this one's."""
+    import hashlib
+
+    kind, _, path = spec.partition(":")
+    folder = Path(path) if path else ORACLE_DIR
+    weights = folder / "oracle.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10] if weights.exists() else "missing"
+    return f"{kind}-{digest}"
 
 
 def load_annotator(spec: str, device: str = "cpu"):

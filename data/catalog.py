@@ -131,6 +131,7 @@ class RunFolder:
                     f"{self.root} already holds a run with a different config ({'; '.join(diffs)}); "
                     "refusing to overwrite it: pick another --out or repeat the original command"
                 )
+            meta["model"]["path"] = model["path"]  # same weights (fingerprint), maybe a new place
             return meta
         if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):
             raise RunError(f"{self.root} exists, is not empty and holds no {RUN_JSON}; pick an empty or new --out folder")
@@ -151,6 +152,16 @@ class RunFolder:
         meta["stages"].setdefault(stage, {}).update(fields, updated=_now())
         self.write(meta)
 
+    @contextmanager
+    def stage(self, stage: str, **fields):
+        """Mark a stage running; failed (with the error) if the body raises."""
+        self.set_stage(stage, state="running", **fields)
+        try:
+            yield
+        except BaseException as e:
+            self.set_stage(stage, state="failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+
     # ------------------------------------------------------------------------- locking
 
     @contextmanager
@@ -168,22 +179,43 @@ class RunFolder:
             except FileExistsError:
                 holder = self.lock_holder()
                 if holder is not None and _is_stale(holder) and break_stale:
-                    self.lock_path.unlink(missing_ok=True)
+                    # rename, then check that what we moved aside is the stale lock we read:
+                    # two breakers racing cannot both remove a fresh lock
+                    aside = self.lock_path.with_name(f"{LOCK}.stale-{os.getpid()}")
+                    try:
+                        os.replace(self.lock_path, aside)
+                    except FileNotFoundError:
+                        continue
+                    moved = _read_lock(aside)
+                    if moved != holder:
+                        os.replace(aside, self.lock_path)
+                        raise RunError(_lock_message(self.lock_path, moved)) from None
+                    aside.unlink(missing_ok=True)
                     continue
                 raise RunError(_lock_message(self.lock_path, holder)) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(info, f)
             break
+        else:
+            raise RunError(_lock_message(self.lock_path, self.lock_holder()))
         try:
             yield
         finally:
             self.lock_path.unlink(missing_ok=True)
 
     def lock_holder(self) -> dict | None:
-        try:
-            return json.loads(self.lock_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return _read_lock(self.lock_path)
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's content, or None if it is missing or not a lock hspace wrote."""
+    try:
+        holder = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+        return None
+    return holder
 
 
 def _pid_alive(pid: int) -> bool:
@@ -240,14 +272,17 @@ class SampleStore:
             self.seeds = self.group["seeds"]
             self.timesteps = self.group["timesteps"]
             self.done = self.group["done"]
-        except (FileNotFoundError, KeyError) as e:
-            raise RunError(f"{self.path} is missing or incomplete ({e}); rerun `hspace sample` to recreate it") from None
+        except (FileNotFoundError, KeyError, ValueError) as e:  # zarr's NodeNotFoundError is a ValueError
+            raise RunError(f"{self.path} is missing or incomplete ({type(e).__name__}: {e}); "
+                           "delete it and rerun `hspace sample` to recreate it") from None
         n, steps, *h_shape = self.h.shape
         self.layout = SampleLayout(n, steps, tuple(h_shape), tuple(self.x0.shape[1:]), self.h.shards[0])
 
     @classmethod
     def create(cls, path: Path, layout: SampleLayout, seeds: np.ndarray, timesteps: np.ndarray) -> SampleStore:
         path = Path(path)
+        final, path = path, path.with_name(path.name + ".partial")  # built aside, then swapped in
+        shutil.rmtree(path, ignore_errors=True)
         group = zarr.open_group(path, mode="w-")
         n, steps, b = layout.n, layout.steps, layout.batch_size
         c, hh, ww = layout.h_shape
@@ -266,7 +301,8 @@ class SampleStore:
         group.create_array("timesteps", data=np.asarray(timesteps, np.int64), chunks=(steps,), compressors=[Crc32cCodec()])
         group.create_array("done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()])
         group.attrs.update({"batch_size": b, "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)"})
-        return cls(path, mode="r+")
+        os.replace(path, final)
+        return cls(final, mode="r+")
 
     def write_shard(self, k: int, h: np.ndarray, x0: np.ndarray) -> None:
         """Write shard k whole (h (b, T, C, H, W) float16, x0 (b, 3, R, R) uint8), then mark it done."""

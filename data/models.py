@@ -41,8 +41,10 @@ def _unet_dir(folder: Path) -> Path | None:
     return None
 
 
-def fingerprint(unet_dir: Path) -> str:
+def fingerprint(unet_dir: Path | None) -> str:
     """sha256 over the UNet's config and weight files (names and bytes)."""
+    if unet_dir is None or not Path(unet_dir).is_dir():
+        raise RunError(f"model folder {unet_dir} does not exist (moved or deleted?); restore it or re-resolve the model")
     digest = hashlib.sha256()
     files = [unet_dir / "config.json"] + sorted(p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     for path in files:
@@ -97,6 +99,8 @@ def load(ref: ModelRef, device: str = "cpu", dtype=None):
 
     folder = Path(ref.path)
     unet_dir = _unet_dir(folder)
+    if unet_dir is None:
+        raise RunError(f"model folder {folder} does not exist or holds no diffusers UNet (moved?); restore it")
     config = json.loads((unet_dir / "config.json").read_text())
     cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
     try:
@@ -104,7 +108,10 @@ def load(ref: ModelRef, device: str = "cpu", dtype=None):
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"cannot load the UNet from {unet_dir}: {first}; the weight file may be truncated or from another architecture") from None
-    unet = unet.to(device).eval().requires_grad_(False)
+    try:
+        unet = unet.to(device).eval().requires_grad_(False)
+    except (RuntimeError, AssertionError) as e:
+        raise RunError(f"cannot move the UNet to device {device!r}: {str(e).splitlines()[0]}") from None
     sched_dir = next((d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None)
     if sched_dir is not None:
         scheduler = DDIMScheduler.from_pretrained(sched_dir)

@@ -19,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from data import toyfaces
+from data.catalog import RunError
 from data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
 
 
@@ -98,6 +99,10 @@ def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, To
     path = Path(path)
     if not path.exists() and path.with_name(path.name + ".old").exists():
         path = path.with_name(path.name + ".old")  # crashed between the two renames
+    missing = [p for p in ("recipe.json", "unet", "ema", "trainer.pt") if not (path / p).exists()]
+    if missing:
+        raise RunError(f"{path} is not a toy training checkpoint (missing {', '.join(missing)}); "
+                       "point --checkpoint at a new or an existing checkpoint folder")
     raw = json.loads((path / "recipe.json").read_text())
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     recipe = ToyRecipe(**raw)
@@ -110,5 +115,13 @@ def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, To
 def export_model(ema_model: UNet2DModel, recipe: ToyRecipe, out: Path) -> None:
     """Write the shipped diffusers folder: EMA ``unet/`` plus a DDIM ``scheduler/``."""
     out = Path(out)
-    ema_model.save_pretrained(out / "unet")
-    DDIMScheduler.from_config(build_scheduler(recipe).config).save_pretrained(out / "scheduler")
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ema_model.save_pretrained(tmp / "unet")
+    DDIMScheduler.from_config(build_scheduler(recipe).config).save_pretrained(tmp / "scheduler")
+    (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    if out.exists():  # keep the previous model until the new one is complete
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

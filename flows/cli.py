@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,8 +69,8 @@ def sample(
     for name, value in (("--n", n), ("--steps", steps), ("--batch-size", batch_size)):
         if value <= 0:
             _fail(f"{name} must be a positive integer, got {value}")
-    if eta < 0:
-        _fail(f"--eta must be >= 0 (0 = DDIM, 1 = DDPM-like), got {eta}")
+    if not (0 <= eta <= 1):
+        _fail(f"--eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {eta}")
     if h_point not in ("output", "input"):
         _fail(f"--h-point must be 'output' or 'input', got {h_point!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
@@ -104,8 +105,8 @@ def sample(
             run.write(meta)
             from flows.sample import sample_flow
 
-            run.set_stage("sample", state="running")
-            result = sample_flow(str(out))
+            with run.stage("sample"):
+                result = sample_flow(str(out))
             run.set_stage("sample", state="done", recomputed_shards=len(result["recomputed"]))
     except RunError as e:
         _fail(str(e))
@@ -146,9 +147,15 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
         _fail(str(e))
     report = {"run": str(run_dir), "config": meta["config"], "model": meta["model"], "stages": meta["stages"],
               "versions": meta.get("versions", {}), "arrays": [], "lock": run.lock_holder()}
+    report["errors"] = []
     for store_path in sorted(run.root.glob("*.zarr")):
-        group = zarr.open_group(store_path, mode="r")
-        for name, arr in sorted(group.arrays()):
+        try:
+            group = zarr.open_group(store_path, mode="r")
+            arrays = sorted(group.arrays())
+        except (ValueError, KeyError, OSError) as e:
+            report["errors"].append(f"{store_path.name}: unreadable ({type(e).__name__}: {e})")
+            continue
+        for name, arr in arrays:
             report["arrays"].append({
                 "store": store_path.name, "name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
                 "chunks": list(arr.chunks), "shards": list(arr.shards) if arr.shards else None,
@@ -177,6 +184,8 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
         table.add_row(a["store"], a["name"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
                       str(tuple(a["shards"])) if a["shards"] else "-", _human(a["bytes_on_disk"]), _human(a["bytes_raw"]))
     console.print(table)
+    for problem in report["errors"]:
+        console.print(f"[red]{problem}[/]")
     if "shards" in report:
         s = report["shards"]
         if "error" in s:
@@ -223,6 +232,10 @@ def edit(
         _fail(f"--scales {scales!r} is not a comma-separated list of numbers")
     if not direction:
         _fail("give at least one --direction FILE[:gamma]")
+    if not (0 <= eta <= 1):
+        _fail(f"--eta must be in [0, 1], got {eta}")
+    if not all(math.isfinite(g) for g in scale_values):
+        _fail(f"--scales {scales!r} holds a non-finite value")
     try:
         if run_dir is not None:
             if model is not None:
@@ -281,8 +294,8 @@ def annotate(
         with run.lock(f"hspace annotate {run_dir}", break_stale=break_lock):
             from flows.annotate import annotate_flow
 
-            run.set_stage("annotate", state="running", annotator=annotator)
-            result = annotate_flow(str(run_dir), annotator, batch_size, dev)
+            with run.stage("annotate", annotator=annotator):
+                result = annotate_flow(str(run_dir), annotator, batch_size, dev)
             run.set_stage("annotate", state="done", annotator=annotator, names=result["names"])
     except RunError as e:
         _fail(str(e))
@@ -315,9 +328,9 @@ def pca(
         with run.lock(f"hspace pca {run_dir}", break_stale=break_lock):
             from flows.pca import pca_flow
 
-            run.set_stage("pca", state="running")
-            result = pca_flow(str(run_dir), components, method, batch_size, workers, dask_address, reference_step,
-                              complete_shards_only)
+            with run.stage("pca"):
+                result = pca_flow(str(run_dir), components, method, batch_size, workers, dask_address,
+                                  reference_step, complete_shards_only)
             run.set_stage("pca", state="done", method=result["method"], k=components, n=result["n"],
                           wall_seconds=round(result["wall_seconds"], 2))
     except RunError as e:
@@ -414,6 +427,8 @@ def train_toy(
                                 oracle_steps)
     except (RunError, ValueError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the checkpoint or model: {e}")
     console.print(f"toy model at step {result['step']}: [bold]{out}[/]" + (f"; oracle: {result['oracle']}" if oracle_out else ""))
 
 

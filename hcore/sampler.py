@@ -78,6 +78,8 @@ def ddim_step(
     if cfg.clip_sample:
         p_t = p_t.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     sigma_t = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. (5)
+    if 1 - alpha_prev - sigma_t**2 < 0:
+        raise ValueError(f"eta={eta} makes sigma_t exceed sqrt(1 - alpha_(t-1)) at t={t}; use eta in [0, 1]")
     d_t = (1 - alpha_prev - sigma_t**2).sqrt() * eps_d  # eq. (4)
     x_prev = alpha_prev.sqrt() * p_t + d_t  # eq. (2)
     if eta > 0:
@@ -142,7 +144,8 @@ def sample(
     device, dtype = param.device, param.dtype
     cfg = unet.config
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
-    x = (draw_noise(generators, shape) if x_T is None else x_T.cpu().float()).to(device)
+    x = draw_noise(generators, shape)  # drawn even when x_T is given, so z_t stay in place
+    x = (x if x_T is None else x_T.cpu().float()).to(device)
     with torch.no_grad(), HSpace(unet, point=h_point) as hs:
         for step, t in enumerate(sched.timesteps):
             t_int = int(t)

@@ -27,9 +27,10 @@ def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: st
     store = AnnotationStore(run.annotations)
     key = annotator_id(annotator)
     arr, done = store.annotator_array(key, list(net.names), samples.layout.n, batch_size)
+    chunk = arr.chunks[0]  # fixed when the array was created; --batch-size may differ on resume
     pending = [int(k) for k in np.flatnonzero(done[:] != 1)]
     for k in pending:
-        rows = slice(k * batch_size, min(samples.layout.n, (k + 1) * batch_size))
+        rows = slice(k * chunk, min(samples.layout.n, (k + 1) * chunk))
         x0 = torch.from_numpy(samples.x0[rows]).float() / 127.5 - 1.0
         arr[rows] = net.score(x0).numpy()
         done[k] = 1

@@ -10,6 +10,7 @@ Grid semantics:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def parse_direction(text: str) -> DirectionSpec:
             path = head
         except ValueError:
             pass
+    if gamma is not None and not math.isfinite(gamma):
+        raise RunError(f"--direction {text!r}: the strength must be a finite number")
     p = Path(path)
     return DirectionSpec(name=p.stem, path=p, gamma=gamma)
 
@@ -56,6 +59,8 @@ def plan_grid(specs: list[DirectionSpec], scales: list[float]) -> tuple[list[lis
     """For every cell, the list of (direction index, gamma) to apply; plus labels."""
     fixed = [(i, s.gamma) for i, s in enumerate(specs) if s.gamma is not None]
     sweep = [i for i, s in enumerate(specs) if s.gamma is None]
+    if sweep and not scales:
+        raise RunError("--scales is empty but some --direction has no fixed gamma; give e.g. --scales -2,-1,0,1,2")
     if not sweep:
         cells = [[fixed[:k] for k in range(len(fixed) + 1)]]
         cols = ["original"] + [f"+{specs[i].name} ({g:+g})" for i, g in fixed]

@@ -84,11 +84,13 @@ def run_pca(run_dir: str, k: int, method: str = "auto", batch_size: int = 256, w
     n = store.layout.n if rows is None else len(rows)
     steps, h_shape = store.layout.steps, store.layout.h_shape
     d = int(np.prod(h_shape))
-    limit = min(n, d) if method != "ipca" else min(n, d, batch_size)
-    if not (1 <= k <= limit):
-        raise RunError(f"--components {k} is not allowed: it must be between 1 and {limit} "
-                       f"(n={n}, D={d}{', batch size' if method == 'ipca' else ''})")
+    if n < 2:
+        raise RunError(f"PCA needs at least 2 samples, this run has {n}")
     method = choose_method(method, n, d)
+    limit = min(n - 1, d) if method != "ipca" else min(n - 1, d, batch_size)
+    if not (1 <= k <= limit):
+        raise RunError(f"--components {k} is not allowed with {method}: it must be between 1 and {limit} "
+                       f"(n - 1 = {n - 1}, D = {d}{f', --batch-size = {batch_size}' if method == 'ipca' else ''})")
     ref = steps // 2 if reference_step is None else reference_step
     if not (0 <= ref < steps):
         raise RunError(f"--reference-step {ref} must be in [0, {steps})")
@@ -130,6 +132,9 @@ def write_directions(run: RunFolder, meta: dict, components: np.ndarray, std: np
     steps, k, d = components.shape
     pcs = hpca.directions_from_pca(components, std)
     randoms = hpca.random_directions(std, d, seed)
+    for stale in [*run.directions.glob("pc[0-9][0-9].safetensors"), *run.directions.glob("random[0-9][0-9].safetensors")]:
+        if int(stale.stem.lstrip("pcrandom")) >= k:  # from an earlier fit with more components
+            stale.unlink()
     names = []
     for j in range(k):
         for prefix, vectors, method, unit in (("pc", pcs, "pca", "std of the component at each timestep"),

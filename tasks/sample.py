@@ -40,8 +40,17 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise RunError(f"--device {device!r} is not a device torch knows (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RunError(f"--device {device}: torch sees only {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise RunError(f"--device {device!r}: hspace runs on cpu or cuda")
     return device
 
 
@@ -50,6 +59,10 @@ def cached_model(path: str, fingerprint: str, device: str, dtype: str):
     import torch
 
     ref = models.ModelRef(id=path, path=path, revision=None, fingerprint=fingerprint)
+    found = models.fingerprint(models._unet_dir(Path(path)))
+    if found != fingerprint:  # never mix two models' samples in one run
+        raise RunError(f"the model at {path} is not the one this run was started with (sha256 {found[:12]} != "
+                       f"{fingerprint[:12]}); restore it or start a new run")
     return models.load(ref, device=device, dtype=getattr(torch, dtype))
 
 

@@ -144,6 +144,8 @@ def test_bad_inputs(tmp_path):
     assert result["n"] == 2 * B
     with pytest.raises(RunError, match="--components 65 is not allowed"):
         run_pca(str(run.root), 65, method="randomized", complete_only=True)
+    with pytest.raises(RunError, match=r"--components 10 is not allowed with ipca.*--batch-size = 8"):
+        run_pca(str(run.root), 10, method="auto", batch_size=8, complete_only=True)
     with pytest.raises(RunError, match="cannot reach the Dask scheduler"):
         run_pca(str(run.root), 3, dask_address="tcp://127.0.0.1:9", complete_only=True)
     empty = RunFolder(tmp_path / "empty")
