@@ -398,6 +398,55 @@ def name_directions(
     console.print(f"table: [bold]{out}[/]")
 
 
+# --------------------------------------------------------------------------- supervised
+
+
+@app.command("directions")
+def supervised_direction(
+    run_dir: Annotated[Path, typer.Argument(help="run folder (annotated)")],
+    attribute: Annotated[str, typer.Option(help="attribute name in annotations.zarr, e.g. Smiling")],
+    top: Annotated[int, typer.Option(help="k: top-k and bottom-k samples by the score")] = 32,
+    latent: Annotated[str, typer.Option(help="h (h_{T:1}) or xT (initial noise)")] = "h",
+    name: Annotated[Optional[str], typer.Option(help="file name in RUN/directions (default: the attribute)")] = None,
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """Mean-difference direction of an attribute (paper eq. (10)) into RUN/directions."""
+    try:
+        from tasks.supervised import build_direction
+
+        run = RunFolder(run_dir)
+        run.read()
+        with run.lock(f"hspace directions {run_dir}", break_stale=break_lock), run.stage("directions"):
+            result = build_direction(str(run_dir), attribute, top, latent, name)
+        run.set_stage("directions", state="done")
+    except RunError as e:
+        _fail(str(e))
+    console.print(f"direction: [bold]{result['path']}[/] (|v| = {result['norm']:.2f}, {top} positives, {top} negatives)")
+
+
+@app.command()
+def disentangle(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    direction: Annotated[str, typer.Option(help="direction name in RUN/directions")],
+    against: Annotated[str, typer.Option(help="comma-separated directions to project out (eq. (11))")],
+    name: Annotated[Optional[str], typer.Option(help="output name (default: DIRECTION_disentangled)")] = None,
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """Disentangle a direction by projection (paper eq. (11)), over all timesteps jointly."""
+    try:
+        from tasks.supervised import disentangle_direction
+
+        run = RunFolder(run_dir)
+        run.read()
+        with run.lock(f"hspace disentangle {run_dir}", break_stale=break_lock), run.stage("disentangle"):
+            result = disentangle_direction(str(run_dir), direction, [a.strip() for a in against.split(",") if a.strip()],
+                                           name)
+        run.set_stage("disentangle", state="done")
+    except RunError as e:
+        _fail(str(e))
+    console.print(f"direction: [bold]{result['path']}[/] (cosine with the original {result['cosine_with_original']:.3f})")
+
+
 # --------------------------------------------------------------------------- train-toy
 
 

@@ -1,0 +1,56 @@
+"""Supervised directions (paper sec. 5).
+
+- eq. (10): v = mean(q+) - mean(q-), where q+ / q- are the latents (h_{T:1} or x_T) of the
+  top-k / bottom-k samples ranked by an annotator's score. Streamed: the caller feeds
+  batches of latents, nothing holds all n.
+- eq. (11): disentanglement by projection, v = [I - V (V^T V)^-1 V^T] v0, over all
+  timesteps jointly, computed with a least-squares solve, never an explicit inverse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def top_bottom(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the k highest and k lowest scores (sorted, ties broken by index)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not (1 <= k <= len(scores) // 2):
+        raise ValueError(f"top k={k} must be between 1 and n/2 = {len(scores) // 2}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN/Inf; annotate the run completely first")
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[-k:]), np.sort(order[:k])
+
+
+class MeanDifference:
+    """Accumulates sum(q+) and sum(q-) batch by batch; ``direction()`` is eq. (10)."""
+
+    def __init__(self):
+        self.sums = {True: None, False: None}
+        self.counts = {True: 0, False: 0}
+
+    def add(self, q: np.ndarray, positive: bool) -> None:
+        """q: (B, ...) latents of positive or negative samples."""
+        s = np.asarray(q, np.float64).sum(0)
+        self.sums[positive] = s if self.sums[positive] is None else self.sums[positive] + s
+        self.counts[positive] += q.shape[0]
+
+    def direction(self) -> np.ndarray:
+        if not self.counts[True] or not self.counts[False]:
+            raise ValueError("eq. (10) needs at least one positive and one negative sample")
+        return (self.sums[True] / self.counts[True] - self.sums[False] / self.counts[False]).astype(np.float32)
+
+
+def disentangle(v0: np.ndarray, conditions: list[np.ndarray]) -> np.ndarray:
+    """eq. (11): remove from v0 its projection on span(conditions), all timesteps jointly.
+
+    v0 and each condition have the same shape (e.g. (T, C, H, W)); they are flattened to
+    vectors. Uses lstsq (a QR/SVD solve of V^T V c = V^T v0), so nearly collinear
+    conditions do not blow up as an explicit inverse would."""
+    if not conditions:
+        return np.asarray(v0, np.float32).copy()
+    shape = np.shape(v0)
+    big_v = np.stack([np.asarray(c, np.float64).ravel() for c in conditions], 1)  # (D, m)
+    coef, *_ = np.linalg.lstsq(big_v, np.asarray(v0, np.float64).ravel(), rcond=None)
+    return (np.asarray(v0, np.float64).ravel() - big_v @ coef).reshape(shape).astype(np.float32)

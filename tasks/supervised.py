@@ -1,0 +1,86 @@
+"""Supervised directions (paper sec. 5): eq. (10) from annotated samples, streamed from
+samples.zarr, and eq. (11) disentanglement of saved directions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import directions as dirfile
+from data.catalog import AnnotationStore, RunError, RunFolder, SampleStore
+from hcore import supervised
+
+
+def build_direction(run_dir: str, attribute: str, top: int, latent: str = "h", name: str | None = None,
+                    batch_size: int = 64) -> dict:
+    """v = mean(q+) - mean(q-) over the top/bottom ``top`` samples by ``attribute`` (eq. 10).
+    latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds."""
+    run = RunFolder(Path(run_dir))
+    meta = run.read()
+    if latent not in ("h", "xT"):
+        raise RunError(f"--latent must be h or xT, got {latent!r}")
+    scores, names = AnnotationStore(run.annotations).scores() if run.annotations.exists() else (None, [])
+    if scores is None:
+        raise RunError(f"{run.root} has no annotations; run `hspace annotate {run.root}` first")
+    if attribute not in names:
+        raise RunError(f"unknown attribute {attribute!r}; this run's annotations have: {', '.join(names)}")
+    try:
+        pos, neg = supervised.top_bottom(scores[:, names.index(attribute)], top)
+    except ValueError as e:
+        raise RunError(f"--top {top}: {e}") from None
+    store = SampleStore(run.samples)
+    acc = supervised.MeanDifference()
+    for positive, idx in ((True, pos), (False, neg)):
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            if latent == "h":
+                q = store.h.get_orthogonal_selection((part,)).astype(np.float32)
+            else:
+                from hcore.sampler import draw_noise, make_generators
+
+                q = draw_noise(make_generators(meta["config"]["seed"], part.tolist()), store.layout.image_shape).numpy()
+            acc.add(q, positive)
+    v = acc.direction()
+    name = name or (attribute if latent == "h" else f"{attribute}_xT")
+    md = dirfile.metadata_for_run(meta, method="mean-difference (eq. 10)",
+                                  source=f"{run.root}: top/bottom {top} of {attribute} in annotations.zarr",
+                                  scale_unit="gamma = 1 moves mean(q-) to mean(q+)", attribute=attribute, top=top,
+                                  latent=latent)
+    if latent == "xT":
+        md["h_point"] = "xT"
+        v = v[None]  # (1, 3, R, R): one "timestep", the initial noise
+    path = dirfile.save(run.directions / f"{name}.safetensors", torch.from_numpy(v), md)
+    return {"path": str(path), "positives": pos.tolist(), "negatives": neg.tolist(),
+            "norm": float(np.linalg.norm(v))}
+
+
+def disentangle_direction(run_dir: str, direction: str, against: list[str], name: str | None = None) -> dict:
+    """eq. (11) against the listed directions (all from this run's directions folder)."""
+    run = RunFolder(Path(run_dir))
+    run.read()
+    if not against:
+        raise RunError("--against needs at least one direction name")
+    if direction in against:
+        raise RunError(f"--against lists {direction!r} itself; projecting it out would leave nothing")
+    loaded = {}
+    for d in [direction, *against]:
+        v, md = dirfile.load(run.directions / f"{d}.safetensors")
+        loaded[d] = (v.numpy(), md)
+    v0, md0 = loaded[direction]
+    for d in against:
+        v, md = loaded[d]
+        for key in ("model", "steps", "h_point", "scheduler"):
+            if md.get(key) != md0.get(key):
+                raise RunError(f"direction {d!r} was made for another {key} than {direction!r}; "
+                               "disentangle only directions of one model, schedule and latent")
+        if v.shape != v0.shape:
+            raise RunError(f"direction {d!r} has shape {v.shape}, {direction!r} has {v0.shape}")
+    v = supervised.disentangle(v0, [loaded[d][0] for d in against])
+    out_name = name or f"{direction}_disentangled"
+    md = {**md0, "method": f"disentangled (eq. 11) from {md0.get('method')}", "against": ",".join(against),
+          "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}"}
+    path = dirfile.save(run.directions / f"{out_name}.safetensors", torch.from_numpy(v), md)
+    cos = float(np.dot(v.ravel(), v0.ravel()) / (np.linalg.norm(v) * np.linalg.norm(v0) + 1e-12))
+    return {"path": str(path), "cosine_with_original": cos}
