@@ -1,0 +1,137 @@
+"""Image-specific directions: top right singular vectors of J_t = d eps(x_t, h_t) / d h_t
+(paper sec. 4.2, eq. (6)-(9), Alg. 1; sequential variant SM Alg. 2; region of interest
+from the early version: f(h) = mask * eps(x_t, h)).
+
+f is evaluated through the sampler's own hook (HSpace in replace mode): the U-Net runs
+its own forward, skips come from x_t, only h varies. J V is forward-mode AD (eq. (8), all
+vectors as one batch of dual tensors), J^T U reverse mode (eq. (9)).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from hcore.hspace import HSpace
+
+log = logging.getLogger(__name__)
+
+BatchedF = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) h -> (B, ...) output
+
+
+def eps_of_h(unet: torch.nn.Module, x_t: torch.Tensor, t: int, mask: torch.Tensor | None = None,
+             h_point: str = "output") -> BatchedF:
+    """f(h) = mask * eps_theta(x_t, h) for a batch of h at one (x_t, t). x_t: (C, R, R);
+    mask broadcastable to eps (1 inside the region of interest)."""
+
+    def f(h: torch.Tensor) -> torch.Tensor:
+        with HSpace(unet, point=h_point) as hs:
+            hs.replace = h
+            eps = unet(x_t.unsqueeze(0).expand(h.shape[0], *x_t.shape).to(h.dtype), t).sample
+        return eps if mask is None else eps * mask
+
+    return f
+
+
+def jvp(f: BatchedF, h0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """J v for each row of v (eq. (8)), one batched forward pass with dual numbers.
+    h0: (C, H, W); v: (k, C, H, W). Returns (k, d_out)."""
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(h0.unsqueeze(0).expand_as(v).contiguous(), v.contiguous())
+        out = f(dual)
+        tangent = fwAD.unpack_dual(out).tangent
+    return tangent.reshape(v.shape[0], -1)
+
+
+def vjp(f: BatchedF, h0: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """J^T u for each row of u (eq. (9)), reverse mode. u: (k, d_out). Returns (k, C, H, W)."""
+    h = h0.unsqueeze(0).expand(u.shape[0], *h0.shape).clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = f(h)
+        (grad,) = torch.autograd.grad(out, h, grad_outputs=u.reshape(out.shape))
+    return grad
+
+
+@dataclass
+class JacobianSVD:
+    """Top-k singular triplets of J: singular_values (k,), vectors (k, C, H, W) right
+    singular vectors (unit), outputs (k, d_out) left singular vectors (unit)."""
+
+    singular_values: torch.Tensor
+    vectors: torch.Tensor
+    outputs: torch.Tensor
+    iterations: int
+    converged: bool
+
+
+def _iterate(f, h0, phi, found, tol, max_iters) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Subspace iteration on J^T J for the block phi (d, b), kept orthogonal to ``found``
+    (d, m). Returns (phi, sigma, iterations, converged)."""
+    shape = h0.shape
+    sigma_old = None
+    for it in range(1, max_iters + 1):
+        if found is not None:  # Phi <- [I - V (V^T V)^-1 V^T] Phi, by a solve (Alg. 2)
+            coef = torch.linalg.solve(found.T @ found, found.T @ phi)
+            phi, _ = torch.linalg.qr(phi - found @ coef)
+        psi = jvp(f, h0, phi.T.reshape(-1, *shape))  # (b, d_out) = (J Phi)^T
+        phi_hat = vjp(f, h0, psi).reshape(psi.shape[0], -1).T  # (d, b) = J^T J Phi
+        new_phi, s2, _ = torch.linalg.svd(phi_hat, full_matrices=False)
+        sigma = s2.clamp_min(0).sqrt()
+        subspace_change = 1 - torch.linalg.svdvals(phi.T @ new_phi).min()
+        phi = new_phi
+        if sigma_old is not None:
+            value_change = ((sigma - sigma_old).abs() / sigma.clamp_min(1e-12)).max()
+            if value_change < tol and subspace_change < tol:
+                return phi, sigma, it, True
+        sigma_old = sigma
+    return phi, sigma, max_iters, False
+
+
+def _finish(f, h0, v: torch.Tensor, iterations: int, converged: bool, max_iters: int) -> JacobianSVD:
+    """U <- J V, singular values = |J v_i|, U orthonormalised (end of Alg. 1)."""
+    u = jvp(f, h0, v.T.reshape(-1, *h0.shape))
+    sigma = u.norm(dim=1)
+    order = torch.argsort(sigma, descending=True)
+    if not converged:
+        warnings.warn(f"Jacobian subspace iteration stopped at max_iters={max_iters} before reaching the tolerance",
+                      RuntimeWarning, stacklevel=3)
+    return JacobianSVD(sigma[order], v.T[order].reshape(-1, *h0.shape), (u / sigma[:, None].clamp_min(1e-12))[order],
+                       iterations, converged)
+
+
+def subspace_iteration(f: BatchedF, h0: torch.Tensor, k: int, tol: float = 1e-4, max_iters: int = 100,
+                       generator: torch.Generator | None = None, init: torch.Tensor | None = None) -> JacobianSVD:
+    """Alg. 1: all k vectors at once. init: optional (k, C, H, W) starting vectors."""
+    d = h0.numel()
+    phi = torch.randn(d, k, generator=generator, dtype=h0.dtype) if init is None else init.reshape(k, -1).T
+    phi, _ = torch.linalg.qr(phi.to(h0.device))  # reduced QR: V^T V = I
+    phi, _, iters, ok = _iterate(f, h0, phi, None, tol, max_iters)
+    return _finish(f, h0, phi, iters, ok, max_iters)
+
+
+def sequential_subspace_iteration(f: BatchedF, h0: torch.Tensor, k: int, block: int = 1, tol: float = 1e-4,
+                                  max_iters: int = 100, generator: torch.Generator | None = None) -> JacobianSVD:
+    """SM Alg. 2: blocks of b vectors, each kept orthogonal to those already found, so
+    memory is bounded by b (b = 1 finds them one by one)."""
+    d = h0.numel()
+    found, total_iters, all_ok = None, 0, True
+    for start in range(0, k, block):
+        b = min(block, k - start)
+        phi, _ = torch.linalg.qr(torch.randn(d, b, generator=generator, dtype=h0.dtype).to(h0.device))
+        phi, _, iters, ok = _iterate(f, h0, phi, found, tol, max_iters)
+        total_iters, all_ok = total_iters + iters, all_ok and ok
+        found = phi if found is None else torch.cat([found, phi], 1)
+    return _finish(f, h0, found, total_iters, all_ok, max_iters)
+
+
+def roi_mask(shape: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+    """A (1, 1, H, W) mask, 1 inside the rectangle x0,y0,x1,y1 (pixels, end exclusive)."""
+    x0, y0, x1, y1 = box
+    mask = torch.zeros(1, 1, *shape)
+    mask[..., y0:y1, x0:x1] = 1
+    return mask
