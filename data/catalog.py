@@ -154,10 +154,20 @@ class RunFolder:
 
     @contextmanager
     def stage(self, stage: str, **fields):
-        """Mark a stage running; failed (with the error) if the body raises."""
+        """Mark a stage running; failed (with the error) if the body raises. A RunError
+        (bad input, refused before any work) puts the stage back as it was."""
+        before = self.read()["stages"].get(stage)
         self.set_stage(stage, state="running", **fields)
         try:
             yield
+        except RunError:
+            meta = self.read()
+            if before is None:
+                meta["stages"].pop(stage, None)
+            else:
+                meta["stages"][stage] = before
+            self.write(meta)
+            raise
         except BaseException as e:
             self.set_stage(stage, state="failed", error=f"{type(e).__name__}: {e}"[:500])
             raise
@@ -436,3 +446,28 @@ class PCAStore:
             raise RunError(f"{self.path} does not exist; run `hspace pca RUN` first")
         group = zarr.open_group(self.path, mode="r")
         return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
+
+
+class JacobianStore:
+    """jacobian.zarr: group sample_{I}/step_{S}/ with x_t (3, R, R) float32 (the point of
+    linearisation, timestep t in attrs), singular_values (K,), vectors (K, C, H, W)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, sample: int, step: int, x_t: np.ndarray, t: int, singular_values: np.ndarray,
+              vectors: np.ndarray, attrs: dict) -> str:
+        root = zarr.open_group(self.path, mode="a")
+        name = f"sample_{sample}/step_{step}"
+        group = root.require_group(name)
+        for key, value in (("x_t", x_t), ("singular_values", singular_values), ("vectors", vectors)):
+            group.create_array(key, data=np.asarray(value, np.float32), overwrite=True, compressors=[Crc32cCodec()])
+        group.attrs.update({"t": int(t), **attrs})
+        return name
+
+    def read(self, sample: int, step: int) -> tuple[dict[str, np.ndarray], dict]:
+        try:
+            group = zarr.open_group(self.path, mode="r")[f"sample_{sample}/step_{step}"]
+        except (FileNotFoundError, KeyError, ValueError):
+            raise RunError(f"{self.path} has no sample_{sample}/step_{step}; run `hspace jacobian` first") from None
+        return {k: a[:] for k, a in group.arrays()}, dict(group.attrs)

@@ -398,6 +398,47 @@ def name_directions(
     console.print(f"table: [bold]{out}[/]")
 
 
+# --------------------------------------------------------------------------- jacobian
+
+
+@app.command()
+def jacobian(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    sample_index: Annotated[int, typer.Option("--sample", help="sample I of the run")] = 0,
+    step: Annotated[int, typer.Option(help="step S of the schedule (0 = first denoising step)")] = 0,
+    k: Annotated[int, typer.Option(help="number of singular vectors")] = 8,
+    block: Annotated[Optional[int], typer.Option(help="SM Alg. 2 in blocks of b vectors (memory bound)")] = None,
+    roi: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1: region of interest in pixels")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="PNG mask (white = region of interest)")] = None,
+    tol: Annotated[float, typer.Option(help="stop when singular values and subspace change less")] = 1e-4,
+    max_iters: Annotated[int, typer.Option(help="iteration cap (a warning says when it is hit)")] = 100,
+    device: Annotated[str, typer.Option()] = "auto",
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """Image-specific directions (paper sec. 4.2): top-K right singular vectors of d eps / d h."""
+    if tol <= 0 or max_iters <= 0:
+        _fail("--tol and --max-iters must be positive")
+    try:
+        from tasks.jacobian import run_jacobian
+        from tasks.sample import resolve_device
+
+        run = RunFolder(run_dir)
+        run.read()
+        dev = resolve_device(device)
+        with run.lock(f"hspace jacobian {run_dir}", break_stale=break_lock), run.stage("jacobian"):
+            result = run_jacobian(str(run_dir), sample_index, step, k, block, roi, str(mask) if mask else None, tol,
+                                  max_iters, dev)
+        run.set_stage("jacobian", state="done", last=result["group"])
+    except RunError as e:
+        _fail(str(e))
+    values = ", ".join(f"{s:.3g}" for s in result["singular_values"])
+    console.print(f"jacobian: [bold]{run_dir / 'jacobian.zarr'}[/]/{result['group']} (t={result['t']}, "
+                  f"{result['iterations']} iterations{'' if result['converged'] else ', NOT converged'}); "
+                  f"singular values {values}")
+    console.print(f"directions: {run_dir / 'directions'}/jac_s{sample_index}_t{step}_00.. "
+                  f"(try `hspace edit {run_dir} --sample {sample_index} --direction ...`)")
+
+
 # --------------------------------------------------------------------------- supervised
 
 

@@ -124,12 +124,15 @@ def sample(
     on_step: StepCallback | None = None,
     h_point: str = "output",
     x_T: torch.Tensor | None = None,
+    stop_before: int | None = None,
 ) -> torch.Tensor:
     """Generate one image per generator; returns x_0 as (B, C, R, R) float32 in [-1, 1].
 
     on_step(step, t, h) receives, after each U-Net pass, the h_t that pass used (edited
     if an edit is active), so the caller can stream h_{T:1} out without holding it all.
     eta: one value, or one per step (the paper's eta_t).
+    stop_before: return x_t just before step ``stop_before`` (its U-Net pass), i.e. the
+    replayed point at t = timesteps[stop_before], instead of x_0.
     """
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
@@ -148,6 +151,8 @@ def sample(
     x = (x if x_T is None else x_T.cpu().float()).to(device)
     with torch.no_grad(), HSpace(unet, point=h_point) as hs:
         for step, t in enumerate(sched.timesteps):
+            if step == stop_before:
+                return x
             t_int = int(t)
             z = draw_noise(generators, shape).to(device)
             delta = edit.delta(step) if edit is not None else None

@@ -401,3 +401,45 @@ def test_name_command(run_dir, random_oracle):
     assert result.exit_code == 0, result.output
     assert (run_dir / "eval" / "pc_names.md").exists() and "pcx ≈" in result.output
     assert_refused(hspace("name", run_dir, "--directions", "nope", "--device", "cpu"), "no direction file")
+
+
+def test_jacobian_command_replays_x_t_and_writes_results(run_dir, loaded_model, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from data.catalog import JacobianStore
+    from hcore.sampler import draw_noise
+
+    result = hspace("jacobian", run_dir, "--sample", "1", "--step", "2", "--k", "3", "--max-iters", "60",
+                    "--roi", "2,2,12,12", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    arrays, attrs = JacobianStore(run_dir / "jacobian.zarr").read(1, 2)
+    assert arrays["vectors"].shape == (3, 16, 8, 8) and arrays["singular_values"].shape == (3,)
+    assert (np.diff(arrays["singular_values"]) <= 1e-6).all() and attrs["roi"] == "2,2,12,12"
+    # independent replay with diffusers' own scheduler: same x_T, two DDIM steps
+    unet, scheduler = loaded_model
+    sched = DDIMScheduler.from_config(scheduler.config)
+    sched.set_timesteps(5)
+    x = draw_noise(make_generators(0, [1]), (3, 16, 16))
+    with torch.no_grad():
+        for t in sched.timesteps[:2]:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    np.testing.assert_allclose(arrays["x_t"], x[0].numpy(), atol=1e-5)
+    assert attrs["t"] == int(sched.timesteps[2])
+    v, md = dirfile.load(run_dir / "directions" / "jac_s1_t2_00.safetensors")
+    assert v.shape == (5, 16, 8, 8) and torch.allclose(v[0], v[4])
+    np.testing.assert_allclose(v[0].numpy(), arrays["vectors"][0], atol=1e-6)
+    out = tmp_path / "jac.png"
+    assert hspace("edit", run_dir, "--sample", "3", "--direction", run_dir / "directions" / "jac_s1_t2_00.safetensors",
+                  "--scales", "-5,0,5", "--out", out, "--device", "cpu").exit_code == 0
+
+
+def test_jacobian_bad_inputs(frozen_run, tmp_path):
+    for args, needle in (
+        (["--step", "5"], "--step 5 must be in [0, 5)"),
+        (["--sample", "10"], "--sample 10 must be in"),
+        (["--roi", "1,2,3"], "is not x0,y0,x1,y1"),
+        (["--roi", "0,0,40,4"], "must satisfy"),
+        (["--k", "5000"], "--k 5000 must be between"),
+        (["--mask", str(tmp_path / "none.png")], "cannot read it"),
+    ):
+        assert_refused(hspace("jacobian", frozen_run, *args, "--device", "cpu"), needle)

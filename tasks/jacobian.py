@@ -1,0 +1,105 @@
+"""Jacobian stage (paper sec. 4.2): replay sample I to x_t at step S, find the top-K right
+singular vectors of J_t (Alg. 1, or SM Alg. 2 in blocks), store them in jacobian.zarr and
+as direction files.
+
+Direction files apply the unit vector found at step S at every timestep, unscaled: the
+paper finds that directions found at one timestep are most telling when applied across
+all timesteps (sec. 4.2), and a constant unit vector keeps gamma a plain length in
+h-space, the same at every step, which is how Fig. 7's transfer to other samples reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import directions as dirfile
+from data import models
+from data.catalog import JacobianStore, RunError, RunFolder, SampleStore
+
+
+def parse_roi(text: str, size: int) -> tuple[int, int, int, int]:
+    try:
+        x0, y0, x1, y1 = (int(v) for v in text.split(","))
+    except ValueError:
+        raise RunError(f"--roi {text!r} is not x0,y0,x1,y1 (pixels)") from None
+    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+        raise RunError(f"--roi {text!r} must satisfy 0 <= x0 < x1 <= {size} and 0 <= y0 < y1 <= {size}")
+    return x0, y0, x1, y1
+
+
+def load_mask(path: Path, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("L")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise RunError(f"--mask {path}: cannot read it as an image ({e})") from None
+    if image.size != (size, size):
+        raise RunError(f"--mask {path} is {image.size[0]}x{image.size[1]}, the model's images are {size}x{size}")
+    mask = torch.from_numpy(np.asarray(image, np.float32) / 255.0)
+    if mask.max() <= 0:
+        raise RunError(f"--mask {path} is empty (all black); white marks the region of interest")
+    return mask[None, None]
+
+
+def run_jacobian(run_dir: str, sample: int, step: int, k: int, block: int | None = None, roi: str | None = None,
+                 mask_path: str | None = None, tol: float = 1e-4, max_iters: int = 100, device: str = "cpu") -> dict:
+    from hcore import jacobian as jac
+    from hcore.hspace import HSpace
+    from hcore.sampler import ddim_scheduler, make_generators
+    from hcore.sampler import sample as run_sampler
+
+    run = RunFolder(Path(run_dir))
+    meta = run.read()
+    cfg = meta["config"]
+    if not (0 <= sample < cfg["n"]):
+        raise RunError(f"--sample {sample} must be in [0, {cfg['n']})")
+    if not (0 <= step < cfg["steps"]):
+        raise RunError(f"--step {step} must be in [0, {cfg['steps']}) (0 = first denoising step)")
+    if roi and mask_path:
+        raise RunError("give --roi or --mask, not both")
+    ref = models.ModelRef(**{key: meta["model"][key] for key in ("id", "path", "revision", "fingerprint")})
+    unet, scheduler = models.load(ref, device=device)
+    d = int(np.prod(SampleStore(run.samples).layout.h_shape))
+    if not (1 <= k <= d):
+        raise RunError(f"--k {k} must be between 1 and {d} (the size of h)")
+    if block is not None and not (1 <= block <= k):
+        raise RunError(f"--block {block} must be between 1 and --k {k}")
+    size = unet.config.sample_size
+    mask = None
+    if roi:
+        mask = jac.roi_mask((size, size), parse_roi(roi, size))
+    elif mask_path:
+        mask = load_mask(Path(mask_path), size)
+    gens = make_generators(cfg["seed"], [sample])
+    x_t = run_sampler(unet, scheduler, gens, cfg["steps"], cfg["eta"], h_point=cfg["h_point"], stop_before=step)[0]
+    sched = ddim_scheduler(scheduler)
+    sched.set_timesteps(cfg["steps"])
+    t = int(sched.timesteps[step])
+    with torch.no_grad(), HSpace(unet, point=cfg["h_point"]) as hs:
+        unet(x_t[None], t)
+        h0 = hs.last_h[0].detach().clone()
+    f = jac.eps_of_h(unet, x_t, t, mask=None if mask is None else mask.to(x_t.device), h_point=cfg["h_point"])
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + sample * 1009 + step)
+    if block is None:
+        result = jac.subspace_iteration(f, h0, k, tol=tol, max_iters=max_iters, generator=gen)
+    else:
+        result = jac.sequential_subspace_iteration(f, h0, k, block=block, tol=tol, max_iters=max_iters, generator=gen)
+    attrs = {"k": k, "block": block, "roi": roi, "mask": mask_path, "iterations": result.iterations,
+             "converged": result.converged, "tol": tol}
+    name = JacobianStore(run.root / "jacobian.zarr").write(
+        sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs)
+    steps = cfg["steps"]
+    files = []
+    for j in range(k):
+        v = result.vectors[j].cpu().float()
+        md = dirfile.metadata_for_run(meta, method="jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})",
+                                      source=f"{run.root}: jacobian.zarr/{name} vector {j}",
+                                      scale_unit="unit vector at every timestep (gamma = length in h-space)")
+        path = dirfile.save(run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors",
+                            v.unsqueeze(0).expand(steps, *v.shape).contiguous(), md)
+        files.append(str(path))
+    return {"group": name, "t": t, "singular_values": result.singular_values.tolist(),
+            "converged": result.converged, "iterations": result.iterations, "directions": files}
