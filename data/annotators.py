@@ -47,16 +47,61 @@ def annotator_id(spec: str) -> str:
     import hashlib
 
     kind, _, path = spec.partition(":")
-    folder = Path(path) if path else ORACLE_DIR
-    weights = folder / "oracle.safetensors"
+    weights = (Path(path) if path else ORACLE_DIR) / "oracle.safetensors" if kind == "oracle" else Path(path)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10] if weights.exists() else "missing"
     return f"{kind}-{digest}"
 
 
+def read_state_dict(path: Path) -> dict:
+    """A checkpoint as users hand it over: a bare state dict or one under 'state_dict'
+    (AnyCost), possibly saved from DataParallel ('module.' prefixes), old torch formats
+    included (weights_only loading: no pickled code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise RunError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:200]}); "
+                       "the file may be truncated or not a PyTorch checkpoint") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise RunError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _load_strict(net, state: dict, path: Path, what: str):
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        missing = [k for k in net.state_dict() if k not in state][:3]
+        unexpected = [k for k in state if k not in net.state_dict()][:3]
+        raise RunError(f"{path} is not a {what} checkpoint (missing e.g. {missing}, unexpected e.g. {unexpected}, "
+                       f"{str(e).splitlines()[0][:100]})") from None
+
+
 def load_annotator(spec: str, device: str = "cpu"):
-    """'oracle' or 'oracle:PATH' (CelebA-40 and Hopenet join with the supervised issue)."""
+    """'oracle', 'oracle:PATH', 'celeba40:PATH' (AnyCost attribute_predictor.pt),
+    'hopenet:PATH' or 'hopenet-legacy:PATH' (hopenet_robust_alpha1.pkl)."""
+    from hcore.annotators import CelebA40, Hopenet
+
     kind, _, path = spec.partition(":")
     if kind == "oracle":
         return load_oracle(Path(path) if path else ORACLE_DIR, device)
-    raise RunError(f"unknown annotator {spec!r}; available: oracle, oracle:PATH")
-
+    if kind in ("celeba40", "hopenet", "hopenet-legacy") and not path:
+        raise RunError(f"annotator {kind} needs a weight file: --annotator {kind}:PATH")
+    if kind == "celeba40":
+        net = CelebA40()
+        _load_strict(net.net, read_state_dict(Path(path)), Path(path), "CelebA-40 (ResNet-50, fc 2048->80)")
+        return net.to(device).eval()
+    if kind in ("hopenet", "hopenet-legacy"):
+        net = Hopenet(mode="legacy" if kind == "hopenet-legacy" else "imagenet")
+        heads = ("fc_yaw", "fc_pitch", "fc_roll", "fc_finetune")
+        state = {(k if k.startswith(heads) else "backbone." + k): v for k, v in read_state_dict(Path(path)).items()}
+        _load_strict(net, state, Path(path), "Hopenet (ResNet-50 + 66-bin heads)")
+        return net.to(device).eval()
+    raise RunError(f"unknown annotator {spec!r}; available: oracle, oracle:PATH, celeba40:PATH, hopenet:PATH, "
+                   "hopenet-legacy:PATH")

@@ -72,3 +72,85 @@ class OracleNet(Annotator):
         bce = F.binary_cross_entropy_with_logits(out[:, :nb], targets[:, :nb])
         mse = F.mse_loss(out[:, nb:], targets[:, nb:] / self.pose_scale)
         return bce + mse
+
+
+CELEBA_ATTRIBUTES = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
+    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
+    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
+    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
+    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
+    "Wearing_Necklace", "Wearing_Necktie", "Young",
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class CelebA40(Annotator):
+    """The CelebA-40 attribute classifier of AnyCost GAN (the paper's sec. 5 annotator):
+    torchvision ResNet-50 with fc 2048 -> 80, logits viewed as (N, 40, 2), softmax, index 1
+    = P(attribute). Input [-1, 1] at 256, no ImageNet normalisation."""
+
+    names = CELEBA_ATTRIBUTES
+    input_size = 256
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import resnet50
+
+        self.net = resnet50(weights=None, num_classes=80)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).view(-1, 40, 2)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        param = next(self.parameters())
+        logits = self(_resize(images.to(param.device, param.dtype), self.input_size))
+        return logits.softmax(-1)[..., 1].float().cpu()
+
+
+class Hopenet(Annotator):
+    """Hopenet head pose (Ruiz et al.; the paper's pose annotator): ResNet-50 (Bottleneck
+    [3, 4, 6, 3]), AvgPool2d(7), three 66-bin heads fc_yaw / fc_pitch / fc_roll and the
+    unused fc_finetune (2051 -> 3). angle = sum(softmax(logits) * bin index) * 3 - 99.
+    Input 224 with ImageNet normalisation; mode 'legacy' feeds [-1, 1] unnormalised, as
+    the seed paper's code did."""
+
+    names = ("yaw", "pitch", "roll")
+    input_size = 224
+
+    def __init__(self, mode: str = "imagenet"):
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, ResNet
+
+        if mode not in ("imagenet", "legacy"):
+            raise ValueError(f"Hopenet mode must be 'imagenet' or 'legacy', got {mode!r}")
+        self.mode = mode
+        self.backbone = ResNet(Bottleneck, [3, 4, 6, 3])
+        self.backbone.avgpool = nn.AvgPool2d(7)
+        self.backbone.fc = nn.Identity()  # ResNet.forward then returns the pooled 2048 features
+        self.fc_yaw, self.fc_pitch, self.fc_roll = (nn.Linear(2048, 66) for _ in range(3))
+        self.fc_finetune = nn.Linear(2048 + 3, 3)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("bins", torch.arange(66, dtype=torch.float32), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.backbone(images)
+        return self.fc_yaw(features), self.fc_pitch(features), self.fc_roll(features)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        param = next(self.parameters())
+        x = _resize(images.to(param.device, param.dtype), self.input_size)
+        if self.mode == "imagenet":
+            x = ((x + 1) / 2 - self.mean) / self.std
+        heads = self(x)
+        return torch.stack([(h.softmax(-1) * self.bins).sum(-1) * 3 - 99 for h in heads], 1).float().cpu()
