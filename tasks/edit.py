@@ -74,8 +74,11 @@ def render_edits(
     unet, scheduler, sample: SampleSpec, vectors: list[torch.Tensor],
     cells: list[list[list[tuple[int, float]]]], window: tuple[int, int] | None = None, asyrp: bool = False,
 ) -> np.ndarray:
-    """Render every cell in one batch; returns uint8 (rows, cols, C, R, R)."""
-    from hcore.sampler import Edit, make_generators, sample as run_sampler, to_uint8
+    """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
+
+    A vector of shape (1, C, R, R) is an x_T direction (``--latent xT``, eq. (10) with
+    q = x_T): it moves the initial noise, x_T + gamma v, instead of h."""
+    from hcore.sampler import Edit, draw_noise, make_generators, sample as run_sampler, to_uint8
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -83,9 +86,19 @@ def render_edits(
     for b, cell in enumerate(flat):
         for i, g in cell:
             gammas[i, b] += g
-    edit = Edit(directions=vectors, gammas=list(gammas), window=window, asyrp=asyrp) if vectors else None
+    image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    is_xt = [tuple(v.shape) == (1, *image_shape) for v in vectors]
+    h_idx = [i for i, x in enumerate(is_xt) if not x]
+    edit = Edit(directions=[vectors[i] for i in h_idx], gammas=[gammas[i] for i in h_idx], window=window,
+                asyrp=asyrp) if h_idx else None
+    x_T = None
+    if any(is_xt):
+        x_T = draw_noise(make_generators(sample.run_seed, [sample.index] * len(flat)), image_shape)
+        for i in (i for i, x in enumerate(is_xt) if x):
+            x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
-    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point)
+    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point,
+                     x_T=x_T)
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
 
@@ -95,8 +108,12 @@ def load_directions(specs: list[DirectionSpec], *, model_fingerprint: str, steps
     vectors = []
     for spec in specs:
         v, meta = dirfile.load(spec.path)
-        dirfile.check(spec.path, v, meta, model_fingerprint=model_fingerprint, steps=steps, h_shape=tuple(h_shape),
-                      h_point=h_point, scheduler=dirfile.scheduler_name(scheduler))
+        if meta.get("h_point") == "xT":  # an x_T direction: model and image shape must fit
+            if meta.get("model") != model_fingerprint:
+                raise RunError(f"direction {spec.path} was made for another model; use one from this model")
+        else:
+            dirfile.check(spec.path, v, meta, model_fingerprint=model_fingerprint, steps=steps,
+                          h_shape=tuple(h_shape), h_point=h_point, scheduler=dirfile.scheduler_name(scheduler))
         vectors.append(v)
     return vectors
 

@@ -443,3 +443,23 @@ def test_jacobian_bad_inputs(frozen_run, tmp_path):
         (["--mask", str(tmp_path / "none.png")], "cannot read it"),
     ):
         assert_refused(hspace("jacobian", frozen_run, *args, "--device", "cpu"), needle)
+
+
+def test_xT_direction_edit_moves_the_initial_noise(run_dir, loaded_model):
+    from tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
+    from hcore.sampler import draw_noise
+
+    unet, scheduler = loaded_model
+    meta = RunFolder(run_dir).read()
+    v = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    md = dirfile.metadata_for_run(meta, method="t", source="t", scale_unit="raw")
+    md["h_point"] = "xT"
+    path = dirfile.save(run_dir / "directions" / "noise_xT.safetensors", v, md)
+    spec = parse_direction(str(path))
+    cells, _, _ = plan_grid([spec], [0.0, 0.5])
+    images = render_edits(unet, scheduler, SampleSpec(0, 4, 5, 0.0, "output"), [dirfile.load(path)[0]], cells)
+    np.testing.assert_array_equal(images[0, 0], SampleStore(run_dir / "samples.zarr").x0[4])
+    x_T = draw_noise(make_generators(0, [4]), (3, 16, 16)) + 0.5 * v
+    ref = to_uint8(sample(unet, scheduler, make_generators(0, [4]), 5, 0.0, x_T=x_T)).numpy()[0]
+    np.testing.assert_array_equal(images[0, 1], ref)
+    path.unlink()
