@@ -449,6 +449,7 @@ def supervised_direction(
     top: Annotated[int, typer.Option(help="k: top-k and bottom-k samples by the score")] = 32,
     latent: Annotated[str, typer.Option(help="h (h_{T:1}) or xT (initial noise)")] = "h",
     name: Annotated[Optional[str], typer.Option(help="file name in RUN/directions (default: the attribute)")] = None,
+    first: Annotated[Optional[int], typer.Option(help="rank only samples 0..N-1 (hold the rest out)")] = None,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
     """Mean-difference direction of an attribute (paper eq. (10)) into RUN/directions."""
@@ -458,7 +459,7 @@ def supervised_direction(
         run = RunFolder(run_dir)
         run.read()
         with run.lock(f"hspace directions {run_dir}", break_stale=break_lock), run.stage("directions"):
-            result = build_direction(str(run_dir), attribute, top, latent, name)
+            result = build_direction(str(run_dir), attribute, top, latent, name, first=first)
         run.set_stage("directions", state="done")
     except RunError as e:
         _fail(str(e))

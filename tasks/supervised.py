@@ -14,9 +14,10 @@ from hcore import supervised
 
 
 def build_direction(run_dir: str, attribute: str, top: int, latent: str = "h", name: str | None = None,
-                    batch_size: int = 64) -> dict:
+                    batch_size: int = 64, first: int | None = None) -> dict:
     """v = mean(q+) - mean(q-) over the top/bottom ``top`` samples by ``attribute`` (eq. 10).
-    latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds."""
+    latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds.
+    first: rank only samples 0..first-1 (the rest stay held out for evaluation)."""
     run = RunFolder(Path(run_dir))
     meta = run.read()
     if latent not in ("h", "xT"):
@@ -26,8 +27,13 @@ def build_direction(run_dir: str, attribute: str, top: int, latent: str = "h", n
         raise RunError(f"{run.root} has no annotations; run `hspace annotate {run.root}` first")
     if attribute not in names:
         raise RunError(f"unknown attribute {attribute!r}; this run's annotations have: {', '.join(names)}")
+    column = scores[:, names.index(attribute)]
+    if first is not None:
+        if not (2 <= first <= len(column)):
+            raise RunError(f"--first {first} must be between 2 and the run's {len(column)} samples")
+        column = column[:first]
     try:
-        pos, neg = supervised.top_bottom(scores[:, names.index(attribute)], top)
+        pos, neg = supervised.top_bottom(column, top)
     except ValueError as e:
         raise RunError(f"--top {top}: {e}") from None
     store = SampleStore(run.samples)
