@@ -64,8 +64,10 @@ def read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise RunError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:200]}); "
-                       "the file may be truncated or not a PyTorch checkpoint") from None
+        raise RunError(
+            f"cannot read checkpoint {path} ({str(e).splitlines()[0][:200]}); "
+            "the file may be truncated or not a PyTorch checkpoint"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -79,8 +81,10 @@ def _load_strict(net, state: dict, path: Path, what: str):
     except RuntimeError as e:
         missing = [k for k in net.state_dict() if k not in state][:3]
         unexpected = [k for k in state if k not in net.state_dict()][:3]
-        raise RunError(f"{path} is not a {what} checkpoint (missing e.g. {missing}, unexpected e.g. {unexpected}, "
-                       f"{str(e).splitlines()[0][:100]})") from None
+        raise RunError(
+            f"{path} is not a {what} checkpoint (missing e.g. {missing}, unexpected e.g. {unexpected}, "
+            f"{str(e).splitlines()[0][:100]})"
+        ) from None
 
 
 def load_annotator(spec: str, device: str = "cpu"):
@@ -103,5 +107,6 @@ def load_annotator(spec: str, device: str = "cpu"):
         state = {(k if k.startswith(heads) else "backbone." + k): v for k, v in read_state_dict(Path(path)).items()}
         _load_strict(net, state, Path(path), "Hopenet (ResNet-50 + 66-bin heads)")
         return net.to(device).eval()
-    raise RunError(f"unknown annotator {spec!r}; available: oracle, oracle:PATH, celeba40:PATH, hopenet:PATH, "
-                   "hopenet-legacy:PATH")
+    raise RunError(
+        f"unknown annotator {spec!r}; available: oracle, oracle:PATH, celeba40:PATH, hopenet:PATH, hopenet-legacy:PATH"
+    )

@@ -46,7 +46,7 @@ class RunError(Exception):
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -98,14 +98,18 @@ class RunFolder:
 
     def read(self) -> dict:
         if not self.run_json.exists():
-            raise RunError(f"{self.root} is not an hspace run (no {RUN_JSON}); create one with `hspace sample --out {self.root}`")
+            raise RunError(
+                f"{self.root} is not an hspace run (no {RUN_JSON}); create one with `hspace sample --out {self.root}`"
+            )
         try:
             meta = json.loads(self.run_json.read_text())
         except json.JSONDecodeError as e:
             raise RunError(f"{self.run_json} is not valid JSON ({e}); restore it or start a new run folder") from None
         for key in ("format", "config", "model", "stages"):
             if key not in meta:
-                raise RunError(f"{self.run_json} lacks the key {key!r} (edited by hand?); restore it or start a new run folder")
+                raise RunError(
+                    f"{self.run_json} lacks the key {key!r} (edited by hand?); restore it or start a new run folder"
+                )
         return meta
 
     def write(self, meta: dict) -> None:
@@ -134,7 +138,9 @@ class RunFolder:
             meta["model"]["path"] = model["path"]  # same weights (fingerprint), maybe a new place
             return meta
         if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):
-            raise RunError(f"{self.root} exists, is not empty and holds no {RUN_JSON}; pick an empty or new --out folder")
+            raise RunError(
+                f"{self.root} exists, is not empty and holds no {RUN_JSON}; pick an empty or new --out folder"
+            )
         self.root.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT_VERSION,
@@ -247,7 +253,9 @@ def _lock_message(path: Path, holder: dict | None) -> str:
         return f"{path} exists but is unreadable; if no hspace process uses this run, delete it"
     who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} ({holder.get('command')})"
     if _is_stale(holder):
-        return f"run is locked by {who}, which is no longer running (stale lock); rerun with --break-lock to take it over"
+        return (
+            f"run is locked by {who}, which is no longer running (stale lock); rerun with --break-lock to take it over"
+        )
     return f"run is locked by {who}; wait for it to finish (read-only commands such as `hspace inspect` work meanwhile)"
 
 
@@ -283,8 +291,10 @@ class SampleStore:
             self.timesteps = self.group["timesteps"]
             self.done = self.group["done"]
         except (FileNotFoundError, KeyError, ValueError) as e:  # zarr's NodeNotFoundError is a ValueError
-            raise RunError(f"{self.path} is missing or incomplete ({type(e).__name__}: {e}); "
-                           "delete it and rerun `hspace sample` to recreate it") from None
+            raise RunError(
+                f"{self.path} is missing or incomplete ({type(e).__name__}: {e}); "
+                "delete it and rerun `hspace sample` to recreate it"
+            ) from None
         n, steps, *h_shape = self.h.shape
         self.layout = SampleLayout(n, steps, tuple(h_shape), tuple(self.x0.shape[1:]), self.h.shards[0])
 
@@ -297,20 +307,34 @@ class SampleStore:
         n, steps, b = layout.n, layout.steps, layout.batch_size
         c, hh, ww = layout.h_shape
         group.create_array(
-            "h", shape=(n, steps, c, hh, ww), dtype="float16",
-            shards=(b, steps, c, hh, ww), chunks=(b, 1, c, hh, ww),
-            compressors=[Crc32cCodec()], fill_value=np.nan,
+            "h",
+            shape=(n, steps, c, hh, ww),
+            dtype="float16",
+            shards=(b, steps, c, hh, ww),
+            chunks=(b, 1, c, hh, ww),
+            compressors=[Crc32cCodec()],
+            fill_value=np.nan,
             dimension_names=("sample", "step", "channel", "y", "x"),
         )
         group.create_array(
-            "x0", shape=(n, *layout.image_shape), dtype="uint8", chunks=(b, *layout.image_shape),
-            compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=0,
+            "x0",
+            shape=(n, *layout.image_shape),
+            dtype="uint8",
+            chunks=(b, *layout.image_shape),
+            compressors=[ZstdCodec(level=3), Crc32cCodec()],
+            fill_value=0,
             dimension_names=("sample", "channel", "y", "x"),
         )
         group.create_array("seeds", data=np.asarray(seeds, np.int64), chunks=(max(1, n),), compressors=[Crc32cCodec()])
-        group.create_array("timesteps", data=np.asarray(timesteps, np.int64), chunks=(steps,), compressors=[Crc32cCodec()])
-        group.create_array("done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()])
-        group.attrs.update({"batch_size": b, "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)"})
+        group.create_array(
+            "timesteps", data=np.asarray(timesteps, np.int64), chunks=(steps,), compressors=[Crc32cCodec()]
+        )
+        group.create_array(
+            "done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()]
+        )
+        group.attrs.update(
+            {"batch_size": b, "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)"}
+        )
         os.replace(path, final)
         return cls(final, mode="r+")
 
@@ -363,14 +387,29 @@ class AnnotationStore:
         if annotator in sub:
             arr = sub[annotator]
             if list(arr.attrs.get("names", [])) != list(names) or arr.shape != (n, len(names)):
-                raise RunError(f"{self.path}/by_annotator/{annotator} holds other columns or rows than "
-                               f"{annotator} gives now; delete it to annotate again")
+                raise RunError(
+                    f"{self.path}/by_annotator/{annotator} holds other columns or rows than "
+                    f"{annotator} gives now; delete it to annotate again"
+                )
             return arr, sub[f"{annotator}.done"]
-        arr = sub.create_array(annotator, shape=(n, len(names)), dtype="float32", chunks=(chunk, len(names)),
-                               fill_value=np.nan, compressors=[Crc32cCodec()], dimension_names=("sample", "attribute"))
+        arr = sub.create_array(
+            annotator,
+            shape=(n, len(names)),
+            dtype="float32",
+            chunks=(chunk, len(names)),
+            fill_value=np.nan,
+            compressors=[Crc32cCodec()],
+            dimension_names=("sample", "attribute"),
+        )
         arr.attrs["names"] = list(names)
-        done = sub.create_array(f"{annotator}.done", shape=(-(-n // chunk),), dtype="uint8", chunks=(1,),
-                                fill_value=0, compressors=[Crc32cCodec()])
+        done = sub.create_array(
+            f"{annotator}.done",
+            shape=(-(-n // chunk),),
+            dtype="uint8",
+            chunks=(1,),
+            fill_value=0,
+            compressors=[Crc32cCodec()],
+        )
         return arr, done
 
     def rebuild_scores(self) -> list[str]:
@@ -386,8 +425,14 @@ class AnnotationStore:
             dup = sorted({x for x in names if names.count(x) > 1})
             raise RunError(f"annotators give the same attribute names {dup}; annotate with one of them only")
         scores = np.concatenate(blocks, 1) if blocks else np.zeros((0, 0), np.float32)
-        arr = self.group.create_array("scores", data=scores, chunks=scores.shape or (1, 1), overwrite=True,
-                                      compressors=[Crc32cCodec()], dimension_names=("sample", "attribute"))
+        arr = self.group.create_array(
+            "scores",
+            data=scores,
+            chunks=scores.shape or (1, 1),
+            overwrite=True,
+            compressors=[Crc32cCodec()],
+            dimension_names=("sample", "attribute"),
+        )
         arr.attrs.update({"names": names, "annotators": owners})
         return names
 
@@ -455,8 +500,16 @@ class JacobianStore:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def write(self, sample: int, step: int, x_t: np.ndarray, t: int, singular_values: np.ndarray,
-              vectors: np.ndarray, attrs: dict) -> str:
+    def write(
+        self,
+        sample: int,
+        step: int,
+        x_t: np.ndarray,
+        t: int,
+        singular_values: np.ndarray,
+        vectors: np.ndarray,
+        attrs: dict,
+    ) -> str:
         root = zarr.open_group(self.path, mode="a")
         name = f"sample_{sample}/step_{step}"
         group = root.require_group(name)

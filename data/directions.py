@@ -60,14 +60,31 @@ def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, 
     """The metadata of a direction made from a run's samples (the fields ``check`` reads)."""
     cfg, model = run_meta["config"], run_meta["model"]
     return {
-        "model": model["fingerprint"], "model_id": model["id"], "revision": model.get("revision") or "",
-        "h_point": cfg["h_point"], "scheduler": model["scheduler"], "eta": cfg["eta"], "steps": cfg["steps"],
-        "method": method, "source": source, "scale_unit": scale_unit, **extra,
+        "model": model["fingerprint"],
+        "model_id": model["id"],
+        "revision": model.get("revision") or "",
+        "h_point": cfg["h_point"],
+        "scheduler": model["scheduler"],
+        "eta": cfg["eta"],
+        "steps": cfg["steps"],
+        "method": method,
+        "source": source,
+        "scale_unit": scale_unit,
+        **extra,
     }
 
 
-def check(path: Path, v: torch.Tensor, meta: dict, *, model_fingerprint: str, steps: int,
-          h_shape: tuple[int, int, int], h_point: str, scheduler: str) -> None:
+def check(
+    path: Path,
+    v: torch.Tensor,
+    meta: dict,
+    *,
+    model_fingerprint: str,
+    steps: int,
+    h_shape: tuple[int, int, int],
+    h_point: str,
+    scheduler: str,
+) -> None:
     """Raise RunError if the direction was made for another model, schedule or h point."""
     expected = {"model": model_fingerprint, "steps": str(steps), "h_point": h_point, "scheduler": scheduler}
     for key, want in expected.items():
@@ -75,9 +92,15 @@ def check(path: Path, v: torch.Tensor, meta: dict, *, model_fingerprint: str, st
         if got is None:
             raise RunError(f"direction {path} has no {key!r} metadata; re-create it with hspace")
         if got != want:
-            what = {"model": "another model", "steps": "another number of steps", "h_point": "another h point",
-                    "scheduler": "another noise schedule"}[key]
-            raise RunError(f"direction {path} was made for {what} ({key}={got[:16]!r}, this run has {want[:16]!r}); "
-                           "use a direction from this model and schedule")
+            what = {
+                "model": "another model",
+                "steps": "another number of steps",
+                "h_point": "another h point",
+                "scheduler": "another noise schedule",
+            }[key]
+            raise RunError(
+                f"direction {path} was made for {what} ({key}={got[:16]!r}, this run has {want[:16]!r}); "
+                "use a direction from this model and schedule"
+            )
     if tuple(v.shape) != (steps, *h_shape):
         raise RunError(f"direction {path} has shape {tuple(v.shape)}, this model needs {(steps, *h_shape)}")

@@ -28,7 +28,12 @@ def grid_image(
     if title:
         draw.text((4, 2), title, fill="black", font=font)
     for c, label in enumerate(col_labels):
-        draw.text((left + c * (cell + 2) + cell // 2 - int(font.getlength(label)) // 2, top - 16), label, fill="black", font=font)
+        draw.text(
+            (left + c * (cell + 2) + cell // 2 - int(font.getlength(label)) // 2, top - 16),
+            label,
+            fill="black",
+            font=font,
+        )
     for r in range(rows):
         draw.text((4, top + r * (cell + 2) + cell // 2 - 6), row_labels[r], fill="black", font=font)
         for c in range(cols):

@@ -44,7 +44,9 @@ def _unet_dir(folder: Path) -> Path | None:
 def fingerprint(unet_dir: Path | None) -> str:
     """sha256 over the UNet's config and weight files (names and bytes)."""
     if unet_dir is None or not Path(unet_dir).is_dir():
-        raise RunError(f"model folder {unet_dir} does not exist (moved or deleted?); restore it or re-resolve the model")
+        raise RunError(
+            f"model folder {unet_dir} does not exist (moved or deleted?); restore it or re-resolve the model"
+        )
     digest = hashlib.sha256()
     files = [unet_dir / "config.json"] + sorted(p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     for path in files:
@@ -107,16 +109,24 @@ def load(ref: ModelRef, device: str = "cpu", dtype=None):
         unet = cls.from_pretrained(unet_dir, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"cannot load the UNet from {unet_dir}: {first}; the weight file may be truncated or from another architecture") from None
+        raise RunError(
+            f"cannot load the UNet from {unet_dir}: {first}; "
+            "the weight file may be truncated or from another architecture"
+        ) from None
     try:
         unet = unet.to(device).eval().requires_grad_(False)
     except (RuntimeError, AssertionError) as e:
         raise RunError(f"cannot move the UNet to device {device!r}: {str(e).splitlines()[0]}") from None
-    sched_dir = next((d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None)
+    sched_dir = next(
+        (d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None
+    )
     if sched_dir is not None:
         scheduler = DDIMScheduler.from_pretrained(sched_dir)
     elif (unet_dir / "scheduler_config.json").exists():
         scheduler = DDIMScheduler.from_pretrained(unet_dir)
     else:
-        raise RunError(f"{folder} has no scheduler config (scheduler/scheduler_config.json); add the scheduler the model was trained with")
+        raise RunError(
+            f"{folder} has no scheduler config (scheduler/scheduler_config.json); "
+            "add the scheduler the model was trained with"
+        )
     return unet, scheduler

@@ -101,8 +101,10 @@ def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, To
         path = path.with_name(path.name + ".old")  # crashed between the two renames
     missing = [p for p in ("recipe.json", "unet", "ema", "trainer.pt") if not (path / p).exists()]
     if missing:
-        raise RunError(f"{path} is not a toy training checkpoint (missing {', '.join(missing)}); "
-                       "point --checkpoint at a new or an existing checkpoint folder")
+        raise RunError(
+            f"{path} is not a toy training checkpoint (missing {', '.join(missing)}); "
+            "point --checkpoint at a new or an existing checkpoint folder"
+        )
     raw = json.loads((path / "recipe.json").read_text())
     raw["block_out_channels"] = tuple(raw["block_out_channels"])
     recipe = ToyRecipe(**raw)

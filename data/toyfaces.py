@@ -93,8 +93,7 @@ class Factors:
 
     def row(self, i: int) -> dict:
         return {
-            name: (value[i].tolist() if value.ndim > 1 else value[i].item())
-            for name, value in self.__dict__.items()
+            name: (value[i].tolist() if value.ndim > 1 else value[i].item()) for name, value in self.__dict__.items()
         }
 
 
@@ -103,10 +102,7 @@ def draw_factors(seeds: np.ndarray | list[int]) -> Factors:
     rows = []
     for seed in np.asarray(seeds, dtype=np.int64).ravel():
         rng = np.random.default_rng([int(seed), 0x70F])
-        pose = [
-            float(np.clip(rng.normal(0.0, POSE_STD[k]), -POSE_LIMIT[k], POSE_LIMIT[k]))
-            for k in POSE_ATTRIBUTES
-        ]
+        pose = [float(np.clip(rng.normal(0.0, POSE_STD[k]), -POSE_LIMIT[k], POSE_LIMIT[k])) for k in POSE_ATTRIBUTES]
         male = bool(rng.random() < P_MALE)
         young = bool(rng.random() < P_YOUNG[male])
         glasses = bool(rng.random() < P_EYEGLASSES[young])
@@ -114,18 +110,35 @@ def draw_factors(seeds: np.ndarray | list[int]) -> Factors:
         smiling = bool(rng.random() < P_SMILING)
         smile = rng.uniform(0.6, 1.0) if smiling else rng.uniform(0.0, 0.3)
         rows.append(
-            (*pose, smile, smiling, glasses, hat, male, young, rng.random(),
-             rng.integers(len(HAIR_COLOURS)), rng.integers(len(HAT_COLOURS)),
-             *rng.uniform(0.05, 0.95, 3))
+            (
+                *pose,
+                smile,
+                smiling,
+                glasses,
+                hat,
+                male,
+                young,
+                rng.random(),
+                rng.integers(len(HAIR_COLOURS)),
+                rng.integers(len(HAT_COLOURS)),
+                *rng.uniform(0.05, 0.95, 3),
+            )
         )
-    cols = list(zip(*rows)) if rows else [()] * 15
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 15
     f32 = lambda c: np.asarray(c, dtype=np.float32)  # noqa: E731
     return Factors(
-        yaw=f32(cols[0]), pitch=f32(cols[1]), roll=f32(cols[2]), smile=f32(cols[3]),
-        Smiling=np.asarray(cols[4], bool), Eyeglasses=np.asarray(cols[5], bool),
-        Wearing_Hat=np.asarray(cols[6], bool), Male=np.asarray(cols[7], bool),
-        Young=np.asarray(cols[8], bool), skin=f32(cols[9]),
-        hair_colour=np.asarray(cols[10], np.int64), hat_colour=np.asarray(cols[11], np.int64),
+        yaw=f32(cols[0]),
+        pitch=f32(cols[1]),
+        roll=f32(cols[2]),
+        smile=f32(cols[3]),
+        Smiling=np.asarray(cols[4], bool),
+        Eyeglasses=np.asarray(cols[5], bool),
+        Wearing_Hat=np.asarray(cols[6], bool),
+        Male=np.asarray(cols[7], bool),
+        Young=np.asarray(cols[8], bool),
+        skin=f32(cols[9]),
+        hair_colour=np.asarray(cols[10], np.int64),
+        hat_colour=np.asarray(cols[11], np.int64),
         background=f32(np.stack(cols[12:15], 1) if rows else np.zeros((0, 3))),
     )
 

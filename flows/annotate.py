@@ -8,6 +8,7 @@ from tasks.annotate import annotate
 
 
 @flow(name="hspace-annotate")
-def annotate_flow(run_dir: str, annotator: str = "oracle", batch_size: int = 256, device: str = "cpu",
-                  show_progress: bool = True) -> dict:
+def annotate_flow(
+    run_dir: str, annotator: str = "oracle", batch_size: int = 256, device: str = "cpu", show_progress: bool = True
+) -> dict:
     return annotate(run_dir, annotator, batch_size, device, show_progress)

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,8 +27,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Find and apply interpretable directions in the h-space of diffusion models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Find and apply interpretable directions in the h-space of diffusion models.",
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -41,8 +45,11 @@ def _fail(message: str, code: int = 2) -> None:
 def _configure_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=err, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
 
 
 # --------------------------------------------------------------------------- sample
@@ -50,7 +57,9 @@ def _configure_logging(verbose: bool) -> None:
 
 @app.command()
 def sample(
-    model: Annotated[str, typer.Option(help="'toy', a local diffusers folder, or a Hugging Face id (local cache)")] = "toy",
+    model: Annotated[
+        str, typer.Option(help="'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    ] = "toy",
     n: Annotated[int, typer.Option(help="number of samples")] = 256,
     steps: Annotated[int, typer.Option(help="DDIM steps (num_inference_steps)")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM eta: 0 deterministic, 1 DDPM-like")] = 0.0,
@@ -93,8 +102,15 @@ def sample(
         if steps > train_steps:
             _fail(f"--steps {steps} exceeds the model's {train_steps} training timesteps; use at most {train_steps}")
         del unet
-        config = {"n": n, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-                  "h_point": h_point, "dtype": dtype}
+        config = {
+            "n": n,
+            "steps": steps,
+            "eta": eta,
+            "seed": seed,
+            "batch_size": batch_size,
+            "h_point": h_point,
+            "dtype": dtype,
+        }
         run = RunFolder(out)
         with run.lock(f"hspace sample --out {out}", break_stale=break_lock):
             from data.directions import scheduler_name
@@ -111,8 +127,13 @@ def sample(
     except RunError as e:
         _fail(str(e))
     except OSError as e:
-        _fail(f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); free space or fix permissions, then rerun the same command")
-    console.print(f"samples: [bold]{out / 'samples.zarr'}[/] ({n} samples, {steps} steps); inspect with `hspace inspect {out}`")
+        _fail(
+            f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); "
+            "free space or fix permissions, then rerun the same command"
+        )
+    console.print(
+        f"samples: [bold]{out / 'samples.zarr'}[/] ({n} samples, {steps} steps); inspect with `hspace inspect {out}`"
+    )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -133,8 +154,10 @@ def _human(nbytes: float) -> str:
 
 
 @app.command()
-def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
-            as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
     """Show a run's config, arrays (shape, dtype, chunks, shards, bytes) and shard states."""
     import zarr
 
@@ -145,8 +168,15 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
         meta = run.read()
     except RunError as e:
         _fail(str(e))
-    report = {"run": str(run_dir), "config": meta["config"], "model": meta["model"], "stages": meta["stages"],
-              "versions": meta.get("versions", {}), "arrays": [], "lock": run.lock_holder()}
+    report = {
+        "run": str(run_dir),
+        "config": meta["config"],
+        "model": meta["model"],
+        "stages": meta["stages"],
+        "versions": meta.get("versions", {}),
+        "arrays": [],
+        "lock": run.lock_holder(),
+    }
     report["errors"] = []
     for store_path in sorted(run.root.glob("*.zarr")):
         try:
@@ -156,24 +186,36 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
             report["errors"].append(f"{store_path.name}: unreadable ({type(e).__name__}: {e})")
             continue
         for name, arr in arrays:
-            report["arrays"].append({
-                "store": store_path.name, "name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                "chunks": list(arr.chunks), "shards": list(arr.shards) if arr.shards else None,
-                "bytes_on_disk": _du(store_path / name), "bytes_raw": int(arr.nbytes),
-            })
+            report["arrays"].append(
+                {
+                    "store": store_path.name,
+                    "name": name,
+                    "shape": list(arr.shape),
+                    "dtype": str(arr.dtype),
+                    "chunks": list(arr.chunks),
+                    "shards": list(arr.shards) if arr.shards else None,
+                    "bytes_on_disk": _du(store_path / name),
+                    "bytes_raw": int(arr.nbytes),
+                }
+            )
     if run.samples.exists():
         try:
             store = SampleStore(run.samples)
             pending = store.pending_shards()
-            report["shards"] = {"total": store.layout.n_shards, "done": store.layout.n_shards - len(pending),
-                                "pending": pending}
+            report["shards"] = {
+                "total": store.layout.n_shards,
+                "done": store.layout.n_shards - len(pending),
+                "pending": pending,
+            }
         except RunError as e:
             report["shards"] = {"error": str(e)}
     if as_json:
         console.print_json(json.dumps(report))
         return
-    console.print(f"[bold]run[/] {run_dir}   model [bold]{meta['model'].get('id')}[/] "
-                  f"(sha256 {meta['model'].get('fingerprint', '')[:12]}, revision {meta['model'].get('revision')})")
+    console.print(
+        f"[bold]run[/] {run_dir}   model [bold]{meta['model'].get('id')}[/] "
+        f"(sha256 {meta['model'].get('fingerprint', '')[:12]}, revision {meta['model'].get('revision')})"
+    )
     console.print("config: " + ", ".join(f"{k}={v}" for k, v in meta["config"].items()))
     if report["lock"]:
         console.print(f"[yellow]locked[/] by pid {report['lock'].get('pid')} since {report['lock'].get('started')}")
@@ -181,8 +223,16 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
     for col in ("store", "array", "shape", "dtype", "chunks", "shards", "on disk", "raw"):
         table.add_column(col)
     for a in report["arrays"]:
-        table.add_row(a["store"], a["name"], str(tuple(a["shape"])), a["dtype"], str(tuple(a["chunks"])),
-                      str(tuple(a["shards"])) if a["shards"] else "-", _human(a["bytes_on_disk"]), _human(a["bytes_raw"]))
+        table.add_row(
+            a["store"],
+            a["name"],
+            str(tuple(a["shape"])),
+            a["dtype"],
+            str(tuple(a["chunks"])),
+            str(tuple(a["shards"])) if a["shards"] else "-",
+            _human(a["bytes_on_disk"]),
+            _human(a["bytes_raw"]),
+        )
     console.print(table)
     for problem in report["errors"]:
         console.print(f"[red]{problem}[/]")
@@ -192,8 +242,10 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
             console.print(f"[red]samples.zarr: {s['error']}[/]")
         else:
             pend = s["pending"]
-            console.print(f"shards: {s['done']}/{s['total']} done"
-                          + (f", pending: {pend[:20]}{' ...' if len(pend) > 20 else ''}" if pend else ""))
+            console.print(
+                f"shards: {s['done']}/{s['total']} done"
+                + (f", pending: {pend[:20]}{' ...' if len(pend) > 20 else ''}" if pend else "")
+            )
     stages = Table(title="stages")
     for col in ("stage", "state", "details"):
         stages.add_column(col)
@@ -207,15 +259,15 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="run folder")],
 
 @app.command()
 def edit(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="run folder to take the sample from")] = None,
-    sample_index: Annotated[Optional[int], typer.Option("--sample", help="index of the sample in RUN")] = None,
-    model: Annotated[Optional[str], typer.Option(help="model, instead of RUN (with --seed)")] = None,
+    run_dir: Annotated[Path | None, typer.Argument(help="run folder to take the sample from")] = None,
+    sample_index: Annotated[int | None, typer.Option("--sample", help="index of the sample in RUN")] = None,
+    model: Annotated[str | None, typer.Option(help="model, instead of RUN (with --seed)")] = None,
     seed: Annotated[int, typer.Option(help="with --model: run seed (sample 0 of that seed)")] = 0,
     steps: Annotated[int, typer.Option(help="with --model: DDIM steps")] = 50,
     eta: Annotated[float, typer.Option(help="with --model: DDIM eta")] = 0.0,
     direction: Annotated[list[str], typer.Option(help="FILE or FILE:gamma; repeat for several")] = [],  # noqa: B006
     scales: Annotated[str, typer.Option(help="comma-separated gammas (columns)")] = "-2,-1,0,1,2",
-    window: Annotated[Optional[str], typer.Option(help="S0:S1, steps where the edit is applied")] = None,
+    window: Annotated[str | None, typer.Option(help="S0:S1, steps where the edit is applied")] = None,
     asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
@@ -257,12 +309,23 @@ def edit(
         from hcore.hspace import h_shape
 
         specs = [edit_tasks.parse_direction(d) for d in direction]
-        vectors = edit_tasks.load_directions(specs, model_fingerprint=ref.fingerprint, steps=spec.steps,
-                                             h_shape=h_shape(unet), h_point=spec.h_point, scheduler=scheduler)
+        vectors = edit_tasks.load_directions(
+            specs,
+            model_fingerprint=ref.fingerprint,
+            steps=spec.steps,
+            h_shape=h_shape(unet),
+            h_point=spec.h_point,
+            scheduler=scheduler,
+        )
         cells, rows, cols = edit_tasks.plan_grid(specs, scale_values)
-        images = edit_tasks.render_edits(unet, scheduler, spec, vectors, cells,
-                                         window=edit_tasks.parse_window(window, spec.steps), asyrp=asyrp)
-        title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "") + (f", window {window}" if window else "")
+        images = edit_tasks.render_edits(
+            unet, scheduler, spec, vectors, cells, window=edit_tasks.parse_window(window, spec.steps), asyrp=asyrp
+        )
+        title = (
+            f"sample {spec.index} (seed {spec.run_seed})"
+            + (", Asyrp" if asyrp else "")
+            + (f", window {window}" if window else "")
+        )
         save_grid(out, grid_image(images, rows, cols, title=title))
     except RunError as e:
         _fail(str(e))
@@ -312,8 +375,10 @@ def pca(
     method: Annotated[str, typer.Option(help="auto | ipca | randomized (see docs: auto picks by data size)")] = "auto",
     batch_size: Annotated[int, typer.Option(help="rows read per chunk (and IncrementalPCA batch)")] = 256,
     workers: Annotated[int, typer.Option(help="local Dask workers (one timestep per task)")] = 1,
-    dask_address: Annotated[Optional[str], typer.Option(help="tcp://host:port of an existing Dask scheduler")] = None,
-    reference_step: Annotated[Optional[int], typer.Option(help="step whose components fix the signs (default T//2)")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="tcp://host:port of an existing Dask scheduler")] = None,
+    reference_step: Annotated[
+        int | None, typer.Option(help="step whose components fix the signs (default T//2)")
+    ] = None,
     complete_shards_only: Annotated[bool, typer.Option(help="use only complete shards of an unfinished run")] = False,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
@@ -329,25 +394,46 @@ def pca(
             from flows.pca import pca_flow
 
             with run.stage("pca"):
-                result = pca_flow(str(run_dir), components, method, batch_size, workers, dask_address,
-                                  reference_step, complete_shards_only)
-            run.set_stage("pca", state="done", method=result["method"], k=components, n=result["n"],
-                          wall_seconds=round(result["wall_seconds"], 2))
+                result = pca_flow(
+                    str(run_dir),
+                    components,
+                    method,
+                    batch_size,
+                    workers,
+                    dask_address,
+                    reference_step,
+                    complete_shards_only,
+                )
+            run.set_stage(
+                "pca",
+                state="done",
+                method=result["method"],
+                k=components,
+                n=result["n"],
+                wall_seconds=round(result["wall_seconds"], 2),
+            )
     except RunError as e:
         _fail(str(e))
     ratios = ", ".join(f"{r:.3f}" for r in result["explained_variance_ratio_mean"][:5])
-    console.print(f"pca: [bold]{run_dir / 'pca.zarr'}[/] ({result['method']}, n={result['n']}, "
-                  f"{result['wall_seconds']:.1f} s); explained variance ratio of PC0-4 (mean over t): {ratios}")
-    console.print(f"directions: {run_dir / 'directions'}/pc00..pc{components - 1:02d}, random00..; "
-                  f"view with `hspace edit {run_dir} --sample 0 --direction {run_dir}/directions/pc00.safetensors --scales -3,-2,-1,0,1,2,3`")
+    console.print(
+        f"pca: [bold]{run_dir / 'pca.zarr'}[/] ({result['method']}, n={result['n']}, "
+        f"{result['wall_seconds']:.1f} s); explained variance ratio of PC0-4 (mean over t): {ratios}"
+    )
+    console.print(
+        f"directions: {run_dir / 'directions'}/pc00..pc{components - 1:02d}, random00..; "
+        f"view with `hspace edit {run_dir} --sample 0 --direction {run_dir}/directions/pc00.safetensors "
+        "--scales -3,-2,-1,0,1,2,3`"
+    )
 
 
 @app.command("name")
 def name_directions(
     run_dir: Annotated[Path, typer.Argument(help="run folder")],
-    directions: Annotated[str, typer.Option(help="comma-separated direction names in RUN/directions")] = "pc00,pc01,pc02,pc03,pc04,pc05,pc06,pc07,pc08,pc09",
+    directions: Annotated[
+        str, typer.Option(help="comma-separated direction names in RUN/directions")
+    ] = "pc00,pc01,pc02,pc03,pc04,pc05,pc06,pc07,pc08,pc09",
     annotator: Annotated[str, typer.Option(help="oracle | oracle:PATH")] = "oracle",
-    n: Annotated[Optional[int], typer.Option(help="samples edited per direction (the run's first n; default 64)")] = None,
+    n: Annotated[int | None, typer.Option(help="samples edited per direction (the run's first n; default 64)")] = None,
     gamma: Annotated[float, typer.Option(help="edit strength; each direction is applied at -gamma and +gamma")] = 2.0,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
@@ -379,8 +465,16 @@ def name_directions(
         for d in names:
             path = run.directions / f"{d}.safetensors"
             v, md = dirfile.load(path)
-            dirfile.check(path, v, md, model_fingerprint=ref.fingerprint, steps=cfg["steps"], h_shape=h_shape(unet),
-                          h_point=cfg["h_point"], scheduler=dirfile.scheduler_name(scheduler))
+            dirfile.check(
+                path,
+                v,
+                md,
+                model_fingerprint=ref.fingerprint,
+                steps=cfg["steps"],
+                h_shape=h_shape(unet),
+                h_point=cfg["h_point"],
+                scheduler=dirfile.scheduler_name(scheduler),
+            )
             vectors.append(v)
         changes = evaluate.attribute_changes(unet, scheduler, net, cfg, list(range(n)), vectors, gamma)
         import torch
@@ -407,9 +501,9 @@ def jacobian(
     sample_index: Annotated[int, typer.Option("--sample", help="sample I of the run")] = 0,
     step: Annotated[int, typer.Option(help="step S of the schedule (0 = first denoising step)")] = 0,
     k: Annotated[int, typer.Option(help="number of singular vectors")] = 8,
-    block: Annotated[Optional[int], typer.Option(help="SM Alg. 2 in blocks of b vectors (memory bound)")] = None,
-    roi: Annotated[Optional[str], typer.Option(help="x0,y0,x1,y1: region of interest in pixels")] = None,
-    mask: Annotated[Optional[Path], typer.Option(help="PNG mask (white = region of interest)")] = None,
+    block: Annotated[int | None, typer.Option(help="SM Alg. 2 in blocks of b vectors (memory bound)")] = None,
+    roi: Annotated[str | None, typer.Option(help="x0,y0,x1,y1: region of interest in pixels")] = None,
+    mask: Annotated[Path | None, typer.Option(help="PNG mask (white = region of interest)")] = None,
     tol: Annotated[float, typer.Option(help="stop when singular values and subspace change less")] = 1e-4,
     max_iters: Annotated[int, typer.Option(help="iteration cap (a warning says when it is hit)")] = 100,
     device: Annotated[str, typer.Option()] = "auto",
@@ -426,17 +520,22 @@ def jacobian(
         run.read()
         dev = resolve_device(device)
         with run.lock(f"hspace jacobian {run_dir}", break_stale=break_lock), run.stage("jacobian"):
-            result = run_jacobian(str(run_dir), sample_index, step, k, block, roi, str(mask) if mask else None, tol,
-                                  max_iters, dev)
+            result = run_jacobian(
+                str(run_dir), sample_index, step, k, block, roi, str(mask) if mask else None, tol, max_iters, dev
+            )
         run.set_stage("jacobian", state="done", last=result["group"])
     except RunError as e:
         _fail(str(e))
     values = ", ".join(f"{s:.3g}" for s in result["singular_values"])
-    console.print(f"jacobian: [bold]{run_dir / 'jacobian.zarr'}[/]/{result['group']} (t={result['t']}, "
-                  f"{result['iterations']} iterations{'' if result['converged'] else ', NOT converged'}); "
-                  f"singular values {values}")
-    console.print(f"directions: {run_dir / 'directions'}/jac_s{sample_index}_t{step}_00.. "
-                  f"(try `hspace edit {run_dir} --sample {sample_index} --direction ...`)")
+    console.print(
+        f"jacobian: [bold]{run_dir / 'jacobian.zarr'}[/]/{result['group']} (t={result['t']}, "
+        f"{result['iterations']} iterations{'' if result['converged'] else ', NOT converged'}); "
+        f"singular values {values}"
+    )
+    console.print(
+        f"directions: {run_dir / 'directions'}/jac_s{sample_index}_t{step}_00.. "
+        f"(try `hspace edit {run_dir} --sample {sample_index} --direction ...`)"
+    )
 
 
 # --------------------------------------------------------------------------- supervised
@@ -448,8 +547,8 @@ def supervised_direction(
     attribute: Annotated[str, typer.Option(help="attribute name in annotations.zarr, e.g. Smiling")],
     top: Annotated[int, typer.Option(help="k: top-k and bottom-k samples by the score")] = 32,
     latent: Annotated[str, typer.Option(help="h (h_{T:1}) or xT (initial noise)")] = "h",
-    name: Annotated[Optional[str], typer.Option(help="file name in RUN/directions (default: the attribute)")] = None,
-    first: Annotated[Optional[int], typer.Option(help="rank only samples 0..N-1 (hold the rest out)")] = None,
+    name: Annotated[str | None, typer.Option(help="file name in RUN/directions (default: the attribute)")] = None,
+    first: Annotated[int | None, typer.Option(help="rank only samples 0..N-1 (hold the rest out)")] = None,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
     """Mean-difference direction of an attribute (paper eq. (10)) into RUN/directions."""
@@ -463,7 +562,9 @@ def supervised_direction(
         run.set_stage("directions", state="done")
     except RunError as e:
         _fail(str(e))
-    console.print(f"direction: [bold]{result['path']}[/] (|v| = {result['norm']:.2f}, {top} positives, {top} negatives)")
+    console.print(
+        f"direction: [bold]{result['path']}[/] (|v| = {result['norm']:.2f}, {top} positives, {top} negatives)"
+    )
 
 
 @app.command()
@@ -471,7 +572,7 @@ def disentangle(
     run_dir: Annotated[Path, typer.Argument(help="run folder")],
     direction: Annotated[str, typer.Option(help="direction name in RUN/directions")],
     against: Annotated[str, typer.Option(help="comma-separated directions to project out (eq. (11))")],
-    name: Annotated[Optional[str], typer.Option(help="output name (default: DIRECTION_disentangled)")] = None,
+    name: Annotated[str | None, typer.Option(help="output name (default: DIRECTION_disentangled)")] = None,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
     """Disentangle a direction by projection (paper eq. (11)), over all timesteps jointly."""
@@ -481,12 +582,15 @@ def disentangle(
         run = RunFolder(run_dir)
         run.read()
         with run.lock(f"hspace disentangle {run_dir}", break_stale=break_lock), run.stage("disentangle"):
-            result = disentangle_direction(str(run_dir), direction, [a.strip() for a in against.split(",") if a.strip()],
-                                           name)
+            result = disentangle_direction(
+                str(run_dir), direction, [a.strip() for a in against.split(",") if a.strip()], name
+            )
         run.set_stage("disentangle", state="done")
     except RunError as e:
         _fail(str(e))
-    console.print(f"direction: [bold]{result['path']}[/] (cosine with the original {result['cosine_with_original']:.3f})")
+    console.print(
+        f"direction: [bold]{result['path']}[/] (cosine with the original {result['cosine_with_original']:.3f})"
+    )
 
 
 # --------------------------------------------------------------------------- train-toy
@@ -494,11 +598,15 @@ def disentangle(
 
 @app.command("train-toy")
 def train_toy(
-    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder (resumed if it exists)")] = Path("runs/toy-train/checkpoint"),
-    out: Annotated[Path, typer.Option(help="where to export the diffusers model folder")] = Path("runs/toy-train/model"),
-    steps: Annotated[Optional[int], typer.Option(help="total training steps (default: the recipe's)")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="steps between checkpoints")] = None,
-    oracle_out: Annotated[Optional[Path], typer.Option(help="also train the oracle annotator into this folder")] = None,
+    checkpoint: Annotated[Path, typer.Option(help="checkpoint folder (resumed if it exists)")] = Path(
+        "runs/toy-train/checkpoint"
+    ),
+    out: Annotated[Path, typer.Option(help="where to export the diffusers model folder")] = Path(
+        "runs/toy-train/model"
+    ),
+    steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    oracle_out: Annotated[Path | None, typer.Option(help="also train the oracle annotator into this folder")] = None,
     oracle_steps: Annotated[int, typer.Option(help="oracle training steps")] = 1200,
 ) -> None:
     """Train the toy-faces DDPM (a Prefect flow; kill it any time and rerun to resume)."""
@@ -514,13 +622,16 @@ def train_toy(
     try:
         from flows.train_toy import train_toy_flow
 
-        result = train_toy_flow(str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None,
-                                oracle_steps)
+        result = train_toy_flow(
+            str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None, oracle_steps
+        )
     except (RunError, ValueError) as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot write the checkpoint or model: {e}")
-    console.print(f"toy model at step {result['step']}: [bold]{out}[/]" + (f"; oracle: {result['oracle']}" if oracle_out else ""))
+    console.print(
+        f"toy model at step {result['step']}: [bold]{out}[/]" + (f"; oracle: {result['oracle']}" if oracle_out else "")
+    )
 
 
 def main() -> None:  # console-script entry point

@@ -8,8 +8,15 @@ from tasks.pca import pca_task
 
 
 @flow(name="hspace-pca")
-def pca_flow(run_dir: str, k: int = 10, method: str = "auto", batch_size: int = 256, workers: int = 1,
-             dask_address: str | None = None, reference_step: int | None = None, complete_only: bool = False,
-             show_progress: bool = True) -> dict:
-    return pca_task(run_dir, k, method, batch_size, workers, dask_address, reference_step, complete_only,
-                    show_progress)
+def pca_flow(
+    run_dir: str,
+    k: int = 10,
+    method: str = "auto",
+    batch_size: int = 256,
+    workers: int = 1,
+    dask_address: str | None = None,
+    reference_step: int | None = None,
+    complete_only: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    return pca_task(run_dir, k, method, batch_size, workers, dask_address, reference_step, complete_only, show_progress)

@@ -9,8 +9,9 @@ from tasks.train_toy import export_toy, train_oracle, train_toy
 
 
 @flow(name="hspace-train-toy")
-def train_toy_flow(checkpoint: str, out: str, recipe: dict, oracle_out: str | None = None,
-                   oracle_steps: int = 1200) -> dict:
+def train_toy_flow(
+    checkpoint: str, out: str, recipe: dict, oracle_out: str | None = None, oracle_steps: int = 1200
+) -> dict:
     step = train_toy(checkpoint, recipe)
     export_toy(checkpoint, out, wait_for=[step])
     metrics = train_oracle(oracle_out, oracle_steps) if oracle_out else None

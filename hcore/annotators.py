@@ -40,21 +40,33 @@ class OracleNet(Annotator):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
 
         self.features = nn.Sequential(
-            block(3, w, 1), block(w, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 1),
-            block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 1), block(4 * w, 4 * w, 2),
+            block(3, w, 1),
+            block(w, w, 1),
+            block(w, 2 * w, 2),
+            block(2 * w, 2 * w, 1),
+            block(2 * w, 4 * w, 2),
+            block(4 * w, 4 * w, 1),
+            block(4 * w, 4 * w, 2),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * (size // 8) ** 2, 256), nn.SiLU(),
-                                  nn.Linear(256, len(self.names)))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * (size // 8) ** 2, 256), nn.SiLU(), nn.Linear(256, len(self.names))
+        )
 
     def config(self) -> dict:
-        return {"binary": list(self.binary), "pose": list(self.pose), "size": self.size,
-                "width": self.features[0][0].out_channels, "pose_scale": self.pose_scale}
+        return {
+            "binary": list(self.binary),
+            "pose": list(self.pose),
+            "size": self.size,
+            "width": self.features[0][0].out_channels,
+            "pose_scale": self.pose_scale,
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Raw outputs (N, A): logits for binary attributes, pose / pose_scale."""
         if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
         return self.head(self.features(images))
 
     @torch.no_grad()
@@ -75,12 +87,46 @@ class OracleNet(Annotator):
 
 
 CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
-    "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
-    "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-    "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
-    "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
-    "Wearing_Necklace", "Wearing_Necktie", "Young",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

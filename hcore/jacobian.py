@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 BatchedF = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) h -> (B, ...) output
 
 
-def eps_of_h(unet: torch.nn.Module, x_t: torch.Tensor, t: int, mask: torch.Tensor | None = None,
-             h_point: str = "output") -> BatchedF:
+def eps_of_h(
+    unet: torch.nn.Module, x_t: torch.Tensor, t: int, mask: torch.Tensor | None = None, h_point: str = "output"
+) -> BatchedF:
     """f(h) = mask * eps_theta(x_t, h) for a batch of h at one (x_t, t). x_t: (C, R, R);
     mask broadcastable to eps (1 inside the region of interest)."""
 
@@ -98,14 +99,29 @@ def _finish(f, h0, v: torch.Tensor, iterations: int, converged: bool, max_iters:
     sigma = u.norm(dim=1)
     order = torch.argsort(sigma, descending=True)
     if not converged:
-        warnings.warn(f"Jacobian subspace iteration stopped at max_iters={max_iters} before reaching the tolerance",
-                      RuntimeWarning, stacklevel=3)
-    return JacobianSVD(sigma[order], v.T[order].reshape(-1, *h0.shape), (u / sigma[:, None].clamp_min(1e-12))[order],
-                       iterations, converged)
+        warnings.warn(
+            f"Jacobian subspace iteration stopped at max_iters={max_iters} before reaching the tolerance",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return JacobianSVD(
+        sigma[order],
+        v.T[order].reshape(-1, *h0.shape),
+        (u / sigma[:, None].clamp_min(1e-12))[order],
+        iterations,
+        converged,
+    )
 
 
-def subspace_iteration(f: BatchedF, h0: torch.Tensor, k: int, tol: float = 1e-4, max_iters: int = 100,
-                       generator: torch.Generator | None = None, init: torch.Tensor | None = None) -> JacobianSVD:
+def subspace_iteration(
+    f: BatchedF,
+    h0: torch.Tensor,
+    k: int,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generator: torch.Generator | None = None,
+    init: torch.Tensor | None = None,
+) -> JacobianSVD:
     """Alg. 1: all k vectors at once. init: optional (k, C, H, W) starting vectors."""
     d = h0.numel()
     phi = torch.randn(d, k, generator=generator, dtype=h0.dtype) if init is None else init.reshape(k, -1).T
@@ -114,8 +130,15 @@ def subspace_iteration(f: BatchedF, h0: torch.Tensor, k: int, tol: float = 1e-4,
     return _finish(f, h0, phi, iters, ok, max_iters)
 
 
-def sequential_subspace_iteration(f: BatchedF, h0: torch.Tensor, k: int, block: int = 1, tol: float = 1e-4,
-                                  max_iters: int = 100, generator: torch.Generator | None = None) -> JacobianSVD:
+def sequential_subspace_iteration(
+    f: BatchedF,
+    h0: torch.Tensor,
+    k: int,
+    block: int = 1,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    generator: torch.Generator | None = None,
+) -> JacobianSVD:
     """SM Alg. 2: blocks of b vectors, each kept orthogonal to those already found, so
     memory is bounded by b (b = 1 finds them one by one)."""
     d = h0.numel()

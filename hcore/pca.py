@@ -87,12 +87,18 @@ def fit_ipca(batches: BatchSource, n_components: int, batch_size: int) -> Timest
             ipca.partial_fit(block)
     n = int(ipca.n_samples_seen_)
     total_var = float(ipca.var_.sum() * n / (n - 1))
-    return TimestepPCA(ipca.mean_.astype(np.float32), ipca.components_.astype(np.float32),
-                       ipca.explained_variance_.astype(np.float32), total_var, n)
+    return TimestepPCA(
+        ipca.mean_.astype(np.float32),
+        ipca.components_.astype(np.float32),
+        ipca.explained_variance_.astype(np.float32),
+        total_var,
+        n,
+    )
 
 
-def fit_randomized(batches: BatchSource, n_components: int, n_iter: int = 4, oversample: int = 10,
-                   seed: int = 0) -> TimestepPCA:
+def fit_randomized(
+    batches: BatchSource, n_components: int, n_iter: int = 4, oversample: int = 10, seed: int = 0
+) -> TimestepPCA:
     """Randomized subspace iteration on C = X_c^T X_c / (n - 1), streamed.
 
     Pass 0: mean and total variance. Passes 1..n_iter: Z = C Q (accumulated batch by

@@ -47,8 +47,7 @@ def ddim_scheduler(scheduler) -> DDIMScheduler:
     sched = DDIMScheduler.from_config(scheduler.config)
     if sched.config.prediction_type != "epsilon":
         raise ValueError(
-            f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples "
-            "epsilon-prediction models only"
+            f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples epsilon-prediction models only"
         )
     if sched.config.thresholding:
         raise ValueError("scheduler uses dynamic thresholding, which hspace does not support")

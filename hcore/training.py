@@ -22,9 +22,7 @@ def ddpm_loss(
     resumed run draws exactly what an uninterrupted one would have.
     """
     b = x0.shape[0]
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device
-    )
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = scheduler.add_noise(x0, noise, t)  # eq. (1)
     eps = unet(x_t, t).sample

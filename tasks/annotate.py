@@ -22,7 +22,9 @@ def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: st
     run = RunFolder(Path(run_dir))
     samples = SampleStore(run.samples)
     if not samples.complete():
-        raise RunError(f"{run.samples} has pending shards {samples.pending_shards()[:10]}; finish `hspace sample` first")
+        raise RunError(
+            f"{run.samples} has pending shards {samples.pending_shards()[:10]}; finish `hspace sample` first"
+        )
     net = load_annotator(annotator, device)
     store = AnnotationStore(run.annotations)
     key = annotator_id(annotator)
@@ -41,7 +43,9 @@ def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: st
 
 
 @task(name="annotate")
-def annotate(run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", show_progress: bool = True) -> dict:
+def annotate(
+    run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", show_progress: bool = True
+) -> dict:
     from rich.progress import Progress
 
     n = SampleStore(RunFolder(Path(run_dir)).samples).layout.n

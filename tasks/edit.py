@@ -55,7 +55,9 @@ class SampleSpec:
     h_point: str
 
 
-def plan_grid(specs: list[DirectionSpec], scales: list[float]) -> tuple[list[list[list[tuple[int, float]]]], list[str], list[str]]:
+def plan_grid(
+    specs: list[DirectionSpec], scales: list[float]
+) -> tuple[list[list[list[tuple[int, float]]]], list[str], list[str]]:
     """For every cell, the list of (direction index, gamma) to apply; plus labels."""
     fixed = [(i, s.gamma) for i, s in enumerate(specs) if s.gamma is not None]
     sweep = [i for i, s in enumerate(specs) if s.gamma is None]
@@ -71,14 +73,20 @@ def plan_grid(specs: list[DirectionSpec], scales: list[float]) -> tuple[list[lis
 
 
 def render_edits(
-    unet, scheduler, sample: SampleSpec, vectors: list[torch.Tensor],
-    cells: list[list[list[tuple[int, float]]]], window: tuple[int, int] | None = None, asyrp: bool = False,
+    unet,
+    scheduler,
+    sample: SampleSpec,
+    vectors: list[torch.Tensor],
+    cells: list[list[list[tuple[int, float]]]],
+    window: tuple[int, int] | None = None,
+    asyrp: bool = False,
 ) -> np.ndarray:
     """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
 
     A vector of shape (1, C, R, R) is an x_T direction (``--latent xT``, eq. (10) with
     q = x_T): it moves the initial noise, x_T + gamma v, instead of h."""
-    from hcore.sampler import Edit, draw_noise, make_generators, sample as run_sampler, to_uint8
+    from hcore.sampler import Edit, draw_noise, make_generators, to_uint8
+    from hcore.sampler import sample as run_sampler
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -89,22 +97,25 @@ def render_edits(
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     is_xt = [tuple(v.shape) == (1, *image_shape) for v in vectors]
     h_idx = [i for i, x in enumerate(is_xt) if not x]
-    edit = Edit(directions=[vectors[i] for i in h_idx], gammas=[gammas[i] for i in h_idx], window=window,
-                asyrp=asyrp) if h_idx else None
+    edit = (
+        Edit(directions=[vectors[i] for i in h_idx], gammas=[gammas[i] for i in h_idx], window=window, asyrp=asyrp)
+        if h_idx
+        else None
+    )
     x_T = None
     if any(is_xt):
         x_T = draw_noise(make_generators(sample.run_seed, [sample.index] * len(flat)), image_shape)
         for i in (i for i, x in enumerate(is_xt) if x):
             x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
-    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point,
-                     x_T=x_T)
+    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point, x_T=x_T)
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
 
 
-def load_directions(specs: list[DirectionSpec], *, model_fingerprint: str, steps: int, h_shape, h_point: str,
-                    scheduler) -> list[torch.Tensor]:
+def load_directions(
+    specs: list[DirectionSpec], *, model_fingerprint: str, steps: int, h_shape, h_point: str, scheduler
+) -> list[torch.Tensor]:
     vectors = []
     for spec in specs:
         v, meta = dirfile.load(spec.path)
@@ -112,8 +123,16 @@ def load_directions(specs: list[DirectionSpec], *, model_fingerprint: str, steps
             if meta.get("model") != model_fingerprint:
                 raise RunError(f"direction {spec.path} was made for another model; use one from this model")
         else:
-            dirfile.check(spec.path, v, meta, model_fingerprint=model_fingerprint, steps=steps,
-                          h_shape=tuple(h_shape), h_point=h_point, scheduler=dirfile.scheduler_name(scheduler))
+            dirfile.check(
+                spec.path,
+                v,
+                meta,
+                model_fingerprint=model_fingerprint,
+                steps=steps,
+                h_shape=tuple(h_shape),
+                h_point=h_point,
+                scheduler=dirfile.scheduler_name(scheduler),
+            )
         vectors.append(v)
     return vectors
 

@@ -15,8 +15,16 @@ from data import directions as dirfile
 from data.catalog import RunFolder
 
 
-def attribute_changes(unet, scheduler, annotator, sample_cfg: dict, indices: list[int], vectors: list[torch.Tensor],
-                      gamma: float, batch_size: int = 64) -> np.ndarray:
+def attribute_changes(
+    unet,
+    scheduler,
+    annotator,
+    sample_cfg: dict,
+    indices: list[int],
+    vectors: list[torch.Tensor],
+    gamma: float,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Mean over samples of score(+gamma) - score(-gamma), halved: (len(vectors), A).
 
     Every edited sample replays its own x_T and z_{T:1} (same generator), so the only
@@ -29,16 +37,24 @@ def attribute_changes(unet, scheduler, annotator, sample_cfg: dict, indices: lis
             part = indices[start : start + batch_size]
             signs = torch.tensor([gamma] * len(part) + [-gamma] * len(part))
             gens = make_generators(sample_cfg["seed"], list(part) + list(part))
-            x0 = sample(unet, scheduler, gens, sample_cfg["steps"], sample_cfg["eta"],
-                        edit=Edit([v], [signs]), h_point=sample_cfg["h_point"])
+            x0 = sample(
+                unet,
+                scheduler,
+                gens,
+                sample_cfg["steps"],
+                sample_cfg["eta"],
+                edit=Edit([v], [signs]),
+                h_point=sample_cfg["h_point"],
+            )
             scores = annotator.score(x0).numpy()
             plus, minus = scores[: len(part)], scores[len(part) :]
             out[j] += ((plus - minus) / 2).sum(0)
     return out / len(indices)
 
 
-def name_directions(changes: np.ndarray, names: list[str], direction_names: list[str],
-                    attribute_scale: np.ndarray) -> list[dict]:
+def name_directions(
+    changes: np.ndarray, names: list[str], direction_names: list[str], attribute_scale: np.ndarray
+) -> list[dict]:
     """Name each direction after the attribute it moves most, measured in units of that
     attribute's spread (``attribute_scale``, e.g. the std of its scores over the run), so
     probabilities and degrees compare: pc02 ~ yaw."""
@@ -46,9 +62,15 @@ def name_directions(changes: np.ndarray, names: list[str], direction_names: list
     table = []
     for j, dname in enumerate(direction_names):
         best = int(np.argmax(rel[j]))
-        table.append({"direction": dname, "name": names[best], "change": float(changes[j, best]),
-                      "relative": float(rel[j, best]),
-                      "changes": {n: float(c) for n, c in zip(names, changes[j], strict=True)}})
+        table.append(
+            {
+                "direction": dname,
+                "name": names[best],
+                "change": float(changes[j, best]),
+                "relative": float(rel[j, best]),
+                "changes": {n: float(c) for n, c in zip(names, changes[j], strict=True)},
+            }
+        )
     return table
 
 

@@ -44,8 +44,18 @@ def load_mask(path: Path, size: int) -> torch.Tensor:
     return mask[None, None]
 
 
-def run_jacobian(run_dir: str, sample: int, step: int, k: int, block: int | None = None, roi: str | None = None,
-                 mask_path: str | None = None, tol: float = 1e-4, max_iters: int = 100, device: str = "cpu") -> dict:
+def run_jacobian(
+    run_dir: str,
+    sample: int,
+    step: int,
+    k: int,
+    block: int | None = None,
+    roi: str | None = None,
+    mask_path: str | None = None,
+    tol: float = 1e-4,
+    max_iters: int = 100,
+    device: str = "cpu",
+) -> dict:
     from hcore import jacobian as jac
     from hcore.hspace import HSpace
     from hcore.sampler import ddim_scheduler, make_generators
@@ -87,19 +97,39 @@ def run_jacobian(run_dir: str, sample: int, step: int, k: int, block: int | None
         result = jac.subspace_iteration(f, h0, k, tol=tol, max_iters=max_iters, generator=gen)
     else:
         result = jac.sequential_subspace_iteration(f, h0, k, block=block, tol=tol, max_iters=max_iters, generator=gen)
-    attrs = {"k": k, "block": block, "roi": roi, "mask": mask_path, "iterations": result.iterations,
-             "converged": result.converged, "tol": tol}
+    attrs = {
+        "k": k,
+        "block": block,
+        "roi": roi,
+        "mask": mask_path,
+        "iterations": result.iterations,
+        "converged": result.converged,
+        "tol": tol,
+    }
     name = JacobianStore(run.root / "jacobian.zarr").write(
-        sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs)
+        sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs
+    )
     steps = cfg["steps"]
     files = []
     for j in range(k):
         v = result.vectors[j].cpu().float()
-        md = dirfile.metadata_for_run(meta, method="jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})",
-                                      source=f"{run.root}: jacobian.zarr/{name} vector {j}",
-                                      scale_unit="unit vector at every timestep (gamma = length in h-space)")
-        path = dirfile.save(run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors",
-                            v.unsqueeze(0).expand(steps, *v.shape).contiguous(), md)
+        md = dirfile.metadata_for_run(
+            meta,
+            method="jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})",
+            source=f"{run.root}: jacobian.zarr/{name} vector {j}",
+            scale_unit="unit vector at every timestep (gamma = length in h-space)",
+        )
+        path = dirfile.save(
+            run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors",
+            v.unsqueeze(0).expand(steps, *v.shape).contiguous(),
+            md,
+        )
         files.append(str(path))
-    return {"group": name, "t": t, "singular_values": result.singular_values.tolist(),
-            "converged": result.converged, "iterations": result.iterations, "directions": files}
+    return {
+        "group": name,
+        "t": t,
+        "singular_values": result.singular_values.tolist(),
+        "converged": result.converged,
+        "iterations": result.iterations,
+        "directions": files,
+    }

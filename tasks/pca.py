@@ -35,8 +35,16 @@ def choose_method(method: str, n: int, d: int) -> str:
     return "ipca" if d <= 4096 and n <= 5000 else "randomized"
 
 
-def fit_timestep(samples_path: str, t: int, method: str, k: int, batch_size: int, seed: int,
-                 rows: list[int] | None = None, blas_threads: int = 1) -> hpca.TimestepPCA:
+def fit_timestep(
+    samples_path: str,
+    t: int,
+    method: str,
+    k: int,
+    batch_size: int,
+    seed: int,
+    rows: list[int] | None = None,
+    blas_threads: int = 1,
+) -> hpca.TimestepPCA:
     """Runs on a Dask worker: PCA of h_t. BLAS threads are set explicitly (Dask workers
     pin OMP/MKL to 1)."""
     from threadpoolctl import threadpool_limits
@@ -56,15 +64,26 @@ def dask_client(workers: int, address: str | None, timeout: float = 10.0):
         try:
             return Client(address, timeout=timeout)
         except (OSError, TimeoutError) as e:
-            raise RunError(f"cannot reach the Dask scheduler at {address} within {timeout:.0f} s ({e}); "
-                           "check the address or leave --dask-address out for a local cluster") from None
+            raise RunError(
+                f"cannot reach the Dask scheduler at {address} within {timeout:.0f} s ({e}); "
+                "check the address or leave --dask-address out for a local cluster"
+            ) from None
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
     return Client(cluster)
 
 
-def run_pca(run_dir: str, k: int, method: str = "auto", batch_size: int = 256, workers: int = 1,
-            dask_address: str | None = None, reference_step: int | None = None, complete_only: bool = False,
-            seed: int = 0, progress=None) -> dict:
+def run_pca(
+    run_dir: str,
+    k: int,
+    method: str = "auto",
+    batch_size: int = 256,
+    workers: int = 1,
+    dask_address: str | None = None,
+    reference_step: int | None = None,
+    complete_only: bool = False,
+    seed: int = 0,
+    progress=None,
+) -> dict:
     """Fit every timestep, align signs, write pca.zarr and the direction files."""
     from dask.distributed import as_completed
 
@@ -77,9 +96,11 @@ def run_pca(run_dir: str, k: int, method: str = "auto", batch_size: int = 256, w
     rows = None
     if pending:
         if not complete_only:
-            raise RunError(f"samples.zarr has {len(pending)} unfinished shards {pending[:10]}"
-                           f"{' ...' if len(pending) > 10 else ''}; finish `hspace sample` or pass "
-                           "--complete-shards-only to use the complete ones")
+            raise RunError(
+                f"samples.zarr has {len(pending)} unfinished shards {pending[:10]}"
+                f"{' ...' if len(pending) > 10 else ''}; finish `hspace sample` or pass "
+                "--complete-shards-only to use the complete ones"
+            )
         rows = [i for s in store.done_shards() for i in store.layout.shard_rows(int(s))]
     n = store.layout.n if rows is None else len(rows)
     steps, h_shape = store.layout.steps, store.layout.h_shape
@@ -89,16 +110,31 @@ def run_pca(run_dir: str, k: int, method: str = "auto", batch_size: int = 256, w
     method = choose_method(method, n, d)
     limit = min(n - 1, d) if method != "ipca" else min(n - 1, d, batch_size)
     if not (1 <= k <= limit):
-        raise RunError(f"--components {k} is not allowed with {method}: it must be between 1 and {limit} "
-                       f"(n - 1 = {n - 1}, D = {d}{f', --batch-size = {batch_size}' if method == 'ipca' else ''})")
+        raise RunError(
+            f"--components {k} is not allowed with {method}: it must be between 1 and {limit} "
+            f"(n - 1 = {n - 1}, D = {d}{f', --batch-size = {batch_size}' if method == 'ipca' else ''})"
+        )
     ref = steps // 2 if reference_step is None else reference_step
     if not (0 <= ref < steps):
         raise RunError(f"--reference-step {ref} must be in [0, {steps})")
     t0 = time.perf_counter()
     client = dask_client(workers, dask_address)
     try:
-        futures = {client.submit(fit_timestep, str(run.samples), t, method, k, batch_size, seed, rows,
-                                 pure=False, key=f"pca-{t}-{time.time_ns()}"): t for t in range(steps)}
+        futures = {
+            client.submit(
+                fit_timestep,
+                str(run.samples),
+                t,
+                method,
+                k,
+                batch_size,
+                seed,
+                rows,
+                pure=False,
+                key=f"pca-{t}-{time.time_ns()}",
+            ): t
+            for t in range(steps)
+        }
         results: dict[int, hpca.TimestepPCA] = {}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
@@ -115,45 +151,91 @@ def run_pca(run_dir: str, k: int, method: str = "auto", batch_size: int = 256, w
     ratio = np.stack([results[t].explained_variance_ratio for t in range(steps)]).astype(np.float32)
     std = np.sqrt(np.maximum(ev, 0)).astype(np.float32)
     PCAStore(run.root / "pca.zarr").write(
-        {"mean": np.stack([results[t].mean for t in range(steps)]), "components": components.astype(np.float32),
-         "explained_variance": ev, "explained_variance_ratio": ratio, "std": std, "sign_flips": flips},
-        {"method": method, "n_samples": n, "reference_step": ref, "h_shape": list(h_shape),
-         "code_version": PCA_CODE_VERSION, "wall_seconds": wall, "workers": workers},
+        {
+            "mean": np.stack([results[t].mean for t in range(steps)]),
+            "components": components.astype(np.float32),
+            "explained_variance": ev,
+            "explained_variance_ratio": ratio,
+            "std": std,
+            "sign_flips": flips,
+        },
+        {
+            "method": method,
+            "n_samples": n,
+            "reference_step": ref,
+            "h_shape": list(h_shape),
+            "code_version": PCA_CODE_VERSION,
+            "wall_seconds": wall,
+            "workers": workers,
+        },
     )
     names = write_directions(run, meta, components, std, h_shape, seed)
-    return {"method": method, "n": n, "k": k, "wall_seconds": wall, "directions": names,
-            "explained_variance_ratio_mean": ratio.mean(0).tolist()}
+    return {
+        "method": method,
+        "n": n,
+        "k": k,
+        "wall_seconds": wall,
+        "directions": names,
+        "explained_variance_ratio_mean": ratio.mean(0).tolist(),
+    }
 
 
-def write_directions(run: RunFolder, meta: dict, components: np.ndarray, std: np.ndarray,
-                     h_shape: tuple[int, int, int], seed: int) -> list[str]:
+def write_directions(
+    run: RunFolder, meta: dict, components: np.ndarray, std: np.ndarray, h_shape: tuple[int, int, int], seed: int
+) -> list[str]:
     """pcNN = concatenation over t of component j scaled by its std (gamma in sigma);
     randomNN = norm-matched random baseline of pcNN (Fig. 6)."""
     steps, k, d = components.shape
     pcs = hpca.directions_from_pca(components, std)
     randoms = hpca.random_directions(std, d, seed)
-    for stale in [*run.directions.glob("pc[0-9][0-9].safetensors"), *run.directions.glob("random[0-9][0-9].safetensors")]:
+    for stale in [
+        *run.directions.glob("pc[0-9][0-9].safetensors"),
+        *run.directions.glob("random[0-9][0-9].safetensors"),
+    ]:
         if int(stale.stem.lstrip("pcrandom")) >= k:  # from an earlier fit with more components
             stale.unlink()
     names = []
     for j in range(k):
-        for prefix, vectors, method, unit in (("pc", pcs, "pca", "std of the component at each timestep"),
-                                              ("random", randoms, "random", f"norm-matched to pc{j:02d}")):
+        for prefix, vectors, method, unit in (
+            ("pc", pcs, "pca", "std of the component at each timestep"),
+            ("random", randoms, "random", f"norm-matched to pc{j:02d}"),
+        ):
             name = f"{prefix}{j:02d}"
             md = dirfile.metadata_for_run(meta, method=method, source=f"{run.root}:pca component {j}", scale_unit=unit)
-            dirfile.save(run.directions / f"{name}.safetensors",
-                         torch.from_numpy(np.ascontiguousarray(vectors[j])).reshape(steps, *h_shape), md)
+            dirfile.save(
+                run.directions / f"{name}.safetensors",
+                torch.from_numpy(np.ascontiguousarray(vectors[j])).reshape(steps, *h_shape),
+                md,
+            )
             names.append(name)
     return names
 
 
 @task(name="pca")
-def pca_task(run_dir: str, k: int, method: str, batch_size: int, workers: int, dask_address: str | None,
-             reference_step: int | None, complete_only: bool, show_progress: bool = True) -> dict:
+def pca_task(
+    run_dir: str,
+    k: int,
+    method: str,
+    batch_size: int,
+    workers: int,
+    dask_address: str | None,
+    reference_step: int | None,
+    complete_only: bool,
+    show_progress: bool = True,
+) -> dict:
     from rich.progress import Progress
 
     steps = SampleStore(RunFolder(Path(run_dir)).samples).layout.steps
     with Progress(disable=not show_progress) as bar:
         job = bar.add_task("PCA per timestep", total=steps)
-        return run_pca(run_dir, k, method, batch_size, workers, dask_address, reference_step, complete_only,
-                       progress=lambda i: bar.advance(job, i))
+        return run_pca(
+            run_dir,
+            k,
+            method,
+            batch_size,
+            workers,
+            dask_address,
+            reference_step,
+            complete_only,
+            progress=lambda i: bar.advance(job, i),
+        )

@@ -61,8 +61,10 @@ def cached_model(path: str, fingerprint: str, device: str, dtype: str):
     ref = models.ModelRef(id=path, path=path, revision=None, fingerprint=fingerprint)
     found = models.fingerprint(models._unet_dir(Path(path)))
     if found != fingerprint:  # never mix two models' samples in one run
-        raise RunError(f"the model at {path} is not the one this run was started with (sha256 {found[:12]} != "
-                       f"{fingerprint[:12]}); restore it or start a new run")
+        raise RunError(
+            f"the model at {path} is not the one this run was started with (sha256 {found[:12]} != "
+            f"{fingerprint[:12]}); restore it or start a new run"
+        )
     return models.load(ref, device=device, dtype=getattr(torch, dtype))
 
 
@@ -84,8 +86,11 @@ def prepare_store(run: RunFolder) -> SampleStore:
     sched.set_timesteps(cfg["steps"])
     size = unet.config.sample_size
     layout = SampleLayout(
-        n=cfg["n"], steps=cfg["steps"], h_shape=h_shape(unet),  # a mid block keeps its input's shape
-        image_shape=(unet.config.out_channels, size, size), batch_size=cfg["batch_size"],
+        n=cfg["n"],
+        steps=cfg["steps"],
+        h_shape=h_shape(unet),  # a mid block keeps its input's shape
+        image_shape=(unet.config.out_channels, size, size),
+        batch_size=cfg["batch_size"],
     )
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
     return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy())
@@ -116,8 +121,9 @@ def run_shard(run_dir: str, shard: int) -> dict:
             bad.append(f"h of sample {rows[i]} at step {step} (t={t}) is NaN/Inf")
         h[:, step] = h16
 
-    x0 = sample(unet, scheduler, make_generators(cfg["seed"], rows), steps, cfg["eta"], on_step=on_step,
-                h_point=cfg["h_point"])
+    x0 = sample(
+        unet, scheduler, make_generators(cfg["seed"], rows), steps, cfg["eta"], on_step=on_step, h_point=cfg["h_point"]
+    )
     if not torch.isfinite(x0).all():
         i = int((~torch.isfinite(x0)).flatten(1).any(1).nonzero()[0])
         bad.append(f"x0 of sample {rows[i]} is NaN/Inf")
@@ -127,8 +133,7 @@ def run_shard(run_dir: str, shard: int) -> dict:
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
-@task(name="sample-shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True,
-      task_run_name="sample-shard-{shard}")
+@task(name="sample-shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="sample-shard-{shard}")
 def sample_shard(run_dir: str, shard: int, fingerprint: str) -> dict:
     """One sampling batch. ``fingerprint`` (shard_fingerprint) makes the cache key cover
     the model, the sampling config and the code version."""
@@ -139,4 +144,3 @@ def sample_shard(run_dir: str, shard: int, fingerprint: str) -> dict:
 def prepare_samples(run_dir: str) -> dict:
     store = prepare_store(RunFolder(Path(run_dir)))
     return {"n_shards": store.layout.n_shards, "pending": store.pending_shards()}
-

@@ -13,8 +13,15 @@ from data.catalog import AnnotationStore, RunError, RunFolder, SampleStore
 from hcore import supervised
 
 
-def build_direction(run_dir: str, attribute: str, top: int, latent: str = "h", name: str | None = None,
-                    batch_size: int = 64, first: int | None = None) -> dict:
+def build_direction(
+    run_dir: str,
+    attribute: str,
+    top: int,
+    latent: str = "h",
+    name: str | None = None,
+    batch_size: int = 64,
+    first: int | None = None,
+) -> dict:
     """v = mean(q+) - mean(q-) over the top/bottom ``top`` samples by ``attribute`` (eq. 10).
     latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds.
     first: rank only samples 0..first-1 (the rest stay held out for evaluation)."""
@@ -50,16 +57,20 @@ def build_direction(run_dir: str, attribute: str, top: int, latent: str = "h", n
             acc.add(q, positive)
     v = acc.direction()
     name = name or (attribute if latent == "h" else f"{attribute}_xT")
-    md = dirfile.metadata_for_run(meta, method="mean-difference (eq. 10)",
-                                  source=f"{run.root}: top/bottom {top} of {attribute} in annotations.zarr",
-                                  scale_unit="gamma = 1 moves mean(q-) to mean(q+)", attribute=attribute, top=top,
-                                  latent=latent)
+    md = dirfile.metadata_for_run(
+        meta,
+        method="mean-difference (eq. 10)",
+        source=f"{run.root}: top/bottom {top} of {attribute} in annotations.zarr",
+        scale_unit="gamma = 1 moves mean(q-) to mean(q+)",
+        attribute=attribute,
+        top=top,
+        latent=latent,
+    )
     if latent == "xT":
         md["h_point"] = "xT"
         v = v[None]  # (1, 3, R, R): one "timestep", the initial noise
     path = dirfile.save(run.directions / f"{name}.safetensors", torch.from_numpy(v), md)
-    return {"path": str(path), "positives": pos.tolist(), "negatives": neg.tolist(),
-            "norm": float(np.linalg.norm(v))}
+    return {"path": str(path), "positives": pos.tolist(), "negatives": neg.tolist(), "norm": float(np.linalg.norm(v))}
 
 
 def disentangle_direction(run_dir: str, direction: str, against: list[str], name: str | None = None) -> dict:
@@ -79,14 +90,20 @@ def disentangle_direction(run_dir: str, direction: str, against: list[str], name
         v, md = loaded[d]
         for key in ("model", "steps", "h_point", "scheduler"):
             if md.get(key) != md0.get(key):
-                raise RunError(f"direction {d!r} was made for another {key} than {direction!r}; "
-                               "disentangle only directions of one model, schedule and latent")
+                raise RunError(
+                    f"direction {d!r} was made for another {key} than {direction!r}; "
+                    "disentangle only directions of one model, schedule and latent"
+                )
         if v.shape != v0.shape:
             raise RunError(f"direction {d!r} has shape {v.shape}, {direction!r} has {v0.shape}")
     v = supervised.disentangle(v0, [loaded[d][0] for d in against])
     out_name = name or f"{direction}_disentangled"
-    md = {**md0, "method": f"disentangled (eq. 11) from {md0.get('method')}", "against": ",".join(against),
-          "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}"}
+    md = {
+        **md0,
+        "method": f"disentangled (eq. 11) from {md0.get('method')}",
+        "against": ",".join(against),
+        "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}",
+    }
     path = dirfile.save(run.directions / f"{out_name}.safetensors", torch.from_numpy(v), md)
     cos = float(np.dot(v.ravel(), v0.ravel()) / (np.linalg.norm(v) * np.linalg.norm(v0) + 1e-12))
     return {"path": str(path), "cosine_with_original": cos}

@@ -48,8 +48,15 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     while step < recipe.steps:
         x0 = toy.training_batch(recipe, step)
         loss = training.train_step(
-            unet, ema, optimizer, scheduler, x0, step, toy.step_generator(recipe, step),
-            recipe.lr, recipe.warmup,
+            unet,
+            ema,
+            optimizer,
+            scheduler,
+            x0,
+            step,
+            toy.step_generator(recipe, step),
+            recipe.lr,
+            recipe.warmup,
         )
         losses.append(loss)
         step += 1
@@ -58,7 +65,9 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
         if step % recipe.checkpoint_every == 0 or step == recipe.steps:
             toy.save_checkpoint(checkpoint, unet, ema.model, optimizer, step, recipe)
             log.info(
-                "step %d loss %.4f (%.2f s/step)", step, sum(losses) / len(losses),
+                "step %d loss %.4f (%.2f s/step)",
+                step,
+                sum(losses) / len(losses),
                 (time.time() - t0) / len(losses),
             )
     return step
@@ -108,8 +117,7 @@ def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, ge
     return x, torch.from_numpy(factors.labels())
 
 
-def train_oracle_model(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0,
-                       progress=None):
+def train_oracle_model(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0, progress=None):
     """Train the toy oracle on fresh renders (one new batch per step; no epochs)."""
     from data import toyfaces
     from data.annotators import save_oracle
@@ -144,5 +152,7 @@ def oracle_accuracy(net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED) -
     scores = torch.cat([net.score(x[i : i + 256]) for i in range(0, n, 256)])
     nb = len(net.binary)
     out = {name: float(((scores[:, i] > 0.5).float() == y[:, i]).float().mean()) for i, name in enumerate(net.binary)}
-    out.update({f"{name}_mae": float((scores[:, nb + j] - y[:, nb + j]).abs().mean()) for j, name in enumerate(net.pose)})
+    out.update(
+        {f"{name}_mae": float((scores[:, nb + j] - y[:, nb + j]).abs().mean()) for j, name in enumerate(net.pose)}
+    )
     return out

@@ -37,7 +37,8 @@ def test_hopenet_bare_legacy_state_dict(tmp_path):
     angles = loaded.score(x)
     with torch.no_grad():
         norm = ((x + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
-            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+            [0.229, 0.224, 0.225]
+        ).view(1, 3, 1, 1)
         heads = net(norm)
     for i, head in enumerate(heads):
         p = head.softmax(-1)[0]

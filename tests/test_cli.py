@@ -102,16 +102,32 @@ def write_direction(run_dir: Path, name: str, scale: float = 1.0, **overrides) -
 def test_edit_grid_png(run_dir, tmp_path):
     d1 = write_direction(run_dir, "rand1")
     out = tmp_path / "grid.png"
-    result = hspace("edit", run_dir, "--sample", "2", "--direction", d1, "--scales", "-1,0,1", "--out", out,
-                    "--device", "cpu")
+    result = hspace(
+        "edit", run_dir, "--sample", "2", "--direction", d1, "--scales", "-1,0,1", "--out", out, "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     from PIL import Image
 
     assert Image.open(out).size[0] > 3 * 96
     # sequential mode: every direction with a fixed gamma
     out2 = tmp_path / "seq.png"
-    result = hspace("edit", run_dir, "--sample", "2", "--direction", f"{d1}:1.5", "--direction", f"{d1}:-0.5",
-                    "--out", out2, "--device", "cpu", "--window", "0:3", "--asyrp")
+    result = hspace(
+        "edit",
+        run_dir,
+        "--sample",
+        "2",
+        "--direction",
+        f"{d1}:1.5",
+        "--direction",
+        f"{d1}:-0.5",
+        "--out",
+        out2,
+        "--device",
+        "cpu",
+        "--window",
+        "0:3",
+        "--asyrp",
+    )
     assert result.exit_code == 0, result.output
     assert out2.exists()
 
@@ -120,7 +136,7 @@ def test_edit_gamma_zero_column_is_the_stored_sample(run_dir, loaded_model):
     from tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
 
     unet, scheduler = loaded_model
-    spec = parse_direction(str(write_direction(run_dir, "rand2")) )
+    spec = parse_direction(str(write_direction(run_dir, "rand2")))
     v, _ = dirfile.load(spec.path)
     cells, rows, cols = plan_grid([spec], [-1.0, 0.0, 1.0])
     images = render_edits(unet, scheduler, SampleSpec(0, 2, 5, 0.0, "output"), [v], cells)
@@ -151,14 +167,19 @@ def frozen_run(run_dir):
 def test_bad_sample_inputs(frozen_run, model_dir, tmp_path):
     out = tmp_path / "new"
     assert_refused(hspace("sample", "--model", tmp_path / "nope", "--out", out), "neither 'toy'")
-    assert_refused(hspace("sample", "--model", "someone/not-cached", "--out", out), "not in the local Hugging Face cache")
+    assert_refused(
+        hspace("sample", "--model", "someone/not-cached", "--out", out), "not in the local Hugging Face cache"
+    )
     assert_refused(hspace("sample", "--model", model_dir, "--n", "0", "--out", out), "--n must be a positive")
     assert_refused(hspace("sample", "--model", model_dir, "--steps", "101", "--out", out), "exceeds the model's 100")
     assert_refused(hspace("sample", "--model", model_dir, "--eta", "-0.1", "--out", out), "--eta must be in [0, 1]")
     assert not out.exists()
     # an --out holding a run with another config is never touched
-    assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS[:3], "6", *SAMPLE_ARGS[4:], "--out", frozen_run),
-                   "different config", "steps: stored 5 != requested 6")
+    assert_refused(
+        hspace("sample", "--model", model_dir, *SAMPLE_ARGS[:3], "6", *SAMPLE_ARGS[4:], "--out", frozen_run),
+        "different config",
+        "steps: stored 5 != requested 6",
+    )
 
 
 def test_other_model_on_existing_run_refused(frozen_run, other_model_dir):
@@ -168,9 +189,15 @@ def test_other_model_on_existing_run_refused(frozen_run, other_model_dir):
 def test_model_without_mid_block(tmp_path):
     from diffusers import DDPMScheduler, UNet2DModel
 
-    UNet2DModel(sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
-                mid_block_type=None).save_pretrained(tmp_path / "m" / "unet")
+    UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        mid_block_type=None,
+    ).save_pretrained(tmp_path / "m" / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "m" / "scheduler")
     assert_refused(hspace("sample", "--model", tmp_path / "m", "--out", tmp_path / "o"), "no mid_block")
 
@@ -189,9 +216,12 @@ def test_locked_run_refused_and_stale_lock_needs_flag(frozen_run, model_dir):
     lock = frozen_run / ".lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now", "command": "x"}))
     try:
-        assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run),
-                       f"locked by pid {os.getpid()}")
-        lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"}))
+        assert_refused(
+            hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), f"locked by pid {os.getpid()}"
+        )
+        lock.write_text(
+            json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"})
+        )
         assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), "--break-lock")
         assert lock.exists()
     finally:
@@ -213,12 +243,18 @@ def test_more_bad_sample_and_edit_inputs(frozen_run, model_dir, tmp_path):
     assert not out.exists()
     d = write_direction(frozen_run, "tmpdir")
     try:
-        assert_refused(hspace("edit", frozen_run, "--sample", "0", "--direction", d, "--scales", ",",
-                              "--out", tmp_path / "g.png"), "--scales is empty")
-        assert_refused(hspace("edit", frozen_run, "--sample", "0", "--direction", f"{d}:nan",
-                              "--out", tmp_path / "g.png"), "finite")
-        assert_refused(hspace("edit", "--model", model_dir, "--eta", "-1", "--direction", d,
-                              "--out", tmp_path / "g.png"), "--eta must be in [0, 1]")
+        assert_refused(
+            hspace("edit", frozen_run, "--sample", "0", "--direction", d, "--scales", ",", "--out", tmp_path / "g.png"),
+            "--scales is empty",
+        )
+        assert_refused(
+            hspace("edit", frozen_run, "--sample", "0", "--direction", f"{d}:nan", "--out", tmp_path / "g.png"),
+            "finite",
+        )
+        assert_refused(
+            hspace("edit", "--model", model_dir, "--eta", "-1", "--direction", d, "--out", tmp_path / "g.png"),
+            "--eta must be in [0, 1]",
+        )
     finally:
         d.unlink()
     assert not (tmp_path / "g.png").exists()
@@ -232,10 +268,14 @@ def test_moved_model_is_reported(run_dir, model_dir, tmp_path):
     out = tmp_path / "run"
     assert hspace("sample", "--model", moved, *SAMPLE_ARGS, "--out", out).exit_code == 0
     shutil.rmtree(moved)
-    d = dirfile.save(out / "directions" / "x.safetensors", torch.zeros(5, 16, 8, 8),
-                     dirfile.metadata_for_run(RunFolder(out).read(), method="t", source="t", scale_unit="raw"))
-    assert_refused(hspace("edit", out, "--sample", "0", "--direction", d, "--out", tmp_path / "g.png"),
-                   "does not exist")
+    d = dirfile.save(
+        out / "directions" / "x.safetensors",
+        torch.zeros(5, 16, 8, 8),
+        dirfile.metadata_for_run(RunFolder(out).read(), method="t", source="t", scale_unit="raw"),
+    )
+    assert_refused(
+        hspace("edit", out, "--sample", "0", "--direction", d, "--out", tmp_path / "g.png"), "does not exist"
+    )
     # the same weights at a new place resume fine; the run records the new place
     shutil.copytree(model_dir, moved)
     assert hspace("sample", "--model", moved, *SAMPLE_ARGS, "--out", out).exit_code == 0
@@ -253,10 +293,13 @@ def test_directions_from_elsewhere_refused(frozen_run, tmp_path):
     d_steps = write_direction(frozen_run, "y", steps=7)
     try:
         for path, needle in ((d_model, "another model"), (d_steps, "another number of steps")):
-            assert_refused(hspace("edit", frozen_run, "--sample", "0", "--direction", path, "--out", tmp_path / "g.png"),
-                           needle)
-        assert_refused(hspace("edit", frozen_run, "--sample", "99", "--direction", d_model, "--out", tmp_path / "g.png"),
-                       "--sample must be an index")
+            assert_refused(
+                hspace("edit", frozen_run, "--sample", "0", "--direction", path, "--out", tmp_path / "g.png"), needle
+            )
+        assert_refused(
+            hspace("edit", frozen_run, "--sample", "99", "--direction", d_model, "--out", tmp_path / "g.png"),
+            "--sample must be an index",
+        )
         assert not (tmp_path / "g.png").exists()
     finally:
         d_model.unlink()
@@ -326,8 +369,9 @@ def test_other_oracle_file_gets_its_own_columns(run_dir, random_oracle, tmp_path
 def test_annotate_bad_inputs(frozen_run, tmp_path):
     assert_refused(hspace("annotate", frozen_run, "--annotator", "celebA99"), "unknown annotator")
     assert_refused(hspace("annotate", frozen_run, "--annotator", f"oracle:{tmp_path}"), "no oracle in")
-    (tmp_path / "config.json").write_text(json.dumps({"binary": ["A"], "pose": [], "size": 32, "width": 8,
-                                                      "pose_scale": 30.0}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"binary": ["A"], "pose": [], "size": 32, "width": 8, "pose_scale": 30.0})
+    )
     (tmp_path / "oracle.safetensors").write_bytes(b"garbage")
     assert_refused(hspace("annotate", frozen_run, "--annotator", f"oracle:{tmp_path}"), "cannot load the oracle")
     assert_refused(hspace("annotate", tmp_path / "nothing"), "not an hspace run")
@@ -344,8 +388,9 @@ def test_inspect_is_fast_and_never_imports_prefect_or_torch(run_dir):
         "print('prefect' in sys.modules, 'torch' in sys.modules, time.time() - t)"
     )
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[1]
+    )
     wall = time.time() - t0
     assert out.returncode == 0, out.stderr
     prefect_loaded, torch_loaded, inside = out.stdout.split()
@@ -389,15 +434,20 @@ def test_attribute_changes_against_separate_renders(run_dir, loaded_model, rando
     np.testing.assert_allclose(got[0], ref, atol=1e-5)
     assert np.abs(got[0]).max() > 1e-6  # (a random oracle on a random model barely reacts)
     np.testing.assert_array_equal(got[1], 0)  # a zero direction moves nothing
-    table = name_directions(np.array([[0.01, 0.0, 5.0], [0.3, 0.0, 1.0]]), ["Smiling", "Male", "yaw"], ["a", "b"],
-                            attribute_scale=np.array([0.4, 0.4, 10.0]))
+    table = name_directions(
+        np.array([[0.01, 0.0, 5.0], [0.3, 0.0, 1.0]]),
+        ["Smiling", "Male", "yaw"],
+        ["a", "b"],
+        attribute_scale=np.array([0.4, 0.4, 10.0]),
+    )
     assert [row["name"] for row in table] == ["yaw", "Smiling"]
 
 
 def test_name_command(run_dir, random_oracle):
     write_direction(run_dir, "pcx", scale=3.0)
-    result = hspace("name", run_dir, "--directions", "pcx", "--annotator", f"oracle:{random_oracle}", "--n", "2",
-                    "--device", "cpu")
+    result = hspace(
+        "name", run_dir, "--directions", "pcx", "--annotator", f"oracle:{random_oracle}", "--n", "2", "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert (run_dir / "eval" / "pc_names.md").exists() and "pcx ≈" in result.output
     assert_refused(hspace("name", run_dir, "--directions", "nope", "--device", "cpu"), "no direction file")
@@ -409,8 +459,22 @@ def test_jacobian_command_replays_x_t_and_writes_results(run_dir, loaded_model, 
     from data.catalog import JacobianStore
     from hcore.sampler import draw_noise
 
-    result = hspace("jacobian", run_dir, "--sample", "1", "--step", "2", "--k", "3", "--max-iters", "60",
-                    "--roi", "2,2,12,12", "--device", "cpu")
+    result = hspace(
+        "jacobian",
+        run_dir,
+        "--sample",
+        "1",
+        "--step",
+        "2",
+        "--k",
+        "3",
+        "--max-iters",
+        "60",
+        "--roi",
+        "2,2,12,12",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     arrays, attrs = JacobianStore(run_dir / "jacobian.zarr").read(1, 2)
     assert arrays["vectors"].shape == (3, 16, 8, 8) and arrays["singular_values"].shape == (3,)
@@ -429,8 +493,23 @@ def test_jacobian_command_replays_x_t_and_writes_results(run_dir, loaded_model, 
     assert v.shape == (5, 16, 8, 8) and torch.allclose(v[0], v[4])
     np.testing.assert_allclose(v[0].numpy(), arrays["vectors"][0], atol=1e-6)
     out = tmp_path / "jac.png"
-    assert hspace("edit", run_dir, "--sample", "3", "--direction", run_dir / "directions" / "jac_s1_t2_00.safetensors",
-                  "--scales", "-5,0,5", "--out", out, "--device", "cpu").exit_code == 0
+    assert (
+        hspace(
+            "edit",
+            run_dir,
+            "--sample",
+            "3",
+            "--direction",
+            run_dir / "directions" / "jac_s1_t2_00.safetensors",
+            "--scales",
+            "-5,0,5",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ).exit_code
+        == 0
+    )
 
 
 def test_jacobian_bad_inputs(frozen_run, tmp_path):
@@ -446,8 +525,8 @@ def test_jacobian_bad_inputs(frozen_run, tmp_path):
 
 
 def test_xT_direction_edit_moves_the_initial_noise(run_dir, loaded_model):
-    from tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
     from hcore.sampler import draw_noise
+    from tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
 
     unet, scheduler = loaded_model
     meta = RunFolder(run_dir).read()

@@ -67,8 +67,9 @@ def test_alg2_matches_explicit_svd(point, reference, block):
     unet, x_t, h0 = point
     f = eps_of_h(unet, x_t, 40)
     _, s, vh = reference
-    result = sequential_subspace_iteration(f, h0, K, block=block, tol=1e-7, max_iters=300,
-                                           generator=torch.Generator().manual_seed(2))
+    result = sequential_subspace_iteration(
+        f, h0, K, block=block, tol=1e-7, max_iters=300, generator=torch.Generator().manual_seed(2)
+    )
     check(result, s, vh)
 
 

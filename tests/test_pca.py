@@ -30,12 +30,15 @@ def planted_h(seed: int = 0) -> np.ndarray:
 
 def make_run(root, pending: tuple[int, ...] = ()) -> tuple[RunFolder, np.ndarray]:
     run = RunFolder(root)
-    run.init({"n": N, "steps": STEPS, "eta": 0.0, "seed": 0, "batch_size": B, "h_point": "output", "dtype": "float32"},
-             {"id": "synthetic", "path": "-", "revision": None, "fingerprint": "f" * 64, "scheduler": "linear:100"},
-             {})
+    run.init(
+        {"n": N, "steps": STEPS, "eta": 0.0, "seed": 0, "batch_size": B, "h_point": "output", "dtype": "float32"},
+        {"id": "synthetic", "path": "-", "revision": None, "fingerprint": "f" * 64, "scheduler": "linear:100"},
+        {},
+    )
     h = planted_h()
-    store = SampleStore.create(run.samples, SampleLayout(N, STEPS, H_SHAPE, (3, 8, 8), B),
-                               np.arange(N), np.arange(STEPS)[::-1])
+    store = SampleStore.create(
+        run.samples, SampleLayout(N, STEPS, H_SHAPE, (3, 8, 8), B), np.arange(N), np.arange(STEPS)[::-1]
+    )
     for k in range(N // B):
         if k not in pending:
             store.write_shard(k, h[k * B : (k + 1) * B].reshape(B, STEPS, *H_SHAPE), np.zeros((B, 3, 8, 8), np.uint8))
@@ -93,8 +96,9 @@ def test_directions_and_norm_matched_random_baseline(synthetic_run):
         pc_norms = v.flatten(1).norm(dim=1).numpy()
         np.testing.assert_allclose(pc_norms, arrays["std"][:, j], rtol=1e-5)
         np.testing.assert_allclose(r.flatten(1).norm(dim=1).numpy(), pc_norms, rtol=1e-5)
-        np.testing.assert_allclose(v.flatten(1).numpy(), arrays["components"][:, j] * arrays["std"][:, j, None],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            v.flatten(1).numpy(), arrays["components"][:, j] * arrays["std"][:, j, None], rtol=1e-5, atol=1e-6
+        )
         cos = torch.nn.functional.cosine_similarity(v.flatten(1), r.flatten(1), dim=1)
         assert cos.abs().max() < 0.6  # random, not the PC
 

@@ -63,11 +63,17 @@ def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_
     run = tmp_path / "victim"
     # one torch thread: with 2 cores shared by pytest and two Prefect servers, OpenMP's
     # spinning barriers make a 2-thread child crawl
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(Path(__file__).parents[1]),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("PREFECT_API_URL", None)  # the victim starts its own ephemeral server, as a user's would
     cmd = [*hspace_cmd(), "sample", "--model", str(model_dir), *ARGS, "--out", str(run)]
-    victim = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while done_count(run) < 3 and time.time() < deadline and victim.poll() is None:
         time.sleep(0.1)

@@ -14,8 +14,15 @@ from hcore.sampler import Edit, ddim_scheduler, ddim_step, draw_noise, make_gene
 
 def capture(unet, scheduler, indices, steps=8, eta=0.0, edit=None, seed=7):
     hs = []
-    x0 = sample(unet, scheduler, make_generators(seed, indices), steps, eta, edit=edit,
-                on_step=lambda s, t, h: hs.append(h.clone()))
+    x0 = sample(
+        unet,
+        scheduler,
+        make_generators(seed, indices),
+        steps,
+        eta,
+        edit=edit,
+        on_step=lambda s, t, h: hs.append(h.clone()),
+    )
     return x0, torch.stack(hs, 1)  # (B, T, C, H, W)
 
 
@@ -24,8 +31,9 @@ def test_eta0_matches_diffusers_ddim_pipeline(loaded_model):
     ours = sample(unet, scheduler, make_generators(3, range(4)), 10, 0.0)
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(batch_size=4, generator=make_generators(3, range(4)), eta=0.0, num_inference_steps=10,
-               output_type="np").images  # (B, H, W, C) in [0, 1]
+    ref = pipe(
+        batch_size=4, generator=make_generators(3, range(4)), eta=0.0, num_inference_steps=10, output_type="np"
+    ).images  # (B, H, W, C) in [0, 1]
     ours_np = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(ours_np, ref, atol=1e-4)
 
@@ -152,8 +160,15 @@ def test_hooks_removed_after_exception(loaded_model):
 def test_model_without_mid_block_is_refused():
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, mid_block_type=None)
+    unet = UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        mid_block_type=None,
+    )
     with pytest.raises(NoMidBlockError, match="no mid_block"):
         HSpace(unet)
 
@@ -163,9 +178,16 @@ def test_condition_unet_capture_and_inject():
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
     ).eval()
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 8)
     with torch.no_grad(), HSpace(unet) as hs:

@@ -65,8 +65,9 @@ def test_directions_command_matches_eq10(annotated_run):
     np.testing.assert_allclose(v.numpy().reshape(ref.shape), ref, atol=1e-4)
     assert md["method"].startswith("mean-difference") and md["attribute"] == "Smiling"
     # x_T variant: noise re-drawn from the stored seeds
-    result = CliRunner().invoke(app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8",
-                                      "--latent", "xT"])
+    result = CliRunner().invoke(
+        app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8", "--latent", "xT"]
+    )
     assert result.exit_code == 0, result.output
     vx, mdx = dirfile.load(run.directions / "Smiling_xT.safetensors")
     assert vx.shape == (1, 3, 8, 8) and mdx["h_point"] == "xT"
@@ -99,8 +100,7 @@ def test_supervised_bad_inputs(annotated_run):
     for args, needle in cases:
         result = runner.invoke(app, args)
         assert result.exit_code != 0 and needle in result.output.replace("\n", " "), result.output
-    assert sorted(p.name for p in run.root.rglob("*") if p.name != "run.json") == [
-        n for n in before if n != "run.json"]
+    assert sorted(p.name for p in run.root.rglob("*") if p.name != "run.json") == [n for n in before if n != "run.json"]
     unannotated = RunFolder(run.root.parent / "plain")
     from tests.test_pca import make_run
 

@@ -31,8 +31,9 @@ def synthetic_store(path: Path, n: int, steps: int, h_shape, batch: int = 256, k
     """A samples.zarr whose h_t has k_signal strong directions over isotropic noise."""
     d = int(np.prod(h_shape))
     rng = np.random.default_rng(seed)
-    store = SampleStore.create(path, SampleLayout(n, steps, tuple(h_shape), (3, 8, 8), batch), np.arange(n),
-                               np.arange(steps)[::-1])
+    store = SampleStore.create(
+        path, SampleLayout(n, steps, tuple(h_shape), (3, 8, 8), batch), np.arange(n), np.arange(steps)[::-1]
+    )
     bases = [np.linalg.qr(rng.standard_normal((d, k_signal)))[0].astype(np.float32) for _ in range(steps)]
     scales = np.linspace(10, 3, k_signal).astype(np.float32)
     for k in range(store.layout.n_shards):
@@ -47,12 +48,12 @@ def synthetic_store(path: Path, n: int, steps: int, h_shape, batch: int = 256, k
 
 def rss_of_fit(samples: Path, method: str, k: int) -> float:
     """Peak RSS (MiB) of a fresh process that imports and fits one timestep."""
+    root = str(Path(__file__).resolve().parents[2])
     code = (
-        "import resource, sys; sys.path.insert(0, %r); from tasks.pca import fit_timestep; "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "fit_timestep(%r, 0, %r, %d, 256, 0); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base / 1024)"
-    ) % (str(Path(__file__).resolve().parents[2]), str(samples), method, k)
+        f"import resource, sys; sys.path.insert(0, {root!r}); from tasks.pca import fit_timestep; "
+        f"fit_timestep({str(samples)!r}, 0, {method!r}, {k}, 256, 0); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[0])
 
@@ -74,23 +75,38 @@ def main() -> None:
         stores = {n: synthetic_store(tmp / f"toy{n}.zarr", n, 2, (64, 8, 8)) for n in (2000, 8000)}
         for method in ("randomized", "ipca"):
             rss = {n: rss_of_fit(tmp / f"toy{n}.zarr", method, args.k) for n in stores}
-            print(f"[1] peak RSS {method:<10} n=2k {rss[2000]:7.1f} MiB  n=8k {rss[8000]:7.1f} MiB  "
-                  f"ratio {rss[8000] / rss[2000]:.3f} (target <= 1.10)")
+            print(
+                f"[1] peak RSS {method:<10} n=2k {rss[2000]:7.1f} MiB  n=8k {rss[8000]:7.1f} MiB  "
+                f"ratio {rss[8000] / rss[2000]:.3f} (target <= 1.10)"
+            )
         # 2. workers
         from data.catalog import RunFolder
 
         run = RunFolder(tmp / "run")
-        run.init({"n": 8000, "steps": args.toy_timesteps, "eta": 0.0, "seed": 0, "batch_size": 256,
-                  "h_point": "output", "dtype": "float32"},
-                 {"id": "synthetic", "path": "-", "revision": None, "fingerprint": "0" * 64, "scheduler": "x"}, {})
+        run.init(
+            {
+                "n": 8000,
+                "steps": args.toy_timesteps,
+                "eta": 0.0,
+                "seed": 0,
+                "batch_size": 256,
+                "h_point": "output",
+                "dtype": "float32",
+            },
+            {"id": "synthetic", "path": "-", "revision": None, "fingerprint": "0" * 64, "scheduler": "x"},
+            {},
+        )
         synthetic_store(run.samples, 8000, args.toy_timesteps, (64, 8, 8))
         walls = {}
         for w in (1, 2):
             t0 = time.perf_counter()
             run_pca(str(run.root), args.k, method="randomized", workers=w)
             walls[w] = time.perf_counter() - t0
-        print(f"[2] stage wall (randomized, n=8k, T={args.toy_timesteps}, cluster start included): "
-              f"1 worker {walls[1]:.1f} s, 2 workers {walls[2]:.1f} s, speed-up {walls[1] / walls[2]:.2f}x (target >= 1.6)")
+        print(
+            f"[2] stage wall (randomized, n=8k, T={args.toy_timesteps}, cluster start included): "
+            f"1 worker {walls[1]:.1f} s, 2 workers {walls[2]:.1f} s, "
+            f"speed-up {walls[1] / walls[2]:.2f}x (target >= 1.6)"
+        )
         # 3. in-RAM sklearn baseline on the same data
         from sklearn.decomposition import IncrementalPCA
 
@@ -113,9 +129,11 @@ def main() -> None:
                 times[method] += time.perf_counter() - t0
             angles.append(hpca.principal_angles_deg(res["ipca"].components, res["randomized"].components).max())
         del store
-        print(f"[4] D=32768 n={args.celeba_n} T={args.celeba_timesteps}: ipca {times['ipca']:.1f} s, "
-              f"randomized {times['randomized']:.1f} s, speed-up {times['ipca'] / times['randomized']:.1f}x "
-              f"(target >= 10); max principal angle {max(angles):.3f} deg (target < 1)")
+        print(
+            f"[4] D=32768 n={args.celeba_n} T={args.celeba_timesteps}: ipca {times['ipca']:.1f} s, "
+            f"randomized {times['randomized']:.1f} s, speed-up {times['ipca'] / times['randomized']:.1f}x "
+            f"(target >= 10); max principal angle {max(angles):.3f} deg (target < 1)"
+        )
     print(f"bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

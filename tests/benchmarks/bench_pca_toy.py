@@ -43,8 +43,22 @@ def main() -> None:
     run = RunFolder(Path(args.run))
     t0 = time.perf_counter()
     if not run.exists():
-        r = runner.invoke(app, ["sample", "--model", "toy", "--n", str(args.n), "--steps", str(args.steps),
-                                "--batch-size", "64", "--out", args.run])
+        r = runner.invoke(
+            app,
+            [
+                "sample",
+                "--model",
+                "toy",
+                "--n",
+                str(args.n),
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                "64",
+                "--out",
+                args.run,
+            ],
+        )
         assert r.exit_code == 0, r.output
     print(f"sampling: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
@@ -62,8 +76,9 @@ def main() -> None:
     rnd = [f"random{j:02d}" for j in range(args.k)]
     idx = list(range(args.eval_n))
     t0 = time.perf_counter()
-    changes = evaluate.attribute_changes(unet, scheduler, oracle, meta["config"], idx,
-                                         evaluate.load_run_directions(run, pcs + rnd), args.gamma)
+    changes = evaluate.attribute_changes(
+        unet, scheduler, oracle, meta["config"], idx, evaluate.load_run_directions(run, pcs + rnd), args.gamma
+    )
     print(f"edits: {time.perf_counter() - t0:.1f} s")
     import torch
 
@@ -75,8 +90,10 @@ def main() -> None:
     print(evaluate.changes_table_md(table, names, args.gamma))
     pc_abs = np.abs(changes[: args.k]) / scale
     rnd_abs = np.abs(changes[args.k :]) / scale
-    print(f"mean |change| in attribute-std units: PCs {pc_abs.mean():.3f}, random {rnd_abs.mean():.3f}, "
-          f"ratio {pc_abs.mean() / max(rnd_abs.mean(), 1e-9):.1f}x")
+    print(
+        f"mean |change| in attribute-std units: PCs {pc_abs.mean():.3f}, random {rnd_abs.mean():.3f}, "
+        f"ratio {pc_abs.mean() / max(rnd_abs.mean(), 1e-9):.1f}x"
+    )
 
 
 if __name__ == "__main__":

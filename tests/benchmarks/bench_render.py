@@ -1,6 +1,6 @@
 """Renderer speed: 50k toy faces (target: under a minute on 2 cores).
 
-    python tests/benchmarks/bench_render.py [--n 50000]
+python tests/benchmarks/bench_render.py [--n 50000]
 """
 
 from __future__ import annotations

@@ -51,8 +51,10 @@ def main() -> None:
 
     ref = models.resolve(args.model)
     unet, scheduler = models.load(ref)
-    print(f"model {args.model}: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
-          f"n={args.n} batch={args.batch_size} steps={args.steps}, torch threads={torch.get_num_threads()}")
+    print(
+        f"model {args.model}: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, "
+        f"n={args.n} batch={args.batch_size} steps={args.steps}, torch threads={torch.get_num_threads()}"
+    )
     bare_loop(unet, scheduler, args.batch_size, args.batch_size, 2)  # warm-up
     a = bare_loop(unet, scheduler, args.n, args.batch_size, args.steps)
     c = bare_loop(unet, scheduler, args.n_batch1, 1, args.steps)
@@ -65,8 +67,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         run = RunFolder(Path(tmp) / "run")
-        config = {"n": args.n, "steps": args.steps, "eta": 0.0, "seed": 0, "batch_size": args.batch_size,
-                  "h_point": "output", "dtype": "float32"}
+        config = {
+            "n": args.n,
+            "steps": args.steps,
+            "eta": 0.0,
+            "seed": 0,
+            "batch_size": args.batch_size,
+            "h_point": "output",
+            "dtype": "float32",
+        }
         run.init(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}, package_versions())
         t0 = time.perf_counter()
         sample_flow(str(run.root), show_progress=False)
@@ -79,8 +88,10 @@ def main() -> None:
     print(f"(c) batch-1 loop           {c:8.2f} samples/s")
     print(f"b/a = {b / a:.3f}   (target >= 0.95)")
     print(f"b/c = {b / c:.2f}")
-    print(f"bytes on disk per sample: {on_disk / args.n:,.0f}   raw: {raw / args.n:,.0f}   "
-          f"compression ratio (raw/disk): {raw / on_disk:.3f}")
+    print(
+        f"bytes on disk per sample: {on_disk / args.n:,.0f}   raw: {raw / args.n:,.0f}   "
+        f"compression ratio (raw/disk): {raw / on_disk:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import numpy as np  # noqa: E402
-
 from typer.testing import CliRunner  # noqa: E402
 
 from data import directions as dirfile  # noqa: E402

@@ -49,10 +49,12 @@ def main() -> None:
     unet, scheduler = models.load(models.resolve(args.model))
     oracle = load_annotator("oracle")
     t0 = time.perf_counter()
-    x0 = torch.cat([
-        sample(unet, scheduler, make_generators(12345, range(s, min(args.n, s + args.batch_size))), args.steps)
-        for s in range(0, args.n, args.batch_size)
-    ])
+    x0 = torch.cat(
+        [
+            sample(unet, scheduler, make_generators(12345, range(s, min(args.n, s + args.batch_size))), args.steps)
+            for s in range(0, args.n, args.batch_size)
+        ]
+    )
     wall = time.perf_counter() - t0
     scores = oracle.score(x0).numpy()
     renders, factors = toyfaces.render_batch(np.arange(10_000))
@@ -66,10 +68,16 @@ def main() -> None:
         worst = max(worst, abs(model_freq - true_freq))
         print(f"{name:<12} {model_freq:7.3f} {true_freq:9.3f} {model_freq - true_freq:+7.3f}")
     confidence = np.maximum(scores[:, :nb], 1 - scores[:, :nb]).mean()
-    print(f"max |frequency diff| = {worst:.3f} (target <= 0.08); mean binary confidence = {confidence:.3f} (target >= 0.9)")
+    print(
+        f"max |frequency diff| = {worst:.3f} (target <= 0.08); "
+        f"mean binary confidence = {confidence:.3f} (target >= 0.9)"
+    )
     for j, name in enumerate(toyfaces.POSE_ATTRIBUTES):
         m, t = scores[:, nb + j], truth[:, nb + j]
-        print(f"{name:<6} model mean {m.mean():+6.2f} std {m.std():5.2f}   renderer mean {t.mean():+6.2f} std {t.std():5.2f}")
+        print(
+            f"{name:<6} model mean {m.mean():+6.2f} std {m.std():5.2f}   "
+            f"renderer mean {t.mean():+6.2f} std {t.std():5.2f}"
+        )
     if args.png:
         from PIL import Image
 
