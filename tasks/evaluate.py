@@ -93,3 +93,92 @@ def save_naming(run: RunFolder, table: list[dict], names: list[str], gamma: floa
     (out / "pc_names.json").write_text(json.dumps({"gamma": gamma, "directions": table}, indent=2))
     (out / "pc_names.md").write_text(changes_table_md(table, names, gamma))
     return out / "pc_names.md"
+
+
+# ----------------------------------------------------------------------- Table 1 leakage
+
+
+def edit_scores(
+    unet,
+    scheduler,
+    annotator,
+    sample_cfg: dict,
+    indices: list[int],
+    v: torch.Tensor | None,
+    gamma: float,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited)."""
+    from hcore.sampler import Edit, make_generators, sample
+
+    out = []
+    for start in range(0, len(indices), batch_size):
+        part = indices[start : start + batch_size]
+        edit = None if v is None else Edit([v], [gamma])
+        x0 = sample(
+            unet,
+            scheduler,
+            make_generators(sample_cfg["seed"], part),
+            sample_cfg["steps"],
+            sample_cfg["eta"],
+            edit=edit,
+            h_point=sample_cfg["h_point"],
+        )
+        out.append(annotator.score(x0).numpy())
+    return np.concatenate(out)
+
+
+def leakage_matrix(
+    unet, scheduler, annotator, sample_cfg: dict, indices: list[int], vectors: list[torch.Tensor], gamma: float
+) -> np.ndarray:
+    """Table 1: mean change of every attribute (columns) when editing with each direction
+    (rows): mean over samples of score(edited) - score(original). (len(vectors), A)."""
+    base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, gamma)
+    return np.stack(
+        [(edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, gamma) - base).mean(0) for v in vectors]
+    )
+
+
+def write_leakage(out_dir: Path, label: str, matrix: np.ndarray, rows: list[str], columns: list[str]) -> dict:
+    """leakage_<label>.csv / .md / .png; returns mean |diagonal| and mean |off-diagonal|,
+    where the diagonal pairs each direction with the column of its own attribute."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = "direction," + ",".join(columns)
+    lines = [header] + [f"{r}," + ",".join(f"{x:.6f}" for x in row) for r, row in zip(rows, matrix, strict=True)]
+    (out_dir / f"leakage_{label}.csv").write_text("\n".join(lines) + "\n")
+    md = "| direction | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    md += "".join(
+        f"| {r} | " + " | ".join(f"{x:+.3f}" for x in row) + " |\n" for r, row in zip(rows, matrix, strict=True)
+    )
+    (out_dir / f"leakage_{label}.md").write_text(md)
+    heatmap(matrix, rows, columns, f"leakage ({label})").save(out_dir / f"leakage_{label}.png")
+    diag = [abs(matrix[i, columns.index(r)]) for i, r in enumerate(rows) if r in columns]
+    off = [abs(matrix[i, j]) for i, r in enumerate(rows) for j, c in enumerate(columns) if c != r]
+    return {"mean_diagonal": float(np.mean(diag)) if diag else None, "mean_offdiagonal": float(np.mean(off))}
+
+
+def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str):
+    """A labelled diverging heatmap (blue negative, red positive), values written in cells."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cell, left, top = 64, 8 + max(int(font.getlength(r)) for r in rows), 40
+    img = Image.new("RGB", (left + cell * len(columns) + 8, top + cell * len(rows) + 8), "white")
+    d = ImageDraw.Draw(img)
+    d.text((4, 2), title, fill="black", font=font)
+    scale = max(float(np.abs(matrix).max()), 1e-9)
+    for j, c in enumerate(columns):
+        d.text((left + j * cell + 2, top - 14), c[:10], fill="black", font=font)
+    for i, r in enumerate(rows):
+        d.text((4, top + i * cell + cell // 2 - 6), r, fill="black", font=font)
+        for j in range(len(columns)):
+            a = float(matrix[i, j]) / scale
+            colour = (
+                (255, int(255 * (1 - a)), int(255 * (1 - a)))
+                if a >= 0
+                else (int(255 * (1 + a)), int(255 * (1 + a)), 255)
+            )
+            box = (left + j * cell, top + i * cell, left + (j + 1) * cell - 2, top + (i + 1) * cell - 2)
+            d.rectangle(box, fill=colour)
+            d.text((box[0] + 4, box[1] + cell // 2 - 6), f"{matrix[i, j]:+.2f}", fill="black", font=font)
+    return img

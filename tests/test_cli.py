@@ -542,3 +542,50 @@ def test_xT_direction_edit_moves_the_initial_noise(run_dir, loaded_model):
     ref = to_uint8(sample(unet, scheduler, make_generators(0, [4]), 5, 0.0, x_T=x_T)).numpy()[0]
     np.testing.assert_array_equal(images[0, 1], ref)
     path.unlink()
+
+
+def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded_model):
+    import csv
+
+    from data.annotators import load_annotator
+    from hcore.sampler import Edit
+
+    meta = RunFolder(run_dir).read()
+    for name, seed in (("Smiling", 5), ("Male", 6)):
+        v = 20 * torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+        md = dirfile.metadata_for_run(meta, method="t", source="t", scale_unit="raw", attribute=name)
+        dirfile.save(run_dir / "directions" / f"{name}.safetensors", v, md)
+    result = hspace(
+        "evaluate",
+        run_dir,
+        "--directions",
+        "Smiling,Male",
+        "--disentangled",
+        "--evaluator",
+        f"oracle:{random_oracle}",
+        "--n",
+        "3",
+        "--gamma",
+        "1.5",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    out = run_dir / "eval"
+    rows = list(csv.reader((out / "leakage_original.csv").open()))
+    assert rows[0][0] == "direction" and rows[0][1:3] == ["Smiling", "Eyeglasses"] and rows[1][0] == "Smiling"
+    table = np.array([[float(x) for x in r[1:]] for r in rows[1:]])
+    # independent reference for the first row: edited minus original, by hand
+    unet, scheduler = loaded_model
+    net = load_annotator(f"oracle:{random_oracle}")
+    v, _ = dirfile.load(run_dir / "directions" / "Smiling.safetensors")
+    gens = lambda: make_generators(0, [7, 8, 9])  # noqa: E731
+    edited = net.score(sample(unet, scheduler, gens(), 5, 0.0, edit=Edit([v], [1.5])))
+    plain = net.score(sample(unet, scheduler, gens(), 5, 0.0))
+    np.testing.assert_allclose(table[0], (edited - plain).mean(0).numpy(), atol=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    names = rows[0][1:]
+    diag = np.mean([abs(table[0, names.index("Smiling")]), abs(table[1, names.index("Male")])])
+    assert summary["original"]["mean_diagonal"] == pytest.approx(diag, abs=1e-6)
+    assert (out / "leakage_disentangled.csv").exists() and (out / "leakage_original.png").exists()
+    assert "| Smiling |" in (out / "leakage_original.md").read_text()
