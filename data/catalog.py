@@ -343,6 +343,9 @@ class SampleStore:
         rows = self.layout.shard_rows(k)
         if h.shape[0] != len(rows) or x0.shape[0] != len(rows):
             raise ValueError(f"shard {k} holds {len(rows)} samples, got h {h.shape}, x0 {x0.shape}")
+        for name, arr in (("h", self.h), ("x0", self.x0)):  # a damaged old shard must not be read back
+            key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+            (self.path / name / key).unlink(missing_ok=True)
         self.h[rows.start : rows.stop] = h
         self.x0[rows.start : rows.stop] = x0
         self.done[k] = 1
@@ -524,3 +527,88 @@ class JacobianStore:
         except (FileNotFoundError, KeyError, ValueError):
             raise RunError(f"{self.path} has no sample_{sample}/step_{step}; run `hspace jacobian` first") from None
         return {k: a[:] for k, a in group.arrays()}, dict(group.attrs)
+
+
+def verify_run(run: RunFolder, fix: bool = False) -> list[dict]:
+    """Read every chunk of a run back (crc32c checks each one) and check the markers.
+    Returns problems as {what, detail, remedy}. fix=True marks damaged sample shards as
+    pending, so that `hspace sample` recomputes exactly those."""
+    problems = []
+    try:
+        run.read()
+    except RunError as e:
+        return [{"what": "run.json", "detail": str(e), "remedy": "restore run.json or start a new run folder"}]
+    if run.samples.exists():
+        try:
+            store = SampleStore(run.samples, mode="r+" if fix else "r")
+        except RunError as e:
+            problems.append({"what": "samples.zarr", "detail": str(e), "remedy": "delete it and rerun hspace sample"})
+            store = None
+        if store is not None:
+            for k in range(store.layout.n_shards):
+                rows = store.layout.shard_rows(k)
+                if store.done[k] != 1:
+                    problems.append(
+                        {
+                            "what": f"samples shard {k}",
+                            "detail": "pending (never completed)",
+                            "remedy": "rerun the same `hspace sample` command",
+                        }
+                    )
+                    continue
+                try:
+                    h = store.h[rows.start : rows.stop]
+                    store.x0[rows.start : rows.stop]
+                    bad = "h holds NaN/Inf" if not np.isfinite(h.astype(np.float32)).all() else None
+                except Exception as e:  # crc32c mismatch, truncated shard: zarr/numcodecs raise various types
+                    bad = f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+                if bad:
+                    if fix:
+                        store.done[k] = 0
+                    problems.append(
+                        {
+                            "what": f"samples shard {k} (samples {rows.start}-{rows.stop - 1})",
+                            "detail": bad,
+                            "remedy": "marked pending: rerun `hspace sample`"
+                            if fix
+                            else "run `hspace verify RUN --fix`, then rerun `hspace sample`",
+                        }
+                    )
+    for name, remedy in (
+        ("annotations.zarr", "delete it and rerun hspace annotate"),
+        ("pca.zarr", "rerun hspace pca"),
+        ("jacobian.zarr", "rerun hspace jacobian"),
+    ):
+        path = run.root / name
+        if not path.exists():
+            continue
+        try:
+            group = zarr.open_group(path, mode="r")
+            for arr_path, arr in _walk_arrays(group):
+                arr[...]
+        except Exception as e:  # corrupted chunk or metadata
+            problems.append(
+                {"what": name, "detail": f"unreadable ({type(e).__name__}: {str(e)[:120]})", "remedy": remedy}
+            )
+    for path in sorted(run.directions.glob("*.safetensors")) if run.directions.exists() else []:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                f.get_tensor("v")
+        except Exception as e:
+            problems.append(
+                {
+                    "what": f"directions/{path.name}",
+                    "detail": f"unreadable ({str(e)[:120]})",
+                    "remedy": "re-create it with the command named in its metadata (source)",
+                }
+            )
+    return problems
+
+
+def _walk_arrays(group, prefix: str = ""):
+    for name, arr in group.arrays():
+        yield prefix + name, arr
+    for name, sub in group.groups():
+        yield from _walk_arrays(sub, prefix + name + "/")

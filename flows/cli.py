@@ -254,6 +254,37 @@ def inspect(
     console.print(stages)
 
 
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    fix: Annotated[
+        bool, typer.Option(help="mark damaged sample shards pending so `hspace sample` redoes them")
+    ] = False,
+) -> None:
+    """Read back every chunk (crc32c), marker and direction file; report damage and the remedy."""
+    from data.catalog import verify_run
+
+    run = RunFolder(run_dir)
+    if fix:
+        try:
+            with run.lock(f"hspace verify --fix {run_dir}"):
+                problems = verify_run(run, fix=True)
+        except RunError as e:
+            _fail(str(e))
+    else:
+        problems = verify_run(run)
+    if not problems:
+        console.print(f"{run_dir}: every chunk, marker and direction file reads back intact")
+        return
+    table = Table(title=f"{len(problems)} problem(s) in {run_dir}")
+    for col in ("what", "problem", "remedy"):
+        table.add_column(col)
+    for p in problems:
+        table.add_row(p["what"], p["detail"], p["remedy"])
+    console.print(table)
+    raise typer.Exit(1)
+
+
 # --------------------------------------------------------------------------- edit
 
 

@@ -589,3 +589,25 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
     assert summary["original"]["mean_diagonal"] == pytest.approx(diag, abs=1e-6)
     assert (out / "leakage_disentangled.csv").exists() and (out / "leakage_original.png").exists()
     assert "| Smiling |" in (out / "leakage_original.md").read_text()
+
+
+def test_verify_detects_flipped_bytes_and_truncation(tmp_path, model_dir):
+    out = tmp_path / "run"
+    assert hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out).exit_code == 0
+    assert hspace("verify", out).exit_code == 0
+    good = SampleStore(out / "samples.zarr").h[:]
+    shards = sorted(p for p in (out / "samples.zarr" / "h").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert len(shards) == 3
+    raw = bytearray(shards[1].read_bytes())
+    raw[100] ^= 0xFF  # flip a byte inside shard 1's first chunk
+    shards[1].write_bytes(bytes(raw))
+    shards[2].write_bytes(shards[2].read_bytes()[:50])  # truncate shard 2
+    result = hspace("verify", out)
+    assert result.exit_code == 1
+    text = result.output.replace("\n", " ")
+    assert "shard 1" in text and "shard 2" in text and "shard 0" not in text
+    assert hspace("verify", out, "--fix").exit_code == 1
+    assert SampleStore(out / "samples.zarr").pending_shards() == [1, 2]
+    assert hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out).exit_code == 0
+    assert hspace("verify", out).exit_code == 0
+    np.testing.assert_array_equal(SampleStore(out / "samples.zarr").h[:], good)
