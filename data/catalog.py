@@ -583,13 +583,21 @@ def verify_run(run: RunFolder, fix: bool = False) -> list[dict]:
         if not path.exists():
             continue
         try:
-            group = zarr.open_group(path, mode="r")
-            for arr_path, arr in _walk_arrays(group):
+            arrays = list(_walk_arrays(zarr.open_group(path, mode="r")))
+        except Exception as e:  # corrupted metadata
+            problems.append({"what": name, "detail": f"unreadable ({type(e).__name__}: {e})"[:200], "remedy": remedy})
+            continue
+        for arr_path, arr in arrays:
+            try:
                 arr[...]
-        except Exception as e:  # corrupted chunk or metadata
-            problems.append(
-                {"what": name, "detail": f"unreadable ({type(e).__name__}: {str(e)[:120]})", "remedy": remedy}
-            )
+            except Exception as e:  # crc32c mismatch, truncated chunk
+                problems.append(
+                    {
+                        "what": f"{name}/{arr_path}",
+                        "detail": f"unreadable ({type(e).__name__}: {e})"[:200],
+                        "remedy": remedy,
+                    }
+                )
     for path in sorted(run.directions.glob("*.safetensors")) if run.directions.exists() else []:
         try:
             from safetensors import safe_open
