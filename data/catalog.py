@@ -387,6 +387,8 @@ class AnnotationStore:
 
     def annotator_array(self, annotator: str, names: list[str], n: int, chunk: int):
         sub = self.group.require_group("by_annotator")
+        if annotator in sub and f"{annotator}.done" not in sub:
+            del sub[annotator]  # died between creating the two arrays: start this annotator afresh
         if annotator in sub:
             arr = sub[annotator]
             if list(arr.attrs.get("names", [])) != list(names) or arr.shape != (n, len(names)):
@@ -419,8 +421,9 @@ class AnnotationStore:
         """Concatenate every complete annotator's columns into ``scores``."""
         sub = self.group["by_annotator"]
         blocks, names, owners = [], [], []
-        for key in sorted(k for k in sub.array_keys() if not k.endswith(".done")):
-            if (sub[f"{key}.done"][:] == 1).all():
+        keys = set(sub.array_keys())
+        for key in sorted(k for k in keys if not k.endswith(".done")):
+            if f"{key}.done" in keys and (sub[f"{key}.done"][:] == 1).all():
                 blocks.append(sub[key][:])
                 names += list(sub[key].attrs["names"])
                 owners += [key] * sub[key].shape[1]
@@ -460,7 +463,7 @@ def timestep_batches(store: SampleStore, t: int, batch: int, rows: np.ndarray | 
         else:
             for start in range(0, len(rows), batch):
                 part = rows[start : start + batch]
-                x = store.h[part[0] : part[-1] + 1, t][part - part[0]]
+                x = store.h.get_orthogonal_selection((part, t))  # only these rows, never the gaps
                 yield x.reshape(x.shape[0], -1).astype(np.float32)
 
     return source
@@ -545,9 +548,35 @@ def verify_run(run: RunFolder, fix: bool = False) -> list[dict]:
             problems.append({"what": "samples.zarr", "detail": str(e), "remedy": "delete it and rerun hspace sample"})
             store = None
         if store is not None:
+            for name in ("seeds", "timesteps"):
+                try:
+                    getattr(store, name)[:]
+                except Exception as e:  # crc32c mismatch, truncated chunk
+                    problems.append(
+                        {
+                            "what": f"samples.zarr/{name}",
+                            "detail": f"unreadable ({e})"[:200],
+                            "remedy": "delete samples.zarr and rerun `hspace sample`",
+                        }
+                    )
             for k in range(store.layout.n_shards):
                 rows = store.layout.shard_rows(k)
-                if store.done[k] != 1:
+                try:
+                    marker = int(store.done[k])
+                except Exception as e:  # a damaged marker: the shard cannot be trusted
+                    if fix:
+                        store.done[k] = 0
+                    problems.append(
+                        {
+                            "what": f"samples shard {k} marker",
+                            "detail": f"unreadable ({e})"[:200],
+                            "remedy": "marked pending: rerun `hspace sample`"
+                            if fix
+                            else "run `hspace verify RUN --fix`, then rerun `hspace sample`",
+                        }
+                    )
+                    continue
+                if marker != 1:
                     problems.append(
                         {
                             "what": f"samples shard {k}",

@@ -95,6 +95,18 @@ def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
     return path, path.name  # snapshot folders are named by commit hash
 
 
+def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
+    """Load a run's model, refusing weights that are not the ones the run was made with."""
+    ref = ModelRef(**{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+    found = fingerprint(_unet_dir(Path(ref.path)))
+    if found != ref.fingerprint:
+        raise RunError(
+            f"the model at {ref.path} is not the one this run was made with (sha256 {found[:12]} != "
+            f"{ref.fingerprint[:12]}); restore it or start a new run"
+        )
+    return load(ref, device=device, dtype=dtype)
+
+
 def load(ref: ModelRef, device: str = "cpu", dtype=None):
     """Load (unet, scheduler) for a resolved model, in eval mode on ``device``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel

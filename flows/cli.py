@@ -267,6 +267,7 @@ def verify(
     run = RunFolder(run_dir)
     if fix:
         try:
+            run.read()  # never create a lock (or a folder) where there is no run
             with run.lock(f"hspace verify --fix {run_dir}"):
                 problems = verify_run(run, fix=True)
         except RunError as e:
@@ -334,9 +335,7 @@ def edit(
             spec = edit_tasks.SampleSpec(seed, 0, steps, eta, "output")
         else:
             _fail("give RUN --sample I, or --model M --seed S")
-        if models.fingerprint(models._unet_dir(Path(ref.path))) != ref.fingerprint:
-            _fail(f"the model at {ref.path} changed since this run was sampled (fingerprint differs); restore it")
-        unet, scheduler = models.load(ref, device=resolve_device(device))
+        unet, scheduler = models.load_for_run({"model": ref.to_dict()}, device=resolve_device(device))
         from hcore.hspace import h_shape
 
         specs = [edit_tasks.parse_direction(d) for d in direction]
@@ -487,7 +486,7 @@ def name_directions(
             _fail(f"no direction file for {missing} in {run.directions}; run `hspace pca` first or fix --directions")
         dev = resolve_device(device)
         ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-        unet, scheduler = models.load(ref, device=dev)
+        unet, scheduler = models.load_for_run(meta, device=dev)
         net = load_annotator(annotator, dev)
         from data import directions as dirfile
         from hcore.hspace import h_shape
@@ -632,7 +631,9 @@ def evaluate(
         bool, typer.Option(help="also each direction projected against the others (eq. 11)")
     ] = False,
     evaluator: Annotated[str, typer.Option(help="oracle | oracle:PATH | celeba40:PATH | hopenet:PATH")] = "oracle",
-    n: Annotated[int, typer.Option(help="samples edited per direction: the run's LAST n (hold them out)")] = 64,
+    n: Annotated[
+        int | None, typer.Option(help="samples edited per direction: the run's LAST n (hold them out); default 64")
+    ] = None,
     gamma: Annotated[float, typer.Option(help="edit strength")] = 1.0,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
@@ -649,8 +650,9 @@ def evaluate(
         run = RunFolder(run_dir)
         meta = run.read()
         cfg = meta["config"]
+        n = min(64, cfg["n"]) if n is None else n
         if not (0 < n <= cfg["n"]):
-            _fail(f"--n must be in [1, {cfg['n']}]")
+            _fail(f"--n must be in [1, {cfg['n']}]: the run has {cfg['n']} samples (the last n are edited)")
         if not math.isfinite(gamma):
             _fail("--gamma must be a finite number")
         names = [d.strip() for d in directions.split(",") if d.strip()]
@@ -658,7 +660,7 @@ def evaluate(
             _fail("--directions is empty")
         dev = resolve_device(device)
         ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-        unet, scheduler = models.load(ref, device=dev)
+        unet, scheduler = models.load_for_run(meta, device=dev)
         net = load_annotator(evaluator, dev)
         vectors, rows = [], []
         for d in names:

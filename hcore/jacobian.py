@@ -94,7 +94,8 @@ def _iterate(f, h0, phi, found, tol, max_iters) -> tuple[torch.Tensor, torch.Ten
 
 
 def _finish(f, h0, v: torch.Tensor, iterations: int, converged: bool, max_iters: int) -> JacobianSVD:
-    """U <- J V, singular values = |J v_i|, U orthonormalised (end of Alg. 1)."""
+    """U <- J V, singular values = |J v_i|, each column of U normalised (end of Alg. 1;
+    at convergence the columns are orthogonal, as left singular vectors are)."""
     u = jvp(f, h0, v.T.reshape(-1, *h0.shape))
     sigma = u.norm(dim=1)
     order = torch.argsort(sigma, descending=True)
@@ -147,6 +148,8 @@ def sequential_subspace_iteration(
         b = min(block, k - start)
         phi, _ = torch.linalg.qr(torch.randn(d, b, generator=generator, dtype=h0.dtype).to(h0.device))
         phi, _, iters, ok = _iterate(f, h0, phi, found, tol, max_iters)
+        if found is not None:  # keep the basis orthogonal even when a block stopped early
+            phi, _ = torch.linalg.qr(phi - found @ torch.linalg.solve(found.T @ found, found.T @ phi))
         total_iters, all_ok = total_iters + iters, all_ok and ok
         found = phi if found is None else torch.cat([found, phi], 1)
     return _finish(f, h0, found, total_iters, all_ok, max_iters)

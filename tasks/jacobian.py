@@ -70,8 +70,7 @@ def run_jacobian(
         raise RunError(f"--step {step} must be in [0, {cfg['steps']}) (0 = first denoising step)")
     if roi and mask_path:
         raise RunError("give --roi or --mask, not both")
-    ref = models.ModelRef(**{key: meta["model"][key] for key in ("id", "path", "revision", "fingerprint")})
-    unet, scheduler = models.load(ref, device=device)
+    unet, scheduler = models.load_for_run(meta, device=device, dtype=getattr(torch, cfg.get("dtype", "float32")))
     d = int(np.prod(SampleStore(run.samples).layout.h_shape))
     if not (1 <= k <= d):
         raise RunError(f"--k {k} must be between 1 and {d} (the size of h)")
@@ -110,6 +109,9 @@ def run_jacobian(
         sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs
     )
     steps = cfg["steps"]
+    for stale in run.directions.glob(f"jac_s{sample}_t{step}_[0-9][0-9].safetensors"):
+        if int(stale.stem.rsplit("_", 1)[1]) >= k:  # from an earlier call with a larger --k
+            stale.unlink()
     files = []
     for j in range(k):
         v = result.vectors[j].cpu().float()

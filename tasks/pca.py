@@ -51,10 +51,15 @@ def fit_timestep(
 
     store = SampleStore(Path(samples_path))
     source = timestep_batches(store, t, batch_size, None if rows is None else np.asarray(rows))
-    with threadpool_limits(blas_threads):
-        if method == "ipca":
-            return hpca.fit_ipca(source, k, batch_size)
-        return hpca.fit_randomized(source, k, seed=seed + t)
+    try:
+        with threadpool_limits(blas_threads):
+            if method == "ipca":
+                return hpca.fit_ipca(source, k, batch_size)
+            return hpca.fit_randomized(source, k, seed=seed + t)
+    except (ValueError, OSError) as e:
+        if isinstance(e, OSError) or "checksum" in str(e).lower():
+            raise RunError(f"reading h at step {t} failed ({e}); run `hspace verify {store.path.parent}`") from None
+        raise
 
 
 def dask_client(workers: int, address: str | None, timeout: float = 10.0):

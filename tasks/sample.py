@@ -58,14 +58,8 @@ def resolve_device(device: str) -> str:
 def cached_model(path: str, fingerprint: str, device: str, dtype: str):
     import torch
 
-    ref = models.ModelRef(id=path, path=path, revision=None, fingerprint=fingerprint)
-    found = models.fingerprint(models._unet_dir(Path(path)))
-    if found != fingerprint:  # never mix two models' samples in one run
-        raise RunError(
-            f"the model at {path} is not the one this run was started with (sha256 {found[:12]} != "
-            f"{fingerprint[:12]}); restore it or start a new run"
-        )
-    return models.load(ref, device=device, dtype=getattr(torch, dtype))
+    model = {"id": path, "path": path, "revision": None, "fingerprint": fingerprint}
+    return models.load_for_run({"model": model}, device=device, dtype=getattr(torch, dtype))  # never mixes models
 
 
 def _device(meta: dict) -> str:

@@ -44,6 +44,8 @@ def build_direction(
     except ValueError as e:
         raise RunError(f"--top {top}: {e}") from None
     store = SampleStore(run.samples)
+    if not store.complete():
+        raise RunError(f"samples.zarr has unfinished shards {store.pending_shards()[:10]}; rerun `hspace sample`")
     acc = supervised.MeanDifference()
     for positive, idx in ((True, pos), (False, neg)):
         for start in range(0, len(idx), batch_size):
@@ -56,6 +58,8 @@ def build_direction(
                 q = draw_noise(make_generators(meta["config"]["seed"], part.tolist()), store.layout.image_shape).numpy()
             acc.add(q, positive)
     v = acc.direction()
+    if not np.isfinite(v).all():
+        raise RunError("the direction holds NaN/Inf (damaged samples?); run `hspace verify RUN`")
     name = name or (attribute if latent == "h" else f"{attribute}_xT")
     md = dirfile.metadata_for_run(
         meta,

@@ -168,3 +168,15 @@ def test_pca_command_end_to_end(prefect_server, tmp_path):
     assert (run.root / "samples.zarr" / "h" / "zarr.json").read_bytes() == before
     bad = CliRunner().invoke(app, ["pca", str(run.root), "--method", "svd"])
     assert bad.exit_code != 0 and "--method must be" in bad.output
+
+
+def test_complete_shards_only_reads_no_gap_rows(tmp_path):
+    run, h = make_run(tmp_path / "gap", pending=(1,))
+    run_pca(str(run.root), 4, method="ipca", batch_size=2 * B, complete_only=True)
+    arrays, attrs = PCAStore(run.root / "pca.zarr").read()
+    keep = np.r_[0:B, 2 * B : 3 * B]
+    assert attrs["n_samples"] == 2 * B
+    for t in range(STEPS):
+        ratio, vt = exact(h[keep, t], 4)
+        assert hpca.principal_angles_deg(arrays["components"][t], vt).max() < 1.0
+        np.testing.assert_allclose(arrays["mean"][t], h[keep, t].mean(0), atol=1e-3)
