@@ -15,7 +15,10 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-torch.set_num_threads(2)
+# one intra-op thread: on a 2-core machine shared with Prefect servers and Dask workers,
+# OpenMP's spinning barriers make multi-threaded torch crawl (measured: 20 s -> 8+ min)
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tiny_unet(seed: int = 0, sample_size: int = 16):
