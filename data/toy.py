@@ -37,7 +37,7 @@ class ToyRecipe:
     warmup: int = 200
     ema_decay: float = 0.999
     seed: int = 0
-    steps: int = 8000
+    steps: int = 5000
     checkpoint_every: int = 250
 
 
