@@ -57,7 +57,7 @@ def test_sample_stores_what_the_sampler_computes(run_dir, loaded_model):
     unet, scheduler = loaded_model
     for rows in (range(0, 4), range(4, 8), range(8, 10)):  # the shards' batches (float sums depend on batch size)
         hs = []
-        x0 = sample(unet, scheduler, make_generators(0, rows), 5, 0.0, on_step=lambda s, t, h: hs.append(h))
+        x0 = sample(unet, scheduler, make_generators(0, rows), 5, 0.0, on_step=lambda s, t, h, hs=hs: hs.append(h))
         np.testing.assert_array_equal(store.h[rows.start : rows.stop], torch.stack(hs, 1).half().numpy())
         np.testing.assert_array_equal(store.x0[rows.start : rows.stop], to_uint8(x0).numpy())
     assert not np.isnan(store.h[:].astype(np.float32)).any()
