@@ -481,31 +481,10 @@ def name_directions(
         if not (0 < n <= cfg["n"]):
             _fail(f"--n must be in [1, {cfg['n']}] (samples in this run)")
         names = [d.strip() for d in directions.split(",") if d.strip()]
-        missing = [d for d in names if not (run.directions / f"{d}.safetensors").exists()]
-        if missing:
-            _fail(f"no direction file for {missing} in {run.directions}; run `hspace pca` first or fix --directions")
         dev = resolve_device(device)
-        ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
         unet, scheduler = models.load_for_run(meta, device=dev)
         net = load_annotator(annotator, dev)
-        from data import directions as dirfile
-        from hcore.hspace import h_shape
-
-        vectors = []
-        for d in names:
-            path = run.directions / f"{d}.safetensors"
-            v, md = dirfile.load(path)
-            dirfile.check(
-                path,
-                v,
-                md,
-                model_fingerprint=ref.fingerprint,
-                steps=cfg["steps"],
-                h_shape=h_shape(unet),
-                h_point=cfg["h_point"],
-                scheduler=dirfile.scheduler_name(scheduler),
-            )
-            vectors.append(v)
+        vectors = [v for v, _ in evaluate.load_run_directions(run, meta, names, unet, scheduler)]
         changes = evaluate.attribute_changes(unet, scheduler, net, cfg, list(range(n)), vectors, gamma)
         import torch
 
@@ -639,10 +618,8 @@ def evaluate(
 ) -> None:
     """Table 1: mean change of every attribute per direction, original and disentangled."""
     try:
-        from data import directions as dirfile
         from data import models
         from data.annotators import load_annotator
-        from hcore.hspace import h_shape
         from hcore.supervised import disentangle as project_out
         from tasks import evaluate as ev
         from tasks.sample import resolve_device
@@ -659,25 +636,11 @@ def evaluate(
         if not names:
             _fail("--directions is empty")
         dev = resolve_device(device)
-        ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
         unet, scheduler = models.load_for_run(meta, device=dev)
         net = load_annotator(evaluator, dev)
-        vectors, rows = [], []
-        for d in names:
-            path = run.directions / f"{d}.safetensors"
-            v, md = dirfile.load(path)
-            dirfile.check(
-                path,
-                v,
-                md,
-                model_fingerprint=ref.fingerprint,
-                steps=cfg["steps"],
-                h_shape=h_shape(unet),
-                h_point=cfg["h_point"],
-                scheduler=dirfile.scheduler_name(scheduler),
-            )
-            vectors.append(v)
-            rows.append(md.get("attribute", d))
+        loaded = ev.load_run_directions(run, meta, names, unet, scheduler)
+        vectors = [v for v, _ in loaded]
+        rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
         indices = list(range(cfg["n"] - n, cfg["n"]))
         out = run.root / "eval"
         columns = list(net.names)

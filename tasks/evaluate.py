@@ -83,8 +83,33 @@ def changes_table_md(table: list[dict], names: list[str], gamma: float) -> str:
     return f"Mean change of each attribute between γ = -{gamma:g} and +{gamma:g} (halved)\n\n" + head + rows
 
 
-def load_run_directions(run: RunFolder, direction_names: list[str]) -> list[torch.Tensor]:
-    return [dirfile.load(run.directions / f"{name}.safetensors")[0] for name in direction_names]
+def load_run_directions(
+    run: RunFolder, meta: dict, direction_names: list[str], unet, scheduler
+) -> list[tuple[torch.Tensor, dict]]:
+    """Load RUN/directions/NAME.safetensors for each name, refusing any that does not fit
+    the run's model, schedule, steps and h point: [(v, metadata)]."""
+    from data.catalog import RunError
+    from hcore.hspace import h_shape
+
+    missing = [d for d in direction_names if not (run.directions / f"{d}.safetensors").exists()]
+    if missing:
+        raise RunError(f"no direction file for {missing} in {run.directions}; create them first or fix --directions")
+    cfg, out = meta["config"], []
+    for name in direction_names:
+        path = run.directions / f"{name}.safetensors"
+        v, md = dirfile.load(path)
+        dirfile.check(
+            path,
+            v,
+            md,
+            model_fingerprint=meta["model"]["fingerprint"],
+            steps=cfg["steps"],
+            h_shape=h_shape(unet),
+            h_point=cfg["h_point"],
+            scheduler=dirfile.scheduler_name(scheduler),
+        )
+        out.append((v, md))
+    return out
 
 
 def save_naming(run: RunFolder, table: list[dict], names: list[str], gamma: float) -> Path:

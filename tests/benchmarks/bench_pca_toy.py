@@ -77,7 +77,13 @@ def main() -> None:
     idx = list(range(args.eval_n))
     t0 = time.perf_counter()
     changes = evaluate.attribute_changes(
-        unet, scheduler, oracle, meta["config"], idx, evaluate.load_run_directions(run, pcs + rnd), args.gamma
+        unet,
+        scheduler,
+        oracle,
+        meta["config"],
+        idx,
+        [v for v, _ in evaluate.load_run_directions(run, meta, pcs + rnd, unet, scheduler)],
+        args.gamma,
     )
     print(f"edits: {time.perf_counter() - t0:.1f} s")
     import torch
