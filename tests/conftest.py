@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def tiny_unet(seed: int = 0, sample_size: int = 16):
+def tiny_unet(seed: int = 0, sample_size: int = 16, **overrides):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
@@ -35,6 +35,7 @@ def tiny_unet(seed: int = 0, sample_size: int = 16):
         up_block_types=("UpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         add_attention=False,
+        **overrides,
     ).eval()
 
 

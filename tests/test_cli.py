@@ -187,17 +187,11 @@ def test_other_model_on_existing_run_refused(frozen_run, other_model_dir):
 
 
 def test_model_without_mid_block(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    UNet2DModel(
-        sample_size=16,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-        mid_block_type=None,
-    ).save_pretrained(tmp_path / "m" / "unet")
+    from tests.conftest import tiny_unet
+
+    tiny_unet(mid_block_type=None).save_pretrained(tmp_path / "m" / "unet")
     DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "m" / "scheduler")
     assert_refused(hspace("sample", "--model", tmp_path / "m", "--out", tmp_path / "o"), "no mid_block")
 

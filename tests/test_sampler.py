@@ -158,17 +158,9 @@ def test_hooks_removed_after_exception(loaded_model):
 
 
 def test_model_without_mid_block_is_refused():
-    from diffusers import UNet2DModel
+    from tests.conftest import tiny_unet
 
-    unet = UNet2DModel(
-        sample_size=16,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D",) * 2,
-        up_block_types=("UpBlock2D",) * 2,
-        mid_block_type=None,
-    )
+    unet = tiny_unet(mid_block_type=None)
     with pytest.raises(NoMidBlockError, match="no mid_block"):
         HSpace(unet)
 
