@@ -68,8 +68,7 @@ def main() -> None:
     print(f"pca: {time.perf_counter() - t0:.1f} s")
 
     meta = run.read()
-    ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-    unet, scheduler = models.load(ref)
+    unet, scheduler = models.load_for_run(meta)  # refuses weights that changed since sampling
     oracle = load_annotator("oracle")
     names = list(oracle.names)
     pcs = [f"pc{j:02d}" for j in range(args.k)]

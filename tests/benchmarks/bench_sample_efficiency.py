@@ -49,8 +49,7 @@ def main() -> None:
         assert r.exit_code == 0, r.output
     first = cfg["n"] - args.held_out
     held = list(range(first, cfg["n"]))
-    ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-    unet, scheduler = models.load(ref)
+    unet, scheduler = models.load_for_run(meta)  # refuses weights that changed since sampling
     oracle = load_annotator("oracle")
     col = list(oracle.names).index(args.attribute)
     base = oracle.score(sample(unet, scheduler, make_generators(cfg["seed"], held), cfg["steps"], 0.0))[:, col]
