@@ -47,7 +47,13 @@ def annotator_id(spec: str) -> str:
     import hashlib
 
     kind, _, path = spec.partition(":")
-    weights = (Path(path) if path else ORACLE_DIR) / "oracle.safetensors" if kind == "oracle" else Path(path)
+    if kind == "clip":
+        folder = clip_folder(path)
+        weights = next(iter(sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))), folder / "missing")
+    elif kind == "oracle":
+        weights = (Path(path) if path else ORACLE_DIR) / "oracle.safetensors"
+    else:
+        weights = Path(path)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:10] if weights.exists() else "missing"
     return f"{kind}-{digest}"
 
@@ -87,14 +93,58 @@ def _load_strict(net, state: dict, path: Path, what: str):
         ) from None
 
 
-def load_annotator(spec: str, device: str = "cpu"):
+def clip_folder(spec: str) -> Path:
+    """A CLIP model's folder: a local path, or an HF id found in the local cache (never
+    downloaded: fetch it yourself with `huggingface-cli download ID` where there is network)."""
+    from data.models import _from_hub
+
+    folder = Path(spec).expanduser()
+    if not folder.exists():
+        if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+            raise RunError(f"CLIP model {spec!r} is neither an existing folder nor a Hugging Face id (owner/name)")
+        folder, _ = _from_hub(spec, allow_download=False)
+    config = folder / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type != "clip":
+        found = f"model_type {model_type!r}" if model_type else "missing or unreadable"
+        raise RunError(
+            f"{folder} is not a CLIP model (config.json {found}); "
+            "give a folder saved by CLIPModel.save_pretrained, e.g. openai/clip-vit-base-patch32"
+        )
+    return folder
+
+
+def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
+    """CLIPModel + CLIPProcessor from ``clip_folder(spec)`` wrapped as a zero-shot annotator."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from hcore.annotators import CLIPZeroShot
+
+    folder = clip_folder(spec)
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, safetensors errors...
+        raise RunError(f"cannot load the CLIP model in {folder}: {str(e).splitlines()[0][:200]}") from None
+    return CLIPZeroShot(model.eval(), processor, prompts).to(device).eval()
+
+
+def load_annotator(spec: str, device: str = "cpu", prompts: dict | None = None):
     """'oracle', 'oracle:PATH', 'celeba40:PATH' (AnyCost attribute_predictor.pt),
-    'hopenet:PATH' or 'hopenet-legacy:PATH' (hopenet_robust_alpha1.pkl)."""
+    'hopenet:PATH' or 'hopenet-legacy:PATH' (hopenet_robust_alpha1.pkl), 'clip:PATH|HF_ID'
+    (zero-shot with ``prompts``, default the paper's pairs)."""
     from hcore.annotators import CelebA40, Hopenet
 
     kind, _, path = spec.partition(":")
     if kind == "oracle":
         return load_oracle(Path(path) if path else ORACLE_DIR, device)
+    if kind == "clip":
+        if not path:
+            raise RunError("annotator clip needs a model: --evaluator clip:PATH (or clip:openai/clip-vit-base-patch32)")
+        return load_clip(path, device, prompts)
     if kind in ("celeba40", "hopenet", "hopenet-legacy") and not path:
         raise RunError(f"annotator {kind} needs a weight file: --annotator {kind}:PATH")
     if kind == "celeba40":
@@ -108,5 +158,6 @@ def load_annotator(spec: str, device: str = "cpu"):
         _load_strict(net, state, Path(path), "Hopenet (ResNet-50 + 66-bin heads)")
         return net.to(device).eval()
     raise RunError(
-        f"unknown annotator {spec!r}; available: oracle, oracle:PATH, celeba40:PATH, hopenet:PATH, hopenet-legacy:PATH"
+        f"unknown annotator {spec!r}; available: oracle, oracle:PATH, celeba40:PATH, hopenet:PATH, "
+        "hopenet-legacy:PATH, clip:PATH"
     )

@@ -609,17 +609,30 @@ def evaluate(
     disentangled: Annotated[
         bool, typer.Option(help="also each direction projected against the others (eq. 11)")
     ] = False,
-    evaluator: Annotated[str, typer.Option(help="oracle | oracle:PATH | celeba40:PATH | hopenet:PATH")] = "oracle",
+    evaluator: Annotated[
+        str, typer.Option(help="oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
+    ] = "oracle",
     n: Annotated[
-        int | None, typer.Option(help="samples edited per direction: the run's LAST n (hold them out); default 64")
+        int | None,
+        typer.Option(help="held-out samples edited per direction (default: 1000 or all held-out ones if fewer)"),
     ] = None,
-    gamma: Annotated[float, typer.Option(help="edit strength")] = 1.0,
+    gamma: Annotated[str, typer.Option(help="edit strength: a number, or 'auto' (calibrated per direction)")] = "1.0",
+    target: Annotated[
+        float | None,
+        typer.Option(help="--gamma auto: mean change of the direction's attribute to reach (default 0.5, pose 10 deg)"),
+    ] = None,
+    calibration_n: Annotated[int, typer.Option(help="--gamma auto: samples used to calibrate")] = 16,
+    prompts: Annotated[
+        Path | None, typer.Option(help="clip: YAML/JSON mapping attribute -> [positive prompt, negative prompt]")
+    ] = None,
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Table 1: mean change of every attribute per direction, original and disentangled."""
+    summary: dict = {}
     try:
         from data import models
         from data.annotators import load_annotator
+        from hcore.calibrate import CalibrationError
         from hcore.supervised import disentangle as project_out
         from tasks import evaluate as ev
         from tasks.sample import resolve_device
@@ -627,43 +640,130 @@ def evaluate(
         run = RunFolder(run_dir)
         meta = run.read()
         cfg = meta["config"]
-        n = min(64, cfg["n"]) if n is None else n
-        if not (0 < n <= cfg["n"]):
-            _fail(f"--n must be in [1, {cfg['n']}]: the run has {cfg['n']} samples (the last n are edited)")
-        if not math.isfinite(gamma):
-            _fail("--gamma must be a finite number")
+        fixed_gamma = None if gamma == "auto" else _parse_float(gamma, "--gamma", "a number or 'auto'")
+        if target is not None and not (math.isfinite(target) and target > 0):
+            _fail("--target must be a positive number")
+        if calibration_n < 1:
+            _fail("--calibration-n must be at least 1")
         names = [d.strip() for d in directions.split(",") if d.strip()]
         if not names:
             _fail("--directions is empty")
+        prompt_pairs = _read_prompts(prompts) if prompts else None
         dev = resolve_device(device)
         unet, scheduler = models.load_for_run(meta, device=dev)
-        net = load_annotator(evaluator, dev)
+        net = load_annotator(evaluator, dev, prompts=prompt_pairs)
         loaded = ev.load_run_directions(run, meta, names, unet, scheduler)
         vectors = [v for v, _ in loaded]
         rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
-        indices = list(range(cfg["n"] - n, cfg["n"]))
-        out = run.root / "eval"
+        start = ev.held_out_start([md for _, md in loaded])
+        available = cfg["n"] - start
+        if available <= 0:
+            _fail(
+                f"no held-out samples: the directions were built from all {cfg['n']} samples; "
+                "rebuild them with `hspace directions ... --first M` to keep samples for evaluation"
+            )
+        n = min(1000, available) if n is None else n
+        if not 0 < n <= available:
+            _fail(
+                f"--n {n}: only {available} held-out samples (indices {start}..{cfg['n'] - 1}; "
+                f"the directions were built from samples 0..{start - 1}); use --n {available} or sample more"
+            )
+        indices = list(range(start, start + n))
         columns = list(net.names)
-        summary = {"gamma": gamma, "n": n, "evaluator": evaluator, "directions": names}
-        matrix = ev.leakage_matrix(unet, scheduler, net, cfg, indices, vectors, gamma)
-        summary["original"] = ev.write_leakage(out, "original", matrix, rows, columns)
+        degrees = tuple(getattr(net, "degrees", ()))
+        out = run.root / "eval"
+        summary = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
+        base = ev.edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
+        variants = [("original", vectors)]
         if disentangled:
             import torch
 
             flat = [v.numpy() for v in vectors]
             dis = [torch.from_numpy(project_out(flat[i], flat[:i] + flat[i + 1 :])) for i in range(len(flat))]
-            matrix_d = ev.leakage_matrix(unet, scheduler, net, cfg, indices, dis, gamma)
-            summary["disentangled"] = ev.write_leakage(out, "disentangled", matrix_d, rows, columns)
+            variants.append(("disentangled", dis))
+        for label, vs in variants:
+            if fixed_gamma is not None:
+                gammas = [fixed_gamma] * len(vs)
+            else:
+                gammas, calibration = [], {}
+                for d, row, v in zip(names, rows, vs, strict=True):
+                    if row not in columns:
+                        _fail(
+                            f"--gamma auto: direction {d!r} has no attribute the evaluator scores "
+                            f"({', '.join(columns)}); give a number"
+                        )
+                    j = columns.index(row)
+                    goal = target if target is not None else (10.0 if row in degrees else 0.5)
+                    cal_idx = indices[:calibration_n]
+                    try:
+                        c = ev.calibrate(unet, scheduler, net, cfg, cal_idx, v, j, goal, base[: len(cal_idx)])
+                    except CalibrationError as e:
+                        _fail(f"--gamma auto: direction {d!r} ({label}): {e}")
+                    gammas.append(c.gamma)
+                    calibration[d] = {
+                        "gamma": c.gamma,
+                        "reached": c.effect,
+                        "target": goal,
+                        "converged": c.converged,
+                        "evaluations": c.evaluations,
+                        "samples": len(cal_idx),
+                    }
+                    console.print(
+                        f"{label} {d}: gamma {c.gamma:.3f} moves {row} by {c.effect:+.3f} "
+                        f"(target {goal}, {c.evaluations} passes)"
+                    )
+                summary.setdefault("calibration", {})[label] = calibration
+            matrix = ev.leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base)
+            summary[label] = {"gamma": dict(zip(names, gammas, strict=True))}
+            summary[label].update(ev.write_leakage(out, label, matrix, rows, columns, degrees))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     except RunError as e:
         _fail(str(e))
     for label in ("original", "disentangled"):
         if label in summary:
             s = summary[label]
-            console.print(
-                f"{label}: mean |diagonal| {s['mean_diagonal']}, mean |off-diagonal| {s['mean_offdiagonal']:.4f}"
-            )
+            line = f"{label}: mean |diagonal| {_fmt(s['mean_diagonal'])}, "
+            line += f"mean |off-diagonal| {_fmt(s['mean_offdiagonal'])}"
+            if "degrees" in s:
+                d = s["degrees"]
+                line += f"; pose (deg): {_fmt(d['mean_diagonal'])}, {_fmt(d['mean_offdiagonal'])}"
+            console.print(line)
     console.print(f"tables and heatmaps: [bold]{run_dir / 'eval'}[/]")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _parse_float(text: str, option: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        _fail(f"{option} must be {expected}, got {text!r}")
+    return value
+
+
+def _read_prompts(path: Path) -> dict[str, tuple[str, str]]:
+    """attribute -> (positive, negative) from a YAML or JSON file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        _fail(f"cannot read --prompts {path}: {str(e).splitlines()[0]}")
+    ok = (
+        isinstance(data, dict)
+        and data
+        and all(
+            isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(isinstance(p, str) for p in v)
+            for k, v in data.items()
+        )
+    )
+    if not ok:
+        _fail(f"--prompts {path} must map each attribute to [positive prompt, negative prompt]")
+    return {k: (v[0], v[1]) for k, v in data.items()}
 
 
 # --------------------------------------------------------------------------- train-toy

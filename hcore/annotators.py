@@ -20,6 +20,7 @@ class Annotator(nn.Module):
     """Base class: subclasses set ``names`` and implement ``score``."""
 
     names: tuple[str, ...] = ()
+    degrees: tuple[str, ...] = ()  # the names scored in degrees (pose); the others are probabilities
 
     def score(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -33,6 +34,7 @@ class OracleNet(Annotator):
         super().__init__()
         self.binary, self.pose = tuple(binary), tuple(pose)
         self.names = self.binary + self.pose
+        self.degrees = self.pose
         self.size, self.pose_scale = size, pose_scale
         w = width
 
@@ -169,7 +171,7 @@ class Hopenet(Annotator):
     Input 224 with ImageNet normalisation; mode 'legacy' feeds [-1, 1] unnormalised, as
     the seed paper's code did."""
 
-    names = ("yaw", "pitch", "roll")
+    names = degrees = ("yaw", "pitch", "roll")
     input_size = 224
 
     def __init__(self, mode: str = "imagenet"):
@@ -200,3 +202,52 @@ class Hopenet(Annotator):
             x = ((x + 1) / 2 - self.mean) / self.std
         heads = self(x)
         return torch.stack([(h.softmax(-1) * self.bins).sum(-1) * 3 - 99 for h in heads], 1).float().cpu()
+
+
+# The paper's sec. 5 prompt pairs (positive, negative). Columns keep CelebA names and mean
+# P(attribute), so age is scored as "young vs old" (the paper's "old vs young" pair, flipped).
+CLIP_PROMPTS: dict[str, tuple[str, str]] = {
+    "Smiling": ("A smiling person", "A person"),
+    "Eyeglasses": ("A person wearing glasses", "A person"),
+    "Wearing_Hat": ("A person wearing a hat", "A person"),
+    "Male": ("A man", "A woman"),
+    "Young": ("A young person", "An old person"),
+}
+
+
+class CLIPZeroShot(Annotator):
+    """Zero-shot attribute probabilities from CLIP (paper sec. 5, Table 1 evaluation):
+    for each attribute a prompt pair (positive, negative), P(attribute) = softmax over the
+    pair of CLIP's image-text logits, logit = exp(logit_scale) * cos(image, text).
+
+    ``model`` is a transformers CLIPModel, ``processor`` its CLIPProcessor (it resizes,
+    crops and normalises as the checkpoint expects). Text embeddings are computed once."""
+
+    def __init__(self, model, processor, prompts: dict[str, tuple[str, str]] | None = None):
+        super().__init__()
+        prompts = dict(CLIP_PROMPTS if prompts is None else prompts)
+        if not prompts:
+            raise ValueError("CLIP needs at least one prompt pair")
+        self.model, self.processor, self.prompts = model, processor, prompts
+        self.names = tuple(prompts)
+        texts = [p for pair in prompts.values() for p in pair]
+        tokens = processor.tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            text = _features(model.get_text_features(**tokens))
+        self.register_buffer("text", F.normalize(text.float(), dim=-1), persistent=False)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        param = next(self.model.parameters())
+        pixels = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+        inputs = self.processor.image_processor(images=list(pixels), do_rescale=False, return_tensors="pt")
+        image = _features(
+            self.model.get_image_features(pixel_values=inputs["pixel_values"].to(param.device, param.dtype))
+        )
+        logits = self.model.logit_scale.exp().float() * F.normalize(image.float(), dim=-1) @ self.text.T
+        return logits.view(len(images), len(self.names), 2).softmax(-1)[..., 0].cpu()
+
+
+def _features(out) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output

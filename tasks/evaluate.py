@@ -93,7 +93,10 @@ def load_run_directions(
 
     missing = [d for d in direction_names if not (run.directions / f"{d}.safetensors").exists()]
     if missing:
-        raise RunError(f"no direction file for {missing} in {run.directions}; create them first or fix --directions")
+        have = sorted(p.stem for p in run.directions.glob("*.safetensors")) if run.directions.exists() else []
+        raise RunError(
+            f"no direction file for {missing} in {run.directions}; this run has: {', '.join(have) or 'none'}"
+        )
     cfg, out = meta["config"], []
     for name in direction_names:
         path = run.directions / f"{name}.safetensors"
@@ -154,19 +157,71 @@ def edit_scores(
 
 
 def leakage_matrix(
-    unet, scheduler, annotator, sample_cfg: dict, indices: list[int], vectors: list[torch.Tensor], gamma: float
+    unet,
+    scheduler,
+    annotator,
+    sample_cfg: dict,
+    indices: list[int],
+    vectors: list[torch.Tensor],
+    gamma: float | list[float],
+    base: np.ndarray | None = None,
 ) -> np.ndarray:
     """Table 1: mean change of every attribute (columns) when editing with each direction
-    (rows): mean over samples of score(edited) - score(original). (len(vectors), A)."""
-    base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, gamma)
+    (rows): mean over samples of score(edited) - score(original). (len(vectors), A).
+    gamma: one for all rows or one per row; base: the unedited scores if already known."""
+    gammas = [gamma] * len(vectors) if isinstance(gamma, int | float) else list(gamma)
+    if base is None:
+        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0)
     return np.stack(
-        [(edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, gamma) - base).mean(0) for v in vectors]
+        [
+            (edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g) - base).mean(0)
+            for v, g in zip(vectors, gammas, strict=True)
+        ]
     )
 
 
-def write_leakage(out_dir: Path, label: str, matrix: np.ndarray, rows: list[str], columns: list[str]) -> dict:
+def calibrate(
+    unet,
+    scheduler,
+    annotator,
+    sample_cfg: dict,
+    indices: list[int],
+    v: torch.Tensor,
+    column: int,
+    target: float,
+    base: np.ndarray | None = None,
+):
+    """``--gamma auto``: the gamma at which the mean change of annotator column ``column``
+    over ``indices`` reaches ``target`` (hcore.calibrate, bisection)."""
+    from hcore.calibrate import calibrate_gamma
+
+    if base is None:
+        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0)
+
+    def effect(g: float) -> float:
+        scores = edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g)
+        return float((scores[:, column] - base[:, column]).mean())
+
+    return calibrate_gamma(effect, target)
+
+
+def _means(matrix: np.ndarray, rows: list[str], columns: list[str], keep: set[str]) -> dict:
+    diag = [abs(matrix[i, columns.index(r)]) for i, r in enumerate(rows) if r in columns and r in keep]
+    off = [abs(matrix[i, j]) for i, r in enumerate(rows) for j, c in enumerate(columns) if c != r and c in keep]
+    return {
+        "mean_diagonal": float(np.mean(diag)) if diag else None,
+        "mean_offdiagonal": float(np.mean(off)) if off else None,
+    }
+
+
+def write_leakage(
+    out_dir: Path, label: str, matrix: np.ndarray, rows: list[str], columns: list[str], degrees: tuple = ()
+) -> dict:
     """leakage_<label>.csv / .md / .png; returns mean |diagonal| and mean |off-diagonal|,
-    where the diagonal pairs each direction with the column of its own attribute."""
+    where the diagonal pairs each direction with the column of its own attribute.
+
+    Probabilities and degrees do not average together: the top-level means are over the
+    probability columns, and ``degrees`` holds the same means over the pose columns."""
     out_dir.mkdir(parents=True, exist_ok=True)
     header = "direction," + ",".join(columns)
     lines = [header] + [f"{r}," + ",".join(f"{x:.6f}" for x in row) for r, row in zip(rows, matrix, strict=True)]
@@ -176,14 +231,16 @@ def write_leakage(out_dir: Path, label: str, matrix: np.ndarray, rows: list[str]
         f"| {r} | " + " | ".join(f"{x:+.3f}" for x in row) + " |\n" for r, row in zip(rows, matrix, strict=True)
     )
     (out_dir / f"leakage_{label}.md").write_text(md)
-    heatmap(matrix, rows, columns, f"leakage ({label})").save(out_dir / f"leakage_{label}.png")
-    diag = [abs(matrix[i, columns.index(r)]) for i, r in enumerate(rows) if r in columns]
-    off = [abs(matrix[i, j]) for i, r in enumerate(rows) for j, c in enumerate(columns) if c != r]
-    return {"mean_diagonal": float(np.mean(diag)) if diag else None, "mean_offdiagonal": float(np.mean(off))}
+    heatmap(matrix, rows, columns, f"leakage ({label})", degrees).save(out_dir / f"leakage_{label}.png")
+    summary = _means(matrix, rows, columns, set(columns) - set(degrees))
+    if set(degrees) & set(columns):
+        summary["degrees"] = _means(matrix, rows, columns, set(degrees))
+    return summary
 
 
-def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str):
-    """A labelled diverging heatmap (blue negative, red positive), values written in cells."""
+def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str, degrees: tuple = ()):
+    """A labelled diverging heatmap (blue negative, red positive), values written in cells;
+    the columns in ``degrees`` share one colour scale, the probability columns another."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -191,13 +248,18 @@ def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str)
     img = Image.new("RGB", (left + cell * len(columns) + 8, top + cell * len(rows) + 8), "white")
     d = ImageDraw.Draw(img)
     d.text((4, 2), title, fill="black", font=font)
-    scale = max(float(np.abs(matrix).max()), 1e-9)
+    # colour scale per unit: degrees would otherwise wash out the probabilities
+    deg = np.array([c in degrees for c in columns])
+    scales = np.ones(len(columns))
+    for group in (deg, ~deg):
+        if group.any():
+            scales[group] = max(float(np.abs(matrix[:, group]).max()), 1e-9)
     for j, c in enumerate(columns):
         d.text((left + j * cell + 2, top - 14), c[:10], fill="black", font=font)
     for i, r in enumerate(rows):
         d.text((4, top + i * cell + cell // 2 - 6), r, fill="black", font=font)
         for j in range(len(columns)):
-            a = float(matrix[i, j]) / scale
+            a = float(matrix[i, j]) / scales[j]
             colour = (
                 (255, int(255 * (1 - a)), int(255 * (1 - a)))
                 if a >= 0
@@ -207,3 +269,9 @@ def heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str)
             d.rectangle(box, fill=colour)
             d.text((box[0] + 4, box[1] + cell // 2 - 6), f"{matrix[i, j]:+.2f}", fill="black", font=font)
     return img
+
+
+def held_out_start(metas: list[dict]) -> int:
+    """First sample index no listed direction was built from: supervised directions record
+    ``samples_ranked`` (they ranked samples 0..samples_ranked-1); others used no labels."""
+    return max([int(md.get("samples_ranked", 0)) for md in metas] + [0])

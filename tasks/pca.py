@@ -73,7 +73,13 @@ def dask_client(workers: int, address: str | None, timeout: float = 10.0):
                 f"cannot reach the Dask scheduler at {address} within {timeout:.0f} s ({e}); "
                 "check the address or leave --dask-address out for a local cluster"
             ) from None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    import logging
+
+    # the in-process scheduler logs every client and worker at INFO: keep the CLI readable
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
+    )
     return Client(cluster)
 
 

@@ -69,6 +69,7 @@ def build_direction(
         attribute=attribute,
         top=top,
         latent=latent,
+        samples_ranked=len(column),  # samples 0..samples_ranked-1 were ranked; the rest are held out
     )
     if latent == "xT":
         md["h_point"] = "xT"

@@ -547,7 +547,10 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
     meta = RunFolder(run_dir).read()
     for name, seed in (("Smiling", 5), ("Male", 6)):
         v = 20 * torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
-        md = dirfile.metadata_for_run(meta, method="t", source="t", scale_unit="raw", attribute=name)
+        # built from samples 0..6: samples 7..9 are the held-out ones evaluate edits
+        md = dirfile.metadata_for_run(
+            meta, method="t", source="t", scale_unit="raw", attribute=name, samples_ranked=7 if seed == 5 else 3
+        )
         dirfile.save(run_dir / "directions" / f"{name}.safetensors", v, md)
     result = hspace(
         "evaluate",
@@ -557,8 +560,6 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
         "--disentangled",
         "--evaluator",
         f"oracle:{random_oracle}",
-        "--n",
-        "3",
         "--gamma",
         "1.5",
         "--device",
@@ -581,8 +582,68 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
     names = rows[0][1:]
     diag = np.mean([abs(table[0, names.index("Smiling")]), abs(table[1, names.index("Male")])])
     assert summary["original"]["mean_diagonal"] == pytest.approx(diag, abs=1e-6)
+    assert summary["n"] == 3 and summary["held_out_from"] == 7 and summary["original"]["gamma"]["Male"] == 1.5
+    # probabilities and degrees are summarised apart
+    binary = [j for j, c in enumerate(names) if c not in ("yaw", "pitch", "roll")]
+    off = [abs(table[i, j]) for i, r in enumerate(["Smiling", "Male"]) for j in binary if names[j] != r]
+    assert summary["original"]["mean_offdiagonal"] == pytest.approx(np.mean(off), abs=1e-6)
+    pose = [abs(table[i, j]) for i in range(2) for j, c in enumerate(names) if c in ("yaw", "pitch", "roll")]
+    assert summary["original"]["degrees"]["mean_offdiagonal"] == pytest.approx(np.mean(pose), abs=1e-6)
     assert (out / "leakage_disentangled.csv").exists() and (out / "leakage_original.png").exists()
     assert "| Smiling |" in (out / "leakage_original.md").read_text()
+
+
+def test_evaluate_with_clip_and_auto_gamma_errors(run_dir, clip_dir, random_oracle):
+    meta = RunFolder(run_dir).read()
+    v = 20 * torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    md = dirfile.metadata_for_run(meta, method="t", source="t", scale_unit="raw", attribute="Smiling", samples_ranked=6)
+    dirfile.save(run_dir / "directions" / "SmileC.safetensors", v, md)
+    result = hspace("evaluate", run_dir, "--directions", "SmileC", "--evaluator", f"clip:{clip_dir}", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert summary["n"] == 4 and summary["held_out_from"] == 6 and "degrees" not in summary["original"]
+    header = (run_dir / "eval" / "leakage_original.csv").read_text().splitlines()[0]
+    assert header == "direction,Smiling,Eyeglasses,Wearing_Hat,Male,Young"
+    before = tree_digest(run_dir)
+    args = ("--device", "cpu")
+    assert_refused(
+        hspace("evaluate", run_dir, "--directions", "SmileC", "--evaluator", f"clip:{run_dir}", *args),
+        "is not a CLIP model",
+    )
+    assert_refused(hspace("evaluate", run_dir, "--directions", "SmileC,Nope", *args), "['Nope']", "this run has:")
+    assert_refused(
+        hspace("evaluate", run_dir, "--directions", "SmileC", "--n", "5", *args),
+        "only 4 held-out samples",
+        "indices 6..9",
+    )
+    assert_refused(hspace("evaluate", run_dir, "--directions", "SmileC", "--gamma", "big", *args), "--gamma must be")
+    # a direction of a column the evaluator does not score cannot be calibrated
+    md["attribute"] = "Bald"
+    dirfile.save(run_dir / "directions" / "BaldC.safetensors", v, md)
+    before = tree_digest(run_dir)
+    assert_refused(
+        hspace(
+            "evaluate",
+            run_dir,
+            "--directions",
+            "BaldC",
+            "--gamma",
+            "auto",
+            "--evaluator",
+            f"oracle:{random_oracle}",
+            *args,
+        ),
+        "no attribute the evaluator scores",
+    )
+    bad = run_dir.parent / "prompts.yaml"
+    bad.write_text("Smiling: just one prompt\n")
+    assert_refused(
+        hspace(
+            "evaluate", run_dir, "--directions", "SmileC", "--evaluator", f"clip:{clip_dir}", "--prompts", bad, *args
+        ),
+        "must map each attribute",
+    )
+    assert tree_digest(run_dir) == before
 
 
 def test_verify_detects_flipped_bytes_and_truncation(tmp_path, model_dir):

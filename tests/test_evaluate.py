@@ -1,0 +1,105 @@
+"""Evaluation pieces against independent references: gamma calibration (bisection) on
+known monotone functions, CLIP zero-shot probabilities against a hand computation from
+CLIP's own embeddings, and the Table-1 matrix on a case whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.annotators import annotator_id, load_annotator
+from data.catalog import RunError
+from hcore.annotators import CLIP_PROMPTS
+from hcore.calibrate import CalibrationError, calibrate_gamma
+from tasks import evaluate as ev
+
+
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.85])
+def test_calibration_converges_on_a_monotone_function(target):
+    effect = lambda g: 0.9 * math.tanh(g / 3)  # noqa: E731
+    c = calibrate_gamma(effect, target, rtol=1e-3, max_evaluations=40)
+    assert c.converged and abs(c.effect - target) <= 1e-3 * target
+    assert c.gamma == pytest.approx(3 * math.atanh(target / 0.9), rel=5e-3)
+    assert c.evaluations < 25
+
+
+def test_calibration_on_a_step_like_function_and_its_errors():
+    c = calibrate_gamma(lambda g: min(g / 40, 1.0), 0.5, rtol=0.01)  # needs brackets 1, 2, ... 32
+    assert c.gamma == pytest.approx(20, rel=0.02)
+    # a flat, slightly negative start (noise at small gamma) is doubled through
+    c = calibrate_gamma(lambda g: -0.01 if g < 3 else 0.1 * g - 0.2, 0.5, rtol=0.01)
+    assert c.gamma == pytest.approx(7, rel=0.02)
+    with pytest.raises(CalibrationError, match="does not raise it"):
+        calibrate_gamma(lambda g: -0.1 * g, 0.5)
+    with pytest.raises(CalibrationError, match="out of reach"):
+        calibrate_gamma(lambda g: 0.01 * g, 0.5, gamma_max=8)
+    with pytest.raises(CalibrationError, match="must be positive"):
+        calibrate_gamma(lambda g: g, 0.0)
+
+
+def test_clip_probability_equals_hand_computation(clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    net = load_annotator(f"clip:{clip_dir}")
+    assert net.names == tuple(CLIP_PROMPTS)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    probs = net.score(images)
+    # reference: CLIP's own forward (logits_per_image), softmax over each prompt pair
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    proc = CLIPProcessor.from_pretrained(clip_dir)
+    texts = [p for pair in CLIP_PROMPTS.values() for p in pair]
+    inputs = proc(text=texts, images=list((images + 1) / 2), do_rescale=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+        logits = out.logits_per_image.view(3, len(CLIP_PROMPTS), 2)
+        # and by hand from the embeddings: exp(scale) * cos(image, text)
+        img = F.normalize(out.image_embeds, dim=-1)
+        txt = F.normalize(out.text_embeds, dim=-1)
+        by_hand = (model.logit_scale.exp() * img @ txt.T).view(3, len(CLIP_PROMPTS), 2)
+    e = by_hand.exp()
+    np.testing.assert_allclose(probs.numpy(), (e[..., 0] / e.sum(-1)).numpy(), atol=1e-5)
+    np.testing.assert_allclose(probs.numpy(), logits.softmax(-1)[..., 0].numpy(), atol=1e-5)
+    # custom prompts give their own columns
+    custom = load_annotator(f"clip:{clip_dir}", prompts={"Bald": ("A bald person", "A person")})
+    assert custom.names == ("Bald",) and custom.score(images).shape == (3, 1)
+    assert annotator_id(f"clip:{clip_dir}").startswith("clip-")
+
+
+def test_clip_path_that_is_not_clip(tmp_path, model_dir):
+    with pytest.raises(RunError, match="is not a CLIP model"):
+        load_annotator(f"clip:{model_dir}")
+    with pytest.raises(RunError, match="not in the local Hugging Face cache"):
+        load_annotator("clip:someone/no-such-clip")
+    with pytest.raises(RunError, match="needs a model"):
+        load_annotator("clip")
+
+
+def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, tmp_path):
+    """Scores are known exactly: direction a raises column 0 by 0.3 per unit gamma, b lowers
+    column 2 by 5 degrees; nothing else moves. The matrix and summary must say exactly that."""
+    a, b = torch.zeros(2), torch.ones(2)
+    base = np.array([[0.2, 0.5, 10.0], [0.4, 0.1, -4.0]])
+
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+        out = base[: len(indices)].copy()
+        if v is a:
+            out[:, 0] += 0.3 * gamma
+        elif v is b:
+            out[:, 2] -= 5.0 * gamma
+        return out
+
+    monkeypatch.setattr(ev, "edit_scores", fake_scores)
+    m = ev.leakage_matrix(None, None, None, {}, [0, 1], [a, b], [2.0, 1.0])
+    np.testing.assert_allclose(m, [[0.6, 0, 0], [0, 0, -5.0]], atol=1e-12)
+    columns = ["Smiling", "Male", "yaw"]
+    s = ev.write_leakage(tmp_path, "original", m, ["Smiling", "yaw"], columns, degrees=("yaw",))
+    assert s["mean_diagonal"] == pytest.approx(0.6) and s["mean_offdiagonal"] == 0.0
+    assert s["degrees"] == {"mean_diagonal": pytest.approx(5.0), "mean_offdiagonal": 0.0}
+    back = np.loadtxt(tmp_path / "leakage_original.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    np.testing.assert_allclose(back, m, atol=1e-6)
+    c = ev.calibrate(None, None, None, {}, [0, 1], a, 0, 0.45)
+    assert c.converged and c.gamma == pytest.approx(1.5, rel=0.05)
