@@ -58,6 +58,15 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 # ---------------------------------------------------------------------------- run folder
 
 
+def require_sampled(meta: dict, what: str) -> None:
+    """Refuse commands that replay samples from their seeds on a run of inverted images."""
+    if meta.get("config", {}).get("kind") == "inversion":
+        raise RunError(
+            f"{what} replays generated samples from their seeds, and this run holds inverted real images; "
+            "run it on a sampled run (`hspace sample`), using the directions built here"
+        )
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
@@ -299,7 +308,16 @@ class SampleStore:
         self.layout = SampleLayout(n, steps, tuple(h_shape), tuple(self.x0.shape[1:]), self.h.shards[0])
 
     @classmethod
-    def create(cls, path: Path, layout: SampleLayout, seeds: np.ndarray, timesteps: np.ndarray) -> SampleStore:
+    def create(
+        cls,
+        path: Path,
+        layout: SampleLayout,
+        seeds: np.ndarray,
+        timesteps: np.ndarray,
+        extra: dict[str, tuple[tuple[int, ...], str]] | None = None,
+    ) -> SampleStore:
+        """Allocate every array; ``extra``: more per-sample arrays, name -> (shape of one
+        sample, dtype), written by write_shard with the rest (e.g. an inversion's x_T)."""
         path = Path(path)
         final, path = path, path.with_name(path.name + ".partial")  # built aside, then swapped in
         shutil.rmtree(path, ignore_errors=True)
@@ -332,22 +350,42 @@ class SampleStore:
         group.create_array(
             "done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()]
         )
+        for name, (shape, dtype) in (extra or {}).items():
+            group.create_array(
+                name,
+                shape=(n, *shape),
+                dtype=dtype,
+                chunks=(b, *shape),
+                compressors=[Crc32cCodec()],
+                fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+            )
         group.attrs.update(
-            {"batch_size": b, "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)"}
+            {
+                "batch_size": b,
+                "h_layout": "(sample, step, C, H, W); step 0 = first denoising step (t = T)",
+                "extra": sorted(extra or {}),
+            }
         )
         os.replace(path, final)
         return cls(final, mode="r+")
 
-    def write_shard(self, k: int, h: np.ndarray, x0: np.ndarray) -> None:
-        """Write shard k whole (h (b, T, C, H, W) float16, x0 (b, 3, R, R) uint8), then mark it done."""
+    def write_shard(self, k: int, h: np.ndarray, x0: np.ndarray, extra: dict[str, np.ndarray] | None = None) -> None:
+        """Write shard k whole (h (b, T, C, H, W) float16, x0 (b, 3, R, R) uint8, and the
+        store's extra arrays), then mark it done."""
         rows = self.layout.shard_rows(k)
-        if h.shape[0] != len(rows) or x0.shape[0] != len(rows):
-            raise ValueError(f"shard {k} holds {len(rows)} samples, got h {h.shape}, x0 {x0.shape}")
-        for name, arr in (("h", self.h), ("x0", self.x0)):  # a damaged old shard must not be read back
+        arrays = {"h": h, "x0": x0, **(extra or {})}
+        missing = set(self.group.attrs.get("extra", [])) - set(arrays)
+        if missing:
+            raise ValueError(f"shard {k}: no values given for {sorted(missing)}")
+        if any(a.shape[0] != len(rows) for a in arrays.values()):
+            shapes = {name: a.shape for name, a in arrays.items()}
+            raise ValueError(f"shard {k} holds {len(rows)} samples, got {shapes}")
+        for name in arrays:  # a damaged old shard must not be read back
+            arr = self.group[name]
             key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
             (self.path / name / key).unlink(missing_ok=True)
-        self.h[rows.start : rows.stop] = h
-        self.x0[rows.start : rows.stop] = x0
+        for name, values in arrays.items():
+            self.group[name][rows.start : rows.stop] = values
         self.done[k] = 1
 
     def done_shards(self) -> np.ndarray:

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from data.catalog import RunError, RunFolder
+from data.catalog import RunError, RunFolder, require_sampled
 
 # Defaults that make Prefect's ephemeral server usable offline and quiet (STACK_NOTES.md);
 # set before anything imports prefect. The user's environment wins.
@@ -133,6 +133,91 @@ def sample(
         )
     console.print(
         f"samples: [bold]{out / 'samples.zarr'}[/] ({n} samples, {steps} steps); inspect with `hspace inspect {out}`"
+    )
+
+
+# --------------------------------------------------------------------------- invert
+
+
+@app.command()
+def invert(
+    images: Annotated[Path, typer.Option(help="folder with positive/ and negative/, or any folder with --labels")],
+    out: Annotated[Path, typer.Option(help="new run folder")],
+    model: Annotated[str, typer.Option(help="'toy', a local diffusers folder, or a Hugging Face id")] = "toy",
+    labels: Annotated[Path | None, typer.Option(help="CSV with a 'file' column and one column per attribute")] = None,
+    attribute: Annotated[str, typer.Option(help="attribute name of positive/ vs negative/")] = "label",
+    steps: Annotated[int, typer.Option(help="DDIM steps (directions apply to runs with the same steps)")] = 50,
+    refine: Annotated[int, typer.Option(help="fixed-point refinements per step (0 = plain DDIM inversion)")] = 3,
+    batch_size: Annotated[int, typer.Option(help="images per batch = per Zarr shard")] = 32,
+    h_point: Annotated[str, typer.Option(help="'output' or 'input' of the mid block")] = "output",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 for the UNet")] = "float32",
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """DDIM-invert real images (eta = 0), storing h_{T:1}, x_T and the reconstruction error;
+    the labels become annotations, so `hspace directions OUT --attribute A` works as on samples."""
+    for name, value in (("--steps", steps), ("--batch-size", batch_size)):
+        if value <= 0:
+            _fail(f"{name} must be a positive integer, got {value}")
+    if refine < 0:
+        _fail(f"--refine must be 0 or more, got {refine}")
+    if h_point not in ("output", "input"):
+        _fail(f"--h-point must be 'output' or 'input', got {h_point!r}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        _fail(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    try:
+        from data import models
+        from data.catalog import package_versions
+        from data.directions import scheduler_name
+        from tasks.invert import list_images, load_images, write_labels
+        from tasks.sample import resolve_device
+
+        names, scores = list_images(images, labels, attribute)
+        ref = models.resolve(model)
+        dev = resolve_device(device)
+        unet, scheduler = models.load(ref)
+        if steps > scheduler.config.num_train_timesteps:
+            _fail(f"--steps {steps} exceeds the model's {scheduler.config.num_train_timesteps} training timesteps")
+        size = unet.config.sample_size
+        image_shape = (unet.config.in_channels, size, size)
+        del unet
+        load_images(images, names, size)  # every file readable, before anything is written
+        config = {
+            "kind": "inversion",
+            "n": len(names),
+            "steps": steps,
+            "eta": 0.0,
+            "seed": 0,  # no generator draws anything at eta = 0; kept for the run.json schema
+            "batch_size": batch_size,
+            "h_point": h_point,
+            "dtype": dtype,
+            "refine": refine,
+            "images_dir": str(Path(images).resolve()),
+            "images": names,
+            "labels": scores,
+        }
+        run = RunFolder(out)
+        with run.lock(f"hspace invert --out {out}", break_stale=break_lock):
+            model_meta = {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}
+            meta = run.init(config, model_meta, package_versions())
+            meta["runtime"] = {"device": dev}
+            run.write(meta)
+            from flows.invert import invert_flow
+
+            with run.stage("invert"):
+                result = invert_flow(str(out), image_shape)
+            with run.stage("annotate", annotator="labels"):
+                columns = write_labels(run, scores)
+            run.set_stage("invert", state="done", recon_mse=result["recon_mse"])
+    except RunError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); free space or fix permissions")
+    psnr = 10 * math.log10(4 / max(result["recon_mse"], 1e-12))
+    console.print(
+        f"inverted {len(names)} images into [bold]{out / 'samples.zarr'}[/]; reconstruction MSE "
+        f"{result['recon_mse']:.5f} (PSNR {psnr:.1f} dB, images in [-1, 1]); labels: {', '.join(columns)}; "
+        f"next: `hspace directions {out} --attribute {columns[0]} --top K`"
     )
 
 
@@ -330,6 +415,16 @@ def edit(
                 _fail(f"--sample must be an index in [0, {cfg['n']}) for this run")
             ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
             spec = edit_tasks.SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
+            if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
+                import dataclasses
+
+                import numpy as np
+                import torch
+
+                from data.catalog import SampleStore
+
+                x_T = np.asarray(SampleStore(RunFolder(run_dir).samples).group["xT"][sample_index])
+                spec = dataclasses.replace(spec, x_T=torch.from_numpy(x_T))
         elif model is not None:
             ref = models.resolve(model)
             spec = edit_tasks.SampleSpec(seed, 0, steps, eta, "output")
@@ -476,6 +571,7 @@ def name_directions(
 
         run = RunFolder(run_dir)
         meta = run.read()
+        require_sampled(meta, "hspace name")
         cfg = meta["config"]
         n = min(64, cfg["n"]) if n is None else n
         if not (0 < n <= cfg["n"]):
@@ -639,6 +735,7 @@ def evaluate(
 
         run = RunFolder(run_dir)
         meta = run.read()
+        require_sampled(meta, "hspace evaluate")
         cfg = meta["config"]
         fixed_gamma = None if gamma == "auto" else _parse_float(gamma, "--gamma", "a number or 'auto'")
         if target is not None and not (math.isfinite(target) and target > 0):

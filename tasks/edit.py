@@ -53,6 +53,7 @@ class SampleSpec:
     steps: int
     eta: float
     h_point: str
+    x_T: object = None  # (C, R, R) tensor: start here (an inverted real image) instead of the seed's noise
 
 
 def plan_grid(
@@ -102,9 +103,10 @@ def render_edits(
         if h_idx
         else None
     )
-    x_T = None
+    x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
     if any(is_xt):
-        x_T = draw_noise(make_generators(sample.run_seed, [sample.index] * len(flat)), image_shape)
+        if x_T is None:
+            x_T = draw_noise(make_generators(sample.run_seed, [sample.index] * len(flat)), image_shape)
         for i in (i for i, x in enumerate(is_xt) if x):
             x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))

@@ -16,7 +16,7 @@ import torch
 
 from data import directions as dirfile
 from data import models
-from data.catalog import JacobianStore, RunError, RunFolder, SampleStore
+from data.catalog import JacobianStore, RunError, RunFolder, SampleStore, require_sampled
 
 
 def parse_roi(text: str, size: int) -> tuple[int, int, int, int]:
@@ -63,6 +63,7 @@ def run_jacobian(
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
+    require_sampled(meta, "hspace jacobian")
     cfg = meta["config"]
     if not (0 <= sample < cfg["n"]):
         raise RunError(f"--sample {sample} must be in [0, {cfg['n']})")

@@ -52,6 +52,8 @@ def build_direction(
             part = idx[start : start + batch_size]
             if latent == "h":
                 q = store.h.get_orthogonal_selection((part,)).astype(np.float32)
+            elif "xT" in store.group:  # inverted real images: their x_T is stored
+                q = store.group["xT"].get_orthogonal_selection((part,)).astype(np.float32)
             else:
                 from hcore.sampler import draw_noise, make_generators
 
