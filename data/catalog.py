@@ -196,13 +196,22 @@ class RunFolder:
         when ``break_stale`` is set."""
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
-            raise RunError(f"{self.root} is not writable; fix its permissions or pick another --out")
+            raise RunError(
+                f"{self.root} is not writable (read-only folder or file system); fix its permissions, copy the run "
+                "somewhere writable, or pick another --out"
+            )
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "command": command}
         for _ in range(2):
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.lock_holder()
+            except (PermissionError, OSError) as e:
+                if isinstance(e, FileExistsError):
+                    holder = self.lock_holder()
+                else:
+                    raise RunError(
+                        f"cannot create the lock {self.lock_path} ({e.strerror or e}): a read-only folder or a "
+                        "full disk? copy the run somewhere writable (inspect and verify work as is: they take no lock)"
+                    ) from None
                 if holder is not None and _is_stale(holder) and break_stale:
                     # rename, then check that what we moved aside is the stale lock we read:
                     # two breakers racing cannot both remove a fresh lock

@@ -724,96 +724,32 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Table 1: mean change of every attribute per direction, original and disentangled."""
-    summary: dict = {}
+    fixed_gamma = None if gamma == "auto" else _parse_float(gamma, "--gamma", "a number or 'auto'")
+    if target is not None and not (math.isfinite(target) and target > 0):
+        _fail("--target must be a positive number")
+    if calibration_n < 1:
+        _fail("--calibration-n must be at least 1")
+    names = [d.strip() for d in directions.split(",") if d.strip()]
+    if not names:
+        _fail("--directions is empty")
+    prompt_pairs = _read_prompts(prompts) if prompts else None
     try:
-        from data import models
-        from data.annotators import load_annotator
-        from hcore.calibrate import CalibrationError
-        from hcore.supervised import disentangle as project_out
-        from tasks import evaluate as ev
+        from tasks.evaluate import run_evaluation
         from tasks.sample import resolve_device
 
-        run = RunFolder(run_dir)
-        meta = run.read()
-        require_sampled(meta, "hspace evaluate")
-        cfg = meta["config"]
-        fixed_gamma = None if gamma == "auto" else _parse_float(gamma, "--gamma", "a number or 'auto'")
-        if target is not None and not (math.isfinite(target) and target > 0):
-            _fail("--target must be a positive number")
-        if calibration_n < 1:
-            _fail("--calibration-n must be at least 1")
-        names = [d.strip() for d in directions.split(",") if d.strip()]
-        if not names:
-            _fail("--directions is empty")
-        prompt_pairs = _read_prompts(prompts) if prompts else None
-        dev = resolve_device(device)
-        unet, scheduler = models.load_for_run(meta, device=dev)
-        net = load_annotator(evaluator, dev, prompts=prompt_pairs)
-        loaded = ev.load_run_directions(run, meta, names, unet, scheduler)
-        vectors = [v for v, _ in loaded]
-        rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
-        start = ev.held_out_start([md for _, md in loaded])
-        available = cfg["n"] - start
-        if available <= 0:
-            _fail(
-                f"no held-out samples: the directions were built from all {cfg['n']} samples; "
-                "rebuild them with `hspace directions ... --first M` to keep samples for evaluation"
-            )
-        n = min(1000, available) if n is None else n
-        if not 0 < n <= available:
-            _fail(
-                f"--n {n}: only {available} held-out samples (indices {start}..{cfg['n'] - 1}; "
-                f"the directions were built from samples 0..{start - 1}); use --n {available} or sample more"
-            )
-        indices = list(range(start, start + n))
-        columns = list(net.names)
-        degrees = tuple(getattr(net, "degrees", ()))
-        out = run.root / "eval"
-        summary = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
-        base = ev.edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
-        variants = [("original", vectors)]
-        if disentangled:
-            import torch
-
-            flat = [v.numpy() for v in vectors]
-            dis = [torch.from_numpy(project_out(flat[i], flat[:i] + flat[i + 1 :])) for i in range(len(flat))]
-            variants.append(("disentangled", dis))
-        for label, vs in variants:
-            if fixed_gamma is not None:
-                gammas = [fixed_gamma] * len(vs)
-            else:
-                gammas, calibration = [], {}
-                for d, row, v in zip(names, rows, vs, strict=True):
-                    if row not in columns:
-                        _fail(
-                            f"--gamma auto: direction {d!r} has no attribute the evaluator scores "
-                            f"({', '.join(columns)}); give a number"
-                        )
-                    j = columns.index(row)
-                    goal = target if target is not None else (10.0 if row in degrees else 0.5)
-                    cal_idx = indices[:calibration_n]
-                    try:
-                        c = ev.calibrate(unet, scheduler, net, cfg, cal_idx, v, j, goal, base[: len(cal_idx)])
-                    except CalibrationError as e:
-                        _fail(f"--gamma auto: direction {d!r} ({label}): {e}")
-                    gammas.append(c.gamma)
-                    calibration[d] = {
-                        "gamma": c.gamma,
-                        "reached": c.effect,
-                        "target": goal,
-                        "converged": c.converged,
-                        "evaluations": c.evaluations,
-                        "samples": len(cal_idx),
-                    }
-                    console.print(
-                        f"{label} {d}: gamma {c.gamma:.3f} moves {row} by {c.effect:+.3f} "
-                        f"(target {goal}, {c.evaluations} passes)"
-                    )
-                summary.setdefault("calibration", {})[label] = calibration
-            matrix = ev.leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base)
-            summary[label] = {"gamma": dict(zip(names, gammas, strict=True))}
-            summary[label].update(ev.write_leakage(out, label, matrix, rows, columns, degrees))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = run_evaluation(
+            str(run_dir),
+            names,
+            disentangled=disentangled,
+            evaluator=evaluator,
+            n=n,
+            gamma=fixed_gamma,
+            target=target,
+            calibration_n=calibration_n,
+            prompts=prompt_pairs,
+            device=resolve_device(device),
+            log=console.print,
+        )
     except RunError as e:
         _fail(str(e))
     for label in ("original", "disentangled"):

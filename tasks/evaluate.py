@@ -275,3 +275,100 @@ def held_out_start(metas: list[dict]) -> int:
     """First sample index no listed direction was built from: supervised directions record
     ``samples_ranked`` (they ranked samples 0..samples_ranked-1); others used no labels."""
     return max([int(md.get("samples_ranked", 0)) for md in metas] + [0])
+
+
+def run_evaluation(
+    run_dir: str,
+    names: list[str],
+    disentangled: bool = False,
+    evaluator: str = "oracle",
+    n: int | None = None,
+    gamma: float | None = 1.0,
+    target: float | None = None,
+    calibration_n: int = 16,
+    prompts: dict | None = None,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """Table 1 for a run's directions ``names``: edit held-out samples along each (and,
+    with ``disentangled``, along each projected against the others by eq. (11)), score
+    with ``evaluator`` and write RUN/eval/ (leakage_*.csv/.md/.png, summary.json).
+    gamma None: calibrate per direction (``--gamma auto``) to reach ``target``."""
+    from data import models
+    from data.annotators import load_annotator
+    from data.catalog import RunError, require_sampled
+    from hcore.calibrate import CalibrationError
+    from hcore.supervised import disentangle as project_out
+
+    run = RunFolder(Path(run_dir))
+    meta = run.read()
+    require_sampled(meta, "hspace evaluate")
+    cfg = meta["config"]
+    unet, scheduler = models.load_for_run(meta, device=device)
+    net = load_annotator(evaluator, device, prompts=prompts)
+    loaded = load_run_directions(run, meta, names, unet, scheduler)
+    vectors = [v for v, _ in loaded]
+    rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
+    start = held_out_start([md for _, md in loaded])
+    available = cfg["n"] - start
+    if available <= 0:
+        raise RunError(
+            f"no held-out samples: the directions were built from all {cfg['n']} samples; "
+            "rebuild them with `hspace directions ... --first M` to keep samples for evaluation"
+        )
+    n = min(1000, available) if n is None else n
+    if not 0 < n <= available:
+        raise RunError(
+            f"--n {n}: only {available} held-out samples (indices {start}..{cfg['n'] - 1}; "
+            f"the directions were built from samples 0..{start - 1}); use --n {available} or sample more"
+        )
+    indices = list(range(start, start + n))
+    columns = list(net.names)
+    degrees = tuple(getattr(net, "degrees", ()))
+    if gamma is None:
+        unknown = [d for d, r in zip(names, rows, strict=True) if r not in columns]
+        if unknown:
+            raise RunError(
+                f"--gamma auto: direction {unknown[0]!r} has no attribute the evaluator scores "
+                f"({', '.join(columns)}); give a number"
+            )
+    out = run.root / "eval"
+    summary: dict = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
+    base = edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
+    variants = [("original", vectors)]
+    if disentangled:
+        flat = [v.numpy() for v in vectors]
+        dis = [torch.from_numpy(project_out(flat[i], flat[:i] + flat[i + 1 :])) for i in range(len(flat))]
+        variants.append(("disentangled", dis))
+    for label, vs in variants:
+        if gamma is not None:
+            gammas = [float(gamma)] * len(vs)
+        else:
+            gammas, calibration = [], {}
+            cal_idx = indices[:calibration_n]
+            for d, row, v in zip(names, rows, vs, strict=True):
+                j = columns.index(row)
+                goal = target if target is not None else (10.0 if row in degrees else 0.5)
+                try:
+                    c = calibrate(unet, scheduler, net, cfg, cal_idx, v, j, goal, base[: len(cal_idx)])
+                except CalibrationError as e:
+                    raise RunError(f"--gamma auto: direction {d!r} ({label}): {e}") from None
+                gammas.append(c.gamma)
+                calibration[d] = {
+                    "gamma": c.gamma,
+                    "reached": c.effect,
+                    "target": goal,
+                    "converged": c.converged,
+                    "evaluations": c.evaluations,
+                    "samples": len(cal_idx),
+                }
+                log(
+                    f"{label} {d}: gamma {c.gamma:.3f} moves {row} by {c.effect:+.3f} "
+                    f"(target {goal}, {c.evaluations} passes)"
+                )
+            summary.setdefault("calibration", {})[label] = calibration
+        matrix = leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base)
+        summary[label] = {"gamma": dict(zip(names, gammas, strict=True))}
+        summary[label].update(write_leakage(out, label, matrix, rows, columns, degrees))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -71,7 +71,15 @@ def prepare_store(run: RunFolder) -> SampleStore:
     meta = run.read()
     cfg = meta["config"]
     if run.samples.exists():
-        return SampleStore(run.samples, mode="r+")
+        store = SampleStore(run.samples, mode="r+")
+        have = {"n": store.layout.n, "steps": store.layout.steps, "batch_size": store.layout.batch_size}
+        diffs = [f"{k}: run.json {cfg[k]} != samples.zarr {v}" for k, v in have.items() if cfg[k] != v]
+        if diffs:
+            raise RunError(
+                f"{run.run_json} does not match {run.samples} ({'; '.join(diffs)}): run.json was edited by hand? "
+                "restore it, or sample into a new --out"
+            )
+        return store
     unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
     from hcore.hspace import h_shape
     from hcore.sampler import ddim_scheduler, sample_seed

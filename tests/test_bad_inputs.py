@@ -1,0 +1,98 @@
+"""Bad inputs from the reliability catalogue (README "Bad inputs"): each gets one clear
+error line, a non-zero exit, and leaves what is on disk unchanged."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from data.catalog import SampleStore
+from flows.cli import app
+from tests.test_cli import SAMPLE_ARGS, assert_refused, tree_digest
+
+runner = CliRunner()
+
+
+def hspace(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def sampled(prefect_server, model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad") / "run"
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture()
+def copy_of(sampled, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sampled, run)
+    return run
+
+
+def test_run_json_edited_by_hand(copy_of, model_dir):
+    meta = json.loads((copy_of / "run.json").read_text())
+    meta["config"]["n"] = 12  # the user "grew" the run by editing run.json
+    (copy_of / "run.json").write_text(json.dumps(meta))
+    before = tree_digest(copy_of)
+    args = ["--n", "12", *SAMPLE_ARGS[2:]]
+    assert_refused(hspace("sample", "--model", model_dir, *args, "--out", copy_of), "edited by hand", "n: run.json 12")
+    del meta["stages"]
+    (copy_of / "run.json").write_text(json.dumps(meta))
+    before = tree_digest(copy_of)
+    assert_refused(hspace("annotate", copy_of), "lacks the key 'stages'")
+    assert tree_digest(copy_of) == before
+
+
+def test_disk_full_during_sampling_loses_nothing(copy_of, model_dir, monkeypatch):
+    store = SampleStore(copy_of / "samples.zarr", mode="r+")
+    store.done[1] = 0  # one shard to redo
+    before = tree_digest(copy_of / "samples.zarr" / "h")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SampleStore, "write_shard", full)
+    assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", copy_of), "No space left on device")
+    assert tree_digest(copy_of / "samples.zarr" / "h") == before  # the other shards are untouched
+    assert not (copy_of / ".lock").exists()
+    monkeypatch.undo()
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", copy_of)  # resumes once there is space
+    assert result.exit_code == 0, result.output
+    assert SampleStore(copy_of / "samples.zarr").complete()
+
+
+def test_read_only_run_folder(copy_of, model_dir, monkeypatch):
+    import os
+
+    import data.catalog as catalog
+
+    before = tree_digest(copy_of)
+    real_open = os.open
+
+    def read_only_open(path, flags, *args):
+        if str(path).startswith(str(copy_of)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(catalog.os, "open", read_only_open)
+    assert_refused(hspace("annotate", copy_of, "--device", "cpu"), "Read-only file system", "inspect and verify work as is")
+    assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", copy_of), "Read-only file system")
+    real_access = os.access
+    monkeypatch.setattr(
+        catalog.os,
+        "access",
+        lambda path, mode: mode != os.W_OK and real_access(path, mode) if path == copy_of else real_access(path, mode),
+    )
+    assert_refused(hspace("pca", copy_of, "--components", "2"), "is not writable")
+    monkeypatch.undo()
+    # read-only commands need no lock
+    assert hspace("inspect", copy_of).exit_code == 0
+    assert hspace("verify", copy_of).exit_code == 0
+    assert tree_digest(copy_of) == before
