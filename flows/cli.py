@@ -799,6 +799,43 @@ def _read_prompts(path: Path) -> dict[str, tuple[str, str]]:
     return {k: (v[0], v[1]) for k, v in data.items()}
 
 
+# --------------------------------------------------------------------------- run / config
+
+
+@app.command("run")
+def run_pipeline(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see `hspace config --example`)")] = None,
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/pipeline"),
+    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+) -> None:
+    """The whole pipeline as one Prefect flow of cached stages: sample, annotate, PCA,
+    directions, disentangle, evaluate, figures, report. Rerun to resume; change a section
+    and rerun to redo that stage and those after it."""
+    from flows.pipeline import load_config, pipeline_flow_fn
+
+    try:
+        cfg = load_config(config)  # before any work: a wrong key fails here
+        run = RunFolder(out)
+        with run.lock(f"hspace run --out {out}", break_stale=break_lock):
+            pipeline_flow_fn()(cfg.model_dump(mode="json"), str(out))
+    except RunError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); free space or fix permissions")
+    console.print(f"report: [bold]{out / 'report.html'}[/] (stages and cache keys: `hspace inspect {out}`)")
+
+
+@app.command("config")
+def config_cmd(
+    example: Annotated[bool, typer.Option(help="print a documented example config")] = True,
+    celeba: Annotated[bool, typer.Option(help="the example for google/ddpm-ema-celebahq-256 instead")] = False,
+) -> None:
+    """Print a documented example config for `hspace run --config`."""
+    from flows.pipeline import example_config
+
+    typer.echo(example_config("celeba" if celeba else "toy"), nl=False)
+
+
 # --------------------------------------------------------------------------- train-toy
 
 

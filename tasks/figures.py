@@ -1,0 +1,114 @@
+"""Figures of a pipeline run (RUN/figures/): the sample grid, PCA and random-direction
+edit grids (Fig. 6) with PCs named after the attribute they move, supervised and
+disentangled grids, and a sequential edit (Fig. 11)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data import models
+from data.catalog import RunFolder, SampleStore
+from data.figures import grid_image, save_grid
+
+
+def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None):
+    from hcore.hspace import h_shape
+    from tasks import edit as edit_tasks
+
+    cfg = meta["config"]
+    spec = edit_tasks.SampleSpec(cfg["seed"], sample, cfg["steps"], cfg["eta"], cfg["h_point"])
+    specs = [edit_tasks.DirectionSpec(p.stem, p, None if gammas is None else gammas[i]) for i, p in enumerate(paths)]
+    vectors = edit_tasks.load_directions(
+        specs,
+        model_fingerprint=meta["model"]["fingerprint"],
+        steps=cfg["steps"],
+        h_shape=h_shape(unet),
+        h_point=cfg["h_point"],
+        scheduler=scheduler,
+    )
+    cells, rows, cols = edit_tasks.plan_grid(specs, list(scales))
+    return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells), rows, cols
+
+
+def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
+    """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths."""
+    from tasks import evaluate as ev
+
+    meta = run.read()
+    out = run.root / "figures"
+    out.mkdir(exist_ok=True)
+    unet, scheduler = models.load_for_run(meta, device=device)
+    files = []
+    store = SampleStore(run.samples)
+    k = min(32, store.layout.n)
+    x0 = store.x0[:k]
+    cols = 8
+    rows = -(-k // cols)
+    pad = np.zeros((rows * cols, *x0.shape[1:]), np.uint8)
+    pad[:k] = x0
+    files.append(
+        save_grid(
+            out / "samples.png",
+            grid_image(
+                pad.reshape(rows, cols, *x0.shape[1:]),
+                [str(r * cols) for r in range(rows)],
+                [""] * cols,
+                title=f"the first {k} samples",
+            ),
+        )
+    )
+    f = cfg.figures
+    sample = min(f.sample, store.layout.n - 1)
+    d = run.directions
+    pcs = [d / f"pc{j:02d}.safetensors" for j in range(f.pcs)]
+    pcs = [p for p in pcs if p.exists()]
+    if pcs:
+        names = {}
+        if f.name_samples > 0 and cfg.annotate.annotators:
+            from data.annotators import load_annotator
+
+            net = load_annotator(cfg.annotate.annotators[0], device)
+            idx = list(range(min(f.name_samples, store.layout.n)))
+            loaded = ev.load_run_directions(run, meta, [p.stem for p in pcs], unet, scheduler)
+            changes = ev.attribute_changes(unet, scheduler, net, meta["config"], idx, [v for v, _ in loaded], 2.0)
+            scores = net.score(_as_float(store.x0[: len(idx)])).numpy()
+            table = ev.name_directions(changes, list(net.names), [p.stem for p in pcs], scores.std(0) + 1e-6)
+            names = {row["direction"]: row["name"] for row in table}
+            (out / "pc_names.json").write_text(json.dumps(table, indent=2, default=float))
+            files.append(out / "pc_names.json")
+        for label, paths in (("pca", pcs), ("random", [d / f"random{j:02d}.safetensors" for j in range(len(pcs))])):
+            paths = [p for p in paths if p.exists()]
+            if not paths:
+                continue
+            images, rows_, cols_ = _edit_grid(unet, scheduler, meta, sample, paths, f.scales)
+            if label == "pca":
+                rows_ = [f"{r} ≈ {names[r]}" if r in names else r for r in rows_]
+            title = f"sample {sample}: {'principal components' if label == 'pca' else 'norm-matched random directions'}"
+            files.append(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
+    attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
+    for label, suffix in (("supervised", ""), ("disentangled", "_disentangled")):
+        paths = [d / f"{a}{suffix}.safetensors" for a in attrs]
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            continue
+        held = store.layout.n - max(cfg.directions.held_out, 1)  # a held-out sample
+        scales = [s for s in f.scales if abs(s) <= 2] or f.scales
+        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales)
+        title = f"held-out sample {held}: {label} directions (eq. {'10' if label == 'supervised' else '11'})"
+        files.append(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
+    paths = [d / f"{a}.safetensors" for a in attrs]
+    if len(paths) > 1 and all(p.exists() for p in paths):
+        held = store.layout.n - max(cfg.directions.held_out, 1)
+        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
+        title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
+        files.append(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
+    return files
+
+
+def _as_float(x0: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(x0)).float() / 127.5 - 1

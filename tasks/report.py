@@ -1,0 +1,109 @@
+"""RUN/report.html: one self-contained offline page (images inlined as data: URIs, no
+scripts, no external resources) with the run's config, stage states, figures, leakage
+tables and heatmaps."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+from data.catalog import RunFolder
+
+FIGURES = [
+    ("samples.png", "Samples", "The first samples of the run (x0)."),
+    ("pca_grid.png", "Principal components (Fig. 6)", "Each row edits one sample along a PC; γ in σ units."),
+    ("random_grid.png", "Random directions (Fig. 6 baseline)", "Norm-matched random directions: little changes."),
+    ("supervised_grid.png", "Supervised directions (eq. 10)", "Mean difference of top and bottom samples."),
+    ("disentangled_grid.png", "Disentangled directions (eq. 11)", "Each projected against the other attributes."),
+    ("sequential.png", "Sequential editing (Fig. 11)", "Directions accumulated one after another."),
+]
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _csv_table(path: Path) -> str:
+    rows = list(csv.reader(path.open()))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join(
+        "<tr><th>" + html.escape(r[0]) + "</th>" + "".join(f"<td>{float(x):+.3f}</td>" for x in r[1:]) + "</tr>"
+        for r in rows[1:]
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(run: RunFolder) -> Path:
+    meta = run.read()
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>hspace run {html.escape(run.root.name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+        f"<h1>hspace run <code>{html.escape(str(run.root))}</code></h1>",
+        f"<p>model <code>{html.escape(str(meta['model'].get('id')))}</code> "
+        f"(fingerprint {html.escape(str(meta['model'].get('fingerprint', ''))[:12])}), "
+        f"created {html.escape(str(meta.get('created')))}</p>",
+    ]
+    pipeline = meta.get("pipeline", {})
+    if pipeline:
+        parts.append(
+            "<h2>Stages</h2><table><tr><th>stage</th><th>state</th><th>cache key</th><th>seconds</th>"
+            "<th>outputs</th></tr>"
+        )
+        for stage, rec in pipeline.items():
+            outputs = ", ".join(rec.get("outputs", [])[:6]) + (" …" if len(rec.get("outputs", [])) > 6 else "")
+            parts.append(
+                f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
+                f"<td><code>{html.escape(str(rec.get('key')))}</code></td><td>{rec.get('seconds', '')}</td>"
+                f"<td style='text-align:left'>{html.escape(outputs)}</td></tr>"
+            )
+        parts.append("</table>")
+    config = meta.get("pipeline_config", meta["config"])
+    parts.append(f"<h2>Config</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>")
+    figures = run.root / "figures"
+    for name, title, caption in FIGURES:
+        path = figures / name
+        if path.exists():
+            parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>{_img(path, title)}")
+    names = figures / "pc_names.json"
+    if names.exists():
+        table = json.loads(names.read_text())
+        parts.append("<h2>What each PC moves</h2><table><tr><th>PC</th><th>≈</th><th>change</th></tr>")
+        parts += [
+            f"<tr><th>{html.escape(r['direction'])}</th><td>{html.escape(r['name'])}</td><td>{r['change']:+.3f}</td></tr>"
+            for r in table
+        ]
+        parts.append("</table>")
+    ev = run.root / "eval"
+    if (ev / "summary.json").exists():
+        summary = json.loads((ev / "summary.json").read_text())
+        parts.append(
+            "<h2>Leakage (Table 1)</h2><p>Mean change of every attribute (columns) when editing held-out "
+            f"samples along each direction (rows); evaluator {html.escape(str(summary.get('evaluator')))}, "
+            f"{summary.get('n')} samples.</p>"
+        )
+        for label in ("original", "disentangled"):
+            if (ev / f"leakage_{label}.csv").exists():
+                s = summary.get(label, {})
+                parts.append(
+                    f"<h3>{label}</h3><p>mean |diagonal| {s.get('mean_diagonal')}, "
+                    f"mean |off-diagonal| {s.get('mean_offdiagonal')}</p>"
+                )
+                parts.append(_csv_table(ev / f"leakage_{label}.csv"))
+                parts.append(_img(ev / f"leakage_{label}.png", f"leakage heatmap ({label})"))
+    extra = sorted(p for p in (run.root / "figures").glob("*.png") if p.name not in {n for n, _, _ in FIGURES})
+    for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
+        parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")
+    parts.append("</body></html>")
+    out = run.root / "report.html"
+    tmp = out.with_name("report.html.partial")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,123 @@
+"""`hspace run`: the pipeline DAG on a tiny model. Every stage runs once, a rerun is all
+cache hits, changing one section redoes that stage and those downstream only, a bad
+config fails before any work, and the report is one self-contained page."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from data.catalog import RunError
+from flows.cli import app
+from flows.pipeline import STAGES, load_config
+from tests.test_cli import assert_refused, tree_digest
+
+runner = CliRunner()
+
+
+def hspace(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def oracle_dir(tmp_path_factory):
+    from data import toyfaces
+    from data.annotators import save_oracle
+    from hcore.annotators import OracleNet
+
+    torch.manual_seed(2)
+    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
+    return save_oracle(net, tmp_path_factory.mktemp("oracle") / "o")
+
+
+def write_config(path, model_dir, oracle_dir, **changes):
+    cfg = {
+        "device": "cpu",
+        "sample": {"model": str(model_dir), "n": 16, "steps": 4, "batch_size": 8},
+        "annotate": {"annotators": [f"oracle:{oracle_dir}"]},
+        "pca": {"components": 2},
+        "directions": {"attributes": ["Smiling", "Male", "Young"], "top": 3, "held_out": 6},
+        "evaluate": {"evaluator": f"oracle:{oracle_dir}", "gamma": 1.0},
+        "figures": {"pcs": 2, "name_samples": 4, "scales": [-1, 0, 1]},
+    }
+    for section, values in changes.items():
+        cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stage_lines(output: str) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+): (cached|done)", output, re.M)}
+
+
+def test_pipeline_runs_caches_and_recomputes_downstream(prefect_server, model_dir, oracle_dir, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", model_dir, oracle_dir)
+    first = hspace("run", "--config", config, "--out", out)
+    assert first.exit_code == 0, first.output
+    assert stage_lines(first.output) == {s: "done" for s in STAGES}
+    meta = json.loads((out / "run.json").read_text())
+    assert all(meta["pipeline"][s]["state"] == "done" for s in STAGES)
+    for name in ("samples.zarr", "annotations.zarr", "pca.zarr", "eval/summary.json", "report.html"):
+        assert (out / name).exists(), name
+    for name in ("Smiling", "Male_disentangled", "pc01", "random01"):
+        assert (out / "directions" / f"{name}.safetensors").exists(), name
+    report = (out / "report.html").read_text()
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report)
+    assert len(images) >= 7 and "http" not in report.replace("http-equiv", "")
+    assert "Leakage (Table 1)" in report and "pc00" in report
+
+    samples_before = tree_digest(out / "samples.zarr")
+    summary_before = (out / "eval" / "summary.json").read_text()
+    again = hspace("run", "--config", config, "--out", out)
+    assert again.exit_code == 0, again.output
+    assert stage_lines(again.output) == {s: "cached" for s in STAGES}
+
+    write_config(config, model_dir, oracle_dir, evaluate={"gamma": 2.0})
+    changed = hspace("run", "--config", config, "--out", out)
+    assert changed.exit_code == 0, changed.output
+    lines = stage_lines(changed.output)
+    assert lines == {**{s: "cached" for s in STAGES}, "evaluate": "done", "report": "done"}
+    assert tree_digest(out / "samples.zarr") == samples_before
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["original"]["gamma"]["Smiling"] == 2.0 and summary != json.loads(summary_before)
+
+    # a changed sample section on the same folder is refused, nothing touched
+    before = tree_digest(out)
+    write_config(config, model_dir, oracle_dir, sample={"n": 20})
+    assert_refused(hspace("run", "--config", config, "--out", out), "different config", "n: stored 16 != requested 20")
+    assert tree_digest(out) == before
+
+
+def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
+    out = tmp_path / "never"
+    bad = tmp_path / "bad.yaml"
+    for text, needle in (
+        ("pca: {componets: 3}\n", "pca.componets: unknown key"),
+        ("sample: {n: -1}\n", "sample.n: Input should be greater than 0"),
+        ("evaluate: {gamma: lots}\n", "evaluate.gamma"),
+        ("samples: {}\n", "samples: unknown key"),
+        ("- just a list\n", "must be a mapping"),
+        ("pca: [\n", "not valid YAML"),
+        ("disentangle: {conditions: {Bald: [Male]}}\n", "not in directions.attributes"),
+    ):
+        bad.write_text(text)
+        assert_refused(hspace("run", "--config", bad, "--out", out), needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", [[], ["--celeba"]])
+def test_example_configs_are_valid(tmp_path, flag):
+    result = hspace("config", "--example", *flag)
+    assert result.exit_code == 0
+    path = tmp_path / "example.yaml"
+    path.write_text(result.output)
+    cfg = load_config(path)
+    assert cfg.directions.attributes[0] == "Smiling"
+    with pytest.raises(RunError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
