@@ -258,6 +258,7 @@ def inspect(
         "config": meta["config"],
         "model": meta["model"],
         "stages": meta["stages"],
+        "pipeline": meta.get("pipeline", {}),
         "versions": meta.get("versions", {}),
         "arrays": [],
         "lock": run.lock_holder(),
@@ -337,6 +338,29 @@ def inspect(
     for name, st in meta["stages"].items():
         stages.add_row(name, st.get("state", "?"), ", ".join(f"{k}={v}" for k, v in st.items() if k != "state"))
     console.print(stages)
+    if meta.get("pipeline"):
+        table = Table(title="hspace run stages")
+        for col in ("stage", "state", "cache key", "seconds", "outputs (size on disk)"):
+            table.add_column(col)
+        for name, st in meta["pipeline"].items():
+            outs = []
+            for o in st.get("outputs", [])[:4]:
+                path = run.root / o
+                size = (
+                    sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                    if path.is_dir()
+                    else (path.stat().st_size if path.exists() else None)
+                )
+                outs.append(f"{o} ({_human(size)})" if size is not None else f"{o} (missing)")
+            more = len(st.get("outputs", [])) - 4
+            table.add_row(
+                name,
+                st.get("state", "?"),
+                str(st.get("key", "")),
+                str(st.get("seconds", "")),
+                ", ".join(outs) + (f" +{more} more" if more > 0 else ""),
+            )
+        console.print(table)
 
 
 @app.command()

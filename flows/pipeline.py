@@ -300,7 +300,9 @@ def run_stages(cfg: RunConfig, out: Path, log=print, show_progress: bool = True)
             refresh_cache=True,  # run.json, not Prefect's record, says whether the files exist
         )
         def stage_task(stage: str, key: str) -> dict:
-            return bodies[stage]()
+            result = bodies[stage]()
+            publish_artifacts(run, stage, key, result)
+            return result
 
         t0 = time.perf_counter()
         _set(run, stage, key=key, state="running", started=time.time())
@@ -314,6 +316,31 @@ def run_stages(cfg: RunConfig, out: Path, log=print, show_progress: bool = True)
         log(f"{stage}: done in {seconds:.1f} s")
         summary[stage] = "ran"
     return summary
+
+
+def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> None:
+    """Prefect artifacts for the UI: a markdown summary per stage, the leakage tables of
+    the evaluation, and a link to the report (keys: lowercase, digits, dashes)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-") or "run"
+    outputs = "\n".join(f"- `{run.root / o}`" for o in result.get("outputs", [])) or "- (none)"
+    create_markdown_artifact(
+        f"### {stage}\n\nrun folder `{run.root}`, fingerprint `{key}`\n\noutputs:\n{outputs}\n",
+        key=f"hspace-{slug}-{stage}",
+        description=f"hspace run stage {stage}",
+    )
+    if stage == "evaluate" and (run.root / "eval").exists():
+        import csv
+
+        for label in ("original", "disentangled"):
+            path = run.root / "eval" / f"leakage_{label}.csv"
+            if path.exists():
+                rows = list(csv.DictReader(path.open()))
+                create_table_artifact(rows, key=f"hspace-{slug}-leakage-{label}", description=f"leakage ({label})")
+    if stage == "report":
+        report = (run.root / "report.html").resolve()
+        create_link_artifact(report.as_uri(), link_text="report.html", key=f"hspace-{slug}-report")
 
 
 def _set(run: RunFolder, stage: str, **fields) -> None:

@@ -71,6 +71,15 @@ def test_pipeline_runs_caches_and_recomputes_downstream(prefect_server, model_di
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report)
     assert len(images) >= 7 and "http" not in report.replace("http-equiv", "")
     assert "Leakage (Table 1)" in report and "pc00" in report
+    from prefect.artifacts import Artifact
+
+    link = Artifact.get("hspace-run-report")  # Prefect artifacts for the UI
+    assert link is not None and "report.html" in str(link.data)
+    table = Artifact.get("hspace-run-leakage-original")
+    assert table is not None and "Smiling" in str(table.data)
+    shown = hspace("inspect", out)
+    assert shown.exit_code == 0 and "hspace run stages" in shown.output
+    assert meta["pipeline"]["evaluate"]["key"] in shown.output.replace("\n", "")
 
     samples_before = tree_digest(out / "samples.zarr")
     summary_before = (out / "eval" / "summary.json").read_text()
