@@ -849,6 +849,30 @@ def run_pipeline(
     console.print(f"report: [bold]{out / 'report.html'}[/] (stages and cache keys: `hspace inspect {out}`)")
 
 
+@app.command("schedule")
+def schedule(
+    config: Annotated[Path | None, typer.Option(help="YAML config (see `hspace config --example`)")] = None,
+    cron: Annotated[str, typer.Option(help="cron schedule, e.g. '0 3 * * *' (03:00 daily)")] = "0 3 * * *",
+    name: Annotated[str, typer.Option(help="deployment name")] = "hspace-nightly",
+    out_root: Annotated[Path, typer.Option(help="each scheduled run writes OUT_ROOT/<time>-<run name>")] = Path(
+        "runs/scheduled"
+    ),
+) -> None:
+    """Serve a Prefect deployment of `hspace run` on a cron schedule (blocks; Ctrl-C stops
+    serving and pauses the schedule). Point PREFECT_API_URL at your server to see it in the UI."""
+    from flows.pipeline import load_config, make_deployment
+
+    try:
+        cfg = load_config(config)
+        deployment = make_deployment(cfg, cron, name, out_root)
+    except RunError as e:
+        _fail(str(e))
+    from prefect import serve
+
+    console.print(f"serving deployment [bold]hspace-scheduled-run/{name}[/] on cron {cron!r}; runs land in {out_root}/")
+    serve(deployment)
+
+
 @app.command("config")
 def config_cmd(
     example: Annotated[bool, typer.Option(help="print a documented example config")] = True,

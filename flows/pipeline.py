@@ -15,10 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from datetime import UTC
 from pathlib import Path
 from typing import Literal
 
 import yaml
+from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from data.catalog import RunError, RunFolder
@@ -440,6 +442,48 @@ def _report(run: RunFolder, cfg: RunConfig) -> dict:
 
     path = write_report(run)
     return {"outputs": [str(path.relative_to(run.root))]}
+
+
+def validate_cron(cron: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise RunError(
+            f"--cron {cron!r} is not a cron expression: give five fields (minute hour day month weekday), "
+            "e.g. '0 3 * * *' for 03:00 every day"
+        ) from None
+    return cron
+
+
+def make_deployment(cfg: RunConfig, cron: str, name: str, out_root: Path):
+    """A Prefect deployment of the pipeline on a cron schedule; each run writes its own
+    folder under ``out_root`` (served by `hspace schedule`)."""
+    validate_cron(cron)
+    return scheduled_run.to_deployment(
+        name=name,
+        cron=cron,
+        parameters={"config": cfg.model_dump(mode="json"), "out_root": str(Path(out_root).resolve())},
+        description="hspace run on a schedule (hspace schedule)",
+    )
+
+
+@flow(name="hspace-scheduled-run")
+def scheduled_run(config: dict, out_root: str) -> str:
+    """One scheduled pipeline run into OUT_ROOT/<scheduled time>-<flow run name> (module
+    level, so a Prefect runner can load it by its entrypoint)."""
+    from datetime import datetime
+
+    from prefect.runtime import flow_run
+
+    start = flow_run.scheduled_start_time or datetime.now(UTC)
+    out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
+    cfg = RunConfig.model_validate(config)
+    run = RunFolder(out)
+    with run.lock(f"hspace schedule run {flow_run.name}"):
+        run_stages(cfg, out)
+    return str(out)
 
 
 def pipeline_flow_fn():

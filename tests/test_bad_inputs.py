@@ -82,7 +82,9 @@ def test_read_only_run_folder(copy_of, model_dir, monkeypatch):
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(catalog.os, "open", read_only_open)
-    assert_refused(hspace("annotate", copy_of, "--device", "cpu"), "Read-only file system", "inspect and verify work as is")
+    assert_refused(
+        hspace("annotate", copy_of, "--device", "cpu"), "Read-only file system", "inspect and verify work as is"
+    )
     assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", copy_of), "Read-only file system")
     real_access = os.access
     monkeypatch.setattr(

@@ -130,3 +130,27 @@ def test_example_configs_are_valid(tmp_path, flag):
     assert cfg.directions.attributes[0] == "Smiling"
     with pytest.raises(RunError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, oracle_dir, tmp_path):
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.flow_engine import run_flow
+
+    from flows.pipeline import make_deployment, scheduled_run
+
+    cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
+    deployment_id = make_deployment(cfg, "0 3 * * *", "nightly-test", tmp_path / "scheduled").apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+        # trigger a run and execute it here, as a runner would
+        flow_run = run_deployment("hspace-scheduled-run/nightly-test", timeout=0)
+        state = run_flow(scheduled_run, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        assert state.is_completed(), state
+        assert client.read_flow_run(flow_run.id).state.is_completed()
+    out = Path(state.result())
+    assert out.parent == (tmp_path / "scheduled").resolve() and (out / "report.html").exists()
+    assert_refused(hspace("schedule", "--cron", "every day at 3"), "is not a cron expression")
