@@ -21,6 +21,8 @@ def grid_image(
         images = images.transpose(0, 1, 3, 4, 2)
     rows, cols = images.shape[:2]
     font = ImageFont.load_default()
+    row_labels, col_labels = [_ascii(s) for s in row_labels], [_ascii(s) for s in col_labels]
+    title = _ascii(title) if title else title
     left = 8 + max((int(font.getlength(s)) for s in row_labels), default=0)
     top = 22 + (18 if title else 0)
     canvas = Image.new("RGB", (left + cols * (cell + 2), top + rows * (cell + 2)), "white")
@@ -40,6 +42,13 @@ def grid_image(
             tile = Image.fromarray(np.ascontiguousarray(images[r, c])).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (left + c * (cell + 2), top + r * (cell + 2)))
     return canvas
+
+
+def _ascii(text: str) -> str:
+    """PIL's built-in font has no Greek or math glyphs; spell them out."""
+    for a, b in (("γ", "g"), ("≈", "~"), ("σ", "sd"), ("°", " deg")):
+        text = text.replace(a, b)
+    return text
 
 
 def save_grid(path: Path, image: Image.Image) -> Path:

@@ -70,6 +70,9 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 for the UNet")] = "float32",
     allow_download: Annotated[bool, typer.Option(help="let a Hugging Face id download if not cached")] = False,
+    dask_address: Annotated[
+        str | None, typer.Option(help="run the shards on this Dask scheduler (OUT must be on a shared path)")
+    ] = None,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -122,7 +125,7 @@ def sample(
             from flows.sample import sample_flow
 
             with run.stage("sample"):
-                result = sample_flow(str(out))
+                result = sample_flow(str(out), dask_address=dask_address)
             run.set_stage("sample", state="done", recomputed_shards=len(result["recomputed"]))
     except RunError as e:
         _fail(str(e))
@@ -830,6 +833,9 @@ def _read_prompts(path: Path) -> dict[str, tuple[str, str]]:
 def run_pipeline(
     config: Annotated[Path | None, typer.Option(help="YAML config (see `hspace config --example`)")] = None,
     out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/pipeline"),
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler for sampling shards and PCA (overrides the config)")
+    ] = None,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
     """The whole pipeline as one Prefect flow of cached stages: sample, annotate, PCA,
@@ -839,6 +845,8 @@ def run_pipeline(
 
     try:
         cfg = load_config(config)  # before any work: a wrong key fails here
+        if dask_address:
+            cfg = cfg.model_copy(update={"dask_address": dask_address})
         run = RunFolder(out)
         with run.lock(f"hspace run --out {out}", break_stale=break_lock):
             pipeline_flow_fn()(cfg.model_dump(mode="json"), str(out))

@@ -90,6 +90,9 @@ class FiguresSection(Section):
 
 class RunConfig(Section):
     device: str = "auto"
+    dask_address: str | None = Field(
+        None, description="run sampling shards and per-timestep PCA on this Dask scheduler (not part of any cache key)"
+    )
     sample: SampleSection = Field(default_factory=SampleSection)
     annotate: AnnotateSection = Field(default_factory=AnnotateSection)
     pca: PCASection = Field(default_factory=PCASection)
@@ -158,6 +161,7 @@ TOY_EXAMPLE = """\
 # hspace run --config run.yaml --out runs/pipeline
 # Every key is optional; these are the defaults (toy world, ~5-8 min on 2 CPU cores).
 device: auto                  # auto, cpu, cuda, cuda:N
+dask_address: null            # e.g. tcp://scheduler:8786: sampling shards and PCA run there (shared run folder)
 sample:                       # hspace sample (sec. 3): h_{T:1} of every sample into samples.zarr
   model: toy                  # 'toy', a local diffusers folder, or a Hugging Face id in the local cache
   n: 256
@@ -274,7 +278,7 @@ def run_stages(cfg: RunConfig, out: Path, log=print, show_progress: bool = True)
     (run.root / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     bodies = {
-        "sample": lambda: _sample(run),
+        "sample": lambda: _sample(run, cfg.dask_address),
         "annotate": lambda: _annotate(run, cfg, device),
         "pca": lambda: _pca(run, cfg),
         "directions": lambda: _directions(run, cfg),
@@ -351,10 +355,10 @@ def _set(run: RunFolder, stage: str, **fields) -> None:
     run.write(meta)
 
 
-def _sample(run: RunFolder) -> dict:
+def _sample(run: RunFolder, dask_address: str | None) -> dict:
     from flows.sample import sample_flow
 
-    result = sample_flow(str(run.root))
+    result = sample_flow(str(run.root), dask_address=dask_address)
     run.set_stage("sample", state="done", recomputed_shards=len(result["recomputed"]))
     return {"outputs": ["samples.zarr"], "recomputed_shards": len(result["recomputed"])}
 
@@ -374,7 +378,7 @@ def _pca(run: RunFolder, cfg: RunConfig) -> dict:
     from tasks.pca import run_pca
 
     p = cfg.pca
-    r = run_pca(str(run.root), p.components, p.method, p.batch_size, p.workers)
+    r = run_pca(str(run.root), p.components, p.method, p.batch_size, p.workers, cfg.dask_address)
     return {"outputs": ["pca.zarr"], "method": r.get("method")}
 
 

@@ -696,3 +696,25 @@ def test_verify_reports_a_damaged_marker_and_changed_weights_are_refused(tmp_pat
     for args in (["evaluate", out, "--directions", "x"], ["jacobian", out], ["name", out, "--directions", "x"]):
         assert_refused(hspace(*args, "--device", "cpu"), "is not the one this run was made with")
     assert d.exists()
+
+
+@pytest.mark.slow
+def test_sampling_on_a_dask_cluster_equals_the_local_run(run_dir, model_dir, tmp_path):
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        out = tmp_path / "dask"
+        result = hspace(
+            "sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out, "--dask-address", cluster.scheduler_address
+        )
+        assert result.exit_code == 0, result.output
+    local, remote = SampleStore(run_dir / "samples.zarr"), SampleStore(out / "samples.zarr")
+    assert remote.complete()
+    for name in ("h", "x0", "seeds", "timesteps"):
+        np.testing.assert_array_equal(getattr(remote, name)[:], getattr(local, name)[:], err_msg=name)
+    assert_refused(
+        hspace(
+            "sample", "--model", model_dir, *SAMPLE_ARGS, "--out", tmp_path / "x", "--dask-address", "tcp://127.0.0.1:9"
+        ),
+        "cannot reach the Dask scheduler",
+    )
