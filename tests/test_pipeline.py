@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -55,11 +56,18 @@ def stage_lines(output: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+): (cached|done)", output, re.M)}
 
 
-def test_pipeline_runs_caches_and_recomputes_downstream(prefect_server, model_dir, oracle_dir, tmp_path):
-    out = tmp_path / "run"
-    config = write_config(tmp_path / "run.yaml", model_dir, oracle_dir)
+@pytest.fixture(scope="module")
+def pipeline_run(prefect_server, model_dir, oracle_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    out = tmp / "run"
+    config = write_config(tmp / "run.yaml", model_dir, oracle_dir)
     first = hspace("run", "--config", config, "--out", out)
     assert first.exit_code == 0, first.output
+    return out, config, first
+
+
+def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir, oracle_dir):
+    out, config, first = pipeline_run
     assert stage_lines(first.output) == {s: "done" for s in STAGES}
     meta = json.loads((out / "run.json").read_text())
     assert all(meta["pipeline"][s]["state"] == "done" for s in STAGES)
@@ -154,3 +162,47 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
     out = Path(state.result())
     assert out.parent == (tmp_path / "scheduled").resolve() and (out / "report.html").exists()
     assert_refused(hspace("schedule", "--cron", "every day at 3"), "is not a cron expression")
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  document.body.setAttribute('data-images', images.length);
+  document.body.setAttribute('data-rendered', images.filter(i => i.complete && i.naturalWidth > 0).length);
+});
+</script>"""
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it with apt-get)"
+)
+def test_report_loads_in_headless_chromium(pipeline_run, tmp_path):
+    """A real browser: the page loads with no console errors and every image decodes."""
+    import subprocess
+
+    out, _, _ = pipeline_run
+    page = tmp_path / "report.html"  # a copy with a probe script; the report itself has none
+    page.write_text((out / "report.html").read_text().replace("</body>", CHECK_IMAGES + "</body>"))
+    proc = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'data-images="(\d+)" data-rendered="(\d+)"', proc.stdout)
+    assert found, proc.stdout[:500]
+    total, rendered = int(found.group(1)), int(found.group(2))
+    assert total >= 7 and rendered == total
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console
