@@ -218,8 +218,8 @@ pca:
   method: randomized          # D = 512x8x8 = 32,768: see README "PCA engines"
   workers: 4
 directions:
-  attributes: [Smiling, Eyeglasses, Wearing_Hat, Male, Young, yaw]
-  top: 100
+  attributes: [Smiling, Eyeglasses, Wearing_Hat, Male, Young]   # add yaw (Hopenet) with a numeric gamma:
+  top: 100                                                       # CLIP's prompts do not score pose
   held_out: 1000
 disentangle:
   conditions: {Eyeglasses: [Young], Wearing_Hat: [Male]}

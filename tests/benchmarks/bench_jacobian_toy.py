@@ -68,7 +68,7 @@ def main() -> None:
     print(f"\n1. share of pixel-change energy inside the ROI (sample {i}, step {args.step}, gamma +-{args.gamma})")
     print("| ROI | area share | ROI direction | full-image direction |\n|---|---|---|---|")
     for label, roi in ROIS.items():
-        mask = roi_mask((size, size), parse_roi(roi, size)).bool()
+        mask = roi_mask((size, size), parse_roi(roi, size))[0, 0].bool()
         shares = []
         for v in (found[label], found["full image"]):
             energy = 0.0

@@ -52,7 +52,9 @@ def main() -> None:
     unet, scheduler = models.load_for_run(meta)  # refuses weights that changed since sampling
     oracle = load_annotator("oracle")
     col = list(oracle.names).index(args.attribute)
-    base = oracle.score(sample(unet, scheduler, make_generators(cfg["seed"], held), cfg["steps"], 0.0))[:, col]
+    base_x0 = sample(unet, scheduler, make_generators(cfg["seed"], held), cfg["steps"], 0.0)
+    base = oracle.score(base_x0)[:, col]
+    moved = {}  # RMS pixel change of the edit: how much of the image it replaces
     ns = [n for n in (1, 3, 10, 30, 100) if n <= first // 2]
     table = {}
     for latent in ("h", "xT"):
@@ -67,11 +69,15 @@ def main() -> None:
                 x_T = draw_noise(make_generators(cfg["seed"], held), v.shape[1:]) + args.gamma * v
                 x0 = sample(unet, scheduler, gens, cfg["steps"], 0.0, x_T=x_T)
             table[(latent, n)] = float((oracle.score(x0)[:, col] - base).mean())
+            moved[(latent, n)] = float(((x0 - base_x0) ** 2).mean().sqrt())
             (run.directions / f"{name}.safetensors").unlink()
     print(f"mean change of P({args.attribute}) on {len(held)} held-out samples at gamma = {args.gamma:g}")
-    print("| n pairs | h | x_T |\n|---|---|---|")
+    print("| n pairs | h: change | h: RMS pixel change | x_T: change | x_T: RMS pixel change |\n|---|---|---|---|---|")
     for n in ns:
-        print(f"| {n} | {table[('h', n)]:+.3f} | {table[('xT', n)]:+.3f} |")
+        print(
+            f"| {n} | {table[('h', n)]:+.3f} | {moved[('h', n)]:.3f} | {table[('xT', n)]:+.3f} | "
+            f"{moved[('xT', n)]:.3f} |"
+        )
     if args.png:
         from PIL import Image, ImageDraw
 

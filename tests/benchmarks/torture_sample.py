@@ -1,4 +1,4 @@
-"""Crash-and-resume torture test for `hspace sample` (issue: reliability).
+"""Crash-and-resume torture test for `hspace sample` and `hspace run` (issue: reliability).
 
 Runs an uninterrupted reference, then TRIALS times: start `hspace sample` as a subprocess
 (its own process group, so its ephemeral Prefect server dies with it), SIGKILL it at a
@@ -8,6 +8,10 @@ arrays with the reference bit for bit. Prints one line per trial: when it was ki
 how many shards were done, how many the resume recomputed.
 
     python tests/benchmarks/torture_sample.py [--trials 20] [--model toy] [--n 48] [--steps 10]
+    python tests/benchmarks/torture_sample.py --command run --trials 5   # the whole pipeline
+
+With --command run the final samples, annotations, PCA, eval summary and direction files
+are compared with the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -51,6 +55,24 @@ def finish(cmd: list[str], env: dict, log: Path, timeout: float = 900) -> int:
         kill_group(proc)  # a lingering server child
 
 
+def extra_outputs(run: Path, command: str) -> dict:
+    """What `hspace run` makes besides samples: scores, PCA, eval summary, directions."""
+    if command != "run":
+        return {}
+    import zarr
+    from safetensors.numpy import load_file
+
+    out = {"scores": zarr.open_group(run / "annotations.zarr", mode="r")["scores"][:]}
+    pca = zarr.open_group(run / "pca.zarr", mode="r")
+    for name in sorted(pca.array_keys()):
+        out[f"pca/{name}"] = pca[name][:]
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    out["eval"] = np.array([summary["original"]["mean_diagonal"], summary["original"]["mean_offdiagonal"]])
+    for path in sorted((run / "directions").glob("*.safetensors")):
+        out[f"directions/{path.stem}"] = load_file(str(path))["v"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=20)
@@ -60,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--command", choices=["sample", "run"], default="sample")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="torture-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -68,12 +91,30 @@ def main() -> None:
     sample_args = ["--model", args.model, "--n", str(args.n), "--steps", str(args.steps)]
     sample_args += ["--batch-size", str(args.batch_size), "--eta", "1.0", "--device", "cpu"]
     base = [sys.executable, "-m", "flows.cli", "sample", *sample_args]
+    if args.command == "run":
+        import yaml
+
+        config = work / "run.yaml"
+        sample_cfg = {"model": args.model, "n": args.n, "steps": args.steps, "batch_size": args.batch_size, "eta": 1.0}
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "device": "cpu",
+                    "sample": sample_cfg,
+                    "pca": {"components": 4},
+                    "directions": {"top": 4, "held_out": 16},
+                    "figures": {"pcs": 2, "name_samples": 4, "scales": [-2, 0, 2]},
+                }
+            )
+        )
+        base = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
 
     t0 = time.perf_counter()
     assert finish([*base, "--out", str(work / "reference")], env, work / "reference.log") == 0
     wall = time.perf_counter() - t0
     ref = SampleStore(work / "reference" / "samples.zarr")
     reference = {name: getattr(ref, name)[:] for name in ("h", "x0", "seeds", "timesteps")}
+    reference.update(extra_outputs(work / "reference", args.command))
     n_shards = ref.layout.n_shards
     print(f"reference: {wall:.1f} s, {n_shards} shards; killing at uniform random times in [0, {wall:.0f}] s")
 
@@ -100,8 +141,10 @@ def main() -> None:
         code = finish([*cmd, "--break-lock"], env, work / f"trial{trial:02d}-resume.log")
         meta = json.loads((run / "run.json").read_text())
         got = SampleStore(run / "samples.zarr")
-        equal = code == 0 and all(np.array_equal(getattr(got, k)[:], v) for k, v in reference.items())
-        recomputed = meta["stages"]["sample"].get("recomputed_shards")
+        now = {name: getattr(got, name)[:] for name in ("h", "x0", "seeds", "timesteps")}
+        now.update(extra_outputs(run, args.command))
+        equal = code == 0 and all(np.array_equal(now[k], v) for k, v in reference.items())
+        recomputed = meta["stages"].get("sample", {}).get("recomputed_shards")
         where = "after it finished" if finished_first else f"{delay:5.1f} s"
         results.append(equal and not bad)
         print(
