@@ -86,6 +86,10 @@ class FiguresSection(Section):
     scales: list[float] = Field(default_factory=lambda: [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0], min_length=1)
     pcs: int = Field(6, ge=0, description="PCs in the PCA grid (and random directions in the baseline grid)")
     name_samples: int = Field(16, ge=0, description="samples used to name PCs by the attribute they move (0: off)")
+    efficiency: bool = Field(True, description="Fig. 8: h vs x_T directions of the first attribute from n pairs")
+    jacobian: bool = Field(True, description="Fig. 7: Jacobian directions of `sample`, transferred to others")
+    jacobian_step: int | None = Field(None, ge=0, description="default: steps // 5")
+    jacobian_k: int = Field(3, gt=0)
 
 
 class RunConfig(Section):
@@ -195,6 +199,10 @@ figures:
   scales: [-3, -2, -1, 0, 1, 2, 3]
   pcs: 6
   name_samples: 16            # samples used to name each PC after the attribute it moves
+  efficiency: true            # Fig. 8: h vs x_T directions of the first attribute from 1..30 pairs
+  jacobian: true              # Fig. 7: top Jacobian directions of `sample`, transferred to other samples
+  jacobian_step: null         # default: steps // 5
+  jacobian_k: 3
 """
 
 CELEBA_EXAMPLE = """\

@@ -105,7 +105,37 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
         files.append(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
+    if f.jacobian:
+        files.append(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
+    if f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0:
+        from tasks.efficiency import plot, sample_efficiency
+
+        result = sample_efficiency(
+            str(run.root), attrs[0], cfg.directions.held_out, 1.0, cfg.annotate.annotators[0], (1, 3, 10, 30), device
+        )
+        (out / "sample_efficiency.json").write_text(json.dumps(result, indent=2))
+        files += [out / "sample_efficiency.json", plot(result, out / "sample_efficiency.png")]
     return files
+
+
+def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: int, f, device: str) -> Path:
+    """Fig. 7: the top Jacobian direction of ``sample`` (Alg. 1) applied to it and to three
+    other samples; gamma up to half the mean norm of h at that step."""
+    from tasks.jacobian import run_jacobian
+
+    steps = meta["config"]["steps"]
+    step = min(f.jacobian_step if f.jacobian_step is not None else steps // 5, steps - 1)
+    result = run_jacobian(str(run.root), sample, step, f.jacobian_k, device=device)
+    top = Path(result["directions"][0])
+    k = min(16, store.layout.n)
+    h = store.h[:k, step].astype(np.float32).reshape(k, -1)
+    g = 0.5 * float(np.linalg.norm(h, axis=1).mean())
+    scales = [-g, -g / 2, 0.0, g / 2, g]
+    shown = [sample] + [j for j in range(store.layout.n) if j != sample][:3]
+    rows = [_edit_grid(unet, scheduler, meta, j, [top], scales)[0][0] for j in shown]
+    title = f"top Jacobian direction of sample {sample} at step {step} (sigma {result['singular_values'][0]:.3g})"
+    image = grid_image(np.stack(rows), [f"sample {j}" for j in shown], [f"g={x:+.0f}" for x in scales], title=title)
+    return save_grid(run.root / "figures" / "jacobian_grid.png", image)
 
 
 def _as_float(x0: np.ndarray):

@@ -19,6 +19,16 @@ FIGURES = [
     ("supervised_grid.png", "Supervised directions (eq. 10)", "Mean difference of top and bottom samples."),
     ("disentangled_grid.png", "Disentangled directions (eq. 11)", "Each projected against the other attributes."),
     ("sequential.png", "Sequential editing (Fig. 11)", "Directions accumulated one after another."),
+    (
+        "sample_efficiency.png",
+        "Sample efficiency, h vs x_T (Fig. 8)",
+        "Mean change of the first attribute on held-out samples for directions from n pairs (blue h, red x_T).",
+    ),
+    (
+        "jacobian_grid.png",
+        "Image-specific direction (Fig. 7)",
+        "The top right singular vector of the Jacobian at one step of one sample, applied to it and to others.",
+    ),
 ]
 
 

@@ -79,6 +79,9 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report)
     assert len(images) >= 7 and "http" not in report.replace("http-equiv", "")
     assert "Leakage (Table 1)" in report and "pc00" in report
+    assert "(Fig. 8)" in report and "(Fig. 7)" in report and "(Fig. 11)" in report
+    efficiency = json.loads((out / "figures" / "sample_efficiency.json").read_text())
+    assert efficiency["ns"] == [1, 3] and set(efficiency["change"]) == {"h:1", "h:3", "xT:1", "xT:3"}
     from prefect.artifacts import Artifact
 
     link = Artifact.get("hspace-run-report")  # Prefect artifacts for the UI
