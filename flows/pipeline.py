@@ -253,7 +253,7 @@ def _outputs_exist(run: RunFolder, outputs: list[str]) -> bool:
     return all((run.root / o).exists() for o in outputs)
 
 
-def run_stages(cfg: RunConfig, out: Path, log=print, show_progress: bool = True) -> dict:
+def run_stages(cfg: RunConfig, out: Path, log=print) -> dict:
     """Run the pipeline into ``out`` (called inside the flow; the CLI holds the lock)."""
     from prefect import task
 

@@ -52,20 +52,24 @@ def calibrate_gamma(
 
     lo, f_lo = 0.0, 0.0
     hi, f_hi = gamma0, f(gamma0)
+    peak = (hi, f_hi)  # the largest effect seen while bracketing
     while f_hi < target:  # small or noisy effects at small gamma: keep doubling
         if hi >= gamma_max or calls >= max_evaluations:
-            if f_hi <= 0:
+            if peak[1] <= 0:
                 raise CalibrationError(
                     f"the direction moves the attribute by {f_hi:+.4g} at gamma {hi:.4g}: it does not raise it "
                     "(a direction of the opposite sign?)"
                 )
             raise CalibrationError(
-                f"the attribute moves by at most {f_hi:.4g} (at gamma {hi:.4g}); the target {target} is out of reach"
+                f"the attribute moves by at most {peak[1]:.4g} (at gamma {peak[0]:.4g}; {f_hi:+.4g} at gamma "
+                f"{hi:.4g}); the target {target} is out of reach: ask for less (--target)"
             )
         if f_hi > 0:
             lo, f_lo = hi, f_hi
         hi = min(2 * hi, gamma_max)
         f_hi = f(hi)
+        if f_hi > peak[1]:
+            peak = (hi, f_hi)
     best = (hi, f_hi)
     while abs(best[1] - target) > rtol * target and calls < max_evaluations:
         # secant step inside the bracket where it falls well inside, else bisection

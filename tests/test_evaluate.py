@@ -37,6 +37,9 @@ def test_calibration_on_a_step_like_function_and_its_errors():
         calibrate_gamma(lambda g: -0.1 * g, 0.5)
     with pytest.raises(CalibrationError, match="out of reach"):
         calibrate_gamma(lambda g: 0.01 * g, 0.5, gamma_max=8)
+    # rises, then breaks down at large gamma (the image falls apart): the peak is reported
+    with pytest.raises(CalibrationError, match=r"at most 0\.2 \(at gamma 4"):
+        calibrate_gamma(lambda g: 0.05 * g if g <= 4 else 0.2 - 0.1 * (g - 4), 0.5)
     with pytest.raises(CalibrationError, match="must be positive"):
         calibrate_gamma(lambda g: g, 0.0)
 
