@@ -24,7 +24,9 @@ def sample_efficiency(
     annotator: str = "oracle",
     ns: tuple[int, ...] = (1, 3, 10, 30, 100),
     device: str = "cpu",
+    max_samples: int | None = None,
 ) -> dict:
+    """``max_samples``: edit only the first this many held-out samples (a quicker figure)."""
     from hcore.sampler import Edit, draw_noise, make_generators, sample
     from tasks.supervised import build_direction
 
@@ -37,7 +39,7 @@ def sample_efficiency(
     first = cfg["n"] - held_out
     if first < 2 or held_out < 1:
         raise RunError(f"held_out {held_out} leaves {first} samples to build directions from")
-    held = list(range(first, cfg["n"]))
+    held = list(range(first, cfg["n"]))[:max_samples]
     unet, scheduler = models.load_for_run(meta, device=device)
     net = load_annotator(annotator, device)
     if attribute not in net.names:

@@ -111,7 +111,14 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
         from tasks.efficiency import plot, sample_efficiency
 
         result = sample_efficiency(
-            str(run.root), attrs[0], cfg.directions.held_out, 1.0, cfg.annotate.annotators[0], (1, 3, 10, 30), device
+            str(run.root),
+            attrs[0],
+            cfg.directions.held_out,
+            1.0,
+            cfg.annotate.annotators[0],
+            (1, 3, 10, 30),
+            device,
+            max_samples=32,
         )
         (out / "sample_efficiency.json").write_text(json.dumps(result, indent=2))
         files += [out / "sample_efficiency.json", plot(result, out / "sample_efficiency.png")]

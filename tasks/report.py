@@ -67,7 +67,9 @@ def write_report(run: RunFolder) -> Path:
             "<h2>Stages</h2><table><tr><th>stage</th><th>state</th><th>cache key</th><th>seconds</th>"
             "<th>outputs</th></tr>"
         )
-        for stage, rec in pipeline.items():
+        order = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures"]
+        for stage in [s for s in order if s in pipeline] + [s for s in pipeline if s not in order + ["report"]]:
+            rec = pipeline[stage]  # the report stage is this page, still being written
             outputs = ", ".join(rec.get("outputs", [])[:6]) + (" …" if len(rec.get("outputs", [])) > 6 else "")
             parts.append(
                 f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
