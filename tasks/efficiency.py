@@ -96,7 +96,8 @@ def plot(result: dict, path: Path) -> Path:
     x_of = lambda n: 40 + (w - 70) * np.log10(n) / 2  # noqa: E731
     y_of = lambda c: h - 35 - (h - 70) * (c - lo) / span  # noqa: E731
     d.line([(40, y_of(0)), (w - 20, y_of(0))], fill="grey")
-    d.text((4, y_of(0) - 6), "0", fill="grey")
+    for v in sorted({0.0, lo, hi}):
+        d.text((2, y_of(v) - 6), f"{v:+.2f}", fill="grey")
     for latent, colour in (("h", "blue"), ("xT", "red")):
         pts = [(x_of(n), y_of(result["change"][f"{latent}:{n}"])) for n in result["ns"]]
         if len(pts) > 1:
