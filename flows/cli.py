@@ -346,7 +346,7 @@ def inspect(
     console.print(stages)
     if meta.get("pipeline"):
         table = Table(title="hspace run stages")
-        for col in ("stage", "state", "cache key", "seconds", "outputs (size on disk)"):
+        for col in ("stage", "state", "cache key", "inputs", "seconds", "outputs (size on disk)"):
             table.add_column(col)
         for name, st in meta["pipeline"].items():
             outs = []
@@ -363,6 +363,7 @@ def inspect(
                 name,
                 st.get("state", "?"),
                 str(st.get("key", "")),
+                ", ".join(st.get("inputs", [])),
                 str(st.get("seconds", "")),
                 ", ".join(outs) + (f" +{more} more" if more > 0 else ""),
             )

@@ -152,6 +152,16 @@ def stage_keys(cfg: RunConfig, model_fingerprint: str) -> dict[str, str]:
 
 
 STAGES = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures", "report"]
+INPUTS = {  # what each stage reads (its fingerprint includes theirs)
+    "sample": ["model"],
+    "annotate": ["sample"],
+    "pca": ["sample"],
+    "directions": ["annotate", "sample"],
+    "disentangle": ["directions"],
+    "evaluate": ["directions", "annotate"],
+    "figures": ["pca", "directions", "disentangle", "annotate"],
+    "report": STAGES[:-1],
+}
 
 
 def example_config(kind: str = "toy") -> str:
@@ -319,7 +329,7 @@ def run_stages(cfg: RunConfig, out: Path, log=print) -> dict:
             return result
 
         t0 = time.perf_counter()
-        _set(run, stage, key=key, state="running", started=time.time())
+        _set(run, stage, key=key, state="running", started=time.time(), inputs=INPUTS[stage])
         try:
             result = stage_task(stage, key)
         except BaseException:
