@@ -90,7 +90,9 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     assert table is not None and "Smiling" in str(table.data)
     shown = hspace("inspect", out)
     assert shown.exit_code == 0 and "hspace run stages" in shown.output
-    assert meta["pipeline"]["evaluate"]["key"] in shown.output.replace("\n", "")
+    as_json = json.loads(hspace("inspect", out, "--json").output)
+    assert as_json["pipeline"]["evaluate"]["key"] == meta["pipeline"]["evaluate"]["key"]
+    assert as_json["pipeline"]["evaluate"]["inputs"] == ["directions", "annotate"]
 
     samples_before = tree_digest(out / "samples.zarr")
     summary_before = (out / "eval" / "summary.json").read_text()
