@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from data.catalog import AnnotationStore, RunError, RunFolder, SampleLayout, SampleStore
-from tasks.sample import _device, cached_model
+from tasks.sample import _device, cached_model, open_shard
 
 INVERT_CODE_VERSION = "invert-1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -127,14 +127,10 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
 
     from hcore.inversion import ddim_invert, reconstruct
 
-    run = RunFolder(Path(run_dir))
-    meta = run.read()
-    cfg = meta["config"]
-    store = SampleStore(run.samples, mode="r+")
-    if store.done[shard] == 1:
+    opened = open_shard(run_dir, shard)
+    if opened is None:
         return {"shard": shard, "recomputed": False}
-    rows = store.layout.shard_rows(shard)
-    unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
+    cfg, store, rows, unet, scheduler = opened
     images = load_images(Path(cfg["images_dir"]), cfg["images"][rows.start : rows.stop], store.layout.image_shape[-1])
     x0 = torch.from_numpy(images).float() / 127.5 - 1
     h = np.empty((len(rows), cfg["steps"], *store.layout.h_shape), np.float16)

@@ -98,20 +98,29 @@ def prepare_store(run: RunFolder) -> SampleStore:
     return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy())
 
 
+def open_shard(run_dir: str, shard: int):
+    """What a shard task needs: (cfg, store, rows, unet, scheduler), or None when the
+    shard is already done (its marker, not Prefect's cache, is the truth)."""
+    run = RunFolder(Path(run_dir))
+    meta = run.read()
+    cfg = meta["config"]
+    store = SampleStore(run.samples, mode="r+")
+    if store.done[shard] == 1:
+        return None
+    unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
+    return cfg, store, store.layout.shard_rows(shard), unet, scheduler
+
+
 def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
     from hcore.sampler import make_generators, sample, to_uint8
 
-    run = RunFolder(Path(run_dir))
-    meta = run.read()
-    cfg = meta["config"]
-    store = SampleStore(run.samples, mode="r+")
-    if store.done[shard] == 1:
+    opened = open_shard(run_dir, shard)
+    if opened is None:
         return {"shard": shard, "recomputed": False}
-    rows = store.layout.shard_rows(shard)
-    unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
+    cfg, store, rows, unet, scheduler = opened
     steps = cfg["steps"]
     h = np.empty((len(rows), steps, *store.layout.h_shape), np.float16)
     bad: list[str] = []
