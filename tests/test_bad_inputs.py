@@ -98,3 +98,35 @@ def test_read_only_run_folder(copy_of, model_dir, monkeypatch):
     assert hspace("inspect", copy_of).exit_code == 0
     assert hspace("verify", copy_of).exit_code == 0
     assert tree_digest(copy_of) == before
+
+
+def test_nan_in_h_is_caught_at_write_time_and_named(prefect_server, model_dir, tmp_path):
+    """A NaN in h (fp16 overflow, a broken model) fails the shard, naming sample and step;
+    the shard is not marked done, so nothing half-written is ever read as complete."""
+    import torch
+
+    from data import models
+    from tasks.sample import cached_model
+
+    ref = models.resolve(str(model_dir))
+    unet, _ = cached_model(str(ref.path), ref.fingerprint, "cpu", "float32")  # the one run_shard will use
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) == 3:  # the third U-Net pass of the first shard: step 2
+            output = output.clone()
+            output[1] = float("nan")
+            return output
+        return None
+
+    handle = unet.mid_block.register_forward_hook(poison)
+    out = tmp_path / "nan"
+    try:
+        result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", out)
+    finally:
+        handle.remove()
+    assert_refused(result, "h of sample 1 at step 2", "is NaN/Inf")
+    store = SampleStore(out / "samples.zarr")
+    assert store.done[0] == 0  # the poisoned shard is pending, not done
+    assert torch.isnan(torch.from_numpy(store.h[0:4].astype("float32"))).all()  # never written
