@@ -92,8 +92,7 @@ def sample(
         _fail(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     try:
         from data import models
-        from data.catalog import package_versions
-        from tasks.sample import resolve_device
+        from tasks.sample import init_run, resolve_device
 
         ref = models.resolve(model, allow_download=allow_download)
         dev = resolve_device(device)
@@ -119,12 +118,7 @@ def sample(
         }
         run = RunFolder(out)
         with run.lock(f"hspace sample --out {out}", break_stale=break_lock):
-            from data.directions import scheduler_name
-
-            model_meta = {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}
-            meta = run.init(config, model_meta, package_versions())
-            meta["runtime"] = {"device": dev}  # may change on resume; not part of the config
-            run.write(meta)
+            init_run(run, config, ref, scheduler, dev)
             from flows.sample import sample_flow
 
             with run.stage("sample"):
@@ -173,10 +167,8 @@ def invert(
         _fail(f"--dtype must be float32, float16 or bfloat16, got {dtype!r}")
     try:
         from data import models
-        from data.catalog import package_versions
-        from data.directions import scheduler_name
         from tasks.invert import list_images, load_images, write_labels
-        from tasks.sample import resolve_device
+        from tasks.sample import init_run, resolve_device
 
         names, scores = list_images(images, labels, attribute)
         ref = models.resolve(model)
@@ -204,10 +196,7 @@ def invert(
         }
         run = RunFolder(out)
         with run.lock(f"hspace invert --out {out}", break_stale=break_lock):
-            model_meta = {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}
-            meta = run.init(config, model_meta, package_versions())
-            meta["runtime"] = {"device": dev}
-            run.write(meta)
+            init_run(run, config, ref, scheduler, dev)
             from flows.invert import invert_flow
 
             with run.stage("invert"):

@@ -268,9 +268,7 @@ def run_stages(cfg: RunConfig, out: Path, log=print) -> dict:
     from prefect import task
 
     from data import models
-    from data.catalog import package_versions
-    from data.directions import scheduler_name
-    from tasks.sample import resolve_device
+    from tasks.sample import init_run, resolve_device
 
     run = RunFolder(out)
     device = resolve_device(cfg.device)
@@ -289,8 +287,7 @@ def run_stages(cfg: RunConfig, out: Path, log=print) -> dict:
     if cfg.directions.held_out >= s.n - 1:
         raise RunError(f"directions.held_out {cfg.directions.held_out} leaves no samples to build directions from")
     _, scheduler = models.load(ref)
-    meta = run.init(sample_config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}, package_versions())
-    meta["runtime"] = {"device": device}
+    meta = init_run(run, sample_config, ref, scheduler, device)
     meta["pipeline_config"] = cfg.model_dump(mode="json")
     run.write(meta)
     (run.root / "run.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -66,6 +66,18 @@ def _device(meta: dict) -> str:
     return meta.get("runtime", {}).get("device", "cpu")
 
 
+def init_run(run: RunFolder, config: dict, ref, scheduler, device: str) -> dict:
+    """Create or re-check run.json (RunFolder.init) for ``config`` and model ``ref``, and
+    record the device, which may change on resume and is not part of the config."""
+    from data.catalog import package_versions
+    from data.directions import scheduler_name
+
+    meta = run.init(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}, package_versions())
+    meta["runtime"] = {"device": device}
+    run.write(meta)
+    return meta
+
+
 def prepare_store(run: RunFolder) -> SampleStore:
     """Open samples.zarr, creating it (all arrays allocated up front) on first use."""
     meta = run.read()
