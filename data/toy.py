@@ -36,6 +36,7 @@ class ToyRecipe:
     lr: float = 5e-4
     warmup: int = 200
     ema_decay: float = 0.999
+    decay_from: int | None = None  # cosine learning-rate decay from this step to 0 at `steps`
     seed: int = 0
     steps: int = 5000
     checkpoint_every: int = 250

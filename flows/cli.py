@@ -698,6 +698,9 @@ def disentangle(
     direction: Annotated[str, typer.Option(help="direction name in RUN/directions")],
     against: Annotated[str, typer.Option(help="comma-separated directions to project out (eq. (11))")],
     name: Annotated[str | None, typer.Option(help="output name (default: DIRECTION_disentangled)")] = None,
+    keep_norm: Annotated[
+        bool, typer.Option(help="rescale the projection to the original's norm (--no-keep-norm: eq. (11) as is)")
+    ] = True,
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
     """Disentangle a direction by projection (paper eq. (11)), over all timesteps jointly."""
@@ -708,7 +711,7 @@ def disentangle(
         run.read()
         with run.lock(f"hspace disentangle {run_dir}", break_stale=break_lock), run.stage("disentangle"):
             result = disentangle_direction(
-                str(run_dir), direction, [a.strip() for a in against.split(",") if a.strip()], name
+                str(run_dir), direction, [a.strip() for a in against.split(",") if a.strip()], name, keep_norm
             )
         run.set_stage("disentangle", state="done")
     except RunError as e:
@@ -725,6 +728,10 @@ def evaluate(
     disentangled: Annotated[
         bool, typer.Option(help="also each direction projected against the others (eq. 11)")
     ] = False,
+    keep_norm: Annotated[
+        bool,
+        typer.Option(help="--disentangled: rescale each projection to its original's norm (--no-keep-norm: as is)"),
+    ] = True,
     evaluator: Annotated[
         str, typer.Option(help="oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
     ] = "oracle",
@@ -769,6 +776,7 @@ def evaluate(
             prompts=prompt_pairs,
             device=resolve_device(device),
             log=console.print,
+            keep_norm=keep_norm,
         )
     except RunError as e:
         _fail(str(e))
@@ -898,6 +906,9 @@ def train_toy(
     ),
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    decay_from: Annotated[
+        int | None, typer.Option(help="cosine learning-rate decay from this step to zero at --steps")
+    ] = None,
     oracle_out: Annotated[Path | None, typer.Option(help="also train the oracle annotator into this folder")] = None,
     oracle_steps: Annotated[int, typer.Option(help="oracle training steps")] = 1200,
 ) -> None:
@@ -907,9 +918,16 @@ def train_toy(
     from data.toy import ToyRecipe
 
     recipe = ToyRecipe()
-    overrides = {k: v for k, v in (("steps", steps), ("checkpoint_every", checkpoint_every)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("steps", steps), ("checkpoint_every", checkpoint_every), ("decay_from", decay_from))
+        if v is not None
+    }
     if any(v <= 0 for v in overrides.values()):
-        _fail("--steps and --checkpoint-every must be positive")
+        _fail("--steps, --checkpoint-every and --decay-from must be positive")
+    total = overrides.get("steps", recipe.steps)
+    if decay_from is not None and decay_from >= total:
+        _fail(f"--decay-from {decay_from} must be below the total steps ({total})")
     recipe_dict = {**asdict(recipe), **overrides}
     try:
         from flows.train_toy import train_toy_flow

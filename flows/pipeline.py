@@ -69,6 +69,7 @@ class DisentangleSection(Section):
     conditions: dict[str, list[str]] = Field(
         default_factory=dict, description="attribute -> attributes to project out (default: all the others)"
     )
+    keep_norm: bool = Field(True, description="rescale each projection to the original direction's norm")
 
 
 class EvaluateSection(Section):
@@ -145,7 +146,7 @@ def stage_keys(cfg: RunConfig, model_fingerprint: str) -> dict[str, str]:
     k["pca"] = _key("pca", d["pca"], k["sample"])
     k["directions"] = _key("directions", d["directions"], k["annotate"])
     k["disentangle"] = _key("disentangle", d["disentangle"], k["directions"])
-    k["evaluate"] = _key("evaluate", d["evaluate"], d["device"], k["directions"], k["annotate"])
+    k["evaluate"] = _key("evaluate", d["evaluate"], d["device"], k["directions"], k["disentangle"], k["annotate"])
     k["figures"] = _key("figures", d["figures"], k["pca"], k["directions"], k["disentangle"], k["annotate"])
     k["report"] = _key("report", [k[s] for s in STAGES[:-1]])
     return k
@@ -158,7 +159,7 @@ INPUTS = {  # what each stage reads (its fingerprint includes theirs)
     "pca": ["sample"],
     "directions": ["annotate", "sample"],
     "disentangle": ["directions"],
-    "evaluate": ["directions", "annotate"],
+    "evaluate": ["directions", "disentangle", "annotate"],
     "figures": ["pca", "directions", "disentangle", "annotate"],
     "report": STAGES[:-1],
 }
@@ -200,6 +201,7 @@ directions:                   # hspace directions (eq. 10), one per attribute
 disentangle:                  # hspace disentangle (eq. 11)
   enabled: true
   conditions: {}              # e.g. {Wearing_Hat: [Male]}; default: all the other attributes
+  keep_norm: true             # rescale each projection to the original's norm (false: eq. 11 as is)
 evaluate:                     # hspace evaluate (Table 1) on the held-out samples
   enabled: true
   evaluator: oracle
@@ -422,7 +424,7 @@ def _disentangle(run: RunFolder, cfg: RunConfig) -> dict:
         against_names = [x if cfg.directions.latent == "h" else f"{x}_xT" for x in against]
         if not against_names:
             continue
-        r = disentangle_direction(str(run.root), name, against_names)
+        r = disentangle_direction(str(run.root), name, against_names, keep_norm=cfg.disentangle.keep_norm)
         files.append(str(Path(r["path"]).relative_to(run.root)))
     return {"outputs": files}
 
@@ -443,6 +445,8 @@ def _evaluate(run: RunFolder, cfg: RunConfig, device: str, log) -> dict:
         target=e.target,
         calibration_n=e.calibration_n,
         prompts=e.prompts,
+        keep_norm=cfg.disentangle.keep_norm,
+        conditions=cfg.disentangle.conditions,
         device=device,
         log=log,
     )

@@ -34,29 +34,11 @@ class TimestepPCA:
     explained_variance: np.ndarray
     total_variance: float
     n: int
+    passes: int = 1  # passes over the data (randomized engine)
 
     @property
     def explained_variance_ratio(self) -> np.ndarray:
         return self.explained_variance / self.total_variance
-
-
-def _mean_and_total_variance(batches: BatchSource) -> tuple[np.ndarray, float, int]:
-    """One pass, two accumulators (shifted by the first batch's mean for stability)."""
-    n, shift, s1, s2 = 0, None, None, 0.0
-    for x in batches():
-        x = np.asarray(x, np.float64)
-        if shift is None:
-            shift = x.mean(0)
-            s1 = np.zeros_like(shift)
-        xc = x - shift
-        s1 += xc.sum(0)
-        s2 += float((xc * xc).sum())
-        n += x.shape[0]
-    if n < 2:
-        raise ValueError(f"PCA needs at least 2 samples, got {n}")
-    mean_c = s1 / n
-    total = (s2 - n * float(mean_c @ mean_c)) / (n - 1)
-    return (shift + mean_c).astype(np.float32), total, n
 
 
 def fit_ipca(batches: BatchSource, n_components: int, batch_size: int) -> TimestepPCA:
@@ -102,38 +84,61 @@ def fit_randomized(
     n_iter: int | None = None,
     oversample: int = 10,
     seed: int = 0,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     max_iter: int = 30,
 ) -> TimestepPCA:
     """Randomized block Krylov iteration on C = X_c^T X_c / (n - 1), streamed (Halko et
     al. 2011; Musco & Musco 2015): the paper's sec. 4.1 PCA, out of core.
 
-    Pass 0: mean and total variance. Pass i >= 1 applies C to the newest block Q_i of
-    r = K + oversample orthonormal vectors, Z_i = C Q_i (accumulated batch by batch as
-    sum_b X_b^T (X_b Q_i) - n mu (mu^T Q_i); products in float32, sums in float64); the
-    Krylov basis [Q_0 .. Q_i] and the products [Z_0 .. Z_i] give the Rayleigh quotient
-    B = Q^T C Q without another pass, and its top eigenpairs (Ritz pairs) estimate the PCA;
-    the next block is Z_i orthogonalised against the basis. Stops when the top-K Ritz
+    Pass i applies C to the newest block Q_i of r = K + oversample orthonormal vectors,
+    Z_i = C Q_i, accumulated batch by batch as sum_b S_b^T (S_b Q_i) - n mu (mu^T Q_i) over
+    the rows shifted by the first batch's mean, S_b = X_b - shift (products in float32,
+    sums in float64); the first pass also accumulates the mean and total variance, so
+    there is no separate pass for them. The Krylov basis [Q_0 .. Q_i] and the products
+    [Z_0 .. Z_i] give the Rayleigh quotient B = Q^T C Q without another pass, and its top
+    eigenpairs (Ritz pairs) estimate the PCA; the next block is Z_i orthogonalised
+    against the basis. Stops when the top-K Ritz
     values change by less than ``tol`` (relative; a Ritz value's error is the square of
     its vector's), after ``max_iter`` passes, or after exactly ``n_iter`` when given.
     Memory: the basis, d x r per pass, never anything of size n. Converging in about the
     square root of the passes plain subspace iteration needs, it matches the exact top-K
     subspace in 6-8 passes where eigengaps are moderate (bench_pca.py).
     """
-    mean, total_var, n = _mean_and_total_variance(batches)
-    d = mean.shape[0]
-    rank = min(n_components + oversample, d, n)
     rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(rng.standard_normal((d, rank)))
-    mu = mean.astype(np.float64)
     passes = max(1, n_iter) if n_iter is not None else max(2, max_iter)
-    basis, products, previous = np.zeros((d, 0)), np.zeros((d, 0)), None
+    basis = products = previous = q = shift = mu = None
+    n = 0
     for it in range(passes):
-        z = np.zeros((d, q.shape[1]))
-        q32 = q.astype(np.float32)
-        for x in batches():
-            x = np.asarray(x, np.float32)
-            z += x.T @ (x @ q32)
+        z = None
+        if it == 0:  # pass 1 also accumulates the mean and total variance (shifted sums)
+            s1, s2 = None, 0.0
+            for x in batches():
+                x = np.asarray(x, np.float32)
+                if shift is None:
+                    shift = x.mean(0)
+                    d = shift.shape[0]
+                    s1 = np.zeros(d)
+                    q = np.linalg.qr(rng.standard_normal((d, n_components + oversample)))[0]
+                    q32 = q.astype(np.float32)
+                    z = np.zeros((d, q.shape[1]))
+                xc = x - shift
+                s1 += xc.sum(0, dtype=np.float64)
+                s2 += float(np.einsum("ij,ij->", xc, xc, dtype=np.float64))
+                z += xc.T @ (xc @ q32)
+                n += x.shape[0]
+            if n < 2:
+                raise ValueError(f"PCA needs at least 2 samples, got {n}")
+            mu = s1 / n  # mean of the shifted data
+            total_var = (s2 - n * float(mu @ mu)) / (n - 1)
+            rank = min(n_components + oversample, d, n)
+            q, z = q[:, :rank], z[:, :rank]
+            basis, products = np.zeros((d, 0)), np.zeros((d, 0))
+        else:
+            z = np.zeros((d, q.shape[1]))
+            q32 = q.astype(np.float32)
+            for x in batches():
+                xc = np.asarray(x, np.float32) - shift
+                z += xc.T @ (xc @ q32)
         z = (z - n * np.outer(mu, mu @ q)) / (n - 1)  # C q, centred without forming X - mu
         basis, products = np.hstack([basis, q]), np.hstack([products, z])
         ritz = basis.T @ products  # Rayleigh quotient B = Q^T C Q over the whole Krylov basis
@@ -152,7 +157,8 @@ def fit_randomized(
             break  # the Krylov space is exhausted: the Ritz pairs are exact
     order = np.argsort(evals)[::-1][:n_components]
     components = (basis @ evecs[:, order]).T
-    return TimestepPCA(mean, components.astype(np.float32), evals[order].astype(np.float32), total_var, n)
+    mean = (shift.astype(np.float64) + mu).astype(np.float32)
+    return TimestepPCA(mean, components.astype(np.float32), evals[order].astype(np.float32), total_var, n, it + 1)
 
 
 def align_signs(components: np.ndarray, reference: int) -> tuple[np.ndarray, np.ndarray]:

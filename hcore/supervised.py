@@ -5,6 +5,9 @@
   batches of latents, nothing holds all n.
 - eq. (11): disentanglement by projection, v = [I - V (V^T V)^-1 V^T] v0, over all
   timesteps jointly, computed with a least-squares solve, never an explicit inverse.
+  Optionally rescaled to |v0| (``keep_norm``), the convention of the conditional
+  manipulation the paper adopts (Shen et al. [33, 34], whose directions are unit normals):
+  gamma then means the same step length for a direction and its disentangled version.
 """
 
 from __future__ import annotations
@@ -42,15 +45,23 @@ class MeanDifference:
         return (self.sums[True] / self.counts[True] - self.sums[False] / self.counts[False]).astype(np.float32)
 
 
-def disentangle(v0: np.ndarray, conditions: list[np.ndarray]) -> np.ndarray:
+def disentangle(v0: np.ndarray, conditions: list[np.ndarray], keep_norm: bool = False) -> np.ndarray:
     """eq. (11): remove from v0 its projection on span(conditions), all timesteps jointly.
 
     v0 and each condition have the same shape (e.g. (T, C, H, W)); they are flattened to
     vectors. Uses lstsq (a QR/SVD solve of V^T V c = V^T v0), so nearly collinear
-    conditions do not blow up as an explicit inverse would."""
+    conditions do not blow up as an explicit inverse would. ``keep_norm``: rescale the
+    result to |v0| (same step length per unit gamma as the original direction)."""
     if not conditions:
         return np.asarray(v0, np.float32).copy()
     shape = np.shape(v0)
+    flat0 = np.asarray(v0, np.float64).ravel()
     big_v = np.stack([np.asarray(c, np.float64).ravel() for c in conditions], 1)  # (D, m)
-    coef, *_ = np.linalg.lstsq(big_v, np.asarray(v0, np.float64).ravel(), rcond=None)
-    return (np.asarray(v0, np.float64).ravel() - big_v @ coef).reshape(shape).astype(np.float32)
+    coef, *_ = np.linalg.lstsq(big_v, flat0, rcond=None)
+    v = flat0 - big_v @ coef
+    if keep_norm:
+        norm = np.linalg.norm(v)
+        if norm <= 1e-6 * np.linalg.norm(flat0):
+            raise ValueError("the direction lies in the span of the conditions: nothing is left after eq. (11)")
+        v *= np.linalg.norm(flat0) / norm
+    return v.reshape(shape).astype(np.float32)

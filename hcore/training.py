@@ -8,6 +8,7 @@ Pure: no file IO. The caller supplies batches, generators and does the checkpoin
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -44,9 +45,14 @@ class EMA:
             ema_p.lerp_(p.detach(), 1.0 - d)
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up, then constant."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step: int, base_lr: float, warmup: int, decay_from: int | None = None, total: int | None = None) -> float:
+    """Linear warm-up, then constant; with ``decay_from``, a cosine decay from that step to
+    zero at ``total`` (a constant rate leaves the weights jittering around fine details)."""
+    lr = base_lr * min(1.0, (step + 1) / max(1, warmup))
+    if decay_from is not None and total is not None and step >= decay_from:
+        frac = (step - decay_from) / max(1, total - decay_from)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return lr
 
 
 def train_step(
@@ -60,10 +66,12 @@ def train_step(
     base_lr: float,
     warmup: int,
     grad_clip: float = 1.0,
+    decay_from: int | None = None,
+    total: int | None = None,
 ) -> float:
     """One optimisation step of ``ddpm_loss``; returns the loss value."""
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, base_lr, warmup)
+        group["lr"] = lr_at(step, base_lr, warmup, decay_from, total)
     unet.train()
     loss = ddpm_loss(unet, scheduler, x0, generator)
     optimizer.zero_grad(set_to_none=True)

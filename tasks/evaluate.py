@@ -289,11 +289,16 @@ def run_evaluation(
     prompts: dict | None = None,
     device: str = "cpu",
     log=print,
+    keep_norm: bool = True,
+    conditions: dict[str, list[str]] | None = None,
 ) -> dict:
     """Table 1 for a run's directions ``names``: edit held-out samples along each (and,
     with ``disentangled``, along each projected against the others by eq. (11)), score
     with ``evaluator`` and write RUN/eval/ (leakage_*.csv/.md/.png, summary.json).
-    gamma None: calibrate per direction (``--gamma auto``) to reach ``target``."""
+    gamma None: calibrate per direction (``--gamma auto``) to reach ``target``.
+    ``conditions``: attribute -> attributes to project out (default: all the other listed
+    directions); ``keep_norm``: rescale each projected direction to its original norm, so
+    that both tables compare edits of the same length (see hcore.supervised)."""
     from data import models
     from data.annotators import load_annotator
     from data.catalog import RunError, require_sampled
@@ -334,12 +339,28 @@ def run_evaluation(
             )
     out = run.root / "eval"
     summary: dict = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
-    base = edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
+    conditions = conditions or {}
+    unknown = sorted({c for cs in conditions.values() for c in cs} - set(rows))
+    if unknown:
+        raise RunError(f"disentangle conditions name {unknown}, not among the evaluated directions {rows}")
+    against = {
+        row: [j for j, r in enumerate(rows) if r != row and (row not in conditions or r in conditions[row])]
+        for row in rows
+    }
     variants = [("original", vectors)]
     if disentangled:
         flat = [v.numpy() for v in vectors]
-        dis = [torch.from_numpy(project_out(flat[i], flat[:i] + flat[i + 1 :])) for i in range(len(flat))]
+        try:
+            dis = [
+                torch.from_numpy(project_out(flat[i], [flat[j] for j in against[row]], keep_norm=keep_norm))
+                for i, row in enumerate(rows)
+            ]
+        except ValueError as e:
+            raise RunError(f"--disentangled: {e}") from None
+        summary["disentangled_against"] = {row: [rows[j] for j in js] for row, js in against.items()}
+        summary["keep_norm"] = keep_norm
         variants.append(("disentangled", dis))
+    base = edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
     for label, vs in variants:
         if gamma is not None:
             gammas = [float(gamma)] * len(vs)

@@ -80,8 +80,11 @@ def build_direction(
     return {"path": str(path), "positives": pos.tolist(), "negatives": neg.tolist(), "norm": float(np.linalg.norm(v))}
 
 
-def disentangle_direction(run_dir: str, direction: str, against: list[str], name: str | None = None) -> dict:
-    """eq. (11) against the listed directions (all from this run's directions folder)."""
+def disentangle_direction(
+    run_dir: str, direction: str, against: list[str], name: str | None = None, keep_norm: bool = True
+) -> dict:
+    """eq. (11) against the listed directions (all from this run's directions folder);
+    ``keep_norm``: rescaled to the original's norm (hcore.supervised.disentangle)."""
     run = RunFolder(Path(run_dir))
     run.read()
     if not against:
@@ -103,12 +106,16 @@ def disentangle_direction(run_dir: str, direction: str, against: list[str], name
                 )
         if v.shape != v0.shape:
             raise RunError(f"direction {d!r} has shape {v.shape}, {direction!r} has {v0.shape}")
-    v = supervised.disentangle(v0, [loaded[d][0] for d in against])
+    try:
+        v = supervised.disentangle(v0, [loaded[d][0] for d in against], keep_norm=keep_norm)
+    except ValueError as e:
+        raise RunError(f"{direction}: {e}") from None
     out_name = name or f"{direction}_disentangled"
     md = {
         **md0,
         "method": f"disentangled (eq. 11) from {md0.get('method')}",
         "against": ",".join(against),
+        "keep_norm": str(keep_norm).lower(),
         "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}",
     }
     path = dirfile.save(run.directions / f"{out_name}.safetensors", torch.from_numpy(v), md)

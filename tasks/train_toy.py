@@ -57,6 +57,8 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
             toy.step_generator(recipe, step),
             recipe.lr,
             recipe.warmup,
+            decay_from=recipe.decay_from,
+            total=recipe.steps,
         )
         losses.append(loss)
         step += 1
@@ -103,22 +105,40 @@ ORACLE_TRAIN_SEED = 1 << 40  # oracle training renders: seeds from here on
 ORACLE_HELDOUT_SEED = 2 << 40  # held-out renders for its accuracy (never trained on)
 
 
-def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, generator=None):
-    """Renders and their targets: images (n, 3, size, size) in [-1, 1], targets (n, A)."""
+def soften(x: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Per-image blend between x and its blur by a binomial [1,4,6,4,1]/16 kernel (sigma
+    ~1 px): ``amount`` (n,) in [0, 1], 0 = sharp. Generated images are softer than renders."""
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    k = (k1[:, None] * k1[None]).expand(x.shape[1], 1, 5, 5).contiguous()
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    blurred = torch.nn.functional.conv2d(padded, k, groups=x.shape[1])
+    a = amount.view(-1, 1, 1, 1)
+    return (1 - a) * x + a * blurred
+
+
+def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, blur: float = 0.0, generator=None):
+    """Renders and their targets: images (n, 3, size, size) in [-1, 1], targets (n, A).
+    ``noise``: Gaussian noise of std up to this; ``blur``: ``soften`` by up to this."""
     import numpy as np
 
     from data import toyfaces
 
     images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if blur > 0:  # a generated image is softer than a render: judge the face, not the sharpness
+        x = soften(x, blur * torch.rand(n, generator=generator))
     if noise > 0:  # generated images are a little noisy; make the oracle indifferent to it
         sigma = noise * torch.rand(n, 1, 1, 1, generator=generator)
         x = x + sigma * torch.randn(x.shape, generator=generator)
     return x, torch.from_numpy(factors.labels())
 
 
-def train_oracle_model(out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0, progress=None):
-    """Train the toy oracle on fresh renders (one new batch per step; no epochs)."""
+def train_oracle_model(
+    out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0, blur: float = 1.0, progress=None
+):
+    """Train the toy oracle on fresh renders (one new batch per step; no epochs), with
+    noise and blur augmentation (an oracle trained on sharp renders only reads a mildly
+    blurred smile as no smile, and glasses as none: it would judge sharpness, not faces)."""
     from data import toyfaces
     from data.annotators import save_oracle
     from hcore.annotators import OracleNet
@@ -130,25 +150,31 @@ def train_oracle_model(out: Path, steps: int = 1200, batch: int = 128, lr: float
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for step in range(steps):
-        x, y = oracle_batch(ORACLE_TRAIN_SEED + (seed << 24) + step * batch, batch, noise=0.08, generator=gen)
+        x, y = oracle_batch(
+            ORACLE_TRAIN_SEED + (seed << 24) + step * batch, batch, noise=0.08, blur=blur, generator=gen
+        )
         loss = net.loss(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step + 1, float(loss))
+            progress(step + 1, loss.item())
         if (step + 1) % 100 == 0:
-            log.info("oracle step %d loss %.4f", step + 1, float(loss))
+            log.info("oracle step %d loss %.4f", step + 1, loss.item())
     net.eval()
     metrics = oracle_accuracy(net, n=2000)
-    save_oracle(net, out, extra={"heldout": metrics, "train_steps": steps})
+    metrics.update({f"{k}_soft": v for k, v in oracle_accuracy(net, n=2000, blur=1.0).items()})
+    save_oracle(net, out, extra={"heldout": metrics, "train_steps": steps, "blur": blur})
     return metrics
 
 
-def oracle_accuracy(net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED) -> dict:
-    """Accuracy per binary attribute and MAE (degrees) per pose angle on fresh renders."""
+def oracle_accuracy(net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED, blur: float = 0.0) -> dict:
+    """Accuracy per binary attribute and MAE (degrees) per pose angle on fresh renders
+    (``blur``: each softened by exactly this amount)."""
     x, y = oracle_batch(first_seed, n)
+    if blur > 0:
+        x = soften(x, torch.full((n,), blur))
     scores = torch.cat([net.score(x[i : i + 256]) for i in range(0, n, 256)])
     nb = len(net.binary)
     out = {name: float(((scores[:, i] > 0.5).float() == y[:, i]).float().mean()) for i, name in enumerate(net.binary)}

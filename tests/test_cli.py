@@ -591,6 +591,7 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
     assert summary["original"]["degrees"]["mean_offdiagonal"] == pytest.approx(np.mean(pose), abs=1e-6)
     assert (out / "leakage_disentangled.csv").exists() and (out / "leakage_original.png").exists()
     assert "| Smiling |" in (out / "leakage_original.md").read_text()
+    assert summary["disentangled_against"] == {"Smiling": ["Male"], "Male": ["Smiling"]} and summary["keep_norm"]
 
 
 def test_evaluate_with_clip_and_auto_gamma_errors(run_dir, clip_dir, random_oracle):
@@ -643,6 +644,11 @@ def test_evaluate_with_clip_and_auto_gamma_errors(run_dir, clip_dir, random_orac
         ),
         "must map each attribute",
     )
+    from data.catalog import RunError
+    from tasks.evaluate import run_evaluation
+
+    with pytest.raises(RunError, match=r"conditions name \['Nope'\]"):
+        run_evaluation(str(run_dir), ["SmileC"], disentangled=True, conditions={"Smiling": ["Nope"]})
     assert tree_digest(run_dir) == before
 
 

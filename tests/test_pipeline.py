@@ -92,7 +92,7 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     assert shown.exit_code == 0 and "hspace run stages" in shown.output
     as_json = json.loads(hspace("inspect", out, "--json").output)
     assert as_json["pipeline"]["evaluate"]["key"] == meta["pipeline"]["evaluate"]["key"]
-    assert as_json["pipeline"]["evaluate"]["inputs"] == ["directions", "annotate"]
+    assert as_json["pipeline"]["evaluate"]["inputs"] == ["directions", "disentangle", "annotate"]
 
     samples_before = tree_digest(out / "samples.zarr")
     summary_before = (out / "eval" / "summary.json").read_text()

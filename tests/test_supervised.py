@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from data import directions as dirfile
@@ -38,6 +39,12 @@ def test_disentangle_is_the_hand_projection():
     # collinear conditions do not blow up (an explicit inverse of a singular V^T V would)
     v2 = supervised.disentangle(v0, [a, 2 * a])
     np.testing.assert_allclose(v2, supervised.disentangle(v0, [a]), atol=1e-4)
+    # keep_norm: the same direction, rescaled to |v0|
+    vk = supervised.disentangle(v0, [a, b], keep_norm=True)
+    ref = v0.ravel() - proj @ v0.ravel()
+    np.testing.assert_allclose(vk.ravel(), ref * np.linalg.norm(v0) / np.linalg.norm(ref), atol=1e-5)
+    with pytest.raises(ValueError, match="span of the conditions"):
+        supervised.disentangle(a + 2 * b, [a, b], keep_norm=True)
 
 
 @pytest.fixture()
@@ -83,7 +90,15 @@ def test_disentangle_command(annotated_run):
     v, md = dirfile.load(run.directions / "Smiling_disentangled.safetensors")
     m, _ = dirfile.load(run.directions / "Male.safetensors")
     assert abs(float((v * m).sum())) < 1e-3 * float(v.norm() * m.norm())
-    assert md["against"] == "Male"
+    assert md["against"] == "Male" and md["keep_norm"] == "true"
+    s0, _ = dirfile.load(run.directions / "Smiling.safetensors")
+    assert float(v.norm()) == pytest.approx(float(s0.norm()), rel=1e-5)  # rescaled by default
+    raw = ["disentangle", str(run.root), "--direction", "Smiling", "--against", "Male", "--no-keep-norm", "--name", "r"]
+    assert runner.invoke(app, raw).exit_code == 0
+    r, md = dirfile.load(run.directions / "r.safetensors")
+    expected = s0 - (s0 * m).sum() / (m * m).sum() * m  # eq. (11) by hand
+    torch.testing.assert_close(r, expected, atol=1e-4, rtol=1e-4)
+    assert md["keep_norm"] == "false"
 
 
 def test_supervised_bad_inputs(annotated_run):
