@@ -631,6 +631,13 @@ def jacobian(
     mask: Annotated[Path | None, typer.Option(help="PNG mask (white = region of interest)")] = None,
     tol: Annotated[float, typer.Option(help="stop when singular values and subspace change less")] = 1e-4,
     max_iters: Annotated[int, typer.Option(help="iteration cap (a warning says when it is hit)")] = 100,
+    localize: Annotated[
+        int | None,
+        typer.Option(
+            help="with --roi/--mask: search the top-R singular subspace of the whole image's J for the K "
+            "directions whose change stays most inside the region (instead of the masked J's SVD)"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option()] = "auto",
     break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
 ) -> None:
@@ -646,17 +653,31 @@ def jacobian(
         dev = resolve_device(device)
         with run.lock(f"hspace jacobian {run_dir}", break_stale=break_lock), run.stage("jacobian"):
             result = run_jacobian(
-                str(run_dir), sample_index, step, k, block, roi, str(mask) if mask else None, tol, max_iters, dev
+                str(run_dir),
+                sample_index,
+                step,
+                k,
+                block,
+                roi,
+                str(mask) if mask else None,
+                tol,
+                max_iters,
+                dev,
+                localize=localize,
             )
         run.set_stage("jacobian", state="done", last=result["group"])
     except RunError as e:
         _fail(str(e))
     values = ", ".join(f"{s:.3g}" for s in result["singular_values"])
+    what = f"gains |J v| {values}" if localize else f"singular values {values}"
     console.print(
         f"jacobian: [bold]{run_dir / 'jacobian.zarr'}[/]/{result['group']} (t={result['t']}, "
-        f"{result['iterations']} iterations{'' if result['converged'] else ', NOT converged'}); "
-        f"singular values {values}"
+        f"{result['iterations']} iterations{'' if result['converged'] else ', NOT converged'}); {what}"
     )
+    if result["share_inside"] is not None:
+        console.print(
+            "inside the region: " + ", ".join(f"{x:.0%}" for x in result["share_inside"]) + " of eps's change"
+        )
     console.print(
         f"directions: {run_dir / 'directions'}/jac_s{sample_index}_t{step}_00.. "
         f"(try `hspace edit {run_dir} --sample {sample_index} --direction ...`)"

@@ -55,6 +55,7 @@ def run_jacobian(
     tol: float = 1e-4,
     max_iters: int = 100,
     device: str = "cpu",
+    localize: int | None = None,
 ) -> dict:
     from hcore import jacobian as jac
     from hcore.hspace import HSpace
@@ -71,12 +72,16 @@ def run_jacobian(
         raise RunError(f"--step {step} must be in [0, {cfg['steps']}) (0 = first denoising step)")
     if roi and mask_path:
         raise RunError("give --roi or --mask, not both")
+    if localize is not None and not (roi or mask_path):
+        raise RunError("--localize needs a region: give --roi or --mask")
     unet, scheduler = models.load_for_run(meta, device=device, dtype=getattr(torch, cfg.get("dtype", "float32")))
     d = int(np.prod(SampleStore(run.samples).layout.h_shape))
     if not (1 <= k <= d):
         raise RunError(f"--k {k} must be between 1 and {d} (the size of h)")
     if block is not None and not (1 <= block <= k):
         raise RunError(f"--block {block} must be between 1 and --k {k}")
+    if localize is not None and not (k <= localize <= d):
+        raise RunError(f"--localize {localize} must be between --k {k} and {d} (the size of h)")
     size = unet.config.sample_size
     mask = None
     if roi:
@@ -91,12 +96,21 @@ def run_jacobian(
     with torch.no_grad(), HSpace(unet, point=cfg["h_point"]) as hs:
         unet(x_t[None], t)
         h0 = hs.last_h[0].detach().clone()
-    f = jac.eps_of_h(unet, x_t, t, mask=None if mask is None else mask.to(x_t.device), h_point=cfg["h_point"])
+    if mask is not None:
+        mask = mask.to(x_t.device)
+    f = jac.eps_of_h(unet, x_t, t, mask=None if localize else mask, h_point=cfg["h_point"])
     gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + sample * 1009 + step)
+    k_iter = localize or k  # --localize: the top-r subspace of the unmasked J, then the ROI share inside it
     if block is None:
-        result = jac.subspace_iteration(f, h0, k, tol=tol, max_iters=max_iters, generator=gen)
+        result = jac.subspace_iteration(f, h0, k_iter, tol=tol, max_iters=max_iters, generator=gen)
     else:
-        result = jac.sequential_subspace_iteration(f, h0, k, block=block, tol=tol, max_iters=max_iters, generator=gen)
+        result = jac.sequential_subspace_iteration(
+            f, h0, k_iter, block=block, tol=tol, max_iters=max_iters, generator=gen
+        )
+    share = None
+    if localize:
+        local = jac.localize(f, h0, result.vectors, mask, k)
+        result.vectors, result.singular_values, share = local.vectors, local.gain, local.share.tolist()
     attrs = {
         "k": k,
         "block": block,
@@ -105,6 +119,9 @@ def run_jacobian(
         "iterations": result.iterations,
         "converged": result.converged,
         "tol": tol,
+        "localize": localize,
+        "share_inside": share,
+        "values": "gain |J v| of the localized directions" if localize else "singular values",
     }
     name = JacobianStore(run.root / "jacobian.zarr").write(
         sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs
@@ -118,7 +135,8 @@ def run_jacobian(
         v = result.vectors[j].cpu().float()
         md = dirfile.metadata_for_run(
             meta,
-            method="jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})",
+            method=("jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})")
+            + (f", localized in the top {localize}" if localize else ""),
             source=f"{run.root}: jacobian.zarr/{name} vector {j}",
             scale_unit="unit vector at every timestep (gamma = length in h-space)",
         )
@@ -135,4 +153,5 @@ def run_jacobian(
         "converged": result.converged,
         "iterations": result.iterations,
         "directions": files,
+        "share_inside": share,
     }

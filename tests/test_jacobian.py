@@ -89,3 +89,34 @@ def test_max_iters_warns(point):
     with pytest.warns(RuntimeWarning, match="max_iters=2"):
         result = subspace_iteration(eps_of_h(unet, x_t, 40), h0, 2, tol=1e-12, max_iters=2)
     assert not result.converged and result.iterations == 2
+
+
+def test_localize_maximises_the_share_inside_the_region(point, reference):
+    """Against an independent reference: the generalised eigenproblem A c = mu B c on the
+    explicit Jacobian restricted to its top-r right singular vectors (scipy.linalg.eigh)."""
+    from scipy.linalg import eigh
+
+    from hcore.jacobian import localize
+
+    unet, x_t, h0 = point
+    jac, _, vh = reference
+    r, k = 12, 2
+    mask = roi_mask((16, 16), (2, 3, 9, 12)).double()
+    basis = vh[:r].reshape(r, *h0.shape)
+    loc = localize(eps_of_h(unet, x_t, 40), h0, basis, mask, k)
+    m = torch.broadcast_to(mask, (1, 3, 16, 16)).reshape(-1)
+    y = (jac @ vh[:r].T).T.numpy()  # (r, d_out)
+    a, b = (y * m.numpy()) @ y.T, y @ y.T
+    mu, c = eigh(a, b)
+    for j in range(k):
+        ref = torch.from_numpy(c[:, -1 - j]) @ vh[:r]
+        ref = ref / ref.norm()
+        assert abs(float((loc.vectors[j].reshape(-1) * ref).sum())) >= 0.99
+        assert float(loc.share[j]) == pytest.approx(mu[-1 - j], rel=1e-6)
+        jv = jac @ loc.vectors[j].reshape(-1)
+        assert float(loc.gain[j]) == pytest.approx(float(jv.norm()), rel=1e-6)
+    # better than any basis vector alone (the masked SVD's answer lies in the same span)
+    share_of_basis = ((jac @ vh[:r].T) ** 2 * m[:, None]).sum(0) / ((jac @ vh[:r].T) ** 2).sum(0)
+    assert float(loc.share[0]) >= float(share_of_basis.max()) - 1e-9
+    with pytest.raises(ValueError, match="between 1 and the basis size"):
+        localize(eps_of_h(unet, x_t, 40), h0, basis, mask, r + 1)

@@ -130,3 +130,36 @@ def test_shipped_toy_model_loads_like_a_user_folder():
     assert ref.path == str(models.TOY_MODEL_DIR) and len(ref.fingerprint) == 64
     unet, scheduler = models.load(ref)
     assert h_shape(unet) == (64, 8, 8) and scheduler.config.num_train_timesteps == 1000
+
+
+def test_cosine_decay_schedule():
+    from hcore.training import lr_at
+
+    assert lr_at(99, 1.0, 200) == pytest.approx(0.5)  # warm-up
+    assert lr_at(500, 1.0, 200) == 1.0  # constant without decay
+    assert lr_at(1000, 1.0, 200, decay_from=1000, total=2000) == pytest.approx(1.0)
+    assert lr_at(1500, 1.0, 200, decay_from=1000, total=2000) == pytest.approx(0.5)
+    assert lr_at(2000, 1.0, 200, decay_from=1000, total=2000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_train_toy_bad_inputs(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["train-toy", "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "m")]
+    result = CliRunner().invoke(app, [*args, "--steps", "13250", "--decay-from", "20000"])
+    assert result.exit_code == 2 and "--decay-from 20000 must be below the total steps (13250)" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_soften_blends_towards_a_blur():
+    from tasks.train_toy import soften
+
+    x = torch.zeros(2, 3, 9, 9)
+    x[:, :, 4, 4] = 1.0
+    out = soften(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out[0], x[0])  # amount 0: unchanged
+    k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    torch.testing.assert_close(out[1, 0, 2:7, 2:7], k1[:, None] * k1[None])  # the binomial kernel itself
+    assert float(out[1].sum()) == pytest.approx(3.0)  # blur keeps the mass

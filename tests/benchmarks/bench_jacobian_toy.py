@@ -5,11 +5,14 @@ early version of the paper):
    direction found on sample I at step S is applied (gamma = +-G) to sample I; the share
    of the pixel-change energy sum((edited - original)^2) that falls inside the ROI,
    compared with the ROI's share of the image area and with the full-image direction's
-   share (target >= 80% for the ROI direction).
+   share (target >= 80% for the ROI direction). Also the localized ROI direction
+   (``--localize R``: the direction of the unmasked J's top-R subspace whose change of eps
+   stays most inside the ROI), applied at every step and only from step S on.
 2. Transfer: the top full-image direction of sample I applied to 16 other samples; the
    oracle's mean change of every attribute (edited at +G minus -G, halved).
 
     python tests/benchmarks/bench_jacobian_toy.py [--run runs/pca-toy] [--sample 0] [--step 4] [--gamma 40]
+        [--localize 64 --local-step 10 --local-gammas 20,40]
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from tasks.jacobian import parse_roi, run_jacobian  # noqa: E402
 ROIS = {"mouth": "10,18,22,26", "eyes": "7,11,25,17"}
 
 
-def edited(unet, scheduler, cfg, indices, v, gamma):
+def edited(unet, scheduler, cfg, indices, v, gamma, window=None):
     gens = make_generators(cfg["seed"], list(indices))
-    edit = None if v is None else Edit([v], [torch.full((len(indices),), float(gamma))])
+    edit = None if v is None else Edit([v], [torch.full((len(indices),), float(gamma))], window=window)
     return sample(unet, scheduler, gens, cfg["steps"], cfg["eta"], edit=edit, h_point=cfg["h_point"])
 
 
@@ -51,6 +54,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--gamma", type=float, default=40.0)
     ap.add_argument("--png", default=None, help="also write a Fig. 7 style grid here")
+    ap.add_argument("--localize", type=int, default=64, help="R for the localized ROI directions (0: skip)")
+    ap.add_argument("--local-step", type=int, default=10)
+    ap.add_argument("--local-gammas", default="20,40")
     args = ap.parse_args()
     run = RunFolder(Path(args.run))
     meta = run.read()
@@ -80,6 +86,28 @@ def main() -> None:
             shares.append(inside / max(energy, 1e-12))
         area = float(mask.float().mean())
         print(f"| {label} | {area:.0%} | {shares[0]:.0%} | {shares[1]:.0%} |")
+    if args.localize:
+        s = args.local_step
+        print(f"\n1b. localized ROI directions (--localize {args.localize}, step {s}): share inside the ROI")
+        print("| ROI | share of eps's change at step S | gamma | every step | steps S.. only | RMS change (S..) |")
+        print("|---|---|---|---|---|---|")
+        for label, roi in ROIS.items():
+            r = run_jacobian(str(run.root), i, s, 1, roi=roi, localize=args.localize, tol=1e-3)
+            v, _ = dirfile.load(Path(r["directions"][0]))
+            mask = roi_mask((size, size), parse_roi(roi, size))[0, 0].bool()
+            for g in [float(x) for x in args.local_gammas.split(",")]:
+                out = []
+                for window in (None, (s, cfg["steps"])):
+                    energy = inside = 0.0
+                    for sign in (-g, g):
+                        diff = ((edited(unet, scheduler, cfg, [i], v, sign, window)[0] - base) ** 2).sum(0)
+                        energy += float(diff.sum())
+                        inside += float(diff[mask].sum())
+                    out.append((inside / max(energy, 1e-12), (energy / (2 * diff.numel() * 3)) ** 0.5))
+                print(
+                    f"| {label} | {r['share_inside'][0]:.0%} | {g:g} | {out[0][0]:.0%} | {out[1][0]:.0%} "
+                    f"| {out[1][1]:.3f} |"
+                )
     oracle = load_annotator("oracle")
     others = [j for j in range(cfg["n"]) if j != i][:16]
     v = found["full image"]
