@@ -932,6 +932,10 @@ def train_toy(
     ] = None,
     oracle_out: Annotated[Path | None, typer.Option(help="also train the oracle annotator into this folder")] = None,
     oracle_steps: Annotated[int, typer.Option(help="oracle training steps")] = 1200,
+    oracle_blur: Annotated[
+        float,
+        typer.Option(help="oracle training: soften renders by up to this (0 = sharp only, as the shipped oracle)"),
+    ] = 0.0,
 ) -> None:
     """Train the toy-faces DDPM (a Prefect flow; kill it any time and rerun to resume)."""
     from dataclasses import asdict
@@ -954,7 +958,7 @@ def train_toy(
         from flows.train_toy import train_toy_flow
 
         result = train_toy_flow(
-            str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None, oracle_steps
+            str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None, oracle_steps, oracle_blur
         )
     except (RunError, ValueError) as e:
         _fail(str(e))

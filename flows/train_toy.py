@@ -10,9 +10,14 @@ from tasks.train_toy import export_toy, train_oracle, train_toy
 
 @flow(name="hspace-train-toy")
 def train_toy_flow(
-    checkpoint: str, out: str, recipe: dict, oracle_out: str | None = None, oracle_steps: int = 1200
+    checkpoint: str,
+    out: str,
+    recipe: dict,
+    oracle_out: str | None = None,
+    oracle_steps: int = 1200,
+    oracle_blur: float = 0.0,
 ) -> dict:
     step = train_toy(checkpoint, recipe)
     export_toy(checkpoint, out, wait_for=[step])
-    metrics = train_oracle(oracle_out, oracle_steps) if oracle_out else None
+    metrics = train_oracle(oracle_out, oracle_steps, oracle_blur) if oracle_out else None
     return {"step": step, "model": out, "oracle": metrics}

@@ -138,13 +138,16 @@ def run_jacobian(
             method=("jacobian (Alg. 1)" if block is None else f"jacobian (Alg. 2, b={block})")
             + (f", localized in the top {localize}" if localize else ""),
             source=f"{run.root}: jacobian.zarr/{name} vector {j}",
-            scale_unit="unit vector at every timestep (gamma = length in h-space)",
+            scale_unit=(
+                f"unit vector from step {step} on, zero before (applied earlier it spreads outside the region)"
+                if localize
+                else "unit vector at every timestep (gamma = length in h-space)"
+            ),
         )
-        path = dirfile.save(
-            run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors",
-            v.unsqueeze(0).expand(steps, *v.shape).contiguous(),
-            md,
-        )
+        per_step = v.unsqueeze(0).expand(steps, *v.shape).clone()
+        if localize:
+            per_step[:step] = 0
+        path = dirfile.save(run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors", per_step, md)
         files.append(str(path))
     return {
         "group": name,

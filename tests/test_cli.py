@@ -550,6 +550,8 @@ def test_jacobian_localize_command(run_dir, loaded_model):
 
     best = share(local["vectors"][0])
     assert best == pytest.approx(attrs["share_inside"][0], rel=1e-3)
+    saved, md = dirfile.load(run_dir / "directions" / "jac_s1_t2_00.safetensors")
+    assert (saved[:2] == 0).all() and torch.allclose(saved[2], saved[4]) and "from step 2 on" in md["scale_unit"]
     assert all(best >= share(v) - 1e-4 for v in full["vectors"])
     basis = full["vectors"].reshape(6, -1)
     v = local["vectors"][0].reshape(-1)

@@ -93,14 +93,15 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for label, roi in ROIS.items():
             r = run_jacobian(str(run.root), i, s, 1, roi=roi, localize=args.localize, tol=1e-3)
-            v, _ = dirfile.load(Path(r["directions"][0]))
+            v, _ = dirfile.load(Path(r["directions"][0]))  # zero before step s
+            every = v[s].unsqueeze(0).expand_as(v).contiguous()
             mask = roi_mask((size, size), parse_roi(roi, size))[0, 0].bool()
             for g in [float(x) for x in args.local_gammas.split(",")]:
                 out = []
-                for window in (None, (s, cfg["steps"])):
+                for vec in (every, v):
                     energy = inside = 0.0
                     for sign in (-g, g):
-                        diff = ((edited(unet, scheduler, cfg, [i], v, sign, window)[0] - base) ** 2).sum(0)
+                        diff = ((edited(unet, scheduler, cfg, [i], vec, sign)[0] - base) ** 2).sum(0)
                         energy += float(diff.sum())
                         inside += float(diff[mask].sum())
                     out.append((inside / max(energy, 1e-12), (energy / (2 * diff.numel() * 3)) ** 0.5))
