@@ -12,7 +12,7 @@ early version of the paper):
    oracle's mean change of every attribute (edited at +G minus -G, halved).
 
     python tests/benchmarks/bench_jacobian_toy.py [--run runs/pca-toy] [--sample 0] [--step 4] [--gamma 40]
-        [--localize 64 --local-step 10 --local-gammas 20,40]
+        [--localize 128 --local-step 10 --local-gammas 20,40]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--gamma", type=float, default=40.0)
     ap.add_argument("--png", default=None, help="also write a Fig. 7 style grid here")
-    ap.add_argument("--localize", type=int, default=64, help="R for the localized ROI directions (0: skip)")
+    ap.add_argument("--localize", type=int, default=128, help="R for the localized ROI directions (0: skip)")
     ap.add_argument("--local-step", type=int, default=10)
     ap.add_argument("--local-gammas", default="20,40")
     args = ap.parse_args()
