@@ -97,43 +97,40 @@ def fit_randomized(
     there is no separate pass for them. The Krylov basis [Q_0 .. Q_i] and the products
     [Z_0 .. Z_i] give the Rayleigh quotient B = Q^T C Q without another pass, and its top
     eigenpairs (Ritz pairs) estimate the PCA; the next block is Z_i orthogonalised
-    against the basis. Stops when the top-K Ritz
-    values change by less than ``tol`` (relative; a Ritz value's error is the square of
-    its vector's), after ``max_iter`` passes, or after exactly ``n_iter`` when given.
+    against the basis. Stops when the top-K Ritz values change by less than ``tol``
+    (relative; a Ritz value's error is the square of its vector's), after ``max_iter``
+    passes, or after exactly ``n_iter`` when given.
     Memory: the basis, d x r per pass, never anything of size n. Converging in about the
     square root of the passes plain subspace iteration needs, it matches the exact top-K
     subspace to 0.03 deg in 6 passes at tol 1e-4 where eigengaps are moderate (bench_pca.py).
     """
     rng = np.random.default_rng(seed)
+    shift = s1 = q = q32 = z = None
+    s2, n = 0.0, 0
+    for x in batches():  # pass 1: mean, total variance and C Q_0 together (shifted sums)
+        x = np.asarray(x, np.float32)
+        if shift is None:
+            shift = x.mean(0)
+            d = shift.shape[0]
+            s1 = np.zeros(d)
+            q = np.linalg.qr(rng.standard_normal((d, n_components + oversample)))[0]
+            q32 = q.astype(np.float32)
+            z = np.zeros((d, q.shape[1]))
+        xc = x - shift
+        s1 += xc.sum(0, dtype=np.float64)
+        s2 += float(np.einsum("ij,ij->", xc, xc, dtype=np.float64))
+        z += xc.T @ (xc @ q32)
+        n += x.shape[0]
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 samples, got {n}")
+    mu = s1 / n  # mean of the shifted data
+    total_var = (s2 - n * float(mu @ mu)) / (n - 1)
+    rank = min(n_components + oversample, d, n)
+    q, z = q[:, :rank], z[:, :rank]
     passes = max(1, n_iter) if n_iter is not None else max(2, max_iter)
-    basis = products = previous = q = shift = mu = None
-    n = 0
+    basis, products, previous = np.zeros((d, 0)), np.zeros((d, 0)), None
     for it in range(passes):
-        z = None
-        if it == 0:  # pass 1 also accumulates the mean and total variance (shifted sums)
-            s1, s2 = None, 0.0
-            for x in batches():
-                x = np.asarray(x, np.float32)
-                if shift is None:
-                    shift = x.mean(0)
-                    d = shift.shape[0]
-                    s1 = np.zeros(d)
-                    q = np.linalg.qr(rng.standard_normal((d, n_components + oversample)))[0]
-                    q32 = q.astype(np.float32)
-                    z = np.zeros((d, q.shape[1]))
-                xc = x - shift
-                s1 += xc.sum(0, dtype=np.float64)
-                s2 += float(np.einsum("ij,ij->", xc, xc, dtype=np.float64))
-                z += xc.T @ (xc @ q32)
-                n += x.shape[0]
-            if n < 2:
-                raise ValueError(f"PCA needs at least 2 samples, got {n}")
-            mu = s1 / n  # mean of the shifted data
-            total_var = (s2 - n * float(mu @ mu)) / (n - 1)
-            rank = min(n_components + oversample, d, n)
-            q, z = q[:, :rank], z[:, :rank]
-            basis, products = np.zeros((d, 0)), np.zeros((d, 0))
-        else:
+        if it > 0:
             z = np.zeros((d, q.shape[1]))
             q32 = q.astype(np.float32)
             for x in batches():

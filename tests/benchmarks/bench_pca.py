@@ -58,8 +58,11 @@ def rss_of_fit(samples: Path, method: str, k: int) -> float:
     return float(out.stdout.split()[0])
 
 
-def celeba_engines(args, tmp: Path, hpca, fit_timestep) -> None:
+def celeba_engines(args, tmp: Path) -> None:
     """Part 4: both engines on data of the CelebA-HQ model's h shape, time and accuracy."""
+    from hcore import pca as hpca
+    from tasks.pca import fit_timestep
+
     # 4. CelebA-HQ shape
     store = synthetic_store(tmp / "celeba.zarr", args.celeba_n, args.celeba_timesteps, (512, 8, 8))
     times, angles, passes = {"ipca": 0.0, "randomized": 0.0}, [], []
@@ -96,13 +99,12 @@ def main() -> None:
     ap.add_argument("--skip-celeba", action="store_true")
     ap.add_argument("--only-celeba", action="store_true", help="run part 4 only")
     args = ap.parse_args()
-    from hcore import pca as hpca
-    from tasks.pca import fit_timestep, run_pca
+    from tasks.pca import run_pca
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.only_celeba:
-            celeba_engines(args, tmp, hpca, fit_timestep)
+            celeba_engines(args, tmp)
             return
         # 1. memory vs n
         stores = {n: synthetic_store(tmp / f"toy{n}.zarr", n, 2, (64, 8, 8)) for n in (2000, 8000)}
@@ -151,7 +153,7 @@ def main() -> None:
         print(f"[3] sklearn IncrementalPCA in RAM, one process, same data: {time.perf_counter() - t0:.1f} s")
         if args.skip_celeba:
             return
-        celeba_engines(args, tmp, hpca, fit_timestep)
+        celeba_engines(args, tmp)
     print(f"bench process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
