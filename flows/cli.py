@@ -950,6 +950,8 @@ def train_toy(
     }
     if any(v <= 0 for v in overrides.values()):
         _fail("--steps, --checkpoint-every and --decay-from must be positive")
+    if not 0.0 <= oracle_blur <= 1.0:
+        _fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     total = overrides.get("steps", recipe.steps)
     if decay_from is not None and decay_from >= total:
         _fail(f"--decay-from {decay_from} must be below the total steps ({total})")

@@ -150,6 +150,8 @@ def test_train_toy_bad_inputs(tmp_path):
     args = ["train-toy", "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "m")]
     result = CliRunner().invoke(app, [*args, "--steps", "13250", "--decay-from", "20000"])
     assert result.exit_code == 2 and "--decay-from 20000 must be below the total steps (13250)" in result.output
+    result = CliRunner().invoke(app, [*args, "--oracle-out", str(tmp_path / "o"), "--oracle-blur", "2"])
+    assert result.exit_code == 2 and "--oracle-blur must be in [0, 1]" in result.output
     assert not (tmp_path / "c").exists()
 
 
