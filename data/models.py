@@ -96,7 +96,13 @@ def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
 
 
 def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
-    """Load a run's model, refusing weights that are not the ones the run was made with."""
+    """Load a run's model, refusing weights that are not the ones the run was made with.
+    dtype None: the dtype the run sampled in (its config's ``dtype``; float32 if it has
+    none), so every later command replays samples exactly as they were drawn."""
+    if dtype is None:
+        import torch
+
+        dtype = getattr(torch, run_meta.get("config", {}).get("dtype", "float32"))
     ref = ModelRef(**{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
     found = fingerprint(_unet_dir(Path(ref.path)))
     if found != ref.fingerprint:

@@ -434,6 +434,7 @@ def edit(
             if sample_index is None or not (0 <= sample_index < cfg["n"]):
                 _fail(f"--sample must be an index in [0, {cfg['n']}) for this run")
             ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+            run_dtype = cfg.get("dtype", "float32")
             spec = edit_tasks.SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
             if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
                 import dataclasses
@@ -447,10 +448,13 @@ def edit(
                 spec = dataclasses.replace(spec, x_T=torch.from_numpy(x_T))
         elif model is not None:
             ref = models.resolve(model)
+            run_dtype = "float32"
             spec = edit_tasks.SampleSpec(seed, 0, steps, eta, "output")
         else:
             _fail("give RUN --sample I, or --model M --seed S")
-        unet, scheduler = models.load_for_run({"model": ref.to_dict()}, device=resolve_device(device))
+        unet, scheduler = models.load_for_run(
+            {"model": ref.to_dict(), "config": {"dtype": run_dtype}}, device=resolve_device(device)
+        )
         from hcore.hspace import h_shape
 
         specs = [edit_tasks.parse_direction(d) for d in direction]

@@ -73,7 +73,8 @@ class HSpace:
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
         if self.replace is not None:
-            h = self.replace.to(dtype=h.dtype).expand_as(h) if self.replace.dim() == 3 else self.replace
+            replace = self.replace.to(dtype=h.dtype)
+            h = replace.expand_as(h) if replace.dim() == 3 else replace
         if self.delta is not None:
             h = h + self.delta.to(device=h.device, dtype=h.dtype)
         self.last_h = h

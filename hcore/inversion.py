@@ -11,7 +11,10 @@ with eps_k = eps_theta(x_{t_k}, t_k). Solving for x_{t_k} gives the inversion st
 
     x_{t_k} = sqrt(alpha_k) (x_{t_{k+1}} - sqrt(1 - alpha_{k+1}) eps_k) / sqrt(alpha_{k+1}) + sqrt(1 - alpha_k) eps_k,
 
-which needs eps_k at the unknown x_{t_k}. Plain DDIM inversion (``refine=0``, what the
+which needs eps_k at the unknown x_{t_k}. Where the scheduler clips P_t (``clip_sample``),
+generation clips (x_{t_k} - sqrt(1 - alpha_k) eps_k) / sqrt(alpha_k) to the clip range
+before use, so the inversion clips the same P_t: the inverted x_{t_k} is then a point whose
+P_t generation uses unchanged (``ddim_inversion_step``). Plain DDIM inversion (``refine=0``, what the
 paper uses) takes eps at the current point, eps_theta(x_{t_{k+1}}, t_{k+1}); ``refine=R``
 then applies R fixed-point updates eps_k <- eps_theta(x_{t_k}, t_k), which make the inverted
 x_T regenerate the image much more closely for few-step schedules (measured on the toy
@@ -30,6 +33,20 @@ import torch
 
 from hcore.hspace import HSpace
 from hcore.sampler import ddim_scheduler, make_generators, sample
+
+
+def ddim_inversion_step(
+    scheduler, x_next: torch.Tensor, alpha_next: torch.Tensor, alpha: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """x_{t_k} from x_{t_{k+1}} (less noisy, alpha_next) and eps_k: the inverse of one
+    deterministic generation step (eqs. (2)-(4), eta = 0) for that eps. P_t is clipped
+    exactly as ``hcore.sampler.ddim_step`` clips it, so generating from the result with
+    the same eps uses this P_t as is."""
+    cfg = scheduler.config
+    p_t = (x_next - (1 - alpha_next).sqrt() * eps) / alpha_next.sqrt()  # eq. (3), solved at the other end
+    if cfg.clip_sample:
+        p_t = p_t.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    return alpha.sqrt() * p_t + (1 - alpha).sqrt() * eps
 
 
 @torch.no_grad()
@@ -64,12 +81,9 @@ def ddim_invert(
             if on_step is not None and step + 1 < len(timesteps):
                 on_step(step + 1, t_cur, hs.last_h)
 
-            def invert_step(e: torch.Tensor, x=x, alpha=alpha, alpha_cur=alpha_cur) -> torch.Tensor:
-                return alpha.sqrt() * (x - (1 - alpha_cur).sqrt() * e) / alpha_cur.sqrt() + (1 - alpha).sqrt() * e
-
-            x_next = invert_step(eps)
+            x_next = ddim_inversion_step(sched, x, alpha_cur, alpha, eps)
             for _ in range(refine):
-                x_next = invert_step(eps_at(x_next, t))
+                x_next = ddim_inversion_step(sched, x, alpha_cur, alpha, eps_at(x_next, t))
             x, alpha_cur, t_cur = x_next, alpha, t
         eps_at(x, t_cur)
         if on_step is not None:

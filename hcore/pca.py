@@ -98,8 +98,10 @@ def fit_randomized(
     [Z_0 .. Z_i] give the Rayleigh quotient B = Q^T C Q without another pass, and its top
     eigenpairs (Ritz pairs) estimate the PCA; the next block is Z_i orthogonalised
     against the basis. Stops when the top-K Ritz values change by less than ``tol``
-    (relative; a Ritz value's error is the square of its vector's), after ``max_iter``
-    passes, or after exactly ``n_iter`` when given.
+    (relative; a Ritz value's error is the square of its vector's), when the basis holds
+    the whole range of C (it lies in span(Q_0) + range(C), of dimension <= r + n - 1: then
+    the Ritz pairs are exact, so small n is solved exactly), after ``max_iter`` passes,
+    or after exactly ``n_iter`` when given.
     Memory: the basis, d x r per pass, never anything of size n. Converging in about the
     square root of the passes plain subspace iteration needs, it matches the exact top-K
     subspace to 0.03 deg in 6 passes at tol 1e-4 where eigengaps are moderate (bench_pca.py).
@@ -125,8 +127,9 @@ def fit_randomized(
         raise ValueError(f"PCA needs at least 2 samples, got {n}")
     mu = s1 / n  # mean of the shifted data
     total_var = (s2 - n * float(mu @ mu)) / (n - 1)
-    rank = min(n_components + oversample, d, n)
-    q, z = q[:, :rank], z[:, :rank]
+    # The Krylov space lies in span(Q_0) + range(C), and rank(C) <= n - 1: once the basis
+    # has that many columns it holds range(C) and the Ritz pairs are exact, not before.
+    full = min(d, q.shape[1] + n - 1)
     passes = max(1, n_iter) if n_iter is not None else max(2, max_iter)
     basis, products, previous = np.zeros((d, 0)), np.zeros((d, 0)), None
     for it in range(passes):
@@ -142,16 +145,17 @@ def fit_randomized(
         evals, evecs = np.linalg.eigh((ritz + ritz.T) / 2)
         top = evals[::-1][:n_components]
         converged = previous is not None and np.max(np.abs(top - previous) / np.maximum(np.abs(top), 1e-30)) < tol
-        if (n_iter is None and converged) or it == passes - 1:
+        exhausted = basis.shape[1] >= full  # the basis holds range(C): exact
+        if (n_iter is None and (converged or exhausted)) or it == passes - 1:
             break
         previous = top
         w = z - basis @ (basis.T @ z)
         w -= basis @ (basis.T @ w)  # twice: Gram-Schmidt loses orthogonality once
         q, r = np.linalg.qr(w)
         keep = np.abs(np.diag(r)) > 1e-10 * max(np.abs(r).max(), 1e-300)
-        q = q[:, keep]
-        if q.shape[1] == 0 or basis.shape[1] + q.shape[1] > min(d, n):
-            break  # the Krylov space is exhausted: the Ritz pairs are exact
+        q = q[:, keep][:, : full - basis.shape[1]]
+        if q.shape[1] == 0:
+            break  # C maps the basis into itself: an invariant subspace, the Ritz pairs are exact
     order = np.argsort(evals)[::-1][:n_components]
     components = (basis @ evecs[:, order]).T
     mean = (shift.astype(np.float64) + mu).astype(np.float32)

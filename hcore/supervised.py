@@ -16,13 +16,31 @@ import numpy as np
 
 
 def top_bottom(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the k highest and k lowest scores (sorted, ties broken by index)."""
+    """Indices of the k highest and k lowest scores (sorted), the q+ and q- of eq. (10).
+
+    The two sets must be separated by a strict score gap: with tied scores (0/1 labels of
+    real images, say) a cut through a tie would put samples of the same label on both
+    sides, so that is refused, naming the largest k that keeps them apart. Ties inside
+    one set are broken by index."""
     scores = np.asarray(scores, dtype=np.float64)
     if not (1 <= k <= len(scores) // 2):
         raise ValueError(f"top k={k} must be between 1 and n/2 = {len(scores) // 2}")
     if not np.isfinite(scores).all():
         raise ValueError("scores contain NaN/Inf; annotate the run completely first")
     order = np.argsort(scores, kind="stable")
+    ascending = scores[order]
+    if ascending[-k] <= ascending[k - 1]:
+        tie = ascending[-k]
+        descending = ascending[::-1]
+        separable = np.flatnonzero(descending[: len(scores) // 2] > ascending[: len(scores) // 2])
+        k_max = int(separable[-1]) + 1 if len(separable) else 0
+        above, below = int((scores > tie).sum()), int((scores < tie).sum())
+        raise ValueError(
+            f"k={k} would put tied scores on both sides: the k-th highest score ({tie:.4g}) is not above the "
+            f"k-th lowest ({ascending[k - 1]:.4g}); {above} samples score above {tie:.4g}, {below} below and "
+            f"{len(scores) - above - below} equal to it"
+            + (f"; use k <= {k_max}" if k_max else "; the scores do not separate any pair")
+        )
     return np.sort(order[-k:]), np.sort(order[:k])
 
 

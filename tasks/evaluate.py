@@ -321,13 +321,23 @@ def run_evaluation(
             f"no held-out samples: the directions were built from all {cfg['n']} samples; "
             "rebuild them with `hspace directions ... --first M` to keep samples for evaluation"
         )
-    n = min(1000, available) if n is None else n
-    if not 0 < n <= available:
+    # --gamma auto calibrates on the last held-out samples and evaluates on others: a gamma
+    # tuned on the very samples it is then scored on would flatter the diagonal
+    reserved = min(calibration_n, available - 1) if gamma is None else 0
+    if gamma is None and available < 2:
+        raise RunError(
+            f"--gamma auto needs held-out samples to calibrate on and others to evaluate; only {available} held out"
+        )
+    n = min(1000, available - reserved) if n is None else n
+    if not 0 < n <= available - reserved:
         raise RunError(
             f"--n {n}: only {available} held-out samples (indices {start}..{cfg['n'] - 1}; "
-            f"the directions were built from samples 0..{start - 1}); use --n {available} or sample more"
+            f"the directions were built from samples 0..{start - 1})"
+            + (f", {reserved} of them kept for --gamma auto's calibration" if reserved else "")
+            + f"; use --n {available - reserved} or sample more"
         )
     indices = list(range(start, start + n))
+    cal_idx = list(range(cfg["n"] - reserved, cfg["n"]))
     columns = list(net.names)
     degrees = tuple(getattr(net, "degrees", ()))
     if gamma is None:
@@ -361,17 +371,17 @@ def run_evaluation(
         summary["keep_norm"] = keep_norm
         variants.append(("disentangled", dis))
     base = edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
+    cal_base = edit_scores(unet, scheduler, net, cfg, cal_idx, None, 0.0) if gamma is None else None
     for label, vs in variants:
         if gamma is not None:
             gammas = [float(gamma)] * len(vs)
         else:
             gammas, calibration = [], {}
-            cal_idx = indices[:calibration_n]
             for d, row, v in zip(names, rows, vs, strict=True):
                 j = columns.index(row)
                 goal = target if target is not None else (10.0 if row in degrees else 0.5)
                 try:
-                    c = calibrate(unet, scheduler, net, cfg, cal_idx, v, j, goal, base[: len(cal_idx)])
+                    c = calibrate(unet, scheduler, net, cfg, cal_idx, v, j, goal, cal_base)
                 except CalibrationError as e:
                     raise RunError(f"--gamma auto: direction {d!r} ({label}): {e}") from None
                 gammas.append(c.gamma)
@@ -381,7 +391,7 @@ def run_evaluation(
                     "target": goal,
                     "converged": c.converged,
                     "evaluations": c.evaluations,
-                    "samples": len(cal_idx),
+                    "samples": [cal_idx[0], cal_idx[-1] + 1],
                 }
                 log(
                     f"{label} {d}: gamma {c.gamma:.3f} moves {row} by {c.effect:+.3f} "

@@ -9,6 +9,7 @@ h-space, the same at every step, which is how Fig. 7's transfer to other samples
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from data import directions as dirfile
 from data import models
 from data.catalog import JacobianStore, RunError, RunFolder, SampleStore, require_sampled
+
+log = logging.getLogger(__name__)
 
 
 def parse_roi(text: str, size: int) -> tuple[int, int, int, int]:
@@ -58,7 +61,6 @@ def run_jacobian(
     localize: int | None = None,
 ) -> dict:
     from hcore import jacobian as jac
-    from hcore.hspace import HSpace
     from hcore.sampler import ddim_scheduler, make_generators
     from hcore.sampler import sample as run_sampler
 
@@ -74,7 +76,7 @@ def run_jacobian(
         raise RunError("give --roi or --mask, not both")
     if localize is not None and not (roi or mask_path):
         raise RunError("--localize needs a region: give --roi or --mask")
-    unet, scheduler = models.load_for_run(meta, device=device, dtype=getattr(torch, cfg.get("dtype", "float32")))
+    unet, scheduler = models.load_for_run(meta, device=device)
     d = int(np.prod(SampleStore(run.samples).layout.h_shape))
     if not (1 <= k <= d):
         raise RunError(f"--k {k} must be between 1 and {d} (the size of h)")
@@ -93,12 +95,19 @@ def run_jacobian(
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(cfg["steps"])
     t = int(sched.timesteps[step])
-    with torch.no_grad(), HSpace(unet, point=cfg["h_point"]) as hs:
-        unet(x_t[None], t)
-        h0 = hs.last_h[0].detach().clone()
+    h0 = jac.h_at(unet, x_t, t, h_point=cfg["h_point"])  # float32, whatever the run's dtype
     if mask is not None:
         mask = mask.to(x_t.device)
     f = jac.eps_of_h(unet, x_t, t, mask=None if localize else mask, h_point=cfg["h_point"])
+    unet_dtype = next(unet.parameters()).dtype
+    if jac.precision_tol(tol, unet_dtype) > tol:
+        log.warning(
+            "--tol %g is below what a %s U-Net's J v resolves; iterating to %g instead",
+            tol,
+            cfg["dtype"],
+            jac.precision_tol(tol, unet_dtype),
+        )
+        tol = jac.precision_tol(tol, unet_dtype)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + sample * 1009 + step)
     k_iter = localize or k  # --localize: the top-r subspace of the unmasked J, then the ROI share inside it
     if block is None:

@@ -658,6 +658,26 @@ def test_evaluate_with_clip_and_auto_gamma_errors(run_dir, clip_dir, random_orac
         "indices 6..9",
     )
     assert_refused(hspace("evaluate", run_dir, "--directions", "SmileC", "--gamma", "big", *args), "--gamma must be")
+    # --gamma auto keeps its calibration samples out of the evaluated ones
+    assert_refused(
+        hspace(
+            "evaluate",
+            run_dir,
+            "--directions",
+            "SmileC",
+            "--gamma",
+            "auto",
+            "--n",
+            "4",
+            "--calibration-n",
+            "2",
+            "--evaluator",
+            f"oracle:{random_oracle}",
+            *args,
+        ),
+        "2 of them kept for --gamma auto's calibration",
+        "use --n 2",
+    )
     # a direction of a column the evaluator does not score cannot be calibrated
     md["attribute"] = "Bald"
     dirfile.save(run_dir / "directions" / "BaldC.safetensors", v, md)

@@ -5,10 +5,11 @@ inverted x_T evaluates first; every step's h is recorded once."""
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 
 from hcore.hspace import HSpace
 from hcore.inversion import ddim_invert, reconstruct
-from hcore.sampler import make_generators, sample
+from hcore.sampler import ddim_scheduler, make_generators, sample
 from tests.conftest import tiny_scheduler, tiny_unet
 
 
@@ -24,6 +25,27 @@ def test_inversion_is_exact_when_eps_is_constant():
         x_T = ddim_invert(unet, scheduler, x0, 7, refine=refine)
         assert (x_T - x0).abs().max() > 0.1  # it did move
         torch.testing.assert_close(reconstruct(unet, scheduler, x_T, 7), x0, atol=1e-5, rtol=0)
+
+
+def test_inversion_clips_p_t_as_generation_does():
+    """With clip_sample, generation clips P_t (eq. (3)) to the clip range; the inversion
+    clips the same P_t, so the inverted x_T is a point whose P_t generation uses unclipped
+    (the old inversion left it outside, so its refinement inverted another map)."""
+    unet = tiny_unet()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.zero_()
+        unet.conv_out.bias.fill_(0.3)  # eps = 0.3 everywhere
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="linear", clip_sample=True, clip_sample_range=0.5)
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1  # half of it beyond the range generation can produce
+    for refine in (0, 2):
+        x_T = ddim_invert(unet, scheduler, x0, 7, refine=refine)
+        sched = ddim_scheduler(scheduler)
+        sched.set_timesteps(7)
+        alpha_T = sched.alphas_cumprod[int(sched.timesteps[0])]
+        p_T = (x_T - (1 - alpha_T).sqrt() * 0.3) / alpha_T.sqrt()  # the P_t generation computes at x_T
+        torch.testing.assert_close(p_T, x0.clamp(-0.5, 0.5), atol=1e-4, rtol=0)
+        torch.testing.assert_close(reconstruct(unet, scheduler, x_T, 7), x0.clamp(-0.5, 0.5), atol=1e-5, rtol=0)
 
 
 def test_recorded_h_matches_generation_from_the_inverted_x_T():

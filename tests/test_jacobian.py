@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from hcore.hspace import HSpace
-from hcore.jacobian import eps_of_h, jvp, roi_mask, sequential_subspace_iteration, subspace_iteration, vjp
+from hcore.jacobian import (
+    eps_of_h,
+    h_at,
+    jvp,
+    roi_mask,
+    sequential_subspace_iteration,
+    subspace_iteration,
+    vjp,
+)
 
 K = 4
 
@@ -120,3 +128,73 @@ def test_localize_maximises_the_share_inside_the_region(point, reference):
     assert float(loc.share[0]) >= float(share_of_basis.max()) - 1e-9
     with pytest.raises(ValueError, match="between 1 and the basis size"):
         localize(eps_of_h(unet, x_t, 40), h0, basis, mask, r + 1)
+
+
+def attention_unet(seed: int = 0):
+    """A tiny UNet built like the real ones: attention at a resolution level and in the mid
+    block (diffusers' default processor: F.scaled_dot_product_attention)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    ).eval()
+
+
+def test_jacobian_through_attention_matches_the_explicit_jacobian():
+    """Forward-mode J v through attention (the fused SDPA kernels have no forward AD; f runs
+    the math backend), Alg. 1, Alg. 2 and localize against the explicit Jacobian."""
+    unet = attention_unet().double()
+    x_t = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h0 = h_at(unet, x_t, 30)
+    f = eps_of_h(unet, x_t, 30)
+    jac, s, vh = explicit_svd(f, h0)
+    v = torch.randn(3, *h0.shape, dtype=torch.float64)
+    torch.testing.assert_close(jvp(f, h0, v), v.reshape(3, -1) @ jac.T)
+    check(subspace_iteration(f, h0, 3, tol=1e-8, max_iters=400, generator=torch.Generator().manual_seed(5)), s, vh, 3)
+    check(
+        sequential_subspace_iteration(
+            f, h0, 3, block=1, tol=1e-8, max_iters=400, generator=torch.Generator().manual_seed(6)
+        ),
+        s,
+        vh,
+        3,
+    )
+    from hcore.jacobian import localize
+
+    mask = roi_mask((16, 16), (0, 0, 8, 8)).double()
+    loc = localize(f, h0, vh[:6].reshape(6, *h0.shape), mask, 1)
+    jv = jac @ loc.vectors[0].reshape(-1)
+    share = float((jv**2 * torch.broadcast_to(mask, (1, 3, 16, 16)).reshape(-1)).sum() / (jv**2).sum())
+    assert float(loc.share[0]) == pytest.approx(share, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_unet_gives_float32_directions(dtype):
+    """The U-Net runs in the run's dtype, h, vectors and every QR/SVD stay float32, and the
+    directions agree with the float32 model's (its weights rounded to the half dtype)."""
+    from hcore.jacobian import precision_tol
+
+    reference = attention_unet(seed=1)
+    half = attention_unet(seed=1).to(dtype)
+    x_t = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(7))
+    found = {}
+    for name, unet in (("float32", reference), ("half", half)):
+        h0 = h_at(unet, x_t, 30)
+        assert h0.dtype == torch.float32
+        tol = precision_tol(1e-4, next(unet.parameters()).dtype)
+        found[name] = subspace_iteration(
+            eps_of_h(unet, x_t, 30), h0, 2, tol=tol, max_iters=200, generator=torch.Generator().manual_seed(8)
+        )
+        assert found[name].vectors.dtype == torch.float32 and found[name].converged
+    assert precision_tol(1e-4, dtype) == torch.finfo(dtype).eps and precision_tol(1e-4, torch.float32) == 1e-4
+    # the top vector agrees (lower ones rotate within small gaps as bfloat16 rounds the weights)
+    cos = (found["float32"].vectors.reshape(2, -1) * found["half"].vectors.reshape(2, -1)).sum(1).abs()
+    assert cos[0] > 0.99, cos
+    torch.testing.assert_close(found["half"].singular_values, found["float32"].singular_values, rtol=0.05, atol=0)

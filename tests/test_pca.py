@@ -181,3 +181,38 @@ def test_complete_shards_only_reads_no_gap_rows(tmp_path):
         ratio, vt = exact(h[keep, t], 4)
         assert hpca.principal_angles_deg(arrays["components"][t], vt).max() < 1.0
         np.testing.assert_allclose(arrays["mean"][t], h[keep, t].mean(0), atol=1e-3)
+
+
+def _stream(x: np.ndarray, rows: int = 16):
+    return lambda: (x[i : i + rows] for i in range(0, len(x), rows))
+
+
+@pytest.mark.parametrize(
+    "n,d,k,decay",
+    [
+        (25, 200, 10, 1.3),  # n < K + oversampling: the old engine stopped after one pass, eigenvalues 92% off
+        (100, 2000, 20, 1.0),  # isotropic noise, a flat spectrum: the old engine stopped when its basis outgrew n
+        (11, 300, 10, 1.3),  # n = K + 1: exactly K non-zero components
+        (40, 20000, 8, 1.3),  # D much larger than n
+        (400, 500, 6, 1.3),  # n > D: converges on its own before the space is exhausted
+    ],
+)
+def test_randomized_matches_eigh_for_every_n(n, d, k, decay):
+    """fit_randomized stops on convergence or once its Krylov space holds the whole range
+    of the covariance (then the Ritz pairs are exact), never earlier: against numpy's eigh."""
+    rng = np.random.default_rng(n + d)
+    m = min(n, d)
+    basis = np.linalg.qr(rng.standard_normal((d, m)))[0]
+    x = ((rng.standard_normal((n, m)) * decay ** -np.arange(m)) @ basis.T + rng.standard_normal(d)).astype(np.float32)
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    # numpy's eigh of the n x n Gram matrix: the same non-zero spectrum as the d x d covariance
+    gram_evals, u = np.linalg.eigh(xc @ xc.T / (n - 1))
+    evals, u = gram_evals[::-1][:k], u[:, ::-1][:, :k]
+    evecs = (xc.T @ u / np.sqrt(evals * (n - 1))).T
+    result = hpca.fit_randomized(_stream(x), k)
+    np.testing.assert_allclose(result.explained_variance, evals, rtol=2e-3)
+    gaps = np.abs(np.diff(np.r_[np.inf, evals, 0])) / evals.max()
+    well_defined = np.minimum(gaps[:-1], gaps[1:]) > 1e-3  # a vector is defined where its eigenvalue is isolated
+    cos = np.abs(np.sum(result.components.astype(np.float64) * evecs, 1))
+    assert (cos[well_defined] > 0.999).all(), cos
+    np.testing.assert_allclose(result.mean, x.astype(np.float64).mean(0), atol=1e-4)

@@ -28,6 +28,21 @@ def test_top_bottom_and_mean_difference():
         supervised.top_bottom(scores, 4)
 
 
+def test_top_bottom_refuses_to_mix_tied_labels():
+    """0/1 labels (inverted real images): 6 positives, 14 negatives and k = 8 would put two
+    negatives among the "positives"; refused with the counts and the largest safe k."""
+    labels = np.array([1.0] * 6 + [0.0] * 14)[np.random.default_rng(0).permutation(20)]
+    with pytest.raises(ValueError, match=r"6 samples score above 0, 0 below and 14 equal to it; use k <= 6"):
+        supervised.top_bottom(labels, 8)
+    pos, neg = supervised.top_bottom(labels, 6)
+    assert (labels[pos] == 1).all() and (labels[neg] == 0).all()
+    # ties inside one side are fine: the sets are still strictly apart
+    pos, neg = supervised.top_bottom(np.array([1.0, 1.0, 1.0, 0.5, 0.0, 0.0]), 2)
+    assert len(set(pos) & {0, 1, 2}) == 2 and neg.tolist() == [4, 5]
+    with pytest.raises(ValueError, match="do not separate any pair"):
+        supervised.top_bottom(np.zeros(6), 1)
+
+
 def test_disentangle_is_the_hand_projection():
     rng = np.random.default_rng(0)
     v0, a, b = (rng.standard_normal((3, 2, 4, 4)) for _ in range(3))
