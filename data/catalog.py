@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import socket
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+
+log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 SAMPLES = "samples.zarr"
@@ -192,8 +195,10 @@ class RunFolder:
     @contextmanager
     def lock(self, command: str, break_stale: bool = False):
         """Hold RUN/.lock for the duration; refuse a second writer (RunError naming the
-        holder). A lock whose pid is dead on this host is stale: reported, and removed only
-        when ``break_stale`` is set."""
+        holder). A lock whose pid is provably dead (same host, no such process: a crash or a
+        kill -9) is taken over with a one-line warning naming the old pid, so rerunning the
+        same command resumes. A lock from another host (a shared filesystem) cannot be
+        checked from here: it is taken over only with ``break_stale`` (--break-lock)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
             raise RunError(
@@ -212,7 +217,7 @@ class RunFolder:
                         f"cannot create the lock {self.lock_path} ({e.strerror or e}): a read-only folder or a "
                         "full disk? copy the run somewhere writable (inspect and verify work as is: they take no lock)"
                     ) from None
-                if holder is not None and _is_stale(holder) and break_stale:
+                if holder is not None and (_is_stale(holder) or (break_stale and not _same_host(holder))):
                     # rename, then check that what we moved aside is the stale lock we read:
                     # two breakers racing cannot both remove a fresh lock
                     aside = self.lock_path.with_name(f"{LOCK}.stale-{os.getpid()}")
@@ -225,6 +230,14 @@ class RunFolder:
                         os.replace(aside, self.lock_path)
                         raise RunError(_lock_message(self.lock_path, moved)) from None
                     aside.unlink(missing_ok=True)
+                    log.warning(
+                        "took over the lock of pid %s on %s (%s, since %s), %s",
+                        holder.get("pid"),
+                        holder.get("host"),
+                        holder.get("command"),
+                        holder.get("started"),
+                        "which is no longer running" if _is_stale(holder) else "as --break-lock asked",
+                    )
                     continue
                 raise RunError(_lock_message(self.lock_path, holder)) from None
             with os.fdopen(fd, "w") as f:
@@ -262,19 +275,60 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _same_host(holder: dict) -> bool:
+    return holder.get("host") == socket.gethostname()
+
+
 def _is_stale(holder: dict) -> bool:
-    return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1)))
+    """Provably dead: written on this host by a process that no longer exists."""
+    return _same_host(holder) and not _pid_alive(int(holder.get("pid", -1)))
 
 
 def _lock_message(path: Path, holder: dict | None) -> str:
     if holder is None:
         return f"{path} exists but is unreadable; if no hspace process uses this run, delete it"
     who = f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} ({holder.get('command')})"
-    if _is_stale(holder):
+    if not _same_host(holder):
         return (
-            f"run is locked by {who}, which is no longer running (stale lock); rerun with --break-lock to take it over"
+            f"run is locked by {who}, another host, whose process cannot be checked from here; wait for it to "
+            "finish, or if it is gone (crashed on a shared filesystem), rerun with --break-lock to take it over"
         )
     return f"run is locked by {who}; wait for it to finish (read-only commands such as `hspace inspect` work meanwhile)"
+
+
+def run_state(root: Path) -> str:
+    """What a pipeline run folder is now: 'running' (its lock is held by a live process, or
+    by one on another host, whose liveness cannot be checked), 'complete' (report.html and
+    every pipeline stage done), 'failed' (a stage failed, or its writer died holding the
+    lock) or 'incomplete' (none of those: not started, or stopped between stages)."""
+    run = RunFolder(Path(root))
+    holder = run.lock_holder()
+    if holder is not None and not _is_stale(holder):
+        return "running"
+    try:
+        meta = run.read()
+    except RunError:
+        return "incomplete"
+    stages = meta.get("pipeline") or {}
+    if any(rec.get("state") in ("failed", "running") for rec in stages.values()) or holder is not None:
+        return "failed"
+    if stages and all(rec.get("state") == "done" for rec in stages.values()) and (run.root / "report.html").exists():
+        return "complete"
+    return "incomplete"
+
+
+def prune_runs(root: Path, keep: int) -> list[Path]:
+    """Delete the oldest complete run folders under ``root`` beyond the newest ``keep``
+    complete ones (`hspace schedule --keep N`). A failed, running or incomplete folder is
+    never deleted, nor the only complete one. Returns the deleted folders, oldest first."""
+    if keep < 1:
+        raise RunError(f"--keep must be at least 1, got {keep}")
+    complete = [p for p in sorted(Path(root).iterdir()) if p.is_dir() and run_state(p) == "complete"]
+    complete.sort(key=lambda p: (RunFolder(p).read().get("created", ""), p.name))
+    doomed = complete[: max(0, len(complete) - keep)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 # ---------------------------------------------------------------------------- samples.zarr

@@ -45,14 +45,19 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _configure_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+class _OneLine(logging.Formatter):
+    """'warning: ...' on one line (no wrapping, no timestamp table): what a terminal user
+    and a log file both read best."""
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 # --------------------------------------------------------------------------- sample
@@ -76,7 +81,12 @@ def sample(
     dask_address: Annotated[
         str | None, typer.Option(help="run the shards on this Dask scheduler (OUT must be on a shared path)")
     ] = None,
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Mass-sample a model, storing h at every step, x0 and seeds in OUT/samples.zarr."""
@@ -152,7 +162,12 @@ def invert(
     h_point: Annotated[str, typer.Option(help="'output' or 'input' of the mid block")] = "output",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 for the UNet")] = "float32",
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """DDIM-invert real images (eta = 0), storing h_{T:1}, x_T and the reconstruction error;
     the labels become annotations, so `hspace directions OUT --attribute A` works as on samples."""
@@ -490,7 +505,12 @@ def annotate(
     annotator: Annotated[str, typer.Option(help="oracle | oracle:PATH")] = "oracle",
     batch_size: Annotated[int, typer.Option(help="images per annotator batch (= chunk of the scores array)")] = 256,
     device: Annotated[str, typer.Option()] = "auto",
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """Score every stored x0 with an annotator into RUN/annotations.zarr (resumable)."""
     if batch_size <= 0:
@@ -529,7 +549,12 @@ def pca(
         int | None, typer.Option(help="step whose components fix the signs (default T//2)")
     ] = None,
     complete_shards_only: Annotated[bool, typer.Option(help="use only complete shards of an unfinished run")] = False,
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """Per-timestep PCA of h (paper sec. 4.1): RUN/pca.zarr and directions pcNN + randomNN."""
     if method not in ("auto", "ipca", "randomized"):
@@ -643,7 +668,12 @@ def jacobian(
         ),
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """Image-specific directions (paper sec. 4.2): top-K right singular vectors of d eps / d h."""
     if tol <= 0 or max_iters <= 0:
@@ -699,7 +729,12 @@ def supervised_direction(
     latent: Annotated[str, typer.Option(help="h (h_{T:1}) or xT (initial noise)")] = "h",
     name: Annotated[str | None, typer.Option(help="file name in RUN/directions (default: the attribute)")] = None,
     first: Annotated[int | None, typer.Option(help="rank only samples 0..N-1 (hold the rest out)")] = None,
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """Mean-difference direction of an attribute (paper eq. (10)) into RUN/directions."""
     try:
@@ -726,7 +761,12 @@ def disentangle(
     keep_norm: Annotated[
         bool, typer.Option(help="rescale the projection to the original's norm (--no-keep-norm: eq. (11) as is)")
     ] = True,
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """Disentangle a direction by projection (paper eq. (11)), over all timesteps jointly."""
     try:
@@ -862,7 +902,12 @@ def run_pipeline(
     dask_address: Annotated[
         str | None, typer.Option(help="Dask scheduler for sampling shards and PCA (overrides the config)")
     ] = None,
-    break_lock: Annotated[bool, typer.Option(help="take over a stale lock left by a dead process")] = False,
+    break_lock: Annotated[
+        bool,
+        typer.Option(
+            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
+        ),
+    ] = False,
 ) -> None:
     """The whole pipeline as one Prefect flow of cached stages: sample, annotate, PCA,
     directions, disentangle, evaluate, figures, report. Rerun to resume; change a section
@@ -886,25 +931,38 @@ def run_pipeline(
 @app.command("schedule")
 def schedule(
     config: Annotated[Path | None, typer.Option(help="YAML config (see `hspace config --example`)")] = None,
-    cron: Annotated[str, typer.Option(help="cron schedule, e.g. '0 3 * * *' (03:00 daily)")] = "0 3 * * *",
+    cron: Annotated[str | None, typer.Option(help="cron schedule, e.g. '0 3 * * *' (03:00 daily; the default)")] = None,
+    interval: Annotated[float | None, typer.Option(help="instead of --cron: a run every this many seconds")] = None,
     name: Annotated[str, typer.Option(help="deployment name")] = "hspace-nightly",
     out_root: Annotated[Path, typer.Option(help="each scheduled run writes OUT_ROOT/<time>-<run name>")] = Path(
         "runs/scheduled"
     ),
+    concurrency: Annotated[int, typer.Option(help="runs of this deployment at once (later ones wait)")] = 1,
+    keep: Annotated[
+        int | None, typer.Option(help="after each run, delete the oldest complete run folders beyond N")
+    ] = None,
 ) -> None:
-    """Serve a Prefect deployment of `hspace run` on a cron schedule (blocks; Ctrl-C stops
-    serving and pauses the schedule). Point PREFECT_API_URL at your server to see it in the UI."""
+    """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
+    stops serving and pauses the schedule). Needs a standing Prefect server: PREFECT_API_URL."""
     from flows.pipeline import load_config, make_deployment
 
+    if cron is None and interval is None:
+        cron = "0 3 * * *"
     try:
         cfg = load_config(config)
-        deployment = make_deployment(cfg, cron, name, out_root)
+        deployment = make_deployment(cfg, cron, name, out_root, interval=interval, concurrency=concurrency, keep=keep)
     except RunError as e:
         _fail(str(e))
-    from prefect import serve
+    from flows.pipeline import serve_until_stopped
 
-    console.print(f"serving deployment [bold]hspace-scheduled-run/{name}[/] on cron {cron!r}; runs land in {out_root}/")
-    serve(deployment)
+    every = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"
+    console.print(
+        f"serving deployment [bold]hspace-scheduled-run/{name}[/] on {every} (at most {concurrency} at once"
+        + (f", keeping the newest {keep} complete runs" if keep else "")
+        + f"); runs land in {out_root}/"
+    )
+    serve_until_stopped(deployment)
+    console.print(f"stopped serving {name}; the schedule is paused")
 
 
 @app.command("config")

@@ -480,25 +480,79 @@ def validate_cron(cron: str) -> str:
     return cron
 
 
-def make_deployment(cfg: RunConfig, cron: str, name: str, out_root: Path):
-    """A Prefect deployment of the pipeline on a cron schedule; each run writes its own
-    folder under ``out_root`` (served by `hspace schedule`)."""
-    validate_cron(cron)
+def make_deployment(
+    cfg: RunConfig,
+    cron: str | None,
+    name: str,
+    out_root: Path,
+    interval: float | None = None,
+    concurrency: int = 1,
+    keep: int | None = None,
+):
+    """A Prefect deployment of the pipeline on a cron schedule (or every ``interval``
+    seconds); each run writes its own folder under ``out_root`` (served by `hspace
+    schedule`). At most ``concurrency`` runs at once (default 1: a run that outlasts the
+    interval makes the next one wait, so two large runs never share a GPU); ``keep``: after
+    each completed run, delete the oldest complete run folders beyond that many."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    if (cron is None) == (interval is None):
+        raise RunError("give either --cron or --interval")
+    if cron is not None:
+        validate_cron(cron)
+    if interval is not None and not interval > 0:
+        raise RunError(f"--interval must be a positive number of seconds, got {interval}")
+    if concurrency < 1:
+        raise RunError(f"--concurrency must be at least 1, got {concurrency}")
+    if keep is not None and keep < 1:
+        raise RunError(f"--keep must be at least 1, got {keep}")
     return scheduled_run.to_deployment(
         name=name,
         cron=cron,
-        parameters={"config": cfg.model_dump(mode="json"), "out_root": str(Path(out_root).resolve())},
+        interval=interval,
+        parameters={"config": cfg.model_dump(mode="json"), "out_root": str(Path(out_root).resolve()), "keep": keep},
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=concurrency, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
         description="hspace run on a schedule (hspace schedule)",
     )
 
 
+def serve_until_stopped(deployment) -> None:
+    """Serve ``deployment`` until Ctrl-C or SIGTERM; either pauses its schedule and returns
+    quietly. Prefect's runner answers SIGTERM with a sys.exit from inside the event loop
+    (a CancelledError traceback); here SIGTERM is turned into SIGINT, which asyncio
+    handles by cancelling the runner's task cleanly, as for Ctrl-C."""
+    import asyncio
+    import os
+    import signal
+
+    from prefect.runner import Runner
+
+    class QuietRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    runner = QuietRunner(pause_on_shutdown=True)
+    runner.add_deployment(deployment)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass
+
+
 @flow(name="hspace-scheduled-run")
-def scheduled_run(config: dict, out_root: str) -> str:
+def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     """One scheduled pipeline run into OUT_ROOT/<scheduled time>-<flow run name> (module
-    level, so a Prefect runner can load it by its entrypoint)."""
+    level, so a Prefect runner can load it by its entrypoint); then, with ``keep``, the
+    oldest complete runs beyond ``keep`` are deleted (logged, and a Prefect artifact)."""
     from datetime import datetime
 
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.logging import get_run_logger
     from prefect.runtime import flow_run
+
+    from data.catalog import prune_runs
 
     start = flow_run.scheduled_start_time or datetime.now(UTC)
     out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
@@ -506,6 +560,17 @@ def scheduled_run(config: dict, out_root: str) -> str:
     run = RunFolder(out)
     with run.lock(f"hspace schedule run {flow_run.name}"):
         run_stages(cfg, out)
+    if keep is not None:
+        deleted = prune_runs(Path(out_root), keep)
+        if deleted:
+            get_run_logger().info("--keep %d: deleted %s", keep, ", ".join(p.name for p in deleted))
+            create_markdown_artifact(
+                "**--keep {}**: deleted the oldest complete runs\n\n{}".format(
+                    keep, "\n".join(f"- `{p}`" for p in deleted)
+                ),
+                key="hspace-pruned-runs",
+                description="run folders deleted by hspace schedule --keep",
+            )
     return str(out)
 
 

@@ -206,27 +206,35 @@ def test_truncated_weights(model_dir, tmp_path):
     assert_refused(hspace("sample", "--model", broken, "--out", tmp_path / "o"), "cannot load the UNet")
 
 
-def test_locked_run_refused_and_stale_lock_needs_flag(frozen_run, model_dir):
+def test_locked_run_refused_and_remote_lock_needs_flag(frozen_run, model_dir):
     lock = frozen_run / ".lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "started": "now", "command": "x"}))
     try:
         assert_refused(
             hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), f"locked by pid {os.getpid()}"
         )
-        lock.write_text(
-            json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"})
+        # another host's lock cannot be checked from here: refused, naming --break-lock
+        lock.write_text(json.dumps({"pid": 1, "host": "elsewhere-node", "started": "then", "command": "x"}))
+        assert_refused(
+            hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), "another host", "--break-lock"
         )
-        assert_refused(hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", frozen_run), "--break-lock")
         assert lock.exists()
     finally:
         lock.unlink(missing_ok=True)
 
 
-def test_break_stale_lock(run_dir, model_dir):
+def test_dead_owners_lock_is_taken_over_and_remote_one_on_request(run_dir, model_dir, caplog):
+    """(What a real terminal shows is checked by test_resume, a kill -9 and a plain rerun.)"""
     lock = run_dir / ".lock"
     lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename, "started": "then", "command": "x"}))
+    result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", run_dir)  # the same command, no flag
+    assert result.exit_code == 0, result.output
+    assert f"took over the lock of pid {2**22 + 12345}" in caplog.text and "no longer running" in caplog.text
+    assert not lock.exists()
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere-node", "started": "then", "command": "x"}))
     result = hspace("sample", "--model", model_dir, *SAMPLE_ARGS, "--out", run_dir, "--break-lock")
     assert result.exit_code == 0, result.output
+    assert "took over the lock of pid 1 on elsewhere-node" in caplog.text and "as --break-lock asked" in caplog.text
     assert not lock.exists()
 
 

@@ -116,7 +116,7 @@ def celeba_config(path: Path, model: Path, annotators: dict[str, str], dtype: st
     cfg["disentangle"]["conditions"] = {}
     # random weights cannot reach gamma auto's target: a number, as for pose in the real config
     cfg["evaluate"].update(evaluator=annotators["clip"], n=4, gamma=1.0)
-    cfg["figures"] = {"pcs": 2, "name_samples": 2, "scales": [-1, 0, 1], "jacobian_k": 2}
+    cfg["figures"] = {"pcs": 2, "name_samples": 2, "scales": [-1, 0, 1], "jacobian_k": 1}
     path.write_text(yaml.safe_dump(cfg))
     return path
 

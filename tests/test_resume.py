@@ -87,13 +87,63 @@ def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_
     for k in store.done_shards():  # a shard marked done is complete
         assert not np.isnan(h[4 * k : 4 * k + 4].astype(np.float32)).any()
 
-    # the dead process's lock is stale: reported, and broken only on request
-    again = run_logged([*cmd], env, tmp_path / "again.log")
-    assert again[0] != 0 and "--break-lock" in again[1]
-    resumed = run_logged([*cmd, "--break-lock"], env, tmp_path / "resume.log")
+    # the dead process's lock is provably stale (same host, no such pid): the same command resumes
+    resumed = run_logged([*cmd], env, tmp_path / "resume.log")
     assert resumed[0] == 0, resumed[1][-3000:]
+    assert f"took over the lock of pid {victim.pid}" in resumed[1] and "no longer running" in resumed[1]
 
     ref, got = SampleStore(reference / "samples.zarr"), SampleStore(run / "samples.zarr")
     assert got.complete()
     for name in ("h", "x0", "seeds", "timesteps"):
         np.testing.assert_array_equal(getattr(got, name)[:], getattr(ref, name)[:], err_msg=name)
+
+
+def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir):
+    """`hspace run` killed by SIGKILL mid-pipeline: rerunning the same command takes over the
+    dead process's lock (one warning line naming its pid) and finishes every stage."""
+    import json
+
+    import yaml
+
+    from data import toyfaces
+    from data.annotators import save_oracle
+    from hcore.annotators import OracleNet
+
+    torch.manual_seed(2)
+    oracle = save_oracle(
+        OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval(), tmp_path / "o"
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "device": "cpu",
+                "sample": {"model": str(model_dir), "n": 48, "steps": 20, "batch_size": 4},
+                "annotate": {"annotators": [f"oracle:{oracle}"]},
+                "pca": {"components": 2},
+                "directions": {"attributes": ["Smiling"], "top": 4, "held_out": 4},
+                "evaluate": {"evaluator": f"oracle:{oracle}", "n": 2},
+                "figures": {"pcs": 1, "name_samples": 0, "scales": [0, 1], "efficiency": False, "jacobian": False},
+            }
+        )
+    )
+    run = tmp_path / "run"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("PREFECT_API_URL", None)
+    cmd = [*hspace_cmd(), "run", "--config", str(config), "--out", str(run)]
+    victim = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while done_count(run) < 2 and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.1)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert (run / ".lock").exists() and done_count(run) < 12, "the kill came after sampling"
+    code, output = run_logged(cmd, env, tmp_path / "rerun.log")
+    assert code == 0, output[-3000:]
+    assert f"took over the lock of pid {victim.pid}" in output and "no longer running" in output
+    meta = json.loads((run / "run.json").read_text())
+    assert all(rec["state"] == "done" for rec in meta["pipeline"].values()) and (run / "report.html").exists()
+    assert not (run / ".lock").exists()
