@@ -83,9 +83,7 @@ def sample(
     ] = None,
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -164,9 +162,7 @@ def invert(
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 for the UNet")] = "float32",
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """DDIM-invert real images (eta = 0), storing h_{T:1}, x_T and the reconstruction error;
@@ -507,9 +503,7 @@ def annotate(
     device: Annotated[str, typer.Option()] = "auto",
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """Score every stored x0 with an annotator into RUN/annotations.zarr (resumable)."""
@@ -551,9 +545,7 @@ def pca(
     complete_shards_only: Annotated[bool, typer.Option(help="use only complete shards of an unfinished run")] = False,
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """Per-timestep PCA of h (paper sec. 4.1): RUN/pca.zarr and directions pcNN + randomNN."""
@@ -670,9 +662,7 @@ def jacobian(
     device: Annotated[str, typer.Option()] = "auto",
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """Image-specific directions (paper sec. 4.2): top-K right singular vectors of d eps / d h."""
@@ -731,9 +721,7 @@ def supervised_direction(
     first: Annotated[int | None, typer.Option(help="rank only samples 0..N-1 (hold the rest out)")] = None,
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """Mean-difference direction of an attribute (paper eq. (10)) into RUN/directions."""
@@ -763,9 +751,7 @@ def disentangle(
     ] = True,
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """Disentangle a direction by projection (paper eq. (11)), over all timesteps jointly."""
@@ -904,9 +890,7 @@ def run_pipeline(
     ] = None,
     break_lock: Annotated[
         bool,
-        typer.Option(
-            help="take over a lock held from another host (shared filesystem; a dead local owner's lock is taken over anyway)"
-        ),
+        typer.Option(help="take over a lock held from another host (shared filesystem)"),
     ] = False,
 ) -> None:
     """The whole pipeline as one Prefect flow of cached stages: sample, annotate, PCA,
