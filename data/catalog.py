@@ -42,6 +42,8 @@ FIGURES = "figures"
 LOCK = ".lock"
 PREFECT_RESULTS = ".prefect-results"
 FORMAT_VERSION = 1
+# the stages of `hspace run`, in order (flows.pipeline runs them; inspect and list show them)
+PIPELINE_STAGES = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures", "report"]
 
 
 class RunError(Exception):
@@ -315,6 +317,74 @@ def run_state(root: Path) -> str:
     if stages and all(rec.get("state") == "done" for rec in stages.values()) and (run.root / "report.html").exists():
         return "complete"
     return "incomplete"
+
+
+def find_runs(root: Path, depth: int = 3) -> list[Path]:
+    """Run folders (holding run.json) under ``root``, not descending into a run folder, at
+    most ``depth`` levels down (scheduled runs live in runs/scheduled/<time>-<name>/)."""
+    root = Path(root)
+    if (root / RUN_JSON).exists():
+        return [root]
+    if depth == 0 or not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            found += find_runs(child, depth - 1)
+    return found
+
+
+def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
+    """One line of `hspace list`: name, model, created, n, steps, every stage's state
+    (done, failed, running with its lock owner, pending) and the headline leakage numbers
+    of eval/summary.json. Reads run.json, the lock and summary.json only: no Zarr, no Prefect."""
+    run = RunFolder(Path(path))
+    entry: dict = {"path": str(run.root), "name": run.root.name}
+    try:
+        meta = run.read()
+    except RunError as e:
+        return {**entry, "state": "unreadable", "error": str(e), "stages": {}}
+    cfg, model = meta.get("config", {}), meta.get("model", {})
+    entry.update(
+        model=model.get("id"),
+        fingerprint=(model.get("fingerprint") or "")[:12],
+        created=meta.get("created"),
+        n=cfg.get("n"),
+        steps=cfg.get("steps"),
+        dtype=cfg.get("dtype"),
+    )
+    holder = run.lock_holder()
+    live = holder is not None and not _is_stale(holder)
+    owner = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None
+    records = meta.get("pipeline") or meta.get("stages") or {}
+    names = list(pipeline_stages) if meta.get("pipeline") else list(records)
+    stages = {}
+    for name in names:
+        state = records.get(name, {}).get("state", "pending")
+        if state == "running":
+            state = f"running ({owner})" if live else "failed (its process died)"
+        stages[name] = state
+    entry["stages"] = stages
+    if live:
+        entry["state"] = f"running ({owner})"
+    elif any(v.startswith("failed") for v in stages.values()):
+        entry["state"] = "failed"
+    elif stages and all(v == "done" for v in stages.values()):
+        entry["state"] = "complete"
+    else:
+        entry["state"] = "incomplete"
+    try:
+        summary = json.loads((run.root / "eval" / "summary.json").read_text())
+        before, after = summary["original"], summary.get("disentangled", {})
+        entry["leakage"] = {
+            "offdiagonal": before.get("mean_offdiagonal"),
+            "offdiagonal_disentangled": after.get("mean_offdiagonal"),
+            "diagonal": before.get("mean_diagonal"),
+            "diagonal_disentangled": after.get("mean_diagonal"),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        entry["leakage"] = None
+    return entry
 
 
 def prune_runs(root: Path, keep: int) -> list[Path]:

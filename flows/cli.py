@@ -60,6 +60,26 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
+def _in_prefect(flow_obj, run_dir: Path, stage: str, fingerprint: str | None):
+    """``flow_obj`` with its flow runs named after the run folder and stage (``runs/x sample``)
+    and tagged ``run:<folder name>`` and ``model:<sha256[:12]>``, so the runs of one folder
+    or one model are found in the Prefect UI by name or tag."""
+    from prefect import tags
+
+    tagged = [f"run:{Path(run_dir).name}"] + ([f"model:{fingerprint[:12]}"] if fingerprint else [])
+    named = flow_obj.with_options(flow_run_name=f"{run_dir} {stage}")
+
+    def call(*args, **kwargs):
+        with tags(*tagged):
+            return named(*args, **kwargs)
+
+    return call
+
+
+def _fingerprint(run_dir: Path) -> str | None:
+    return RunFolder(run_dir).read().get("model", {}).get("fingerprint")
+
+
 # --------------------------------------------------------------------------- sample
 
 
@@ -130,7 +150,7 @@ def sample(
             from flows.sample import sample_flow
 
             with run.stage("sample"):
-                result = sample_flow(str(out), dask_address=dask_address)
+                result = _in_prefect(sample_flow, out, "sample", ref.fingerprint)(str(out), dask_address=dask_address)
             run.set_stage("sample", state="done", recomputed_shards=len(result["recomputed"]))
     except RunError as e:
         _fail(str(e))
@@ -211,7 +231,7 @@ def invert(
             from flows.invert import invert_flow
 
             with run.stage("invert"):
-                result = invert_flow(str(out), image_shape)
+                result = _in_prefect(invert_flow, out, "invert", ref.fingerprint)(str(out), image_shape)
             with run.stage("annotate", annotator="labels"):
                 columns = write_labels(run, scores)
             run.set_stage("invert", state="done", recon_mse=result["recon_mse"])
@@ -370,6 +390,63 @@ def inspect(
         console.print(table)
 
 
+@app.command("list")
+def list_runs(
+    root: Annotated[Path, typer.Argument(help="folder holding run folders (searched 3 levels deep)")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Every run folder under ROOT: model, size, the state of each stage (running ones with
+    their lock owner) and the headline leakage numbers. Reads run.json files only: no Prefect."""
+
+    from data.catalog import PIPELINE_STAGES, find_runs, run_summary
+
+    if not root.is_dir():
+        _fail(f"{root} is not a folder; give the folder that holds your run folders (default: runs/)")
+    entries = [run_summary(p, PIPELINE_STAGES) for p in find_runs(root)]
+    if as_json:
+        print(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        console.print(f"no run folders under {root}")
+        return
+
+    def mark(state: str) -> str:
+        if state == "done":
+            return "[green]✓[/]"
+        if state == "pending":
+            return "[dim]·[/]"
+        return "[red]✗[/]" if state.startswith("failed") else "[yellow]…[/]"
+
+    table = Table(show_lines=False)
+    for col in ("run", "model", "created", "n x T", "state", "stages", "leakage"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        lk = e.get("leakage") or {}
+        leak = ""
+        if lk.get("offdiagonal") is not None:
+            leak = f"{lk['offdiagonal']:.3g}"
+            if lk.get("offdiagonal_disentangled") is not None and lk["offdiagonal"]:
+                change = 100 * (lk["offdiagonal_disentangled"] / lk["offdiagonal"] - 1)
+                kept = 100 * lk["diagonal_disentangled"] / lk["diagonal"] if lk.get("diagonal") else float("nan")
+                leak += f" -> {lk['offdiagonal_disentangled']:.3g} ({change:+.0f}%, {kept:.0f}% kept)"
+        table.add_row(
+            os.path.relpath(e["path"], root),
+            Path(str(e.get("model") or "")).name,
+            (e.get("created") or "")[:16],
+            f"{e.get('n') or ''} x {e.get('steps') or ''}",
+            e["state"],
+            "".join(mark(state) for state in e["stages"].values()),
+            leak,
+        )
+    console.print(table)
+    console.print(
+        "stages: " + " ".join(PIPELINE_STAGES) + " (pipeline runs; single commands list their own) - "
+        "✓ done, ✗ failed, … running, · pending; leakage: mean |off-diagonal| of Table 1, original -> "
+        "disentangled (change, share of the diagonal kept). Per stage: --json",
+        highlight=False,
+    )
+
+
 @app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="run folder")],
@@ -521,7 +598,9 @@ def annotate(
             from flows.annotate import annotate_flow
 
             with run.stage("annotate", annotator=annotator):
-                result = annotate_flow(str(run_dir), annotator, batch_size, dev)
+                result = _in_prefect(annotate_flow, run_dir, "annotate", _fingerprint(run_dir))(
+                    str(run_dir), annotator, batch_size, dev
+                )
             run.set_stage("annotate", state="done", annotator=annotator, names=result["names"])
     except RunError as e:
         _fail(str(e))
@@ -560,7 +639,7 @@ def pca(
             from flows.pca import pca_flow
 
             with run.stage("pca"):
-                result = pca_flow(
+                result = _in_prefect(pca_flow, run_dir, "pca", _fingerprint(run_dir))(
                     str(run_dir),
                     components,
                     method,
@@ -904,7 +983,10 @@ def run_pipeline(
             cfg = cfg.model_copy(update={"dask_address": dask_address})
         run = RunFolder(out)
         with run.lock(f"hspace run --out {out}", break_stale=break_lock):
-            pipeline_flow_fn()(cfg.model_dump(mode="json"), str(out))
+            from data import models
+
+            fingerprint = models.resolve(cfg.sample.model).fingerprint if cfg.sample.model else None
+            _in_prefect(pipeline_flow_fn(), out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out))
     except RunError as e:
         _fail(str(e))
     except OSError as e:

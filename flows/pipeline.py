@@ -23,7 +23,7 @@ import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from data.catalog import RunError, RunFolder
+from data.catalog import PIPELINE_STAGES, RunError, RunFolder
 
 PIPELINE_CODE_VERSION = "pipeline-1"
 BINARY = ["Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young"]
@@ -152,7 +152,7 @@ def stage_keys(cfg: RunConfig, model_fingerprint: str) -> dict[str, str]:
     return k
 
 
-STAGES = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures", "report"]
+STAGES = PIPELINE_STAGES
 INPUTS = {  # what each stage reads (its fingerprint includes theirs)
     "sample": ["model"],
     "annotate": ["sample"],

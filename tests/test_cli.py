@@ -792,3 +792,15 @@ def test_sampling_on_a_dask_cluster_equals_the_local_run(run_dir, model_dir, tmp
         ),
         "cannot reach the Dask scheduler",
     )
+
+
+def test_flow_runs_are_named_after_the_run_folder_and_tagged(run_dir):
+    """In the Prefect UI the runs of one folder or one model are found by name or tag."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    fingerprint = RunFolder(run_dir).read()["model"]["fingerprint"]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{run_dir} sample"])))
+    assert runs, f"no flow run named '{run_dir} sample'"
+    assert {f"run:{run_dir.name}", f"model:{fingerprint[:12]}"} <= set(runs[0].tags)

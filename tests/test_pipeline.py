@@ -211,3 +211,67 @@ def test_report_loads_in_headless_chromium(pipeline_run, tmp_path):
     assert total >= 7 and rendered == total
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
+
+
+def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_path):
+    """`hspace list`: one row per run folder (nested ones included), each stage's state,
+    running ones with their lock owner, the leakage headline; fast, and no Prefect."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from data.catalog import RunFolder
+
+    out, _, _ = pipeline_run
+    root = tmp_path / "runs"
+    shutil.copytree(out, root / "finished", ignore=shutil.ignore_patterns("*.zarr", "figures", ".prefect-results"))
+    for name, stage_state, lock_pid in [
+        ("scheduled/failed", "failed", None),
+        ("locked", "running", os.getpid()),  # a live owner
+        ("half", None, None),
+    ]:
+        shutil.copytree(root / "finished", root / name)
+        meta = RunFolder(root / name).read()
+        for stage in ("evaluate", "figures", "report"):
+            meta["pipeline"].pop(stage)
+        if stage_state:
+            meta["pipeline"]["evaluate"] = {"state": stage_state}
+        RunFolder(root / name).write(meta)
+        (root / name / "eval" / "summary.json").unlink()
+        if lock_pid:
+            (root / name / ".lock").write_text(
+                json.dumps({"pid": lock_pid, "host": socket.gethostname(), "started": "now", "command": "hspace run"})
+            )
+    result = hspace("list", root, "--json")
+    assert result.exit_code == 0, result.output
+    entries = {e["name"]: e for e in json.loads(result.output)}
+    assert set(entries) == {"finished", "failed", "locked", "half"}
+    assert entries["finished"]["state"] == "complete" and entries["finished"]["n"] == 16
+    assert entries["finished"]["leakage"]["offdiagonal"] > 0
+    assert entries["failed"]["state"] == "failed" and entries["failed"]["stages"]["evaluate"] == "failed"
+    assert entries["locked"]["state"] == f"running (pid {os.getpid()} on {socket.gethostname()})"
+    assert entries["locked"]["stages"]["evaluate"].startswith("running (pid")
+    assert entries["half"]["state"] == "incomplete" and entries["half"]["stages"]["report"] == "pending"
+    assert entries["half"]["stages"]["pca"] == "done" and entries["half"]["leakage"] is None
+    table = hspace("list", root).output
+    assert "finished" in table and "complete" in table and "running" in table and "✓✓✓✓✓✓✓✓" in table
+
+    for i in range(100):  # 100 runs, listed by a fresh process as a user does, without Prefect
+        shutil.copytree(root / "half", root / "many" / f"r{i:03d}")
+    start = time.time()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "hspace"), "list", str(root / "many"), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"},  # a server that is not there
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 100
+    in_process = time.time()
+    assert hspace("list", root / "many", "--json").exit_code == 0
+    assert time.time() - in_process < 1.0  # the listing itself; the process above also imports torch-free CLI code
+    assert "prefect" not in proc.stderr.lower(), proc.stderr
+    print(f"hspace list of 100 runs: {in_process - start:.2f} s as a process")
