@@ -336,9 +336,36 @@ def run_stages(cfg: RunConfig, out: Path, log=print) -> dict:
             raise
         seconds = time.perf_counter() - t0
         _set(run, stage, state="done", seconds=round(seconds, 2), **result)
-        log(f"{stage}: done in {seconds:.1f} s")
+        log(f"{stage}: done in {seconds:.1f} s" + headline(stage, result))
         summary[stage] = "ran"
     return summary
+
+
+def headline(stage: str, result: dict) -> str:
+    """The one number worth reading when a stage ends, e.g. evaluate's Table-1 leakage."""
+    if result.get("skipped"):
+        return " (skipped)"
+    if stage == "sample":
+        return f"; {result.get('recomputed_shards', 0)} shards computed"
+    if stage == "annotate":
+        return f"; {len(result.get('attributes', []))} attributes"
+    if stage == "directions":
+        return f"; {len(result.get('outputs', []))} directions"
+    if stage == "evaluate":
+        before = result.get("summary", {}).get("original", {})
+        after = result.get("summary", {}).get("disentangled", {})
+        off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
+        if off is None or diag is None:
+            return ""
+        text = f"; leakage off-diagonal {off:.3g}, diagonal {diag:.3g}"
+        if after.get("mean_offdiagonal") is not None and off and diag:
+            text = (
+                f"; leakage off-diagonal {off:.3g} -> {after['mean_offdiagonal']:.3g} "
+                f"({100 * (after['mean_offdiagonal'] / off - 1):+.0f}%), "
+                f"diagonal kept {100 * after['mean_diagonal'] / diag:.0f}%"
+            )
+        return text
+    return ""
 
 
 def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> None:

@@ -1,6 +1,8 @@
 """RUN/report.html: one self-contained offline page (images inlined as data: URIs, no
-scripts, no external resources) with the run's config, stage states, figures, leakage
-tables and heatmaps."""
+scripts, no external resources). It leads with what was found (a table of every direction:
+what it moves most, by how much, its leakage before and after eq. (11), and the Table-1
+headline), then the figures and leakage tables; stage records and the config are folded
+away at the end."""
 
 from __future__ import annotations
 
@@ -47,6 +49,82 @@ def _csv_table(path: Path) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _rows(path: Path) -> tuple[list[str], dict[str, list[float]]]:
+    rows = list(csv.reader(path.open()))
+    return rows[0][1:], {r[0]: [float(x) for x in r[1:]] for r in rows[1:]}
+
+
+def _findings(ev: Path) -> list[str]:
+    """The page's first screen: the Table-1 headline and one row per direction."""
+    if not (ev / "summary.json").exists() or not (ev / "leakage_original.csv").exists():
+        return []
+    summary = json.loads((ev / "summary.json").read_text())
+    columns, original = _rows(ev / "leakage_original.csv")
+    disentangled = _rows(ev / "leakage_disentangled.csv")[1] if (ev / "leakage_disentangled.csv").exists() else {}
+    degrees = {"yaw", "pitch", "roll"} & set(columns)  # pose columns (Hopenet, the oracle) are in degrees
+    before, after = summary.get("original", {}), summary.get("disentangled", {})
+    parts = ["<h2 id='findings'>Findings</h2>"]
+    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
+    if off is not None and after.get("mean_offdiagonal") is not None and off and diag:
+        parts.append(
+            f"<p class='headline'>Leakage (mean |off-diagonal| of Table 1) {_num(off)} → "
+            f"{_num(after['mean_offdiagonal'])} ({100 * (after['mean_offdiagonal'] / off - 1):+.0f}%) with eq. (11); "
+            f"diagonal kept {100 * after['mean_diagonal'] / diag:.0f}% ({summary.get('n')} held-out samples, "
+            f"evaluator {html.escape(str(summary.get('evaluator')))}).</p>"
+        )
+    parts.append(
+        "<table id='summary'><tr><th>direction</th><th>its own attribute</th><th>moves most</th><th>by</th>"
+        "<th>leakage before</th><th>leakage after eq. (11)</th></tr>"
+    )
+
+    def leakage(row: str, values: list[float]) -> float:
+        others = [abs(v) for c, v in zip(columns, values, strict=True) if c != row and c not in degrees]
+        return sum(others) / len(others) if others else float("nan")
+
+    for row, values in original.items():
+        own = values[columns.index(row)] if row in columns else None
+        top = max(range(len(values)), key=lambda j: abs(values[j]) / (30.0 if columns[j] in degrees else 1.0))
+        unit = "°" if columns[top] in degrees else ""
+        parts.append(
+            f"<tr><th>{html.escape(row)}</th><td>{_num(own)}</td><td>{html.escape(columns[top])}</td>"
+            f"<td>{values[top]:+.3g}{unit}</td><td>{_num(leakage(row, values))}</td>"
+            f"<td>{_num(leakage(row, disentangled[row])) if row in disentangled else '–'}</td></tr>"
+        )
+    parts.append(
+        '</table><p>Probabilities for binary attributes, degrees for pose; "moves most" compares degrees / 30 '
+        "with probabilities; leakage = mean |change| of the other binary attributes.</p>"
+    )
+    return parts
+
+
+def _folded(meta: dict) -> list[str]:
+    """Stage records (cache keys, timings, outputs) and the config, folded away."""
+    parts = []
+    pipeline = meta.get("pipeline", {})
+    if pipeline:
+        parts.append(
+            "<details><summary>Stages (cache keys, timings, outputs)</summary><table><tr><th>stage</th>"
+            "<th>state</th><th>cache key</th><th>seconds</th><th>outputs</th></tr>"
+        )
+        order = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures"]
+        for stage in [s for s in order if s in pipeline] + [s for s in pipeline if s not in order + ["report"]]:
+            rec = pipeline[stage]  # the report stage is this page, still being written
+            outputs = ", ".join(rec.get("outputs", [])[:6]) + (" …" if len(rec.get("outputs", [])) > 6 else "")
+            parts.append(
+                f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
+                f"<td><code>{html.escape(str(rec.get('key')))}</code></td><td>{rec.get('seconds', '')}</td>"
+                f"<td style='text-align:left'>{html.escape(outputs)}</td></tr>"
+            )
+        parts.append("</table></details>")
+    config = meta.get("pipeline_config", meta["config"])
+    parts.append(f"<details><summary>Config</summary><pre>{html.escape(json.dumps(config, indent=2))}</pre></details>")
+    return parts
+
+
 def write_report(run: RunFolder) -> Path:
     meta = run.read()
     parts = [
@@ -61,24 +139,7 @@ def write_report(run: RunFolder) -> Path:
         f"(fingerprint {html.escape(str(meta['model'].get('fingerprint', ''))[:12])}), "
         f"created {html.escape(str(meta.get('created')))}</p>",
     ]
-    pipeline = meta.get("pipeline", {})
-    if pipeline:
-        parts.append(
-            "<h2>Stages</h2><table><tr><th>stage</th><th>state</th><th>cache key</th><th>seconds</th>"
-            "<th>outputs</th></tr>"
-        )
-        order = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures"]
-        for stage in [s for s in order if s in pipeline] + [s for s in pipeline if s not in order + ["report"]]:
-            rec = pipeline[stage]  # the report stage is this page, still being written
-            outputs = ", ".join(rec.get("outputs", [])[:6]) + (" …" if len(rec.get("outputs", [])) > 6 else "")
-            parts.append(
-                f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
-                f"<td><code>{html.escape(str(rec.get('key')))}</code></td><td>{rec.get('seconds', '')}</td>"
-                f"<td style='text-align:left'>{html.escape(outputs)}</td></tr>"
-            )
-        parts.append("</table>")
-    config = meta.get("pipeline_config", meta["config"])
-    parts.append(f"<h2>Config</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>")
+    parts += _findings(run.root / "eval")
     figures = run.root / "figures"
     for name, title, caption in FIGURES:
         path = figures / name
@@ -105,14 +166,15 @@ def write_report(run: RunFolder) -> Path:
             if (ev / f"leakage_{label}.csv").exists():
                 s = summary.get(label, {})
                 parts.append(
-                    f"<h3>{label}</h3><p>mean |diagonal| {s.get('mean_diagonal')}, "
-                    f"mean |off-diagonal| {s.get('mean_offdiagonal')}</p>"
+                    f"<h3>{label}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
+                    f"mean |off-diagonal| {_num(s.get('mean_offdiagonal'))}</p>"
                 )
                 parts.append(_csv_table(ev / f"leakage_{label}.csv"))
                 parts.append(_img(ev / f"leakage_{label}.png", f"leakage heatmap ({label})"))
     extra = sorted(p for p in (run.root / "figures").glob("*.png") if p.name not in {n for n, _, _ in FIGURES})
     for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
         parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")
+    parts += _folded(meta)
     parts.append("</body></html>")
     out = run.root / "report.html"
     tmp = out.with_name("report.html.partial")

@@ -69,6 +69,10 @@ def pipeline_run(prefect_server, model_dir, oracle_dir, tmp_path_factory):
 def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir, oracle_dir):
     out, config, first = pipeline_run
     assert stage_lines(first.output) == {s: "done" for s in STAGES}
+    # each stage ends with one line and its headline; no third-party warning blocks (accelerate is installed)
+    headline = r"^evaluate: done in [\d.]+ s; leakage off-diagonal \S+ -> \S+ \([+-]\d+%\), diagonal kept \d+%$"
+    assert re.search(headline, first.output, re.M), first.output
+    assert "low cpu memory usage" not in first.output and "accelerate" not in first.output
     meta = json.loads((out / "run.json").read_text())
     assert all(meta["pipeline"][s]["state"] == "done" for s in STAGES)
     for name in ("samples.zarr", "annotations.zarr", "pca.zarr", "eval/summary.json", "report.html"):
@@ -79,6 +83,10 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', report)
     assert len(images) >= 7 and "http" not in report.replace("http-equiv", "")
     assert "Leakage (Table 1)" in report and "pc00" in report
+    # the findings lead; the config and stage records are folded away at the end
+    assert report.index("id='summary'") < report.index("<img") < report.index("<details><summary>Config")
+    assert re.search(r"<tr><th>Smiling</th><td>[-+0-9.e]+</td><td>\w+</td>", report)
+    assert "0.1737631410" not in report and not re.search(r"\d\.\d{7,}", report.split("<details>")[0])
     assert "(Fig. 8)" in report and "(Fig. 7)" in report and "(Fig. 11)" in report
     efficiency = json.loads((out / "figures" / "sample_efficiency.json").read_text())
     assert efficiency["ns"] == [1, 3] and set(efficiency["change"]) == {"h:1", "h:3", "xT:1", "xT:3"}
@@ -174,6 +182,9 @@ window.addEventListener('load', () => {
   const images = [...document.images];
   document.body.setAttribute('data-images', images.length);
   document.body.setAttribute('data-rendered', images.filter(i => i.complete && i.naturalWidth > 0).length);
+  const summary = document.getElementById('summary');
+  document.body.setAttribute('data-summary-bottom', summary ? Math.round(summary.getBoundingClientRect().bottom) : -1);
+  document.body.setAttribute('data-window', window.innerHeight);
 });
 </script>"""
 
@@ -182,7 +193,8 @@ window.addEventListener('load', () => {
     shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it with apt-get)"
 )
 def test_report_loads_in_headless_chromium(pipeline_run, tmp_path):
-    """A real browser: the page loads with no console errors and every image decodes."""
+    """A real browser: the page loads with no console errors, every image decodes, and the
+    findings table is on the first screen (1280x800), as a screenshot shows."""
     import subprocess
 
     out, _, _ = pipeline_run
@@ -197,6 +209,7 @@ def test_report_loads_in_headless_chromium(pipeline_run, tmp_path):
             "--enable-logging=stderr",
             "--v=0",
             "--virtual-time-budget=10000",
+            "--window-size=1280,800",
             "--dump-dom",
             page.as_uri(),
         ],
@@ -209,6 +222,16 @@ def test_report_loads_in_headless_chromium(pipeline_run, tmp_path):
     assert found, proc.stdout[:500]
     total, rendered = int(found.group(1)), int(found.group(2))
     assert total >= 7 and rendered == total
+    bottom = int(re.search(r'data-summary-bottom="(-?\d+)"', proc.stdout).group(1))
+    window = int(re.search(r'data-window="(\d+)"', proc.stdout).group(1))
+    assert 0 < bottom <= window, f"the findings table ends at {bottom} px, below the first screen ({window} px)"
+    shot = tmp_path / "first-screen.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,800"]
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", (out / "report.html").as_uri()], timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1280, 800) and len(set(image.convert("L").getdata())) > 10  # not a blank page
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not console, console
 
