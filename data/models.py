@@ -16,6 +16,24 @@ from pathlib import Path
 from data.catalog import RunError
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+# google/ddpm-ema-celebahq-256's unet/config.json (the paper's main model): six levels,
+# attention at 16x16 and in the mid block, h = 512x8x8. No weights ship here; the real-shape
+# tests and bench_gpu.py build it (or a channel-cut copy) with random weights.
+CELEBAHQ_256_UNET = dict(
+    sample_size=256,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 128, 256, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+    attention_head_dim=None,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    norm_eps=1e-6,
+    norm_num_groups=32,
+)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 

@@ -26,24 +26,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from data.catalog import AnnotationStore, JacobianStore, RunFolder, SampleStore
+from data.models import CELEBAHQ_256_UNET
 from flows.cli import app
 from tests.conftest import save_tiny_clip
 
 runner = CliRunner()
 
-CELEBAHQ = dict(  # google/ddpm-ema-celebahq-256's config.json, block_out_channels (128, 128, 256, 256, 512, 512) / 32
-    sample_size=256,
-    block_out_channels=(4, 4, 8, 8, 16, 16),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
-    norm_num_groups=4,
-)
+# google/ddpm-ema-celebahq-256's layout with block_out_channels (128, 128, 256, 256, 512, 512) / 32
+CELEBAHQ = {**CELEBAHQ_256_UNET, "block_out_channels": (4, 4, 8, 8, 16, 16), "norm_num_groups": 4}
 ATTN2 = dict(
     sample_size=32,
     block_out_channels=(16, 32, 32),
@@ -98,7 +88,7 @@ def save_model(folder: Path, config: dict) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    UNet2DModel(in_channels=3, out_channels=3, **config).save_pretrained(folder / "unet")
+    UNet2DModel(**{"in_channels": 3, "out_channels": 3, **config}).save_pretrained(folder / "unet")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True).save_pretrained(
         folder / "scheduler"
     )

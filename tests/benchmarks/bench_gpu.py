@@ -33,27 +33,13 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-CELEBAHQ_256 = dict(  # google/ddpm-ema-celebahq-256 unet/config.json
-    sample_size=256,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 128, 256, 256, 512, 512),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-    attention_head_dim=None,
-    downsample_padding=0,
-    flip_sin_to_cos=False,
-    freq_shift=1,
-    norm_eps=1e-6,
-    norm_num_groups=32,
-)
+from data.models import CELEBAHQ_256_UNET  # noqa: E402
 
 
 def save_model(folder: Path, small: bool) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
-    config = dict(CELEBAHQ_256)
+    config = dict(CELEBAHQ_256_UNET)
     if small:  # the CPU dry run: same layout, channels / 32, 64x64
         config.update(sample_size=64, block_out_channels=(4, 4, 8, 8, 16, 16), norm_num_groups=4)
     torch.manual_seed(0)
