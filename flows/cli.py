@@ -755,19 +755,26 @@ def jacobian(
         run.read()
         dev = resolve_device(device)
         with run.lock(f"hspace jacobian {run_dir}", break_stale=break_lock), run.stage("jacobian"):
-            result = run_jacobian(
-                str(run_dir),
-                sample_index,
-                step,
-                k,
-                block,
-                roi,
-                str(mask) if mask else None,
-                tol,
-                max_iters,
-                dev,
-                localize=localize,
-            )
+            from flows.sample import progress_bar
+
+            with progress_bar() as bar:
+                job = bar.add_task("jacobian (subspace iterations)", total=max_iters, rate="")
+                result = run_jacobian(
+                    str(run_dir),
+                    sample_index,
+                    step,
+                    k,
+                    block,
+                    roi,
+                    str(mask) if mask else None,
+                    tol,
+                    max_iters,
+                    dev,
+                    localize=localize,
+                    progress=lambda it, change, tol_: bar.update(
+                        job, completed=it, rate=f"change {change:.1e} (tol {tol_:.0e})"
+                    ),
+                )
         run.set_stage("jacobian", state="done", last=result["group"])
     except RunError as e:
         _fail(str(e))
@@ -891,23 +898,27 @@ def evaluate(
         _fail("--directions is empty")
     prompt_pairs = _read_prompts(prompts) if prompts else None
     try:
+        from flows.sample import progress_bar
         from tasks.evaluate import run_evaluation
         from tasks.sample import resolve_device
 
-        summary = run_evaluation(
-            str(run_dir),
-            names,
-            disentangled=disentangled,
-            evaluator=evaluator,
-            n=n,
-            gamma=fixed_gamma,
-            target=target,
-            calibration_n=calibration_n,
-            prompts=prompt_pairs,
-            device=resolve_device(device),
-            log=console.print,
-            keep_norm=keep_norm,
-        )
+        with progress_bar() as bar:
+            job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
+            summary = run_evaluation(
+                str(run_dir),
+                names,
+                disentangled=disentangled,
+                evaluator=evaluator,
+                n=n,
+                gamma=fixed_gamma,
+                target=target,
+                calibration_n=calibration_n,
+                prompts=prompt_pairs,
+                device=resolve_device(device),
+                log=console.print,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+                keep_norm=keep_norm,
+            )
     except RunError as e:
         _fail(str(e))
     for label in ("original", "disentangled"):

@@ -408,21 +408,39 @@ def _sample(run: RunFolder, dask_address: str | None) -> dict:
 
 
 def _annotate(run: RunFolder, cfg: RunConfig, device: str) -> dict:
+    from data.catalog import SampleStore
+    from flows.sample import progress_bar
     from tasks.annotate import annotate_run
 
     names = []
-    for spec in cfg.annotate.annotators:
-        names = annotate_run(str(run.root), spec, cfg.annotate.batch_size, device)["names"]
+    n = SampleStore(run.samples).layout.n
+    with progress_bar() as bar:
+        for spec in cfg.annotate.annotators:
+            job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
+            names = annotate_run(
+                str(run.root), spec, cfg.annotate.batch_size, device, progress=lambda k, job=job: bar.advance(job, k)
+            )["names"]
     return {"outputs": ["annotations.zarr"], "attributes": names}
 
 
 def _pca(run: RunFolder, cfg: RunConfig) -> dict:
     if not cfg.pca.enabled:
         return {"outputs": [], "skipped": True}
+    from flows.sample import progress_bar
     from tasks.pca import run_pca
 
     p = cfg.pca
-    r = run_pca(str(run.root), p.components, p.method, p.batch_size, p.workers, cfg.dask_address)
+    with progress_bar() as bar:
+        job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"], rate="")
+        r = run_pca(
+            str(run.root),
+            p.components,
+            p.method,
+            p.batch_size,
+            p.workers,
+            cfg.dask_address,
+            progress=lambda i: bar.advance(job, i),
+        )
     return {"outputs": ["pca.zarr"], "method": r.get("method")}
 
 
@@ -460,30 +478,37 @@ def _evaluate(run: RunFolder, cfg: RunConfig, device: str, log) -> dict:
     e = cfg.evaluate
     if not e.enabled or cfg.directions.latent != "h":
         return {"outputs": [], "skipped": True}
+    from flows.sample import progress_bar
     from tasks.evaluate import run_evaluation
 
-    summary = run_evaluation(
-        str(run.root),
-        list(cfg.directions.attributes),
-        disentangled=cfg.disentangle.enabled,
-        evaluator=e.evaluator,
-        n=e.n,
-        gamma=None if e.gamma == "auto" else float(e.gamma),
-        target=e.target,
-        calibration_n=e.calibration_n,
-        prompts=e.prompts,
-        keep_norm=cfg.disentangle.keep_norm,
-        conditions=cfg.disentangle.conditions,
-        device=device,
-        log=log,
-    )
+    with progress_bar() as bar:
+        job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
+        summary = run_evaluation(
+            str(run.root),
+            list(cfg.directions.attributes),
+            disentangled=cfg.disentangle.enabled,
+            evaluator=e.evaluator,
+            n=e.n,
+            gamma=None if e.gamma == "auto" else float(e.gamma),
+            target=e.target,
+            calibration_n=e.calibration_n,
+            prompts=e.prompts,
+            keep_norm=cfg.disentangle.keep_norm,
+            conditions=cfg.disentangle.conditions,
+            device=device,
+            log=log,
+            progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
     return {"outputs": ["eval/summary.json"], "summary": {k: summary[k] for k in summary if k != "calibration"}}
 
 
 def _figures(run: RunFolder, cfg: RunConfig, device: str) -> dict:
+    from flows.sample import progress_bar
     from tasks.figures import pipeline_figures
 
-    files = pipeline_figures(run, cfg, device)
+    with progress_bar() as bar:
+        job = bar.add_task("figures", total=None, rate="")
+        files = pipeline_figures(run, cfg, device, progress=lambda name: bar.update(job, advance=1, rate=name))
     return {"outputs": [str(Path(f).relative_to(run.root)) for f in files]}
 
 

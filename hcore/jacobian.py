@@ -111,9 +111,13 @@ class JacobianSVD:
     converged: bool
 
 
-def _iterate(f, h0, phi, found, tol, max_iters) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+IterationCallback = Callable[[int, float], None]  # (iteration, relative change of the singular values)
+
+
+def _iterate(f, h0, phi, found, tol, max_iters, on_iteration=None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Subspace iteration on J^T J for the block phi (d, b), kept orthogonal to ``found``
-    (d, m). Returns (phi, sigma, iterations, converged)."""
+    (d, m). Returns (phi, sigma, iterations, converged); on_iteration(it, change) reports
+    progress."""
     shape = h0.shape
     sigma_old = None
     for it in range(1, max_iters + 1):
@@ -128,6 +132,8 @@ def _iterate(f, h0, phi, found, tol, max_iters) -> tuple[torch.Tensor, torch.Ten
         phi = new_phi
         if sigma_old is not None:
             value_change = ((sigma - sigma_old).abs() / sigma.clamp_min(1e-12)).max()
+            if on_iteration is not None:
+                on_iteration(it, float(max(value_change, subspace_change)))
             if value_change < tol and subspace_change < tol:
                 return phi, sigma, it, True
         sigma_old = sigma
@@ -163,12 +169,14 @@ def subspace_iteration(
     max_iters: int = 100,
     generator: torch.Generator | None = None,
     init: torch.Tensor | None = None,
+    on_iteration: IterationCallback | None = None,
 ) -> JacobianSVD:
-    """Alg. 1: all k vectors at once. init: optional (k, C, H, W) starting vectors."""
+    """Alg. 1: all k vectors at once. init: optional (k, C, H, W) starting vectors;
+    on_iteration(it, change): progress."""
     d = h0.numel()
     phi = torch.randn(d, k, generator=generator, dtype=h0.dtype) if init is None else init.reshape(k, -1).T
     phi, _ = torch.linalg.qr(phi.to(h0.device))  # reduced QR: V^T V = I
-    phi, _, iters, ok = _iterate(f, h0, phi, None, tol, max_iters)
+    phi, _, iters, ok = _iterate(f, h0, phi, None, tol, max_iters, on_iteration)
     return _finish(f, h0, phi, iters, ok, max_iters)
 
 
@@ -180,15 +188,17 @@ def sequential_subspace_iteration(
     tol: float = 1e-4,
     max_iters: int = 100,
     generator: torch.Generator | None = None,
+    on_iteration: IterationCallback | None = None,
 ) -> JacobianSVD:
     """SM Alg. 2: blocks of b vectors, each kept orthogonal to those already found, so
-    memory is bounded by b (b = 1 finds them one by one)."""
+    memory is bounded by b (b = 1 finds them one by one). on_iteration(it, change): progress
+    (it counts within each block)."""
     d = h0.numel()
     found, total_iters, all_ok = None, 0, True
     for start in range(0, k, block):
         b = min(block, k - start)
         phi, _ = torch.linalg.qr(torch.randn(d, b, generator=generator, dtype=h0.dtype).to(h0.device))
-        phi, _, iters, ok = _iterate(f, h0, phi, found, tol, max_iters)
+        phi, _, iters, ok = _iterate(f, h0, phi, found, tol, max_iters, on_iteration)
         if found is not None:  # keep the basis orthogonal even when a block stopped early
             phi, _ = torch.linalg.qr(phi - found @ torch.linalg.solve(found.T @ found, found.T @ phi))
         total_iters, all_ok = total_iters + iters, all_ok and ok

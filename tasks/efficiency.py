@@ -83,14 +83,35 @@ def table_md(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    """A small log-x line plot (PNG) of the change per n, h in blue, x_T in red."""
+    """Fig. 8 as a PNG of two log-x panels side by side, h in blue and x_T in red: left the
+    mean change of the attribute per n pairs, right the RMS pixel change of the edit (how
+    much of the image the "edit" replaces). An x_T direction that wins on the left only by
+    replacing the face shows up on the right."""
+    from PIL import Image
+
+    panels = [
+        _panel(result, "change", f"mean change of {result['attribute']} (gamma={result['gamma']:g})"),
+        _panel(result, "moved", "RMS pixel change of the edit"),
+    ]
+    img = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    x = 0
+    for panel in panels:
+        img.paste(panel, (x, 0))
+        x += panel.width
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def _panel(result: dict, key: str, title: str):
     from PIL import Image, ImageDraw
 
     w, h = 440, 270
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((10, 5), f"mean change of {result['attribute']} vs n pairs (log), gamma={result['gamma']:g}", fill="black")
-    values = list(result["change"].values()) + [0.0]
+    d.text((10, 5), f"{title} vs n pairs (log)", fill="black")
+    values = list(result[key].values()) + [0.0]
     lo, hi = min(values), max(values)
     span = max(hi - lo, 1e-6)
     x_of = lambda n: 40 + (w - 70) * np.log10(n) / 2  # noqa: E731
@@ -99,7 +120,7 @@ def plot(result: dict, path: Path) -> Path:
     for v in sorted({0.0, lo, hi}):
         d.text((2, y_of(v) - 6), f"{v:+.2f}", fill="grey")
     for latent, colour in (("h", "blue"), ("xT", "red")):
-        pts = [(x_of(n), y_of(result["change"][f"{latent}:{n}"])) for n in result["ns"]]
+        pts = [(x_of(n), y_of(result[key][f"{latent}:{n}"])) for n in result["ns"]]
         if len(pts) > 1:
             d.line(pts, fill=colour, width=2)
         for x, y in pts:
@@ -107,7 +128,4 @@ def plot(result: dict, path: Path) -> Path:
         d.text((pts[-1][0] + 6, pts[-1][1] - 6), latent, fill=colour)
     for n in result["ns"]:
         d.text((x_of(n) - 5, h - 24), str(n), fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return img

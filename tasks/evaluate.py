@@ -165,19 +165,21 @@ def leakage_matrix(
     vectors: list[torch.Tensor],
     gamma: float | list[float],
     base: np.ndarray | None = None,
+    on_row=None,
 ) -> np.ndarray:
     """Table 1: mean change of every attribute (columns) when editing with each direction
     (rows): mean over samples of score(edited) - score(original). (len(vectors), A).
-    gamma: one for all rows or one per row; base: the unedited scores if already known."""
+    gamma: one for all rows or one per row; base: the unedited scores if already known;
+    on_row(): called after each row (progress)."""
     gammas = [gamma] * len(vectors) if isinstance(gamma, int | float) else list(gamma)
     if base is None:
         base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0)
-    return np.stack(
-        [
-            (edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g) - base).mean(0)
-            for v, g in zip(vectors, gammas, strict=True)
-        ]
-    )
+    rows = []
+    for v, g in zip(vectors, gammas, strict=True):
+        rows.append((edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g) - base).mean(0))
+        if on_row is not None:
+            on_row()
+    return np.stack(rows)
 
 
 def calibrate(
@@ -291,6 +293,7 @@ def run_evaluation(
     log=print,
     keep_norm: bool = True,
     conditions: dict[str, list[str]] | None = None,
+    progress=None,
 ) -> dict:
     """Table 1 for a run's directions ``names``: edit held-out samples along each (and,
     with ``disentangled``, along each projected against the others by eq. (11)), score
@@ -298,7 +301,8 @@ def run_evaluation(
     gamma None: calibrate per direction (``--gamma auto``) to reach ``target``.
     ``conditions``: attribute -> attributes to project out (default: all the other listed
     directions); ``keep_norm``: rescale each projected direction to its original norm, so
-    that both tables compare edits of the same length (see hcore.supervised)."""
+    that both tables compare edits of the same length (see hcore.supervised).
+    progress(done, total): called as the edit-and-score passes of the tables finish."""
     from data import models
     from data.annotators import load_annotator
     from data.catalog import RunError, require_sampled
@@ -370,7 +374,16 @@ def run_evaluation(
         summary["disentangled_against"] = {row: [rows[j] for j in js] for row, js in against.items()}
         summary["keep_norm"] = keep_norm
         variants.append(("disentangled", dis))
+    total, done = 1 + len(variants) * len(names), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     base = edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
+    tick()
     cal_base = edit_scores(unet, scheduler, net, cfg, cal_idx, None, 0.0) if gamma is None else None
     for label, vs in variants:
         if gamma is not None:
@@ -398,7 +411,7 @@ def run_evaluation(
                     f"(target {goal}, {c.evaluations} passes)"
                 )
             summary.setdefault("calibration", {})[label] = calibration
-        matrix = leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base)
+        matrix = leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base, on_row=tick)
         summary[label] = {"gamma": dict(zip(names, gammas, strict=True))}
         summary[label].update(write_leakage(out, label, matrix, rows, columns, degrees))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

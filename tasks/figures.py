@@ -33,8 +33,9 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
     return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells), rows, cols
 
 
-def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
-    """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths."""
+def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
+    """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths.
+    progress(name): called as each figure is written."""
     from tasks import evaluate as ev
 
     meta = run.read()
@@ -42,6 +43,12 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
     out.mkdir(exist_ok=True)
     unet, scheduler = models.load_for_run(meta, device=device)
     files = []
+
+    def add(*paths: Path) -> None:
+        files.extend(paths)
+        if progress is not None:
+            progress(Path(paths[-1]).name)
+
     store = SampleStore(run.samples)
     k = min(32, store.layout.n)
     x0 = store.x0[:k]
@@ -49,7 +56,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
     rows = -(-k // cols)
     pad = np.zeros((rows * cols, *x0.shape[1:]), np.uint8)
     pad[:k] = x0
-    files.append(
+    add(
         save_grid(
             out / "samples.png",
             grid_image(
@@ -78,7 +85,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
             table = ev.name_directions(changes, list(net.names), [p.stem for p in pcs], scores.std(0) + 1e-6)
             names = {row["direction"]: row["name"] for row in table}
             (out / "pc_names.json").write_text(json.dumps(table, indent=2, default=float))
-            files.append(out / "pc_names.json")
+            add(out / "pc_names.json")
         for label, paths in (("pca", pcs), ("random", [d / f"random{j:02d}.safetensors" for j in range(len(pcs))])):
             paths = [p for p in paths if p.exists()]
             if not paths:
@@ -87,7 +94,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
             if label == "pca":
                 rows_ = [f"{r} ≈ {names[r]}" if r in names else r for r in rows_]
             title = f"sample {sample}: {'principal components' if label == 'pca' else 'norm-matched random directions'}"
-            files.append(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
+            add(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
     attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
     for label, suffix in (("supervised", ""), ("disentangled", "_disentangled")):
         paths = [d / f"{a}{suffix}.safetensors" for a in attrs]
@@ -98,15 +105,15 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
         scales = [s for s in f.scales if abs(s) <= 2] or f.scales
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales)
         title = f"held-out sample {held}: {label} directions (eq. {'10' if label == 'supervised' else '11'})"
-        files.append(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
+        add(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
     paths = [d / f"{a}.safetensors" for a in attrs]
     if len(paths) > 1 and all(p.exists() for p in paths):
         held = store.layout.n - max(cfg.directions.held_out, 1)
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
-        files.append(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
+        add(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
     if f.jacobian:
-        files.append(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
+        add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
     if f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0:
         from tasks.efficiency import plot, sample_efficiency
 
@@ -121,7 +128,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu") -> list[Path]:
             max_samples=32,
         )
         (out / "sample_efficiency.json").write_text(json.dumps(result, indent=2))
-        files += [out / "sample_efficiency.json", plot(result, out / "sample_efficiency.png")]
+        add(out / "sample_efficiency.json", plot(result, out / "sample_efficiency.png"))
     return files
 
 

@@ -59,7 +59,10 @@ def run_jacobian(
     max_iters: int = 100,
     device: str = "cpu",
     localize: int | None = None,
+    progress=None,
 ) -> dict:
+    """Alg. 1 (or Alg. 2 with ``block``, optionally --localize) at sample ``sample``, step
+    ``step``; progress(iteration, change, tol) reports each iteration."""
     from hcore import jacobian as jac
     from hcore.sampler import ddim_scheduler, make_generators
     from hcore.sampler import sample as run_sampler
@@ -110,11 +113,12 @@ def run_jacobian(
         tol = jac.precision_tol(tol, unet_dtype)
     gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + sample * 1009 + step)
     k_iter = localize or k  # --localize: the top-r subspace of the unmasked J, then the ROI share inside it
+    report = None if progress is None else (lambda it, change: progress(it, change, tol))
     if block is None:
-        result = jac.subspace_iteration(f, h0, k_iter, tol=tol, max_iters=max_iters, generator=gen)
+        result = jac.subspace_iteration(f, h0, k_iter, tol=tol, max_iters=max_iters, generator=gen, on_iteration=report)
     else:
         result = jac.sequential_subspace_iteration(
-            f, h0, k_iter, block=block, tol=tol, max_iters=max_iters, generator=gen
+            f, h0, k_iter, block=block, tol=tol, max_iters=max_iters, generator=gen, on_iteration=report
         )
     share = None
     if localize:

@@ -539,6 +539,7 @@ def test_jacobian_localize_command(run_dir, loaded_model):
     full, _ = JacobianStore(run_dir / "jacobian.zarr").read(1, 2)
     result = hspace("jacobian", run_dir, *common, "--k", "1", "--roi", "2,2,8,8", "--localize", "6")
     assert result.exit_code == 0 and "inside the region:" in result.output
+    assert "jacobian (subspace iterations)" in result.output and "(tol" in result.output  # the progress bar
     local, attrs = JacobianStore(run_dir / "jacobian.zarr").read(1, 2)
     assert attrs["localize"] == 6 and len(attrs["share_inside"]) == 1
     # independent check of the share with a JVP at the stored point

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -73,6 +74,12 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     headline = r"^evaluate: done in [\d.]+ s; leakage off-diagonal \S+ -> \S+ \([+-]\d+%\), diagonal kept \d+%$"
     assert re.search(headline, first.output, re.M), first.output
     assert "low cpu memory usage" not in first.output and "accelerate" not in first.output
+    # the long stages show progress bars (final state: all passes done)
+    assert re.search(r"evaluate \(edit-and-score passes\).*\b7/7\b", first.output), first.output
+    assert re.search(r"annotate \(oracle\).*\b16/16\b", first.output) and re.search(
+        r"pca \(timesteps\).*\b4/4\b", first.output
+    )
+    assert re.search(r"^figures .*\d+/\?", first.output, re.M) or "figures ━" in first.output, first.output
     meta = json.loads((out / "run.json").read_text())
     assert all(meta["pipeline"][s]["state"] == "done" for s in STAGES)
     for name in ("samples.zarr", "annotations.zarr", "pca.zarr", "eval/summary.json", "report.html"):
@@ -90,6 +97,15 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     assert "(Fig. 8)" in report and "(Fig. 7)" in report and "(Fig. 11)" in report
     efficiency = json.loads((out / "figures" / "sample_efficiency.json").read_text())
     assert efficiency["ns"] == [1, 3] and set(efficiency["change"]) == {"h:1", "h:3", "xT:1", "xT:3"}
+    assert set(efficiency["moved"]) == set(efficiency["change"])
+    from PIL import Image
+
+    with Image.open(out / "figures" / "sample_efficiency.png") as fig8:  # change and RMS panels side by side
+        rgb = np.asarray(fig8.convert("RGB")).astype(int)
+    for half in (rgb[:, : rgb.shape[1] // 2], rgb[:, rgb.shape[1] // 2 :]):
+        blue = (half[..., 2] > 200) & (half[..., 0] < 60)
+        red = (half[..., 0] > 200) & (half[..., 2] < 60)
+        assert blue.sum() > 20 and red.sum() > 20  # both curves (h and x_T) in each panel
     from prefect.artifacts import Artifact
 
     link = Artifact.get("hspace-run-report")  # Prefect artifacts for the UI
