@@ -508,7 +508,9 @@ def _figures(run: RunFolder, cfg: RunConfig, device: str) -> dict:
 
     with progress_bar() as bar:
         job = bar.add_task("figures", total=None, rate="")
-        files = pipeline_figures(run, cfg, device, progress=lambda name: bar.update(job, advance=1, rate=name))
+        files = pipeline_figures(
+            run, cfg, device, progress=lambda name, total: bar.update(job, advance=1, total=total, rate=name)
+        )
     return {"outputs": [str(Path(f).relative_to(run.root)) for f in files]}
 
 

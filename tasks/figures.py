@@ -35,7 +35,7 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
 
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
     """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths.
-    progress(name): called as each figure is written."""
+    progress(name, total): called as each figure is written."""
     from tasks import evaluate as ev
 
     meta = run.read()
@@ -44,10 +44,12 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     unet, scheduler = models.load_for_run(meta, device=device)
     files = []
 
+    planned = None
+
     def add(*paths: Path) -> None:
         files.extend(paths)
         if progress is not None:
-            progress(Path(paths[-1]).name)
+            progress(Path(paths[-1]).name, planned)
 
     store = SampleStore(run.samples)
     k = min(32, store.layout.n)
@@ -72,6 +74,18 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     d = run.directions
     pcs = [d / f"pc{j:02d}.safetensors" for j in range(f.pcs)]
     pcs = [p for p in pcs if p.exists()]
+    attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
+    efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0)
+    planned = (  # the figures below, for the progress bar's total
+        1
+        + (bool(pcs) and f.name_samples > 0 and bool(cfg.annotate.annotators))
+        + bool(pcs)
+        + (bool(pcs) and (d / "random00.safetensors").exists())
+        + sum(any((d / f"{a}{suffix}.safetensors").exists() for a in attrs) for suffix in ("", "_disentangled"))
+        + (len(attrs) > 1 and all((d / f"{a}.safetensors").exists() for a in attrs))
+        + bool(f.jacobian)
+        + efficiency
+    )
     if pcs:
         names = {}
         if f.name_samples > 0 and cfg.annotate.annotators:
@@ -95,7 +109,6 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
                 rows_ = [f"{r} ≈ {names[r]}" if r in names else r for r in rows_]
             title = f"sample {sample}: {'principal components' if label == 'pca' else 'norm-matched random directions'}"
             add(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
-    attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
     for label, suffix in (("supervised", ""), ("disentangled", "_disentangled")):
         paths = [d / f"{a}{suffix}.safetensors" for a in attrs]
         paths = [p for p in paths if p.exists()]
@@ -114,7 +127,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         add(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
     if f.jacobian:
         add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
-    if f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0:
+    if efficiency:
         from tasks.efficiency import plot, sample_efficiency
 
         result = sample_efficiency(
