@@ -299,24 +299,14 @@ def _lock_message(path: Path, holder: dict | None) -> str:
 
 
 def run_state(root: Path) -> str:
-    """What a pipeline run folder is now: 'running' (its lock is held by a live process, or
-    by one on another host, whose liveness cannot be checked), 'complete' (report.html and
-    every pipeline stage done), 'failed' (a stage failed, or its writer died holding the
-    lock) or 'incomplete' (none of those: not started, or stopped between stages)."""
-    run = RunFolder(Path(root))
-    holder = run.lock_holder()
-    if holder is not None and not _is_stale(holder):
+    """What a run folder is now, in one word: 'running' (its lock is held by a live process
+    or by another host, whose liveness cannot be checked), 'complete' (every stage done),
+    'failed' (a stage failed, or its writer died in it) or 'incomplete' (not started,
+    stopped between stages, or unreadable). ``run_summary`` has the details."""
+    state = run_summary(Path(root), PIPELINE_STAGES)["state"]
+    if state.startswith("running"):
         return "running"
-    try:
-        meta = run.read()
-    except RunError:
-        return "incomplete"
-    stages = meta.get("pipeline") or {}
-    if any(rec.get("state") in ("failed", "running") for rec in stages.values()) or holder is not None:
-        return "failed"
-    if stages and all(rec.get("state") == "done" for rec in stages.values()) and (run.root / "report.html").exists():
-        return "complete"
-    return "incomplete"
+    return state if state in ("complete", "failed") else "incomplete"
 
 
 def find_runs(root: Path, depth: int = 3) -> list[Path]:
@@ -354,7 +344,7 @@ def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
         dtype=cfg.get("dtype"),
     )
     holder = run.lock_holder()
-    live = holder is not None and not _is_stale(holder)
+    live = holder is not None and not _is_stale(holder)  # another host's lock counts as live
     owner = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None
     records = meta.get("pipeline") or meta.get("stages") or {}
     names = list(pipeline_stages) if meta.get("pipeline") else list(records)
@@ -369,7 +359,11 @@ def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
         entry["state"] = f"running ({owner})"
     elif any(v.startswith("failed") for v in stages.values()):
         entry["state"] = "failed"
-    elif stages and all(v == "done" for v in stages.values()):
+    elif (
+        stages
+        and all(v == "done" for v in stages.values())
+        and (not meta.get("pipeline") or (run.root / "report.html").exists())
+    ):
         entry["state"] = "complete"
     else:
         entry["state"] = "incomplete"

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from data.catalog import RunError, RunFolder, prune_runs, run_state
+from data.catalog import PIPELINE_STAGES, RunError, RunFolder, prune_runs, run_state
 
 pytestmark = pytest.mark.slow
 HSPACE = Path(sys.executable).parent / "hspace"
@@ -164,7 +164,9 @@ def make_pipeline_folder(root: Path, name: str, created: str, state: str) -> Pat
     run = RunFolder(root / name)
     meta = run.init({"n": 1}, {"fingerprint": "x"}, {})
     meta["created"] = created
-    meta["pipeline"] = {"sample": {"state": "done"}, "report": {"state": "failed" if state == "failed" else "done"}}
+    meta["pipeline"] = {stage: {"state": "done"} for stage in PIPELINE_STAGES}
+    if state == "failed":
+        meta["pipeline"]["evaluate"]["state"] = "failed"
     run.write(meta)
     if state != "failed":
         (run.root / "report.html").write_text("<html></html>")
