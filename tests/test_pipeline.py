@@ -192,6 +192,10 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
     out = Path(state.result())
     assert out.parent == (tmp_path / "scheduled").resolve() and (out / "report.html").exists()
     assert_refused(hspace("schedule", "--cron", "every day at 3"), "is not a cron expression")
+    assert_refused(hspace("schedule", "--cron", "0 3 * * *", "--interval", "60"), "either --cron or --interval")
+    assert_refused(hspace("schedule", "--interval", "0"), "--interval must be a positive number")
+    assert_refused(hspace("schedule", "--concurrency", "0"), "--concurrency must be at least 1")
+    assert_refused(hspace("schedule", "--keep", "0"), "--keep must be at least 1")
 
 
 CHECK_IMAGES = """<script>
