@@ -42,33 +42,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     out = run.root / "figures"
     out.mkdir(exist_ok=True)
     unet, scheduler = models.load_for_run(meta, device=device)
-    files = []
-
-    planned = None
-
-    def add(*paths: Path) -> None:
-        files.extend(paths)
-        if progress is not None:
-            progress(Path(paths[-1]).name, planned)
-
     store = SampleStore(run.samples)
-    k = min(32, store.layout.n)
-    x0 = store.x0[:k]
-    cols = 8
-    rows = -(-k // cols)
-    pad = np.zeros((rows * cols, *x0.shape[1:]), np.uint8)
-    pad[:k] = x0
-    add(
-        save_grid(
-            out / "samples.png",
-            grid_image(
-                pad.reshape(rows, cols, *x0.shape[1:]),
-                [str(r * cols) for r in range(rows)],
-                [""] * cols,
-                title=f"the first {k} samples",
-            ),
-        )
-    )
     f = cfg.figures
     sample = min(f.sample, store.layout.n - 1)
     d = run.directions
@@ -85,6 +59,30 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         + (len(attrs) > 1 and all((d / f"{a}.safetensors").exists() for a in attrs))
         + bool(f.jacobian)
         + efficiency
+    )
+    files = []
+
+    def add(*paths: Path) -> None:
+        files.extend(paths)
+        if progress is not None:
+            progress(Path(paths[-1]).name, planned)
+
+    k = min(32, store.layout.n)
+    x0 = store.x0[:k]
+    cols = 8
+    rows = -(-k // cols)
+    pad = np.zeros((rows * cols, *x0.shape[1:]), np.uint8)
+    pad[:k] = x0
+    add(
+        save_grid(
+            out / "samples.png",
+            grid_image(
+                pad.reshape(rows, cols, *x0.shape[1:]),
+                [str(r * cols) for r in range(rows)],
+                [""] * cols,
+                title=f"the first {k} samples",
+            ),
+        )
     )
     if pcs:
         names = {}

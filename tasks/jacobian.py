@@ -102,15 +102,12 @@ def run_jacobian(
     if mask is not None:
         mask = mask.to(x_t.device)
     f = jac.eps_of_h(unet, x_t, t, mask=None if localize else mask, h_point=cfg["h_point"])
-    unet_dtype = next(unet.parameters()).dtype
-    if jac.precision_tol(tol, unet_dtype) > tol:
+    reachable = jac.precision_tol(tol, next(unet.parameters()).dtype)
+    if reachable > tol:
         log.warning(
-            "--tol %g is below what a %s U-Net's J v resolves; iterating to %g instead",
-            tol,
-            cfg["dtype"],
-            jac.precision_tol(tol, unet_dtype),
+            "--tol %g is below what a %s U-Net's J v resolves; iterating to %g instead", tol, cfg["dtype"], reachable
         )
-        tol = jac.precision_tol(tol, unet_dtype)
+        tol = reachable
     gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + sample * 1009 + step)
     k_iter = localize or k  # --localize: the top-r subspace of the unmasked J, then the ROI share inside it
     report = None if progress is None else (lambda it, change: progress(it, change, tol))

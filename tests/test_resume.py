@@ -34,6 +34,20 @@ def done_count(run: Path) -> int:
         return 0
 
 
+def kill_9_once(cmd: list[str], env: dict, ready, timeout: float = 240) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group and SIGKILL the whole group (its ephemeral
+    Prefect server included) as soon as ``ready()`` holds (or it exits, or ``timeout``)."""
+    victim = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout
+    while not ready() and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.1)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    return victim
+
+
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float = 300) -> tuple[int, str]:
     """Run in a new process group with output to a file (a lingering server child holding a
     pipe would hang the caller); kill the whole group afterwards."""
@@ -71,14 +85,7 @@ def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_
     }
     env.pop("PREFECT_API_URL", None)  # the victim starts its own ephemeral server, as a user's would
     cmd = [*hspace_cmd(), "sample", "--model", str(model_dir), *ARGS, "--out", str(run)]
-    victim = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while done_count(run) < 3 and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.1)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    victim = kill_9_once(cmd, env, lambda: done_count(run) >= 3)
     killed_at = done_count(run)
     assert 3 <= killed_at < 24, f"kill came too late or too early ({killed_at} of 24 shards done)"
 
@@ -132,14 +139,7 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
     env["OMP_NUM_THREADS"] = "1"
     env.pop("PREFECT_API_URL", None)
     cmd = [*hspace_cmd(), "run", "--config", str(config), "--out", str(run)]
-    victim = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while done_count(run) < 2 and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.1)
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
+    victim = kill_9_once(cmd, env, lambda: done_count(run) >= 2)
     assert (run / ".lock").exists() and done_count(run) < 12, "the kill came after sampling"
     code, output = run_logged(cmd, env, tmp_path / "rerun.log")
     assert code == 0, output[-3000:]

@@ -61,9 +61,9 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from data.catalog import RunFolder, SampleStore, package_versions
-    from data.directions import scheduler_name
+    from data.catalog import RunFolder, SampleStore
     from flows.sample import sample_flow
+    from tasks.sample import init_run
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         run = RunFolder(Path(tmp) / "run")
@@ -76,7 +76,7 @@ def main() -> None:
             "h_point": "output",
             "dtype": "float32",
         }
-        run.init(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}, package_versions())
+        init_run(run, config, ref, scheduler, "cpu")
         t0 = time.perf_counter()
         sample_flow(str(run.root), show_progress=False)
         b = args.n / (time.perf_counter() - t0)
