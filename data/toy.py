@@ -25,11 +25,16 @@ from data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy
 
 @dataclass(frozen=True)
 class ToyRecipe:
-    """Training recipe of the shipped toy DDPM (the defaults are what made it)."""
+    """Training recipe of a toy DDPM. The defaults are what made the v1 model (a recipe.json
+    without the later fields reads as v1); ``RECIPES`` holds the named ones."""
 
     image_size: int = 32
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 2
+    attention_levels: tuple[int, ...] = ()  # levels (0 = full resolution) with attention blocks
+    mid_attention: bool = False  # attention in the mid block, whose output is h
+    attention_head_dim: int = 8
+    style: str = "v1"  # toyfaces.STYLES: how the training renders are drawn
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     batch_size: int = 32
@@ -42,17 +47,47 @@ class ToyRecipe:
     checkpoint_every: int = 250
 
 
+RECIPES = {
+    "v1": ToyRecipe(steps=20000),
+    # v2 (issue 15): shaped like google/ddpm-ema-celebahq-256, scaled down: the 4x4 bottleneck
+    # after three downsamplings, attention at 8x8 and in the mid block, multi-head; v2 renders.
+    "v2": ToyRecipe(
+        block_out_channels=(32, 64, 96, 128),
+        attention_levels=(2,),
+        mid_attention=True,
+        attention_head_dim=32,
+        style="v2",
+        steps=20000,
+    ),
+}
+RESUMABLE_FIELDS = ("steps", "checkpoint_every", "decay_from")  # may change when a checkpoint resumes
+
+
+def recipe_from_dict(raw: dict) -> ToyRecipe:
+    """A recipe from its JSON form (lists back to tuples; missing later fields read as v1)."""
+    raw = dict(raw)
+    for key in ("block_out_channels", "attention_levels"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    unknown = set(raw) - set(ToyRecipe.__dataclass_fields__)
+    if unknown:
+        raise RunError(f"unknown toy recipe field(s) {', '.join(sorted(unknown))}: written by a newer hspace?")
+    return ToyRecipe(**raw)
+
+
 def build_unet(recipe: ToyRecipe) -> UNet2DModel:
     n = len(recipe.block_out_channels)
+    attn = set(recipe.attention_levels)
     return UNet2DModel(
         sample_size=recipe.image_size,
         in_channels=3,
         out_channels=3,
         layers_per_block=recipe.layers_per_block,
         block_out_channels=tuple(recipe.block_out_channels),
-        down_block_types=("DownBlock2D",) * n,
-        up_block_types=("UpBlock2D",) * n,
-        add_attention=False,
+        down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(n)),
+        up_block_types=tuple("AttnUpBlock2D" if n - 1 - i in attn else "UpBlock2D" for i in range(n)),
+        add_attention=recipe.mid_attention,
+        attention_head_dim=recipe.attention_head_dim,
         norm_num_groups=8,
     )
 
@@ -70,7 +105,9 @@ def training_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
     """The renders of training step ``step`` as (B, 3, H, W) in [-1, 1]; seeds are a pure
     function of (recipe seed, step), so a resumed run sees the same data."""
     first = (recipe.seed << 32) + step * recipe.batch_size
-    images, _ = toyfaces.render_batch(np.arange(first, first + recipe.batch_size), recipe.image_size)
+    images, _ = toyfaces.render_batch(
+        np.arange(first, first + recipe.batch_size), recipe.image_size, style=recipe.style
+    )
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -106,9 +143,7 @@ def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, To
             f"{path} is not a toy training checkpoint (missing {', '.join(missing)}); "
             "point --checkpoint at a new or an existing checkpoint folder"
         )
-    raw = json.loads((path / "recipe.json").read_text())
-    raw["block_out_channels"] = tuple(raw["block_out_channels"])
-    recipe = ToyRecipe(**raw)
+    recipe = recipe_from_dict(json.loads((path / "recipe.json").read_text()))
     unet = UNet2DModel.from_pretrained(path / "unet")
     ema = UNet2DModel.from_pretrained(path / "ema")
     state = torch.load(path / "trainer.pt", weights_only=True)

@@ -30,6 +30,16 @@ P(Eyeglasses) = 0.236, P(Wearing_Hat) = 0.265, P(Eyeglasses | old) / P(Eyeglasse
 Young) = 7.5, P(Wearing_Hat | Male) / P(Wearing_Hat | female) = 5.6,
 corr(Male, Young) = -0.22 (phi coefficient). ``tests/test_toyfaces.py`` checks these on
 10k renders.
+
+Render styles (``STYLES``; the factors and their joint distribution are the same in each):
+
+- ``v1``: the renders the shipped v1 toy model and oracle were trained on.
+- ``v2``: for the toy world v2 (issue 15). At 32x32 the v1 mouth spans 5-8 px and opens by
+  at most 2 px, and the glasses' rims are under 1 px thick, so a small DDPM decides them
+  late and locally (a linear probe cannot read Smiling or Eyeglasses from its h). v2 makes
+  them larger and higher in contrast: the mouth 1.4x wider and 1.6x further open
+  (``mouth_scale``), rims 1.6x thicker (``rim``), and tinted lenses that darken the eye
+  area by half (``lens_tint``), so both are face-level features.
 """
 
 from __future__ import annotations
@@ -64,6 +74,19 @@ HAT_COLOURS = np.array(
 
 SUPERSAMPLE = 2
 FACE_SCALE = 1.18  # face size relative to the canvas
+
+
+@dataclass(frozen=True)
+class Style:
+    """How the binary features are drawn (see the module docstring)."""
+
+    mouth_width: float = 1.0  # mouth width relative to v1
+    mouth_open: float = 1.0  # opening of a smiling mouth relative to v1
+    rim: tuple[float, float] = (0.115, 0.16)  # glasses: inner and outer rim radius
+    lens_tint: float = 0.0  # 0 clear lenses; t blends the lens area towards dark by t
+
+
+STYLES = {"v1": Style(), "v2": Style(mouth_width=1.4, mouth_open=1.6, rim=(0.105, 0.175), lens_tint=0.5)}
 
 
 @dataclass(frozen=True)
@@ -152,8 +175,11 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> None:
         np.copyto(canvas[c], colour[:, c, None, None], where=mask)
 
 
-def paint(factors: Factors, size: int = 32) -> np.ndarray:
-    """Render faces for given factors: returns uint8 images (N, size, size, 3)."""
+def paint(factors: Factors, size: int = 32, style: str = "v1") -> np.ndarray:
+    """Render faces for given factors in a style of ``STYLES``: uint8 images (N, size, size, 3)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown toy render style {style!r}; use one of {', '.join(STYLES)}")
+    st = STYLES[style]
     n = len(factors)
     s = size * SUPERSAMPLE
     coords = (np.arange(s, dtype=np.float32) + 0.5) / s * 2.0 - 1.0
@@ -206,18 +232,23 @@ def paint(factors: Factors, size: int = 32) -> np.ndarray:
     # mouth: smile intensity bends and opens it
     smile = col(factors.smile)
     mu, mv = fu, fv - 0.30
-    width = 0.14 + 0.08 * smile
-    curve = (0.45 * smile - 0.10) * (mu / 0.2) ** 2  # up-turned corners when smiling
-    open_h = np.where(smile > 0.5, 0.02 + 0.10 * (smile - 0.5) / 0.5, 0.022)
+    width = (0.14 + 0.08 * smile) * st.mouth_width
+    curve = (0.45 * smile - 0.10) * (mu / (0.2 * st.mouth_width)) ** 2  # up-turned corners when smiling
+    open_h = np.where(smile > 0.5, (0.02 + 0.10 * (smile - 0.5) / 0.5) * st.mouth_open, 0.022)
     lip = (np.abs(mu) < width) & (mv + curve > -0.025) & (mv + curve < -0.025 + open_h + 0.02 * (1 - (mu / width) ** 2))
     _paint(canvas, lip, np.array([0.55, 0.08, 0.10]))
     teeth = (smile > 0.5) & lip & (mv + curve < 0.005) & (np.abs(mu) < 0.8 * width)
     _paint(canvas, teeth, np.array([0.98, 0.98, 0.95]))
     # eyeglasses: two dark rims and a bridge
     glasses = col(factors.Eyeglasses) > 0
+    inner, outer = st.rim
     for side in (-1.0, 1.0):
         r = np.sqrt((fu - side * 0.18) ** 2 + (fv + 0.02) ** 2)
-        _paint(canvas, glasses & (r > 0.115) & (r < 0.16), np.array([0.05, 0.05, 0.05]))
+        if st.lens_tint > 0:
+            lens = np.broadcast_to(glasses & (r <= inner), canvas.shape[1:])
+            canvas[:, lens] *= 1.0 - st.lens_tint
+            canvas[:, lens] += st.lens_tint * 0.08
+        _paint(canvas, glasses & (r > inner) & (r < outer), np.array([0.05, 0.05, 0.05]))
     bridge = glasses & (np.abs(fu) < 0.05) & (np.abs(fv + 0.04) < 0.02)
     _paint(canvas, bridge, np.array([0.05, 0.05, 0.05]))
     # hat: crown plus brim across the forehead
@@ -231,17 +262,17 @@ def paint(factors: Factors, size: int = 32) -> np.ndarray:
     return np.clip(np.rint(small * 255.0), 0, 255).astype(np.uint8)
 
 
-def render_batch(seeds, size: int = 32, chunk: int = 512) -> tuple[np.ndarray, Factors]:
-    """Render one face per seed: uint8 images (N, size, size, 3) and their factors."""
+def render_batch(seeds, size: int = 32, chunk: int = 512, style: str = "v1") -> tuple[np.ndarray, Factors]:
+    """Render one face per seed in ``style``: uint8 images (N, size, size, 3) and their factors."""
     factors = draw_factors(seeds)
     images = np.empty((len(factors), size, size, 3), np.uint8)
     for start in range(0, len(factors), chunk):
         part = Factors(**{k: v[start : start + chunk] for k, v in factors.__dict__.items()})
-        images[start : start + chunk] = paint(part, size)
+        images[start : start + chunk] = paint(part, size, style)
     return images, factors
 
 
-def render(seed: int, size: int = 32) -> tuple[np.ndarray, dict]:
+def render(seed: int, size: int = 32, style: str = "v1") -> tuple[np.ndarray, dict]:
     """Render the face of one seed: uint8 image (size, size, 3) and its factors as a dict."""
-    images, factors = render_batch([seed], size)
+    images, factors = render_batch([seed], size, style=style)
     return images[0], factors.row(0)

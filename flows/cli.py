@@ -1064,6 +1064,10 @@ def train_toy(
     out: Annotated[Path, typer.Option(help="where to export the diffusers model folder")] = Path(
         "runs/toy-train/model"
     ),
+    recipe_name: Annotated[
+        str | None,
+        typer.Option("--recipe", help="v1 or v2 (data/toy.py RECIPES); default: the checkpoint's own, else v1"),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
     decay_from: Annotated[
@@ -1077,11 +1081,22 @@ def train_toy(
     ] = 0.0,
 ) -> None:
     """Train the toy-faces DDPM (a Prefect flow; kill it any time and rerun to resume)."""
+    import json
     from dataclasses import asdict
 
-    from data.toy import ToyRecipe
+    from data.toy import RECIPES, recipe_from_dict
 
-    recipe = ToyRecipe()
+    if recipe_name is not None and recipe_name not in RECIPES:
+        _fail(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe_name!r}")
+    candidates = (checkpoint / "recipe.json", checkpoint.with_name(checkpoint.name + ".old") / "recipe.json")
+    saved = next((p for p in candidates if p.exists()), None)
+    if recipe_name is None and saved is not None:
+        try:
+            recipe = recipe_from_dict(json.loads(saved.read_text()))  # resume with the checkpoint's recipe
+        except (RunError, ValueError, TypeError) as e:
+            _fail(f"cannot read the recipe of checkpoint {checkpoint}: {e}")
+    else:
+        recipe = RECIPES[recipe_name or "v1"]
     overrides = {
         k: v
         for k, v in (("steps", steps), ("checkpoint_every", checkpoint_every), ("decay_from", decay_from))
@@ -1099,7 +1114,13 @@ def train_toy(
         from flows.train_toy import train_toy_flow
 
         result = train_toy_flow(
-            str(checkpoint), str(out), recipe_dict, str(oracle_out) if oracle_out else None, oracle_steps, oracle_blur
+            str(checkpoint),
+            str(out),
+            recipe_dict,
+            str(oracle_out) if oracle_out else None,
+            oracle_steps,
+            oracle_blur,
+            oracle_style=recipe.style,
         )
     except (RunError, ValueError) as e:
         _fail(str(e))

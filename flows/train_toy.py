@@ -16,8 +16,9 @@ def train_toy_flow(
     oracle_out: str | None = None,
     oracle_steps: int = 1200,
     oracle_blur: float = 0.0,
+    oracle_style: str = "v1",
 ) -> dict:
     step = train_toy(checkpoint, recipe)
     export_toy(checkpoint, out, wait_for=[step])
-    metrics = train_oracle(oracle_out, oracle_steps, oracle_blur) if oracle_out else None
+    metrics = train_oracle(oracle_out, oracle_steps, oracle_blur, oracle_style) if oracle_out else None
     return {"step": step, "model": out, "oracle": metrics}

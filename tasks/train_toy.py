@@ -25,11 +25,15 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     checkpoint = Path(checkpoint)
     if checkpoint.exists() or checkpoint.with_name(checkpoint.name + ".old").exists():
         unet, ema_model, opt_state, step, saved = toy.load_checkpoint(checkpoint)
-        if saved.block_out_channels != recipe.block_out_channels or saved.layers_per_block != recipe.layers_per_block:
+        differ = [
+            f"{k} {getattr(saved, k)!r} -> {getattr(recipe, k)!r}"
+            for k in saved.__dataclass_fields__
+            if k not in toy.RESUMABLE_FIELDS and getattr(saved, k) != getattr(recipe, k)
+        ]
+        if differ:
             raise ValueError(
-                f"checkpoint {checkpoint} was trained with a different architecture "
-                f"({saved.block_out_channels}, {saved.layers_per_block} layers/block): "
-                "use a new --checkpoint folder"
+                f"checkpoint {checkpoint} was trained with another recipe ({'; '.join(differ)}): "
+                "resume it with its own recipe or use a new --checkpoint folder"
             )
         log.info("resuming %s at step %d", checkpoint, step)
     else:
@@ -81,7 +85,7 @@ def train_toy(checkpoint: str, recipe: dict) -> int:
     exactly what a re-run should do."""
     from rich.progress import Progress
 
-    r = toy.ToyRecipe(**{**recipe, "block_out_channels": tuple(recipe.get("block_out_channels", (32, 64, 64)))})
+    r = toy.recipe_from_dict(recipe)
     with Progress() as bar:
         job = bar.add_task("training toy DDPM", total=r.steps)
         return train_toy_model(Path(checkpoint), r, progress=lambda step, loss: bar.update(job, completed=step))
@@ -95,8 +99,8 @@ def export_toy(checkpoint: str, out: str) -> str:
 
 
 @task(name="train-oracle")
-def train_oracle(out: str, steps: int, blur: float = 0.0) -> dict:
-    return train_oracle_model(Path(out), steps=steps, blur=blur)
+def train_oracle(out: str, steps: int, blur: float = 0.0, style: str = "v1") -> dict:
+    return train_oracle_model(Path(out), steps=steps, blur=blur, style=style)
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -116,14 +120,16 @@ def soften(x: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
     return (1 - a) * x + a * blurred
 
 
-def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, blur: float = 0.0, generator=None):
-    """Renders and their targets: images (n, 3, size, size) in [-1, 1], targets (n, A).
-    ``noise``: Gaussian noise of std up to this; ``blur``: ``soften`` by up to this."""
+def oracle_batch(
+    first_seed: int, n: int, size: int = 32, noise: float = 0.0, blur: float = 0.0, generator=None, style: str = "v1"
+):
+    """Renders (in ``style``) and their targets: images (n, 3, size, size) in [-1, 1], targets
+    (n, A). ``noise``: Gaussian noise of std up to this; ``blur``: ``soften`` by up to this."""
     import numpy as np
 
     from data import toyfaces
 
-    images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size)
+    images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size, style=style)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     if blur > 0:  # a generated image is softer than a render: judge the face, not the sharpness
         x = soften(x, blur * torch.rand(n, generator=generator))
@@ -134,7 +140,14 @@ def oracle_batch(first_seed: int, n: int, size: int = 32, noise: float = 0.0, bl
 
 
 def train_oracle_model(
-    out: Path, steps: int = 1200, batch: int = 128, lr: float = 2e-3, seed: int = 0, blur: float = 0.0, progress=None
+    out: Path,
+    steps: int = 1200,
+    batch: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    blur: float = 0.0,
+    progress=None,
+    style: str = "v1",
 ):
     """Train the toy oracle on fresh renders (one new batch per step; no epochs), with noise
     and optional blur augmentation (``blur`` > 0). The shipped oracle (blur 0) reads a
@@ -153,7 +166,7 @@ def train_oracle_model(
     net.train()
     for step in range(steps):
         x, y = oracle_batch(
-            ORACLE_TRAIN_SEED + (seed << 24) + step * batch, batch, noise=0.08, blur=blur, generator=gen
+            ORACLE_TRAIN_SEED + (seed << 24) + step * batch, batch, noise=0.08, blur=blur, generator=gen, style=style
         )
         loss = net.loss(x, y)
         opt.zero_grad(set_to_none=True)
@@ -165,16 +178,18 @@ def train_oracle_model(
         if (step + 1) % 100 == 0:
             log.info("oracle step %d loss %.4f", step + 1, loss.item())
     net.eval()
-    metrics = oracle_accuracy(net, n=2000)
-    metrics.update({f"{k}_soft": v for k, v in oracle_accuracy(net, n=2000, blur=1.0).items()})
-    save_oracle(net, out, extra={"heldout": metrics, "train_steps": steps, "blur": blur})
+    metrics = oracle_accuracy(net, n=2000, style=style)
+    metrics.update({f"{k}_soft": v for k, v in oracle_accuracy(net, n=2000, blur=1.0, style=style).items()})
+    save_oracle(net, out, extra={"heldout": metrics, "train_steps": steps, "blur": blur, "style": style})
     return metrics
 
 
-def oracle_accuracy(net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED, blur: float = 0.0) -> dict:
+def oracle_accuracy(
+    net, n: int = 2000, first_seed: int = ORACLE_HELDOUT_SEED, blur: float = 0.0, style: str = "v1"
+) -> dict:
     """Accuracy per binary attribute and MAE (degrees) per pose angle on fresh renders
     (``blur``: each softened by exactly this amount)."""
-    x, y = oracle_batch(first_seed, n)
+    x, y = oracle_batch(first_seed, n, style=style)
     if blur > 0:
         x = soften(x, torch.full((n,), blur))
     scores = torch.cat([net.score(x[i : i + 256]) for i in range(0, n, 256)])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data import toy, toyfaces
+from data.catalog import RunError
 
 
 def test_render_is_deterministic_and_batch_independent():
@@ -103,8 +104,53 @@ def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
         sa, sb = (a[0] if name == "unet" else a[1]).state_dict(), (b[0] if name == "unet" else b[1]).state_dict()
         for key in sa:
             torch.testing.assert_close(sa[key], sb[key], atol=0, rtol=0, msg=f"{name}.{key}")
-    with pytest.raises(ValueError, match="different architecture"):
+    with pytest.raises(ValueError, match=r"another recipe \(block_out_channels"):
         train_toy_model(tmp_path / "b", toy.ToyRecipe(**{**TINY, "block_out_channels": (16, 16)}, steps=6))
+    with pytest.raises(ValueError, match="style 'v1' -> 'v2'"):  # other renders: not a resume
+        train_toy_model(tmp_path / "b", toy.ToyRecipe(**{**TINY, "style": "v2"}, steps=6))
+
+
+def test_v2_style_changes_only_the_mouth_and_the_glasses():
+    """v2 renders differ from v1 only where the mouth or the glasses are drawn, and the
+    smiling mouth changes most (it opens 1.6x further)."""
+    f = toyfaces.draw_factors(np.arange(400))
+    changed = (toyfaces.paint(f, style="v1") != toyfaces.paint(f, style="v2")).any(-1)  # (N, 32, 32)
+    upright = (np.abs(f.roll) < 5) & (np.abs(f.pitch) < 5)
+    rows = np.nonzero(changed[upright & ~f.Eyeglasses].any(axis=(0, 2)))[0]
+    assert rows.min() >= 14, rows  # no glasses: only the mouth (whose smiling corners reach the eye line)
+    eye_rows = changed[upright & f.Eyeglasses & ~f.Smiling][:, 9:18].sum(axis=(1, 2))
+    assert (eye_rows > 20).all(), eye_rows  # tinted lenses and thicker rims
+    count = changed.sum(axis=(1, 2))
+    assert count[f.Smiling & ~f.Eyeglasses].mean() > 2 * count[~f.Smiling & ~f.Eyeglasses].mean()
+    with pytest.raises(ValueError, match="unknown toy render style 'v3'"):
+        toyfaces.paint(f, style="v3")
+
+
+def test_recipes_v1_reads_back_and_v2_is_shaped_like_a_real_ddpm(tmp_path):
+    import json
+
+    from hcore.hspace import h_shape
+
+    shipped = json.loads((toy.TOY_MODEL_DIR / "recipe.json").read_text())
+    read = toy.recipe_from_dict(shipped)  # an old recipe.json (no attention or style fields) reads as v1
+    for field in set(read.__dataclass_fields__) - set(toy.RESUMABLE_FIELDS):
+        assert getattr(read, field) == getattr(toy.RECIPES["v1"], field), field
+    with pytest.raises(RunError, match="unknown toy recipe field"):
+        toy.recipe_from_dict({**shipped, "colour_space": "lab"})
+    v2 = toy.RECIPES["v2"]
+    unet = toy.build_unet(v2)
+    assert h_shape(unet) == (128, 4, 4)  # three downsamplings, as the issue asks
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D",
+        "DownBlock2D",
+        "AttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    assert unet.mid_block.attentions[0] is not None and unet.mid_block.attentions[0].heads == 4
+    assert sum(p.numel() for p in unet.parameters()) * 4 <= 30e6  # <= 30 MB of float32 weights
+    images = toy.training_batch(toy.ToyRecipe(**{**TINY, "style": "v2"}), 0)
+    expected, _ = toyfaces.render_batch(np.arange(4), style="v2")
+    assert torch.equal(images, torch.from_numpy(expected).permute(0, 3, 1, 2).float() / 127.5 - 1.0)
 
 
 def test_train_toy_flow_exports_a_loadable_model(prefect_server, tmp_path):
@@ -165,3 +211,23 @@ def test_soften_blends_towards_a_blur():
     k1 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
     torch.testing.assert_close(out[1, 0, 2:7, 2:7], k1[:, None] * k1[None])  # the binomial kernel itself
     assert float(out[1].sum()) == pytest.approx(3.0)  # blur keeps the mass
+
+
+def test_train_toy_cli_resumes_with_the_checkpoints_own_recipe(prefect_server, tmp_path):
+    """A rerun of `hspace train-toy` without --recipe takes the checkpoint's recipe (here a
+    tiny v2-style one), not v1; an unknown --recipe is one line and exit 2."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.train_toy import train_toy_model
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["train-toy", "--recipe", "v3", "--checkpoint", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "--recipe must be one of v1, v2" in bad.output and not (tmp_path / "c").exists()
+    train_toy_model(tmp_path / "c", toy.ToyRecipe(**{**TINY, "style": "v2"}, steps=2))
+    ok = runner.invoke(
+        app, ["train-toy", "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "m"), "--steps", "3"]
+    )
+    assert ok.exit_code == 0, ok.output
+    _, _, _, step, recipe = toy.load_checkpoint(tmp_path / "c")
+    assert step == 3 and recipe.style == "v2" and recipe.block_out_channels == (8, 16)
