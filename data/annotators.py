@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from data.catalog import RunError
+from hspace.data.catalog import RunError
 
 ORACLE_DIR = Path(__file__).resolve().parent / "oracle"
 
@@ -26,7 +26,7 @@ def save_oracle(net, folder: Path, extra: dict | None = None) -> Path:
 
 
 def load_oracle(folder: Path = ORACLE_DIR, device: str = "cpu"):
-    from hcore.annotators import OracleNet
+    from hspace.hcore.annotators import OracleNet
 
     folder = Path(folder)
     if not (folder / "config.json").exists() or not (folder / "oracle.safetensors").exists():
@@ -96,7 +96,7 @@ def _load_strict(net, state: dict, path: Path, what: str):
 def clip_folder(spec: str) -> Path:
     """A CLIP model's folder: a local path, or an HF id found in the local cache (never
     downloaded: fetch it yourself with `huggingface-cli download ID` where there is network)."""
-    from data.models import _from_hub
+    from hspace.data.models import _from_hub
 
     folder = Path(spec).expanduser()
     if not folder.exists():
@@ -121,7 +121,7 @@ def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
     """CLIPModel + CLIPProcessor from ``clip_folder(spec)`` wrapped as a zero-shot annotator."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from hcore.annotators import CLIPZeroShot
+    from hspace.hcore.annotators import CLIPZeroShot
 
     folder = clip_folder(spec)
     try:
@@ -136,7 +136,7 @@ def load_annotator(spec: str, device: str = "cpu", prompts: dict | None = None):
     """'oracle', 'oracle:PATH', 'celeba40:PATH' (AnyCost attribute_predictor.pt),
     'hopenet:PATH' or 'hopenet-legacy:PATH' (hopenet_robust_alpha1.pkl), 'clip:PATH|HF_ID'
     (zero-shot with ``prompts``, default the paper's pairs)."""
-    from hcore.annotators import CelebA40, Hopenet
+    from hspace.hcore.annotators import CelebA40, Hopenet
 
     kind, _, path = spec.partition(":")
     if kind == "oracle":

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from data.catalog import RunError
+from hspace.data.catalog import RunError
 
 REQUIRED_META = ("model", "revision", "h_point", "scheduler", "eta", "steps", "method", "source", "scale_unit")
 
@@ -104,3 +104,29 @@ def check(
             )
     if tuple(v.shape) != (steps, *h_shape):
         raise RunError(f"direction {path} has shape {tuple(v.shape)}, this model needs {(steps, *h_shape)}")
+
+
+def load_for_run(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -> list[tuple[torch.Tensor, dict]]:
+    """RUN/directions/NAME.safetensors for each name, refusing any that does not fit the
+    run's model, schedule, steps and h point: [(v, metadata)]."""
+    missing = [d for d in names if not run.direction(d).exists()]
+    if missing:
+        have = sorted(p.stem for p in run.directions.glob("*.safetensors")) if run.directions.exists() else []
+        raise RunError(
+            f"no direction file for {missing} in {run.directions}; this run has: {', '.join(have) or 'none'}"
+        )
+    cfg, out = meta["config"], []
+    for name in names:
+        v, md = load(run.direction(name))
+        check(
+            run.direction(name),
+            v,
+            md,
+            model_fingerprint=meta["model"]["fingerprint"],
+            steps=cfg["steps"],
+            h_shape=h_shape,
+            h_point=cfg["h_point"],
+            scheduler=scheduler_name(scheduler),
+        )
+        out.append((v, md))
+    return out

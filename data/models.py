@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.catalog import RunError
+from hspace.data.catalog import RunError
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
 # google/ddpm-ema-celebahq-256's unet/config.json (the paper's main model): six levels,

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from data import toyfaces
-from data.catalog import RunError
-from data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
+from hspace.data import toyfaces
+from hspace.data.catalog import RunError
+from hspace.data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
+from hspace.hcore.sampler import to_unit
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def training_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
     images, _ = toyfaces.render_batch(
         np.arange(first, first + recipe.batch_size), recipe.image_size, style=recipe.style
     )
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_unit(images.transpose(0, 3, 1, 2))
 
 
 def step_generator(recipe: ToyRecipe, step: int) -> torch.Generator:

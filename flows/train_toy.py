@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.train_toy import export_toy, train_oracle, train_toy
+from hspace.tasks.train_toy import export_toy, train_oracle, train_toy
 
 
 @flow(name="hspace-train-toy")

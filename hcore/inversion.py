@@ -31,8 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-from hcore.hspace import HSpace
-from hcore.sampler import ddim_scheduler, make_generators, sample
+from hspace.hcore.hspace import HSpace
+from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
 
 
 def ddim_inversion_step(

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hcore.hspace import HSpace
+from hspace.hcore.hspace import HSpace
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from hcore.hspace import HSpace
+from hspace.hcore.hspace import HSpace
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
 
@@ -170,3 +170,8 @@ def sample(
 def to_uint8(x0: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (B, C, R, R) to uint8 (B, C, R, R)."""
     return ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_unit(images) -> torch.Tensor:
+    """uint8 images (B, C, R, R), numpy or torch, to float32 in [-1, 1] (inverse of to_uint8)."""
+    return torch.as_tensor(np.asarray(images)).float() / 127.5 - 1.0

@@ -7,17 +7,17 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from prefect import task
 
-from data.annotators import annotator_id, load_annotator
-from data.catalog import AnnotationStore, RunError, RunFolder, SampleStore
+from hspace.data.annotators import annotator_id, load_annotator
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.stores import AnnotationStore, SampleStore
+from hspace.hcore.sampler import to_unit
 
 log = logging.getLogger(__name__)
 
 
 def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", progress=None) -> dict:
     """Score pending chunks of ``annotator``'s array; returns {annotator, names, recomputed}."""
-    import torch
 
     run = RunFolder(Path(run_dir))
     samples = SampleStore(run.samples)
@@ -33,22 +33,10 @@ def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: st
     pending = [int(k) for k in np.flatnonzero(done[:] != 1)]
     for k in pending:
         rows = slice(k * chunk, min(samples.layout.n, (k + 1) * chunk))
-        x0 = torch.from_numpy(samples.x0[rows]).float() / 127.5 - 1.0
+        x0 = to_unit(samples.x0[rows])
         arr[rows] = net.score(x0).numpy()
         done[k] = 1
         if progress is not None:
             progress(rows.stop - rows.start)
     names = store.rebuild_scores()
     return {"annotator": key, "names": names, "recomputed_chunks": len(pending)}
-
-
-@task(name="annotate")
-def annotate(
-    run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", show_progress: bool = True
-) -> dict:
-    from rich.progress import Progress
-
-    n = SampleStore(RunFolder(Path(run_dir)).samples).layout.n
-    with Progress(disable=not show_progress) as bar:
-        job = bar.add_task(f"annotating ({annotator_id(annotator)})", total=n)
-        return annotate_run(run_dir, annotator, batch_size, device, progress=lambda k: bar.advance(job, k))

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import directions as dirfile
-from data.catalog import RunError
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunError
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def render_edits(
 
     A vector of shape (1, C, R, R) is an x_T direction (``--latent xT``, eq. (10) with
     q = x_T): it moves the initial noise, x_T + gamma v, instead of h."""
-    from hcore.sampler import Edit, draw_noise, make_generators, to_uint8
-    from hcore.sampler import sample as run_sampler
+    from hspace.hcore.sampler import Edit, draw_noise, make_generators, to_uint8
+    from hspace.hcore.sampler import sample as run_sampler
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -150,3 +150,62 @@ def parse_window(text: str | None, steps: int) -> tuple[int, int] | None:
     if not (0 <= a < b <= steps):
         raise RunError(f"--window {text!r} must satisfy 0 <= S0 < S1 <= {steps} (steps of the schedule)")
     return a, b
+
+
+def edit_sample(
+    directions: list[str],
+    scales: list[float],
+    out: Path,
+    run_dir: Path | None = None,
+    sample_index: int | None = None,
+    model: str | None = None,
+    seed: int = 0,
+    steps: int = 20,
+    eta: float = 0.0,
+    window: str | None = None,
+    asyrp: bool = False,
+    device: str = "cpu",
+) -> Path:
+    """`hspace edit`: sample ``sample_index`` of a run (an inverted run's starts from its
+    stored x_T), or sample 0 of ``model`` at ``seed``, rendered under the edits of
+    ``plan_grid`` into the PNG ``out``."""
+    from hspace.data import models
+    from hspace.data.catalog import RunFolder
+    from hspace.data.figures import grid_image, save_grid
+    from hspace.data.stores import SampleStore
+    from hspace.hcore.hspace import h_shape
+
+    if not directions:
+        raise RunError("give at least one --direction FILE[:gamma]")
+    if not (0 <= eta <= 1):
+        raise RunError(f"--eta must be in [0, 1], got {eta}")
+    if (run_dir is None) == (model is None):
+        raise RunError("give either RUN --sample I or --model M --seed S")
+    if run_dir is not None:
+        meta = RunFolder(run_dir).read()
+        cfg = meta["config"]
+        if sample_index is None or not (0 <= sample_index < cfg["n"]):
+            raise RunError(f"--sample must be an index in [0, {cfg['n']}) for this run")
+        ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+        run_dtype = cfg.get("dtype", "float32")
+        spec = SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
+        if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
+            x_T = np.asarray(SampleStore(RunFolder(run_dir).samples).group["xT"][sample_index])
+            spec = SampleSpec(**{**spec.__dict__, "x_T": torch.from_numpy(x_T)})
+    else:
+        ref, run_dtype = models.resolve(model), "float32"
+        spec = SampleSpec(seed, 0, steps, eta, "output")
+    unet, scheduler = models.load_for_run({"model": ref.to_dict(), "config": {"dtype": run_dtype}}, device=device)
+    specs = [parse_direction(d) for d in directions]
+    vectors = load_directions(
+        specs,
+        model_fingerprint=ref.fingerprint,
+        steps=spec.steps,
+        h_shape=h_shape(unet),
+        h_point=spec.h_point,
+        scheduler=scheduler,
+    )
+    cells, rows, cols = plan_grid(specs, scales)
+    images = render_edits(unet, scheduler, spec, vectors, cells, window=parse_window(window, spec.steps), asyrp=asyrp)
+    title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "")
+    return save_grid(out, grid_image(images, rows, cols, title=title + (f", window {window}" if window else "")))

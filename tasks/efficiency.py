@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from data import directions as dirfile
-from data import models
-from data.annotators import load_annotator
-from data.catalog import RunError, RunFolder, require_sampled
+from hspace.data import models
+from hspace.data.annotators import load_annotator
+from hspace.data.catalog import RunError, RunFolder, require_sampled
 
 
 def sample_efficiency(
@@ -27,8 +24,8 @@ def sample_efficiency(
     max_samples: int | None = None,
 ) -> dict:
     """``max_samples``: edit only the first this many held-out samples (a quicker figure)."""
-    from hcore.sampler import Edit, draw_noise, make_generators, sample
-    from tasks.supervised import build_direction
+    from hspace.hcore.sampler import Edit, draw_noise, make_generators, sample
+    from hspace.tasks.supervised import mean_difference
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
@@ -51,13 +48,7 @@ def sample_efficiency(
     change, moved = {}, {}
     for latent in ("h", "xT"):
         for n in ns:
-            name = f"_eff_{latent}_{n}"
-            build_direction(run_dir, attribute, n, latent, name, first=first)
-            path = run.directions / f"{name}.safetensors"
-            try:
-                v, _ = dirfile.load(path)
-            finally:
-                path.unlink(missing_ok=True)
+            v, _, _ = mean_difference(run, attribute, n, latent, first=first)  # built, never saved
             gens = make_generators(cfg["seed"], held)
             if latent == "h":
                 x0 = sample(unet, scheduler, gens, cfg["steps"], 0.0, edit=Edit([v], [gamma]), h_point=cfg["h_point"])
@@ -80,52 +71,3 @@ def table_md(result: dict) -> str:
     for n in result["ns"]:
         lines.append(f"| {n} | {c[f'h:{n}']:+.3f} | {m[f'h:{n}']:.3f} | {c[f'xT:{n}']:+.3f} | {m[f'xT:{n}']:.3f} |")
     return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> Path:
-    """Fig. 8 as a PNG of two log-x panels side by side, h in blue and x_T in red: left the
-    mean change of the attribute per n pairs, right the RMS pixel change of the edit (how
-    much of the image the "edit" replaces). An x_T direction that wins on the left only by
-    replacing the face shows up on the right."""
-    from PIL import Image
-
-    panels = [
-        _panel(result, "change", f"mean change of {result['attribute']} (gamma={result['gamma']:g})"),
-        _panel(result, "moved", "RMS pixel change of the edit"),
-    ]
-    img = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
-    x = 0
-    for panel in panels:
-        img.paste(panel, (x, 0))
-        x += panel.width
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
-
-
-def _panel(result: dict, key: str, title: str):
-    from PIL import Image, ImageDraw
-
-    w, h = 440, 270
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 5), f"{title} vs n pairs (log)", fill="black")
-    values = list(result[key].values()) + [0.0]
-    lo, hi = min(values), max(values)
-    span = max(hi - lo, 1e-6)
-    x_of = lambda n: 40 + (w - 70) * np.log10(n) / 2  # noqa: E731
-    y_of = lambda c: h - 35 - (h - 70) * (c - lo) / span  # noqa: E731
-    d.line([(40, y_of(0)), (w - 20, y_of(0))], fill="grey")
-    for v in sorted({0.0, lo, hi}):
-        d.text((2, y_of(v) - 6), f"{v:+.2f}", fill="grey")
-    for latent, colour in (("h", "blue"), ("xT", "red")):
-        pts = [(x_of(n), y_of(result[key][f"{latent}:{n}"])) for n in result["ns"]]
-        if len(pts) > 1:
-            d.line(pts, fill=colour, width=2)
-        for x, y in pts:
-            d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-        d.text((pts[-1][0] + 6, pts[-1][1] - 6), latent, fill=colour)
-    for n in result["ns"]:
-        d.text((x_of(n) - 5, h - 24), str(n), fill="black")
-    return img

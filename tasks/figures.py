@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data import models
-from data.catalog import RunFolder, SampleStore
-from data.figures import grid_image, save_grid
+from hspace.data import models
+from hspace.data.catalog import RunFolder
+from hspace.data.figures import grid_image, save_grid
+from hspace.data.stores import SampleStore
 
 
 def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None):
-    from hcore.hspace import h_shape
-    from tasks import edit as edit_tasks
+    from hspace.hcore.hspace import h_shape
+    from hspace.tasks import edit as edit_tasks
 
     cfg = meta["config"]
     spec = edit_tasks.SampleSpec(cfg["seed"], sample, cfg["steps"], cfg["eta"], cfg["h_point"])
@@ -36,17 +37,14 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
     """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths.
     progress(name, total): called as each figure is written."""
-    from tasks import evaluate as ev
+    from hspace.tasks import evaluate as ev
 
     meta = run.read()
-    out = run.root / "figures"
-    out.mkdir(exist_ok=True)
     unet, scheduler = models.load_for_run(meta, device=device)
     store = SampleStore(run.samples)
     f = cfg.figures
     sample = min(f.sample, store.layout.n - 1)
-    d = run.directions
-    pcs = [d / f"pc{j:02d}.safetensors" for j in range(f.pcs)]
+    pcs = [run.direction(f"pc{j:02d}") for j in range(f.pcs)]
     pcs = [p for p in pcs if p.exists()]
     attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
     efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0)
@@ -54,9 +52,9 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         1
         + (bool(pcs) and f.name_samples > 0 and bool(cfg.annotate.annotators))
         + bool(pcs)
-        + (bool(pcs) and (d / "random00.safetensors").exists())
-        + sum(any((d / f"{a}{suffix}.safetensors").exists() for a in attrs) for suffix in ("", "_disentangled"))
-        + (len(attrs) > 1 and all((d / f"{a}.safetensors").exists() for a in attrs))
+        + (bool(pcs) and run.direction("random00").exists())
+        + sum(any(run.direction(a + suffix).exists() for a in attrs) for suffix in ("", "_disentangled"))
+        + (len(attrs) > 1 and all(run.direction(a).exists() for a in attrs))
         + bool(f.jacobian)
         + efficiency
     )
@@ -75,7 +73,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     pad[:k] = x0
     add(
         save_grid(
-            out / "samples.png",
+            run.figure("samples.png"),
             grid_image(
                 pad.reshape(rows, cols, *x0.shape[1:]),
                 [str(r * cols) for r in range(rows)],
@@ -87,18 +85,14 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     if pcs:
         names = {}
         if f.name_samples > 0 and cfg.annotate.annotators:
-            from data.annotators import load_annotator
+            from hspace.data.annotators import load_annotator
 
             net = load_annotator(cfg.annotate.annotators[0], device)
-            idx = list(range(min(f.name_samples, store.layout.n)))
-            loaded = ev.load_run_directions(run, meta, [p.stem for p in pcs], unet, scheduler)
-            changes = ev.attribute_changes(unet, scheduler, net, meta["config"], idx, [v for v, _ in loaded], 2.0)
-            scores = net.score(_as_float(store.x0[: len(idx)])).numpy()
-            table = ev.name_directions(changes, list(net.names), [p.stem for p in pcs], scores.std(0) + 1e-6)
+            n = min(f.name_samples, store.layout.n)
+            table, path = ev.name_run_directions(run, meta, [p.stem for p in pcs], net, n, 2.0, unet, scheduler)
             names = {row["direction"]: row["name"] for row in table}
-            (out / "pc_names.json").write_text(json.dumps(table, indent=2, default=float))
-            add(out / "pc_names.json")
-        for label, paths in (("pca", pcs), ("random", [d / f"random{j:02d}.safetensors" for j in range(len(pcs))])):
+            add(path)
+        for label, paths in (("pca", pcs), ("random", [run.direction(f"random{j:02d}") for j in range(len(pcs))])):
             paths = [p for p in paths if p.exists()]
             if not paths:
                 continue
@@ -106,9 +100,9 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             if label == "pca":
                 rows_ = [f"{r} ≈ {names[r]}" if r in names else r for r in rows_]
             title = f"sample {sample}: {'principal components' if label == 'pca' else 'norm-matched random directions'}"
-            add(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
+            add(save_grid(run.figure(f"{label}_grid.png"), grid_image(images, rows_, cols_, title=title)))
     for label, suffix in (("supervised", ""), ("disentangled", "_disentangled")):
-        paths = [d / f"{a}{suffix}.safetensors" for a in attrs]
+        paths = [run.direction(a + suffix) for a in attrs]
         paths = [p for p in paths if p.exists()]
         if not paths:
             continue
@@ -116,17 +110,18 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         scales = [s for s in f.scales if abs(s) <= 2] or f.scales
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales)
         title = f"held-out sample {held}: {label} directions (eq. {'10' if label == 'supervised' else '11'})"
-        add(save_grid(out / f"{label}_grid.png", grid_image(images, rows_, cols_, title=title)))
-    paths = [d / f"{a}.safetensors" for a in attrs]
+        add(save_grid(run.figure(f"{label}_grid.png"), grid_image(images, rows_, cols_, title=title)))
+    paths = [run.direction(a) for a in attrs]
     if len(paths) > 1 and all(p.exists() for p in paths):
         held = store.layout.n - max(cfg.directions.held_out, 1)
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
-        add(save_grid(out / "sequential.png", grid_image(images, rows_, cols_, title=title)))
+        add(save_grid(run.figure("sequential.png"), grid_image(images, rows_, cols_, title=title)))
     if f.jacobian:
         add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
     if efficiency:
-        from tasks.efficiency import plot, sample_efficiency
+        from hspace.data.figures import efficiency_plot
+        from hspace.tasks.efficiency import sample_efficiency
 
         result = sample_efficiency(
             str(run.root),
@@ -138,15 +133,15 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             device,
             max_samples=32,
         )
-        (out / "sample_efficiency.json").write_text(json.dumps(result, indent=2))
-        add(out / "sample_efficiency.json", plot(result, out / "sample_efficiency.png"))
+        run.figure("sample_efficiency.json").write_text(json.dumps(result, indent=2))
+        add(run.figure("sample_efficiency.json"), efficiency_plot(result, run.figure("sample_efficiency.png")))
     return files
 
 
 def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: int, f, device: str) -> Path:
     """Fig. 7: the top Jacobian direction of ``sample`` (Alg. 1) applied to it and to three
     other samples; gamma up to half the mean norm of h at that step."""
-    from tasks.jacobian import run_jacobian
+    from hspace.tasks.jacobian import run_jacobian
 
     steps = meta["config"]["steps"]
     step = min(f.jacobian_step if f.jacobian_step is not None else steps // 5, steps - 1)
@@ -160,10 +155,4 @@ def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: i
     rows = [_edit_grid(unet, scheduler, meta, j, [top], scales)[0][0] for j in shown]
     title = f"top Jacobian direction of sample {sample} at step {step} (sigma {result['singular_values'][0]:.3g})"
     image = grid_image(np.stack(rows), [f"sample {j}" for j in shown], [f"g={x:+.0f}" for x in scales], title=title)
-    return save_grid(run.root / "figures" / "jacobian_grid.png", image)
-
-
-def _as_float(x0: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.asarray(x0)).float() / 127.5 - 1
+    return save_grid(run.figure("jacobian_grid.png"), image)

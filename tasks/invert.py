@@ -12,18 +12,15 @@ centre-cropped to a square and resized (antialiased) to the model's sample size.
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from data.catalog import AnnotationStore, RunError, RunFolder, SampleLayout, SampleStore
-from tasks.sample import _device, cached_model, open_shard
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.stores import AnnotationStore
+from hspace.hcore.sampler import to_unit
+from hspace.tasks.sample import open_shard
 
-INVERT_CODE_VERSION = "invert-1"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -93,46 +90,18 @@ def load_images(images: Path, names: list[str], size: int) -> np.ndarray:
     return out
 
 
-def invert_fingerprint(meta: dict) -> str:
-    blob = json.dumps([meta["model"]["fingerprint"], meta["config"], INVERT_CODE_VERSION], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-@task(name="prepare-inversion")
-def prepare_inversion(run_dir: str, image_shape: tuple[int, int, int]) -> dict:
-    """samples.zarr for an inverted run: seeds -1 (no generator), extra arrays x_T and
-    recon_mse; x0 holds the input images themselves."""
-    run = RunFolder(Path(run_dir))
-    meta = run.read()
-    cfg = meta["config"]
-    if run.samples.exists():
-        store = SampleStore(run.samples, mode="r+")
-    else:
-        unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
-        from hcore.hspace import h_shape
-        from hcore.sampler import ddim_scheduler
-
-        sched = ddim_scheduler(scheduler)
-        sched.set_timesteps(cfg["steps"])
-        image_shape = tuple(image_shape)
-        layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
-        extra = {"xT": (image_shape, "float32"), "recon_mse": ((), "float32")}
-        store = SampleStore.create(run.samples, layout, np.full(cfg["n"], -1), sched.timesteps.numpy(), extra)
-    return {"n_shards": store.layout.n_shards, "pending": store.pending_shards()}
-
-
 def run_invert_shard(run_dir: str, shard: int) -> dict:
     """Invert the images of shard ``shard`` and write h, x0 (= the images), x_T, recon_mse."""
     import torch
 
-    from hcore.inversion import ddim_invert, reconstruct
+    from hspace.hcore.inversion import ddim_invert, reconstruct
 
     opened = open_shard(run_dir, shard)
     if opened is None:
         return {"shard": shard, "recomputed": False}
     cfg, store, rows, unet, scheduler = opened
     images = load_images(Path(cfg["images_dir"]), cfg["images"][rows.start : rows.stop], store.layout.image_shape[-1])
-    x0 = torch.from_numpy(images).float() / 127.5 - 1
+    x0 = to_unit(images)
     h = np.empty((len(rows), cfg["steps"], *store.layout.h_shape), np.float16)
 
     def on_step(step: int, t: int, h_t: torch.Tensor) -> None:
@@ -147,13 +116,6 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
     return {"shard": shard, "recomputed": True, "recon_mse": float(mse.mean())}
 
 
-@task(name="invert-shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="invert-shard-{shard}")
-def invert_shard(run_dir: str, shard: int, fingerprint: str) -> dict:
-    """One inversion batch; ``fingerprint`` covers the model, the config (image list
-    included) and the code version."""
-    return run_invert_shard(run_dir, shard)
-
-
 def write_labels(run: RunFolder, scores: dict[str, list[float]]) -> list[str]:
     """The user's labels as an annotator ('labels') in annotations.zarr."""
     store = AnnotationStore(run.annotations)
@@ -163,3 +125,27 @@ def write_labels(run: RunFolder, scores: dict[str, list[float]]) -> list[str]:
     arr[:] = np.array([scores[a] for a in names], np.float32).T
     done[:] = 1
     return store.rebuild_scores()
+
+
+def create_inversion_run(run: RunFolder, section, device: str) -> dict:
+    """run.json of an inverted run: the image list and labels in its config; every file is
+    read before anything is written (an unreadable one fails the whole command)."""
+    from hspace.tasks.sample import create_run
+
+    names, scores = list_images(section.images, section.labels, section.attribute)
+
+    def extra(unet) -> dict:
+        load_images(section.images, names, unet.config.sample_size)
+        return {
+            "kind": "inversion",
+            "n": len(names),
+            "eta": 0.0,
+            "seed": 0,  # no generator draws anything at eta = 0; kept for the run.json schema
+            "refine": section.refine,
+            "images_dir": str(Path(section.images).resolve()),
+            "images": names,
+            "labels": scores,
+        }
+
+    meta = create_run(run, section, device, extra=extra)
+    return meta

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import directions as dirfile
-from data import models
-from data.catalog import JacobianStore, RunError, RunFolder, SampleStore, require_sampled
+from hspace.data import directions as dirfile
+from hspace.data import models
+from hspace.data.catalog import RunError, RunFolder, require_sampled
+from hspace.data.stores import JacobianStore, SampleStore
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,9 @@ def run_jacobian(
 ) -> dict:
     """Alg. 1 (or Alg. 2 with ``block``, optionally --localize) at sample ``sample``, step
     ``step``; progress(iteration, change, tol) reports each iteration."""
-    from hcore import jacobian as jac
-    from hcore.sampler import ddim_scheduler, make_generators
-    from hcore.sampler import sample as run_sampler
+    from hspace.hcore import jacobian as jac
+    from hspace.hcore.sampler import ddim_scheduler, make_generators
+    from hspace.hcore.sampler import sample as run_sampler
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
@@ -133,11 +134,11 @@ def run_jacobian(
         "share_inside": share,
         "values": "gain |J v| of the localized directions" if localize else "singular values",
     }
-    name = JacobianStore(run.root / "jacobian.zarr").write(
+    name = JacobianStore(run.jacobian).write(
         sample, step, x_t.cpu().numpy(), t, result.singular_values.cpu().numpy(), result.vectors.cpu().numpy(), attrs
     )
     steps = cfg["steps"]
-    for stale in run.directions.glob(f"jac_s{sample}_t{step}_[0-9][0-9].safetensors"):
+    for stale in run.direction_files(f"jac_s{sample}_t{step}_[0-9][0-9]"):
         if int(stale.stem.rsplit("_", 1)[1]) >= k:  # from an earlier call with a larger --k
             stale.unlink()
     files = []
@@ -157,7 +158,7 @@ def run_jacobian(
         per_step = v.unsqueeze(0).expand(steps, *v.shape).clone()
         if localize:
             per_step[:step] = 0
-        path = dirfile.save(run.directions / f"jac_s{sample}_t{step}_{j:02d}.safetensors", per_step, md)
+        path = dirfile.save(run.direction(f"jac_s{sample}_t{step}_{j:02d}"), per_step, md)
         files.append(str(path))
     return {
         "group": name,

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from prefect import task
 
-from data import directions as dirfile
-from data.catalog import PCAStore, RunError, RunFolder, SampleStore, timestep_batches
-from hcore import pca as hpca
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.stores import PCAStore, SampleStore, timestep_batches
+from hspace.hcore import pca as hpca
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run_pca(
     ev = np.stack([results[t].explained_variance for t in range(steps)])
     ratio = np.stack([results[t].explained_variance_ratio for t in range(steps)]).astype(np.float32)
     std = np.sqrt(np.maximum(ev, 0)).astype(np.float32)
-    PCAStore(run.root / "pca.zarr").write(
+    PCAStore(run.pca).write(
         {
             "mean": np.stack([results[t].mean for t in range(steps)]),
             "components": components.astype(np.float32),
@@ -200,8 +200,8 @@ def write_directions(
     pcs = hpca.directions_from_pca(components, std)
     randoms = hpca.random_directions(std, d, seed)
     for stale in [
-        *run.directions.glob("pc[0-9][0-9].safetensors"),
-        *run.directions.glob("random[0-9][0-9].safetensors"),
+        *run.direction_files("pc[0-9][0-9]"),
+        *run.direction_files("random[0-9][0-9]"),
     ]:
         if int(stale.stem.lstrip("pcrandom")) >= k:  # from an earlier fit with more components
             stale.unlink()
@@ -214,39 +214,9 @@ def write_directions(
             name = f"{prefix}{j:02d}"
             md = dirfile.metadata_for_run(meta, method=method, source=f"{run.root}:pca component {j}", scale_unit=unit)
             dirfile.save(
-                run.directions / f"{name}.safetensors",
+                run.direction(name),
                 torch.from_numpy(np.ascontiguousarray(vectors[j])).reshape(steps, *h_shape),
                 md,
             )
             names.append(name)
     return names
-
-
-@task(name="pca")
-def pca_task(
-    run_dir: str,
-    k: int,
-    method: str,
-    batch_size: int,
-    workers: int,
-    dask_address: str | None,
-    reference_step: int | None,
-    complete_only: bool,
-    show_progress: bool = True,
-) -> dict:
-    from rich.progress import Progress
-
-    steps = SampleStore(RunFolder(Path(run_dir)).samples).layout.steps
-    with Progress(disable=not show_progress) as bar:
-        job = bar.add_task("PCA per timestep", total=steps)
-        return run_pca(
-            run_dir,
-            k,
-            method,
-            batch_size,
-            workers,
-            dask_address,
-            reference_step,
-            complete_only,
-            progress=lambda i: bar.advance(job, i),
-        )

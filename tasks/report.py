@@ -12,7 +12,8 @@ import html
 import json
 from pathlib import Path
 
-from data.catalog import RunFolder
+from hspace.data.catalog import RunFolder
+from hspace.data.stores import EvalFolder
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -59,13 +60,13 @@ def _rows(path: Path) -> tuple[list[str], dict[str, list[float]]]:
     return rows[0][1:], {r[0]: [float(x) for x in r[1:]] for r in rows[1:]}
 
 
-def _findings(ev: Path) -> list[str]:
+def _findings(ev: EvalFolder) -> list[str]:
     """The page's first screen: the Table-1 headline and one row per direction."""
-    if not (ev / "summary.json").exists() or not (ev / "leakage_original.csv").exists():
+    summary = ev.summary()
+    if summary is None or not ev.leakage_csv("original").exists():
         return []
-    summary = json.loads((ev / "summary.json").read_text())
-    columns, original = _rows(ev / "leakage_original.csv")
-    disentangled = _rows(ev / "leakage_disentangled.csv")[1] if (ev / "leakage_disentangled.csv").exists() else {}
+    columns, original = _rows(ev.leakage_csv("original"))
+    disentangled = _rows(ev.leakage_csv("disentangled"))[1] if ev.leakage_csv("disentangled").exists() else {}
     degrees = {"yaw", "pitch", "roll"} & set(columns)  # pose columns (Hopenet, the oracle) are in degrees
     before, after = summary.get("original", {}), summary.get("disentangled", {})
     parts = ["<h2 id='findings'>Findings</h2>"]
@@ -105,7 +106,7 @@ def _findings(ev: Path) -> list[str]:
 def _folded(meta: dict) -> list[str]:
     """Stage records (cache keys, timings, outputs) and the config, folded away."""
     parts = []
-    pipeline = meta.get("pipeline", {})
+    pipeline = meta.get("stages", {})
     if pipeline:
         parts.append(
             "<details><summary>Stages (cache keys, timings, outputs)</summary><table><tr><th>stage</th>"
@@ -140,45 +141,71 @@ def write_report(run: RunFolder) -> Path:
         f"(fingerprint {html.escape(str(meta['model'].get('fingerprint', ''))[:12])}), "
         f"created {html.escape(str(meta.get('created')))}</p>",
     ]
-    parts += _findings(run.root / "eval")
-    figures = run.root / "figures"
+    ev = EvalFolder(run.eval)
+    parts += _findings(ev)
+    figures = run.figures
     for name, title, caption in FIGURES:
-        path = figures / name
+        path = run.figures / name
         if path.exists():
             parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>{_img(path, title)}")
-    names = figures / "pc_names.json"
-    if names.exists():
-        table = json.loads(names.read_text())
+    naming = ev.naming()
+    if naming:
+        table = naming["directions"]
         parts.append("<h2>What each PC moves</h2><table><tr><th>PC</th><th>≈</th><th>change</th></tr>")
         parts += [
             f"<tr><th>{html.escape(r['direction'])}</th><td>{html.escape(r['name'])}</td><td>{r['change']:+.3f}</td></tr>"
             for r in table
         ]
         parts.append("</table>")
-    ev = run.root / "eval"
-    if (ev / "summary.json").exists():
-        summary = json.loads((ev / "summary.json").read_text())
+    summary = ev.summary()
+    if summary is not None:
         parts.append(
             "<h2>Leakage (Table 1)</h2><p>Mean change of every attribute (columns) when editing held-out "
             f"samples along each direction (rows); evaluator {html.escape(str(summary.get('evaluator')))}, "
             f"{summary.get('n')} samples.</p>"
         )
         for label in ("original", "disentangled"):
-            if (ev / f"leakage_{label}.csv").exists():
+            if ev.leakage_csv(label).exists():
                 s = summary.get(label, {})
                 parts.append(
                     f"<h3>{label}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
                     f"mean |off-diagonal| {_num(s.get('mean_offdiagonal'))}</p>"
                 )
-                parts.append(_csv_table(ev / f"leakage_{label}.csv"))
-                parts.append(_img(ev / f"leakage_{label}.png", f"leakage heatmap ({label})"))
-    extra = sorted(p for p in (run.root / "figures").glob("*.png") if p.name not in {n for n, _, _ in FIGURES})
+                parts.append(_csv_table(ev.leakage_csv(label)))
+                parts.append(_img(ev.leakage_csv(label).with_suffix(".png"), f"leakage heatmap ({label})"))
+    extra = sorted(p for p in figures.glob("*.png") if p.name not in {n for n, _, _ in FIGURES})
     for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
         parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")
     parts += _folded(meta)
     parts.append("</body></html>")
-    out = run.root / "report.html"
-    tmp = out.with_name("report.html.partial")
+    out = run.report
+    tmp = out.with_name(out.name + ".partial")
     tmp.write_text("\n".join(parts))
     tmp.replace(out)
     return out
+
+
+def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> None:
+    """Prefect artifacts for the UI: a markdown summary per stage, the leakage tables of
+    the evaluation, and a link to the report (keys: lowercase, digits, dashes)."""
+    import csv
+
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    from hspace.data.stores import EvalFolder
+
+    slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-") or "run"
+    outputs = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"
+    create_markdown_artifact(
+        f"### {stage}\n\nrun folder `{run.root}`, fingerprint `{key}`\n\noutputs:\n{outputs}\n",
+        key=f"hspace-{slug}-{stage}",
+        description=f"hspace stage {stage}",
+    )
+    if stage == "evaluate":
+        for label in ("original", "disentangled"):
+            path = EvalFolder(run.eval).leakage_csv(label)
+            if path.exists():
+                rows = list(csv.DictReader(path.open()))
+                create_table_artifact(rows, key=f"hspace-{slug}-leakage-{label}", description=f"leakage ({label})")
+    if stage == "report":
+        create_link_artifact(run.report.resolve().as_uri(), link_text=run.report.name, key=f"hspace-{slug}-report")

@@ -9,8 +9,6 @@ hit does not know whether the files it stands for still exist (STACK_NOTES.md).
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -18,21 +16,19 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from data import models
-from data.catalog import RunError, RunFolder, SampleLayout, SampleStore
+from hspace.data import models
+from hspace.data.catalog import RunError, RunFolder, fingerprint
+from hspace.data.stores import SampleLayout, SampleStore
 
 log = logging.getLogger(__name__)
 
 # Bump when the sampling maths or the stored layout changes: it is part of the cache key.
 SAMPLE_CODE_VERSION = "sample-1"
-SAMPLE_CONFIG_KEYS = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
 
 
-def shard_fingerprint(meta: dict) -> str:
-    """Cache key of a run's shards: model fingerprint + sampling config + code version."""
-    cfg = {k: meta["config"][k] for k in SAMPLE_CONFIG_KEYS}
-    blob = json.dumps([meta["model"]["fingerprint"], cfg, SAMPLE_CODE_VERSION], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+def shard_key(meta: dict) -> str:
+    """Cache key of a run's shards: model fingerprint + the run's config + code version."""
+    return fingerprint("shards", meta["model"]["fingerprint"], meta["config"], SAMPLE_CODE_VERSION)
 
 
 def resolve_device(device: str) -> str:
@@ -69,8 +65,8 @@ def _device(meta: dict) -> str:
 def init_run(run: RunFolder, config: dict, ref, scheduler, device: str) -> dict:
     """Create or re-check run.json (RunFolder.init) for ``config`` and model ``ref``, and
     record the device, which may change on resume and is not part of the config."""
-    from data.catalog import package_versions
-    from data.directions import scheduler_name
+    from hspace.data.directions import scheduler_name
+    from hspace.data.stores import package_versions
 
     meta = run.init(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)}, package_versions())
     meta["runtime"] = {"device": device}
@@ -79,7 +75,9 @@ def init_run(run: RunFolder, config: dict, ref, scheduler, device: str) -> dict:
 
 
 def prepare_store(run: RunFolder) -> SampleStore:
-    """Open samples.zarr, creating it (all arrays allocated up front) on first use."""
+    """Open samples.zarr, creating it (all arrays allocated up front) on first use. An
+    inverted run (config kind 'inversion') stores seeds -1 (no generator), x_T and
+    recon_mse beside h and x0 (= the input images)."""
     meta = run.read()
     cfg = meta["config"]
     if run.samples.exists():
@@ -93,19 +91,19 @@ def prepare_store(run: RunFolder) -> SampleStore:
             )
         return store
     unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
-    from hcore.hspace import h_shape
-    from hcore.sampler import ddim_scheduler, sample_seed
+    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.sampler import ddim_scheduler, sample_seed
 
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(cfg["steps"])
     size = unet.config.sample_size
-    layout = SampleLayout(
-        n=cfg["n"],
-        steps=cfg["steps"],
-        h_shape=h_shape(unet),  # a mid block keeps its input's shape
-        image_shape=(unet.config.out_channels, size, size),
-        batch_size=cfg["batch_size"],
-    )
+    inverted = cfg.get("kind") == "inversion"  # x0 holds the input images
+    image_shape = (unet.config.in_channels if inverted else unet.config.out_channels, size, size)
+    # a mid block keeps its input's shape
+    layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
+    if inverted:
+        extra = {"xT": (image_shape, "float32"), "recon_mse": ((), "float32")}
+        return SampleStore.create(run.samples, layout, np.full(cfg["n"], -1), sched.timesteps.numpy(), extra)
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
     return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy())
 
@@ -127,7 +125,7 @@ def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
-    from hcore.sampler import make_generators, sample, to_uint8
+    from hspace.hcore.sampler import make_generators, sample, to_uint8
 
     opened = open_shard(run_dir, shard)
     if opened is None:
@@ -156,14 +154,84 @@ def run_shard(run_dir: str, shard: int) -> dict:
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
-@task(name="sample-shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="sample-shard-{shard}")
-def sample_shard(run_dir: str, shard: int, fingerprint: str) -> dict:
-    """One sampling batch. ``fingerprint`` (shard_fingerprint) makes the cache key cover
-    the model, the sampling config and the code version."""
+@task(name="shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="shard-{shard}")
+def shard_task(run_dir: str, shard: int, key: str) -> dict:
+    """One sampling or inversion batch. ``key`` (shard_key) makes the cache key cover the
+    model, the run's config and the code version."""
+    if RunFolder(Path(run_dir)).read()["config"].get("kind") == "inversion":
+        from hspace.tasks.invert import run_invert_shard
+
+        return run_invert_shard(run_dir, shard)
     return run_shard(run_dir, shard)
 
 
-@task(name="prepare-samples")
-def prepare_samples(run_dir: str) -> dict:
-    store = prepare_store(RunFolder(Path(run_dir)))
-    return {"n_shards": store.layout.n_shards, "pending": store.pending_shards()}
+def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) -> list[int]:
+    """Pending shards as tasks on an existing Dask cluster (the run folder must be on a
+    path every worker sees); each worker loads the model once and writes whole shards,
+    one file per shard, so workers never write the same file."""
+    from dask.distributed import as_completed
+
+    from hspace.tasks.pca import dask_client
+
+    client = dask_client(0, address)
+    try:
+        futures = [client.submit(run_shard, run_dir, k, key=f"hspace-shard-{k}-{run_dir}", pure=False) for k in pending]
+        done = []
+        for future in as_completed(futures):
+            result = future.result()
+            done.append(result["shard"])
+            bar.advance(job, len(store.layout.shard_rows(result["shard"])))
+        return sorted(done)
+    finally:
+        client.close()
+
+
+def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: bool = True) -> list[int]:
+    """Every pending shard of the run (sampled, or inverted for an inversion run), one
+    Prefect task each, or on the Dask cluster at ``dask_address``; returns the shards
+    computed. A pending shard runs even if Prefect remembers a result for its key: its
+    marker, not Prefect's record, says whether the files exist."""
+    from hspace.tasks.progress import progress_bar
+
+    store = prepare_store(run)
+    pending = set(store.pending_shards())
+    key = shard_key(run.read())
+    rows = lambda k: len(store.layout.shard_rows(k))  # noqa: E731
+    inverting = run.read()["config"].get("kind") == "inversion"
+    with progress_bar(disable=not show_progress) as bar:
+        job = bar.add_task("inverting" if inverting else "sampling", total=store.layout.n, rate="")
+        bar.advance(job, sum(rows(k) for k in range(store.layout.n_shards) if k not in pending))
+        if dask_address and not inverting:
+            return _on_dask(str(run.root), sorted(pending), dask_address, store, bar, job)
+        done_new, computed = 0, []
+        for k in range(store.layout.n_shards):
+            shard_task.with_options(result_storage=run.prefect_results, refresh_cache=k in pending)(
+                str(run.root), k, key
+            )
+            if k in pending:
+                computed.append(k)
+                done_new += rows(k)
+                elapsed = bar.get_time() - bar.tasks[job].start_time
+                bar.update(job, rate=f"{done_new / max(elapsed, 1e-9):.2f} samples/s")
+                bar.advance(job, rows(k))
+    return computed
+
+
+def create_run(run: RunFolder, section, device: str, allow_download: bool = False, extra=None) -> dict:
+    """Resolve and check the model of a sample or invert section, then create (or re-check)
+    the run folder's run.json: its config is the section without the model, plus
+    ``extra(unet)`` (checks that need the model run there, before anything is written)."""
+    from hspace.hcore.hspace import NoMidBlockError, h_shape
+
+    ref = models.resolve(section.model, allow_download=allow_download)
+    unet, scheduler = models.load(ref)
+    try:
+        h_shape(unet)
+    except NoMidBlockError as e:
+        raise RunError(str(e)) from None
+    train_steps = scheduler.config.num_train_timesteps
+    if section.steps > train_steps:
+        raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
+    keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
+    config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet) if extra else {})
+    return init_run(run, config, ref, scheduler, device)

@@ -8,24 +8,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import directions as dirfile
-from data.catalog import AnnotationStore, RunError, RunFolder, SampleStore
-from hcore import supervised
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.stores import AnnotationStore, SampleStore
+from hspace.hcore import supervised
 
 
-def build_direction(
-    run_dir: str,
-    attribute: str,
-    top: int,
-    latent: str = "h",
-    name: str | None = None,
-    batch_size: int = 64,
-    first: int | None = None,
-) -> dict:
+def mean_difference(
+    run: RunFolder, attribute: str, top: int, latent: str = "h", batch_size: int = 64, first: int | None = None
+) -> tuple[torch.Tensor, dict, dict]:
     """v = mean(q+) - mean(q-) over the top/bottom ``top`` samples by ``attribute`` (eq. 10).
     latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds.
-    first: rank only samples 0..first-1 (the rest stay held out for evaluation)."""
-    run = RunFolder(Path(run_dir))
+    first: rank only samples 0..first-1 (the rest stay held out for evaluation).
+    Returns (v, its direction-file metadata, {positives, negatives}); nothing is written."""
     meta = run.read()
     if latent not in ("h", "xT"):
         raise RunError(f"--latent must be h or xT, got {latent!r}")
@@ -55,14 +50,13 @@ def build_direction(
             elif "xT" in store.group:  # inverted real images: their x_T is stored
                 q = store.group["xT"].get_orthogonal_selection((part,)).astype(np.float32)
             else:
-                from hcore.sampler import draw_noise, make_generators
+                from hspace.hcore.sampler import draw_noise, make_generators
 
                 q = draw_noise(make_generators(meta["config"]["seed"], part.tolist()), store.layout.image_shape).numpy()
             acc.add(q, positive)
     v = acc.direction()
     if not np.isfinite(v).all():
         raise RunError("the direction holds NaN/Inf (damaged samples?); run `hspace verify RUN`")
-    name = name or (attribute if latent == "h" else f"{attribute}_xT")
     md = dirfile.metadata_for_run(
         meta,
         method="mean-difference (eq. 10)",
@@ -76,8 +70,28 @@ def build_direction(
     if latent == "xT":
         md["h_point"] = "xT"
         v = v[None]  # (1, 3, R, R): one "timestep", the initial noise
-    path = dirfile.save(run.directions / f"{name}.safetensors", torch.from_numpy(v), md)
-    return {"path": str(path), "positives": pos.tolist(), "negatives": neg.tolist(), "norm": float(np.linalg.norm(v))}
+    return torch.from_numpy(v), md, {"positives": pos.tolist(), "negatives": neg.tolist()}
+
+
+def direction_name(attribute: str, latent: str) -> str:
+    """The file name of an attribute's eq. (10) direction: ``Smiling`` in h, ``Smiling_xT`` in x_T."""
+    return attribute if latent == "h" else f"{attribute}_xT"
+
+
+def build_direction(
+    run_dir: str,
+    attribute: str,
+    top: int,
+    latent: str = "h",
+    name: str | None = None,
+    batch_size: int = 64,
+    first: int | None = None,
+) -> dict:
+    """eq. (10) (``mean_difference``), saved as RUN/directions/NAME.safetensors."""
+    run = RunFolder(Path(run_dir))
+    v, md, picked = mean_difference(run, attribute, top, latent, batch_size, first)
+    path = dirfile.save(run.direction(name or direction_name(attribute, latent)), v, md)
+    return {"path": str(path), **picked, "norm": float(v.norm())}
 
 
 def disentangle_direction(
@@ -93,7 +107,7 @@ def disentangle_direction(
         raise RunError(f"--against lists {direction!r} itself; projecting it out would leave nothing")
     loaded = {}
     for d in [direction, *against]:
-        v, md = dirfile.load(run.directions / f"{d}.safetensors")
+        v, md = dirfile.load(run.direction(d))
         loaded[d] = (v.numpy(), md)
     v0, md0 = loaded[direction]
     for d in against:
@@ -118,6 +132,6 @@ def disentangle_direction(
         "keep_norm": str(keep_norm).lower(),
         "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}",
     }
-    path = dirfile.save(run.directions / f"{out_name}.safetensors", torch.from_numpy(v), md)
+    path = dirfile.save(run.direction(out_name), torch.from_numpy(v), md)
     cos = float(np.dot(v.ravel(), v0.ravel()) / (np.linalg.norm(v) * np.linalg.norm(v0) + 1e-12))
     return {"path": str(path), "cosine_with_original": cos}

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from data import toy
-from hcore import training
+from hspace.data import toy
+from hspace.hcore import training
+from hspace.hcore.sampler import to_unit
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,10 @@ def oracle_batch(
     (n, A). ``noise``: Gaussian noise of std up to this; ``blur``: ``soften`` by up to this."""
     import numpy as np
 
-    from data import toyfaces
+    from hspace.data import toyfaces
 
     images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size, style=style)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x = to_unit(images.transpose(0, 3, 1, 2))
     if blur > 0:  # a generated image is softer than a render: judge the face, not the sharpness
         x = soften(x, blur * torch.rand(n, generator=generator))
     if noise > 0:  # generated images are a little noisy; make the oracle indifferent to it
@@ -154,9 +155,9 @@ def train_oracle_model(
     render softened by a 3x3 binomial blur as smiling 16% of the time instead of 51%, and
     glasses never; trained with blur 1.0 it keeps 99.8-100% accuracy on renders softened
     by 1.0 and on sharp ones (tasks/train_toy.oracle_accuracy)."""
-    from data import toyfaces
-    from data.annotators import save_oracle
-    from hcore.annotators import OracleNet
+    from hspace.data import toyfaces
+    from hspace.data.annotators import save_oracle
+    from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(seed)
     net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=24)
@@ -199,3 +200,33 @@ def oracle_accuracy(
         {f"{name}_mae": float((scores[:, nb + j] - y[:, nb + j]).abs().mean()) for j, name in enumerate(net.pose)}
     )
     return out
+
+
+def resolve_recipe(checkpoint: Path, name: str | None, overrides: dict) -> toy.ToyRecipe:
+    """The recipe `hspace train-toy` trains with: ``name`` (toy.RECIPES), else the
+    checkpoint's own when it exists (a resume), else v1; with the resumable ``overrides``
+    (steps, checkpoint_every, decay_from) applied and checked."""
+    import dataclasses
+    import json
+
+    from hspace.data.catalog import RunError
+
+    if name is not None and name not in toy.RECIPES:
+        raise RunError(f"--recipe must be one of {', '.join(toy.RECIPES)}, got {name!r}")
+    checkpoint = Path(checkpoint)
+    candidates = (checkpoint / "recipe.json", checkpoint.with_name(checkpoint.name + ".old") / "recipe.json")
+    saved = next((p for p in candidates if p.exists()), None)
+    if name is None and saved is not None:
+        try:
+            recipe = toy.recipe_from_dict(json.loads(saved.read_text()))
+        except (ValueError, TypeError) as e:
+            raise RunError(f"cannot read the recipe of checkpoint {checkpoint}: {e}") from None
+    else:
+        recipe = toy.RECIPES[name or "v1"]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if any(v <= 0 for v in overrides.values()):
+        raise RunError("--steps, --checkpoint-every and --decay-from must be positive")
+    recipe = dataclasses.replace(recipe, **overrides)
+    if recipe.decay_from is not None and recipe.decay_from >= recipe.steps:
+        raise RunError(f"--decay-from {recipe.decay_from} must be below the total steps ({recipe.steps})")
+    return recipe

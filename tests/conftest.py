@@ -4,14 +4,13 @@ code path a user's folder takes, and one Prefect test server for the whole sessi
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# hspace is imported as installed (pip install -e .): hspace.data, hspace.flows, ...
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -64,7 +63,7 @@ def other_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded_model(model_dir):
-    from data import models
+    from hspace.data import models
 
     return models.load(models.resolve(str(model_dir)))
 

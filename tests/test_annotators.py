@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.annotators import load_annotator
-from data.catalog import RunError
-from hcore.annotators import CELEBA_ATTRIBUTES, CelebA40, Hopenet
+from hspace.data.annotators import load_annotator
+from hspace.data.catalog import RunError
+from hspace.hcore.annotators import CELEBA_ATTRIBUTES, CelebA40, Hopenet
 
 
 def test_celeba40_checkpoint_with_state_dict_and_module_prefix(tmp_path):

@@ -10,8 +10,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from data.catalog import SampleStore
-from flows.cli import app
+from hspace.data.stores import SampleStore
+from hspace.flows.cli import app
 from tests.test_cli import SAMPLE_ARGS, assert_refused, tree_digest
 
 runner = CliRunner()
@@ -71,7 +71,7 @@ def test_disk_full_during_sampling_loses_nothing(copy_of, model_dir, monkeypatch
 def test_read_only_run_folder(copy_of, model_dir, monkeypatch):
     import os
 
-    import data.catalog as catalog
+    import hspace.data.catalog as catalog
 
     before = tree_digest(copy_of)
     real_open = os.open
@@ -105,8 +105,8 @@ def test_nan_in_h_is_caught_at_write_time_and_named(prefect_server, model_dir, t
     the shard is not marked done, so nothing half-written is ever read as complete."""
     import torch
 
-    from data import models
-    from tasks.sample import cached_model
+    from hspace.data import models
+    from hspace.tasks.sample import cached_model
 
     ref = models.resolve(str(model_dir))
     unet, _ = cached_model(str(ref.path), ref.fingerprint, "cpu", "float32")  # the one run_shard will use

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data.annotators import annotator_id, load_annotator
-from data.catalog import RunError
-from hcore.annotators import CLIP_PROMPTS
-from hcore.calibrate import CalibrationError, calibrate_gamma
-from tasks import evaluate as ev
+from hspace.data.annotators import annotator_id, load_annotator
+from hspace.data.catalog import RunError
+from hspace.data.stores import EvalFolder
+from hspace.hcore import metrics
+from hspace.hcore.annotators import CLIP_PROMPTS
+from hspace.hcore.calibrate import CalibrationError, calibrate_gamma
 
 
 @pytest.mark.parametrize("target", [0.1, 0.5, 0.85])
@@ -95,14 +96,18 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
             out[:, 2] -= 5.0 * gamma
         return out
 
-    monkeypatch.setattr(ev, "edit_scores", fake_scores)
-    m = ev.leakage_matrix(None, None, None, {}, [0, 1], [a, b], [2.0, 1.0])
+    monkeypatch.setattr(metrics, "edit_scores", fake_scores)
+    m = metrics.leakage_matrix(None, None, None, {}, [0, 1], [a, b], [2.0, 1.0])
     np.testing.assert_allclose(m, [[0.6, 0, 0], [0, 0, -5.0]], atol=1e-12)
     columns = ["Smiling", "Male", "yaw"]
-    s = ev.write_leakage(tmp_path, "original", m, ["Smiling", "yaw"], columns, degrees=("yaw",))
+    EvalFolder(tmp_path).write_leakage("original", m, ["Smiling", "yaw"], columns, degrees=("yaw",))
+    s = metrics.leakage_means(m, ["Smiling", "yaw"], columns, {"Smiling", "Male"})
     assert s["mean_diagonal"] == pytest.approx(0.6) and s["mean_offdiagonal"] == 0.0
-    assert s["degrees"] == {"mean_diagonal": pytest.approx(5.0), "mean_offdiagonal": 0.0}
+    assert metrics.leakage_means(m, ["Smiling", "yaw"], columns, {"yaw"}) == {
+        "mean_diagonal": pytest.approx(5.0),
+        "mean_offdiagonal": 0.0,
+    }
     back = np.loadtxt(tmp_path / "leakage_original.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
     np.testing.assert_allclose(back, m, atol=1e-6)
-    c = ev.calibrate(None, None, None, {}, [0, 1], a, 0, 0.45)
+    c = metrics.calibrate_edit(None, None, None, {}, [0, 1], a, 0, 0.45)
     assert c.converged and c.gamma == pytest.approx(1.5, rel=0.05)

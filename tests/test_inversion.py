@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from hcore.hspace import HSpace
-from hcore.inversion import ddim_invert, reconstruct
-from hcore.sampler import ddim_scheduler, make_generators, sample
+from hspace.hcore.hspace import HSpace
+from hspace.hcore.inversion import ddim_invert, reconstruct
+from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
 from tests.conftest import tiny_scheduler, tiny_unet
 
 

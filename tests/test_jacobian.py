@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hcore.hspace import HSpace
-from hcore.jacobian import (
+from hspace.hcore.hspace import HSpace
+from hspace.hcore.jacobian import (
     eps_of_h,
     h_at,
     jvp,
@@ -104,7 +104,7 @@ def test_localize_maximises_the_share_inside_the_region(point, reference):
     explicit Jacobian restricted to its top-r right singular vectors (scipy.linalg.eigh)."""
     from scipy.linalg import eigh
 
-    from hcore.jacobian import localize
+    from hspace.hcore.jacobian import localize
 
     unet, x_t, h0 = point
     jac, _, vh = reference
@@ -166,7 +166,7 @@ def test_jacobian_through_attention_matches_the_explicit_jacobian():
         vh,
         3,
     )
-    from hcore.jacobian import localize
+    from hspace.hcore.jacobian import localize
 
     mask = roi_mask((16, 16), (0, 0, 8, 8)).double()
     loc = localize(f, h0, vh[:6].reshape(6, *h0.shape), mask, 1)
@@ -179,7 +179,7 @@ def test_jacobian_through_attention_matches_the_explicit_jacobian():
 def test_half_precision_unet_gives_float32_directions(dtype):
     """The U-Net runs in the run's dtype, h, vectors and every QR/SVD stay float32, and the
     directions agree with the float32 model's (its weights rounded to the half dtype)."""
-    from hcore.jacobian import precision_tol
+    from hspace.hcore.jacobian import precision_tol
 
     reference = attention_unet(seed=1)
     half = attention_unet(seed=1).to(dtype)

@@ -8,11 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from data import directions as dirfile
-from data.catalog import PCAStore, RunError, RunFolder, SampleLayout, SampleStore, timestep_batches
-from flows.cli import app
-from hcore import pca as hpca
-from tasks.pca import fit_timestep, run_pca
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.stores import PCAStore, SampleLayout, SampleStore, timestep_batches
+from hspace.flows.cli import app
+from hspace.hcore import pca as hpca
+from hspace.tasks.pca import fit_timestep, run_pca
 
 N, STEPS, H_SHAPE, B = 96, 3, (4, 4, 4), 32
 D = 64

@@ -14,9 +14,10 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from data.catalog import RunError
-from flows.cli import app
-from flows.pipeline import STAGES, load_config
+from hspace.data.catalog import PIPELINE_STAGES as STAGES
+from hspace.data.catalog import RunError
+from hspace.flows.cli import app
+from hspace.tasks.config import load_config
 from tests.test_cli import assert_refused, tree_digest
 
 runner = CliRunner()
@@ -28,9 +29,9 @@ def hspace(*args):
 
 @pytest.fixture(scope="module")
 def oracle_dir(tmp_path_factory):
-    from data import toyfaces
-    from data.annotators import save_oracle
-    from hcore.annotators import OracleNet
+    from hspace.data import toyfaces
+    from hspace.data.annotators import save_oracle
+    from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)
     net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
@@ -82,7 +83,7 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     figures = re.search(r"^figures .*?(\d+)/(\d+)", first.output, re.M)
     assert figures and figures.group(1) == figures.group(2), first.output  # the planned total was exact
     meta = json.loads((out / "run.json").read_text())
-    assert all(meta["pipeline"][s]["state"] == "done" for s in STAGES)
+    assert all(meta["stages"][s]["state"] == "done" for s in STAGES)
     for name in ("samples.zarr", "annotations.zarr", "pca.zarr", "eval/summary.json", "report.html"):
         assert (out / name).exists(), name
     for name in ("Smiling", "Male_disentangled", "pc01", "random01"):
@@ -114,10 +115,10 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     table = Artifact.get("hspace-run-leakage-original")
     assert table is not None and "Smiling" in str(table.data)
     shown = hspace("inspect", out)
-    assert shown.exit_code == 0 and "hspace run stages" in shown.output
+    assert shown.exit_code == 0 and "stages" in shown.output and "fingerprint" in shown.output
     as_json = json.loads(hspace("inspect", out, "--json").output)
-    assert as_json["pipeline"]["evaluate"]["key"] == meta["pipeline"]["evaluate"]["key"]
-    assert as_json["pipeline"]["evaluate"]["inputs"] == ["directions", "disentangle", "annotate"]
+    assert as_json["stages"]["evaluate"]["key"] == meta["stages"]["evaluate"]["key"]
+    assert as_json["stages"]["evaluate"]["inputs"] == ["directions", "disentangle", "annotate"]
 
     samples_before = tree_digest(out / "samples.zarr")
     summary_before = (out / "eval" / "summary.json").read_text()
@@ -146,7 +147,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
     bad = tmp_path / "bad.yaml"
     for text, needle in (
         ("pca: {componets: 3}\n", "pca.componets: unknown key"),
-        ("sample: {n: -1}\n", "sample.n: Input should be greater than 0"),
+        ("sample: {n: -1}\n", "sample.n must be greater than 0, got -1"),
         ("evaluate: {gamma: lots}\n", "evaluate.gamma"),
         ("samples: {}\n", "samples: unknown key"),
         ("- just a list\n", "must be a mapping"),
@@ -177,7 +178,7 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
     from prefect.deployments import run_deployment
     from prefect.flow_engine import run_flow
 
-    from flows.pipeline import make_deployment, scheduled_run
+    from hspace.flows.pipeline import make_deployment, scheduled_run
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     deployment_id = make_deployment(cfg, "0 3 * * *", "nightly-test", tmp_path / "scheduled").apply()
@@ -267,7 +268,7 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
     import time
     from pathlib import Path
 
-    from data.catalog import RunFolder
+    from hspace.data.catalog import RunFolder
 
     out, _, _ = pipeline_run
     root = tmp_path / "runs"
@@ -280,9 +281,9 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
         shutil.copytree(root / "finished", root / name)
         meta = RunFolder(root / name).read()
         for stage in ("evaluate", "figures", "report"):
-            meta["pipeline"].pop(stage)
+            meta["stages"].pop(stage)
         if stage_state:
-            meta["pipeline"]["evaluate"] = {"state": stage_state}
+            meta["stages"]["evaluate"] = {"state": stage_state}
         RunFolder(root / name).write(meta)
         (root / name / "eval" / "summary.json").unlink()
         if lock_pid:

@@ -25,9 +25,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from data.catalog import AnnotationStore, JacobianStore, RunFolder, SampleStore
-from data.models import CELEBAHQ_256_UNET
-from flows.cli import app
+from hspace.data.catalog import PIPELINE_STAGES, RunFolder
+from hspace.data.models import CELEBAHQ_256_UNET
+from hspace.data.stores import AnnotationStore, JacobianStore, SampleStore
+from hspace.flows.cli import app
 from tests.conftest import save_tiny_clip
 
 runner = CliRunner()
@@ -65,7 +66,7 @@ def hspace(*args):
 def annotators(tmp_path_factory) -> dict[str, str]:
     """Random-weight stand-ins in the formats users hand over: AnyCost's dict with
     'state_dict', Hopenet's bare legacy state dict, CLIP's save_pretrained folder."""
-    from hcore.annotators import CelebA40, Hopenet
+    from hspace.hcore.annotators import CelebA40, Hopenet
 
     root = tmp_path_factory.mktemp("annotators")
     torch.manual_seed(0)
@@ -122,7 +123,7 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
     # (Jacobian included), report
     hspace("run", "--config", celeba_config(tmp_path / "celeba.yaml", model, annotators, dtype), "--out", run)
     meta = RunFolder(run).read()
-    assert all(rec["state"] == "done" for rec in meta["pipeline"].values()), meta["pipeline"]
+    assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES), meta["stages"]
     assert meta["config"]["dtype"] == dtype and (run / "report.html").stat().st_size > 10_000
     store = SampleStore(run / "samples.zarr")
     assert store.h.shape == (16, 4, *h_shape) and store.x0.shape == (16, 3, size, size)
@@ -137,8 +138,8 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
     hspace("verify", run)  # every chunk reads back (crc32c), every marker and direction file is whole
 
     # later commands load the model in the run's dtype: replaying the second shard gives its samples bit for bit
-    from data import models
-    from hcore.sampler import make_generators, sample, to_uint8
+    from hspace.data import models
+    from hspace.hcore.sampler import make_generators, sample, to_uint8
 
     unet, scheduler = models.load_for_run(meta)
     assert next(unet.parameters()).dtype == getattr(torch, dtype)
@@ -200,7 +201,7 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
     assert AnnotationStore(one / "annotations.zarr").scores()[0].shape == (10, 40 + 3)
     hspace("pca", one, "--components", 2, "--method", "randomized")
     for attribute in ("Smiling", "Male"):
-        hspace("directions", one, "--attribute", attribute, "--top", 2, "--first", 7)
+        hspace("directions", one, "--attribute", attribute, "--top", 2, "--held-out", 3)
     hspace("disentangle", one, "--direction", "Smiling", "--against", "Male")
     hspace(
         "evaluate",

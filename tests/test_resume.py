@@ -17,14 +17,15 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from data.catalog import SampleStore
-from flows.cli import app
+from hspace.data.catalog import PIPELINE_STAGES
+from hspace.data.stores import SampleStore
+from hspace.flows.cli import app
 
 ARGS = ["--n", "96", "--steps", "30", "--batch-size", "4", "--device", "cpu", "--eta", "1.0", "--seed", "5"]
 
 
 def hspace_cmd() -> list[str]:
-    return [sys.executable, "-m", "flows.cli"]
+    return [sys.executable, "-m", "hspace.flows.cli"]
 
 
 def done_count(run: Path) -> int:
@@ -112,9 +113,9 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
 
     import yaml
 
-    from data import toyfaces
-    from data.annotators import save_oracle
-    from hcore.annotators import OracleNet
+    from hspace.data import toyfaces
+    from hspace.data.annotators import save_oracle
+    from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)
     oracle = save_oracle(
@@ -145,5 +146,5 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
     assert code == 0, output[-3000:]
     assert f"took over the lock of pid {victim.pid}" in output and "no longer running" in output
     meta = json.loads((run / "run.json").read_text())
-    assert all(rec["state"] == "done" for rec in meta["pipeline"].values()) and (run / "report.html").exists()
+    assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES) and (run / "report.html").exists()
     assert not (run / ".lock").exists()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
-from hcore.hspace import HSpace, NoMidBlockError, h_shape
-from hcore.sampler import Edit, ddim_scheduler, ddim_step, draw_noise, make_generators, sample
+from hspace.hcore.hspace import HSpace, NoMidBlockError, h_shape
+from hspace.hcore.sampler import Edit, ddim_scheduler, ddim_step, draw_noise, make_generators, sample
 
 
 def capture(unet, scheduler, indices, steps=8, eta=0.0, edit=None, seed=7):
@@ -61,7 +61,7 @@ def test_sample_alone_equals_sample_in_batch(loaded_model):
 
 
 def test_generators_do_not_collide_across_run_seeds():
-    from hcore.sampler import sample_seed
+    from hspace.hcore.sampler import sample_seed
 
     seeds = {sample_seed(s, i) for s in range(20) for i in range(500)}
     assert len(seeds) == 20 * 500
@@ -196,7 +196,7 @@ def test_draw_noise_is_per_generator():
 
 
 def test_sequential_grid_plan_and_eta_above_one():
-    from tasks.edit import DirectionSpec, plan_grid
+    from hspace.tasks.edit import DirectionSpec, plan_grid
 
     specs = [DirectionSpec("a", None, 1.0), DirectionSpec("b", None, -2.0)]
     cells, rows, cols = plan_grid(specs, [])

@@ -21,7 +21,8 @@ import pytest
 import torch
 import yaml
 
-from data.catalog import PIPELINE_STAGES, RunError, RunFolder, prune_runs, run_state
+from hspace.data.catalog import PIPELINE_STAGES, RunError, RunFolder
+from hspace.data.runs import prune_runs, run_state
 
 pytestmark = pytest.mark.slow
 HSPACE = Path(sys.executable).parent / "hspace"
@@ -58,9 +59,9 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> tup
 
 @pytest.fixture
 def small_config(tmp_path, model_dir) -> Path:
-    from data import toyfaces
-    from data.annotators import save_oracle
-    from hcore.annotators import OracleNet
+    from hspace.data import toyfaces
+    from hspace.data.annotators import save_oracle
+    from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)
     net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
@@ -142,7 +143,7 @@ def test_scheduled_runs_fire_on_a_real_server_and_sigterm_stops_cleanly(tmp_path
 
         for folder in complete()[:2]:
             meta = RunFolder(folder).read()
-            assert all(rec["state"] == "done" for rec in meta["pipeline"].values())
+            assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES)
             assert (folder / "report.html").exists()
         deployment = api(url, "/deployments/name/hspace-scheduled-run/probe")
         assert deployment["paused"] is True
@@ -164,9 +165,10 @@ def make_pipeline_folder(root: Path, name: str, created: str, state: str) -> Pat
     run = RunFolder(root / name)
     meta = run.init({"n": 1}, {"fingerprint": "x"}, {})
     meta["created"] = created
-    meta["pipeline"] = {stage: {"state": "done"} for stage in PIPELINE_STAGES}
+    meta["stages"] = {stage: {"state": "done"} for stage in PIPELINE_STAGES}
+    meta["pipeline_config"] = {}
     if state == "failed":
-        meta["pipeline"]["evaluate"]["state"] = "failed"
+        meta["stages"]["evaluate"]["state"] = "failed"
     run.write(meta)
     if state != "failed":
         (run.root / "report.html").write_text("<html></html>")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from data import directions as dirfile
-from data.catalog import AnnotationStore, RunFolder, SampleStore
-from flows.cli import app
-from hcore import supervised
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunFolder
+from hspace.data.stores import AnnotationStore, SampleStore
+from hspace.flows.cli import app
+from hspace.hcore import supervised
 
 
 def test_top_bottom_and_mean_difference():
@@ -79,7 +80,9 @@ def annotated_run(tmp_path):
 
 def test_directions_command_matches_eq10(annotated_run):
     run, h, scores = annotated_run
-    result = CliRunner().invoke(app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8"])
+    result = CliRunner().invoke(
+        app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8", "--held-out", "0"]
+    )
     assert result.exit_code == 0, result.output
     v, md = dirfile.load(run.directions / "Smiling.safetensors")
     order = np.argsort(scores[:, 0], kind="stable")
@@ -88,7 +91,7 @@ def test_directions_command_matches_eq10(annotated_run):
     assert md["method"].startswith("mean-difference") and md["attribute"] == "Smiling"
     # x_T variant: noise re-drawn from the stored seeds
     result = CliRunner().invoke(
-        app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8", "--latent", "xT"]
+        app, ["directions", str(run.root), "--attribute", "Smiling", "--top", "8", "--latent", "xT", "--held-out", "0"]
     )
     assert result.exit_code == 0, result.output
     vx, mdx = dirfile.load(run.directions / "Smiling_xT.safetensors")
@@ -99,7 +102,12 @@ def test_disentangle_command(annotated_run):
     run, _, _ = annotated_run
     runner = CliRunner()
     for attr in ("Smiling", "Male"):
-        assert runner.invoke(app, ["directions", str(run.root), "--attribute", attr, "--top", "8"]).exit_code == 0
+        assert (
+            runner.invoke(
+                app, ["directions", str(run.root), "--attribute", attr, "--top", "8", "--held-out", "0"]
+            ).exit_code
+            == 0
+        )
     result = runner.invoke(app, ["disentangle", str(run.root), "--direction", "Smiling", "--against", "Male"])
     assert result.exit_code == 0, result.output
     v, md = dirfile.load(run.directions / "Smiling_disentangled.safetensors")
@@ -121,8 +129,8 @@ def test_supervised_bad_inputs(annotated_run):
     runner = CliRunner()
     before = sorted(p.name for p in run.root.rglob("*"))
     cases = [
-        (["directions", str(run.root), "--attribute", "Smilling"], "unknown attribute 'Smilling'"),
-        (["directions", str(run.root), "--attribute", "Smiling", "--top", "500"], "--top 500"),
+        (["directions", str(run.root), "--attribute", "Smilling", "--held-out", "0"], "unknown attribute 'Smilling'"),
+        (["directions", str(run.root), "--attribute", "Smiling", "--top", "500", "--held-out", "0"], "--top 500"),
         (["directions", str(run.root), "--attribute", "Smiling", "--latent", "z"], "--latent must be"),
         (["disentangle", str(run.root), "--direction", "nope", "--against", "Male"], "does not exist"),
         (["disentangle", str(run.root), "--direction", "Smiling", "--against", "Smiling"], "itself"),
@@ -135,6 +143,6 @@ def test_supervised_bad_inputs(annotated_run):
     from tests.test_pca import make_run
 
     make_run(unannotated.root)
-    result = runner.invoke(app, ["directions", str(unannotated.root), "--attribute", "Smiling"])
+    result = runner.invoke(app, ["directions", str(unannotated.root), "--attribute", "Smiling", "--held-out", "0"])
     assert result.exit_code != 0 and "no annotations" in result.output
     assert SampleStore(unannotated.samples).complete()

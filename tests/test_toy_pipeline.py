@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from hspace.flows.cli import app
 
 runner = CliRunner()
 
@@ -31,7 +31,7 @@ def toy_run(prefect_server, tmp_path_factory):
 
 
 def test_auto_gamma_reaches_its_target_on_the_toy_model(toy_run):
-    hspace("directions", toy_run, "--attribute", "Smiling", "--top", "8", "--first", "32")
+    hspace("directions", toy_run, "--attribute", "Smiling", "--top", "8", "--held-out", "16")
     result = hspace(
         "evaluate",
         toy_run,
@@ -59,7 +59,7 @@ def test_auto_gamma_reaches_its_target_on_the_toy_model(toy_run):
 def _write_renders(folder, smiling: bool, count: int, first_seed: int):
     from PIL import Image
 
-    from data import toyfaces
+    from hspace.data import toyfaces
 
     folder.mkdir(parents=True)
     images, factors = toyfaces.render_batch(range(first_seed, first_seed + 400), 32)
@@ -74,11 +74,12 @@ def test_real_image_supervision_by_inversion(toy_run, tmp_path):
     import numpy as np
     import torch
 
-    from data import directions as dirfile
-    from data import models
-    from data.annotators import load_annotator
-    from data.catalog import RunFolder, SampleStore
-    from hcore.sampler import Edit, make_generators, sample
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+    from hspace.data.catalog import RunFolder
+    from hspace.data.stores import SampleStore
+    from hspace.hcore.sampler import Edit, make_generators, sample
 
     images = tmp_path / "faces"
     _write_renders(images / "positive", True, 24, 7_000_000)
@@ -90,7 +91,7 @@ def test_real_image_supervision_by_inversion(toy_run, tmp_path):
     store = SampleStore(out / "samples.zarr")
     assert store.h.shape[:2] == (48, 10) and store.complete()
     assert float(np.mean(store.group["recon_mse"][:])) < 0.01  # refined inversion regenerates the renders
-    hspace("directions", out, "--attribute", "Smiling", "--top", "24")
+    hspace("directions", out, "--attribute", "Smiling", "--top", "24", "--held-out", "0")
     v, md = dirfile.load(out / "directions" / "Smiling.safetensors")
     assert int(md["steps"]) == 10
     # apply to generated samples of the sampled toy run (same model, same schedule)

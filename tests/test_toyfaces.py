@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import toy, toyfaces
-from data.catalog import RunError
+from hspace.data import toy, toyfaces
+from hspace.data.catalog import RunError
 
 
 def test_render_is_deterministic_and_batch_independent():
@@ -60,8 +60,8 @@ def test_attributes_are_visible():
 
 
 def test_oracle_interface_roundtrip(tmp_path):
-    from data.annotators import load_annotator, save_oracle
-    from hcore.annotators import OracleNet
+    from hspace.data.annotators import load_annotator, save_oracle
+    from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(0)
     net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
@@ -76,8 +76,8 @@ def test_oracle_interface_roundtrip(tmp_path):
 
 
 def test_shipped_oracle_accuracy_on_fresh_renders():
-    from data.annotators import ORACLE_DIR, load_annotator
-    from tasks.train_toy import oracle_accuracy
+    from hspace.data.annotators import ORACLE_DIR, load_annotator
+    from hspace.tasks.train_toy import oracle_accuracy
 
     if not (ORACLE_DIR / "oracle.safetensors").exists():
         pytest.fail("the shipped oracle is missing from data/oracle; run `hspace train-toy --oracle-out data/oracle`")
@@ -92,7 +92,7 @@ TINY = dict(block_out_channels=(8, 16), layers_per_block=1, batch_size=4, checkp
 
 
 def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
-    from tasks.train_toy import train_toy_model
+    from hspace.tasks.train_toy import train_toy_model
 
     straight = train_toy_model(tmp_path / "a", toy.ToyRecipe(**TINY, steps=4))
     train_toy_model(tmp_path / "b", toy.ToyRecipe(**TINY, steps=2))
@@ -129,7 +129,7 @@ def test_v2_style_changes_only_the_mouth_and_the_glasses():
 def test_recipes_v1_reads_back_and_v2_is_shaped_like_a_real_ddpm(tmp_path):
     import json
 
-    from hcore.hspace import h_shape
+    from hspace.hcore.hspace import h_shape
 
     shipped = json.loads((toy.TOY_MODEL_DIR / "recipe.json").read_text())
     read = toy.recipe_from_dict(shipped)  # an old recipe.json (no attention or style fields) reads as v1
@@ -154,9 +154,9 @@ def test_recipes_v1_reads_back_and_v2_is_shaped_like_a_real_ddpm(tmp_path):
 
 
 def test_train_toy_flow_exports_a_loadable_model(prefect_server, tmp_path):
-    from data import models
-    from flows.train_toy import train_toy_flow
-    from hcore.sampler import make_generators, sample
+    from hspace.data import models
+    from hspace.flows.train_toy import train_toy_flow
+    from hspace.hcore.sampler import make_generators, sample
 
     recipe = {**toy.ToyRecipe().__dict__, **TINY, "steps": 2}
     result = train_toy_flow(str(tmp_path / "ckpt"), str(tmp_path / "model"), recipe)
@@ -167,8 +167,8 @@ def test_train_toy_flow_exports_a_loadable_model(prefect_server, tmp_path):
 
 
 def test_shipped_toy_model_loads_like_a_user_folder():
-    from data import models
-    from hcore.hspace import h_shape
+    from hspace.data import models
+    from hspace.hcore.hspace import h_shape
 
     if not (models.TOY_MODEL_DIR / "unet" / "config.json").exists():
         pytest.fail("the shipped toy model is missing from data/toy_model")
@@ -179,7 +179,7 @@ def test_shipped_toy_model_loads_like_a_user_folder():
 
 
 def test_cosine_decay_schedule():
-    from hcore.training import lr_at
+    from hspace.hcore.training import lr_at
 
     assert lr_at(99, 1.0, 200) == pytest.approx(0.5)  # warm-up
     assert lr_at(500, 1.0, 200) == 1.0  # constant without decay
@@ -191,7 +191,7 @@ def test_cosine_decay_schedule():
 def test_train_toy_bad_inputs(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from hspace.flows.cli import app
 
     args = ["train-toy", "--checkpoint", str(tmp_path / "c"), "--out", str(tmp_path / "m")]
     result = CliRunner().invoke(app, [*args, "--steps", "13250", "--decay-from", "20000"])
@@ -202,7 +202,7 @@ def test_train_toy_bad_inputs(tmp_path):
 
 
 def test_soften_blends_towards_a_blur():
-    from tasks.train_toy import soften
+    from hspace.tasks.train_toy import soften
 
     x = torch.zeros(2, 3, 9, 9)
     x[:, :, 4, 4] = 1.0
@@ -218,8 +218,8 @@ def test_train_toy_cli_resumes_with_the_checkpoints_own_recipe(prefect_server, t
     tiny v2-style one), not v1; an unknown --recipe is one line and exit 2."""
     from typer.testing import CliRunner
 
-    from flows.cli import app
-    from tasks.train_toy import train_toy_model
+    from hspace.flows.cli import app
+    from hspace.tasks.train_toy import train_toy_model
 
     runner = CliRunner()
     bad = runner.invoke(app, ["train-toy", "--recipe", "v3", "--checkpoint", str(tmp_path / "c")])

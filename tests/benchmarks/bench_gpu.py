@@ -33,7 +33,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-from data.models import CELEBAHQ_256_UNET  # noqa: E402
+from hspace.data.models import CELEBAHQ_256_UNET  # noqa: E402
 
 
 def save_model(folder: Path, small: bool) -> Path:
@@ -66,7 +66,7 @@ def peak_gib(device: str) -> float:
 
 def bare_loop(unet, scheduler, n: int, batch: int, steps: int, device: str) -> float:
     """(a)/(c): diffusers' DDIM step on the UNet, nothing stored."""
-    from hcore.sampler import ddim_scheduler
+    from hspace.hcore.sampler import ddim_scheduler
 
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(steps)
@@ -97,13 +97,13 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from data import models
-    from data.catalog import RunFolder, SampleStore
-    from flows.sample import sample_flow
-    from hcore import jacobian as jac
-    from hcore.sampler import ddim_scheduler, make_generators, sample
-    from tasks.pca import run_pca
-    from tasks.sample import init_run
+    from hspace.data import models
+    from hspace.data.catalog import RunFolder
+    from hspace.data.stores import SampleStore
+    from hspace.hcore import jacobian as jac
+    from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
+    from hspace.tasks.pca import run_pca
+    from hspace.tasks.sample import init_run, run_shards
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--small dry run: not a measurement)"
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
@@ -133,7 +133,7 @@ def main() -> None:
         del unet
         peak_reset(device)
         t0 = time.perf_counter()
-        sample_flow(str(run.root), show_progress=False)
+        run_shards(run, show_progress=False)
         b = args.n / (time.perf_counter() - t0)
         peak_b = peak_gib(device)
         store = SampleStore(run.samples)

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data import models  # noqa: E402
-from hcore import jacobian as jac  # noqa: E402
-from hcore.hspace import HSpace  # noqa: E402
-from hcore.sampler import ddim_scheduler, make_generators, sample  # noqa: E402
+from hspace.data import models  # noqa: E402
+from hspace.hcore import jacobian as jac  # noqa: E402
+from hspace.hcore.hspace import HSpace  # noqa: E402
+from hspace.hcore.sampler import ddim_scheduler, make_generators, sample  # noqa: E402
 
 
 def main() -> None:

@@ -29,13 +29,13 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import directions as dirfile  # noqa: E402
-from data import models  # noqa: E402
-from data.annotators import load_annotator  # noqa: E402
-from data.catalog import RunFolder  # noqa: E402
-from hcore.jacobian import roi_mask  # noqa: E402
-from hcore.sampler import Edit, make_generators, sample  # noqa: E402
-from tasks.jacobian import parse_roi, run_jacobian  # noqa: E402
+from hspace.data import directions as dirfile  # noqa: E402
+from hspace.data import models  # noqa: E402
+from hspace.data.annotators import load_annotator  # noqa: E402
+from hspace.data.catalog import RunFolder  # noqa: E402
+from hspace.hcore.jacobian import roi_mask  # noqa: E402
+from hspace.hcore.sampler import Edit, make_generators, sample  # noqa: E402
+from hspace.tasks.jacobian import parse_roi, run_jacobian  # noqa: E402
 
 ROIS = {"mouth": "10,18,22,26", "eyes": "7,11,25,17"}
 
@@ -122,8 +122,8 @@ def main() -> None:
     print(f"| sample {i} | " + " | ".join(f"{x:+.3f}" for x in (own_plus - own_minus) / 2) + " |")
     print("| 16 others (mean) | " + " | ".join(f"{x:+.3f}" for x in change) + " |")
     if args.png:
-        from data.figures import grid_image, save_grid
-        from hcore.sampler import to_uint8
+        from hspace.data.figures import grid_image, save_grid
+        from hspace.hcore.sampler import to_uint8
 
         gammas = [-args.gamma, -args.gamma / 2, 0.0, args.gamma / 2, args.gamma]
         shown = [i, *others[:3]]

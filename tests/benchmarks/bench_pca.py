@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data.catalog import SampleLayout, SampleStore  # noqa: E402
+from hspace.data.catalog import SampleStore  # noqa: E402
+from hspace.data.stores import SampleLayout
 
 
 def synthetic_store(path: Path, n: int, steps: int, h_shape, batch: int = 256, k_signal: int = 10, seed: int = 0):
@@ -60,8 +61,8 @@ def rss_of_fit(samples: Path, method: str, k: int) -> float:
 
 def celeba_engines(args, tmp: Path) -> None:
     """Part 4: both engines on data of the CelebA-HQ model's h shape, time and accuracy."""
-    from hcore import pca as hpca
-    from tasks.pca import fit_timestep
+    from hspace.hcore import pca as hpca
+    from hspace.tasks.pca import fit_timestep
 
     # 4. CelebA-HQ shape
     store = synthetic_store(tmp / "celeba.zarr", args.celeba_n, args.celeba_timesteps, (512, 8, 8))
@@ -99,7 +100,7 @@ def main() -> None:
     ap.add_argument("--skip-celeba", action="store_true")
     ap.add_argument("--only-celeba", action="store_true", help="run part 4 only")
     args = ap.parse_args()
-    from tasks.pca import run_pca
+    from hspace.tasks.pca import run_pca
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -115,7 +116,7 @@ def main() -> None:
                 f"ratio {rss[8000] / rss[2000]:.3f} (target <= 1.10)"
             )
         # 2. workers
-        from data.catalog import RunFolder
+        from hspace.data.catalog import RunFolder
 
         run = RunFolder(tmp / "run")
         run.init(

@@ -23,11 +23,13 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import numpy as np  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-from data import models  # noqa: E402
-from data.annotators import load_annotator  # noqa: E402
-from data.catalog import RunFolder  # noqa: E402
-from flows.cli import app  # noqa: E402
-from tasks import evaluate  # noqa: E402
+from hspace.data import models  # noqa: E402
+from hspace.data.annotators import load_annotator  # noqa: E402
+from hspace.data.catalog import RunFolder  # noqa: E402
+from hspace.data.stores import SampleStore  # noqa: E402
+from hspace.flows.cli import app  # noqa: E402
+from hspace.hcore.sampler import to_unit  # noqa: E402
+from hspace.tasks import evaluate  # noqa: E402
 
 
 def main() -> None:
@@ -73,26 +75,12 @@ def main() -> None:
     names = list(oracle.names)
     pcs = [f"pc{j:02d}" for j in range(args.k)]
     rnd = [f"random{j:02d}" for j in range(args.k)]
-    idx = list(range(args.eval_n))
     t0 = time.perf_counter()
-    changes = evaluate.attribute_changes(
-        unet,
-        scheduler,
-        oracle,
-        meta["config"],
-        idx,
-        [v for v, _ in evaluate.load_run_directions(run, meta, pcs + rnd, unet, scheduler)],
-        args.gamma,
-    )
+    table, md = evaluate.name_run_directions(run, meta, pcs + rnd, oracle, args.eval_n, args.gamma, unet, scheduler)
     print(f"edits: {time.perf_counter() - t0:.1f} s")
-    import torch
-
-    from data.catalog import SampleStore
-
-    x0 = torch.from_numpy(SampleStore(run.samples).x0[: args.eval_n]).float() / 127.5 - 1
-    scale = oracle.score(x0).numpy().std(0)
-    table = evaluate.name_directions(changes, names, pcs + rnd, scale)
-    print(evaluate.changes_table_md(table, names, args.gamma))
+    print(md.read_text())
+    changes = np.array([[row["changes"][a] for a in names] for row in table])
+    scale = oracle.score(to_unit(SampleStore(run.samples).x0[: args.eval_n])).numpy().std(0)
     pc_abs = np.abs(changes[: args.k]) / scale
     rnd_abs = np.abs(changes[args.k :]) / scale
     print(

@@ -22,11 +22,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 import torch  # noqa: E402
 
-from data import models  # noqa: E402
+from hspace.data import models  # noqa: E402
 
 
 def bare_loop(unet, scheduler, n, batch, steps) -> float:
-    from hcore.sampler import ddim_scheduler
+    from hspace.hcore.sampler import ddim_scheduler
 
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(steps)
@@ -61,9 +61,9 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from data.catalog import RunFolder, SampleStore
-    from flows.sample import sample_flow
-    from tasks.sample import init_run
+    from hspace.data.catalog import RunFolder
+    from hspace.data.stores import SampleStore
+    from hspace.tasks.sample import init_run, run_shards
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         run = RunFolder(Path(tmp) / "run")
@@ -78,7 +78,7 @@ def main() -> None:
         }
         init_run(run, config, ref, scheduler, "cpu")
         t0 = time.perf_counter()
-        sample_flow(str(run.root), show_progress=False)
+        run_shards(run, show_progress=False)
         b = args.n / (time.perf_counter() - t0)
         store = SampleStore(run.samples)
         on_disk = sum(p.stat().st_size for p in run.samples.rglob("*") if p.is_file())

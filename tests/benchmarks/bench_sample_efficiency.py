@@ -22,9 +22,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from data.catalog import RunFolder  # noqa: E402
-from flows.cli import app  # noqa: E402
-from tasks.efficiency import plot, sample_efficiency, table_md  # noqa: E402
+from hspace.data.catalog import RunFolder  # noqa: E402
+from hspace.data.figures import efficiency_plot  # noqa: E402
+from hspace.flows.cli import app  # noqa: E402
+from hspace.tasks.efficiency import sample_efficiency, table_md  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     result = sample_efficiency(args.run, args.attribute, args.held_out, args.gamma)
     print(table_md(result))
     if args.png:
-        print(f"plot: {plot(result, Path(args.png))}")
+        print(f"plot: {efficiency_plot(result, Path(args.png))}")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data import models, toyfaces  # noqa: E402
-from data.annotators import load_annotator  # noqa: E402
-from hcore.sampler import make_generators, sample, to_uint8  # noqa: E402
+from hspace.data import models, toyfaces  # noqa: E402
+from hspace.data.annotators import load_annotator  # noqa: E402
+from hspace.hcore.sampler import make_generators, sample, to_uint8  # noqa: E402
 
 
 def mosaic(images: np.ndarray, cols: int = 8) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from data.catalog import SampleStore  # noqa: E402
+from hspace.data.catalog import SampleStore  # noqa: E402
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -90,7 +90,7 @@ def main() -> None:
     env.pop("PREFECT_API_URL", None)
     sample_args = ["--model", args.model, "--n", str(args.n), "--steps", str(args.steps)]
     sample_args += ["--batch-size", str(args.batch_size), "--eta", "1.0", "--device", "cpu"]
-    base = [sys.executable, "-m", "flows.cli", "sample", *sample_args]
+    base = [sys.executable, "-m", "hspace.flows.cli", "sample", *sample_args]
     if args.command == "run":
         import yaml
 
@@ -107,7 +107,7 @@ def main() -> None:
                 }
             )
         )
-        base = [sys.executable, "-m", "flows.cli", "run", "--config", str(config)]
+        base = [sys.executable, "-m", "hspace.flows.cli", "run", "--config", str(config)]
 
     t0 = time.perf_counter()
     assert finish([*base, "--out", str(work / "reference")], env, work / "reference.log") == 0

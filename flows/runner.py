@@ -1,0 +1,109 @@
+"""The one stage runner: `hspace <stage>` and `hspace run` both go through ``execute``.
+
+One prologue for every stage: the lock (held by the caller), the fingerprint
+(tasks.stages.stage_key: the Prefect cache key and the run.json record), one state record
+per stage in run.json (``stages``: state, key, inputs, outputs, seconds), the stage body
+as a Prefect task, Prefect artifacts, and one summary line. A single-stage command always
+runs its stage; `hspace run` skips a stage whose record is done with the same fingerprint
+and whose outputs all exist (so a rerun resumes, and a changed section redoes that stage
+and those downstream of it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow
+from rich.console import Console
+
+from hspace.data.catalog import RunError, RunFolder
+from hspace.tasks.config import RunConfig
+from hspace.tasks.report import publish_artifacts
+from hspace.tasks.stages import PIPELINE, STAGES, Context, Stage, stage_key, stage_task
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: bool = True) -> dict:
+    """Run one stage into ``run`` (the caller holds its lock) and record it."""
+    meta = run.read()
+    key = stage_key(stage, cfg, meta)
+    record = meta["stages"].get(stage.name, {})
+    if not force and record.get("key") == key and record.get("state") == "done" and run.has(record.get("outputs")):
+        ctx.log(f"{stage.name}: cached ({key})")
+        return {**record, "cached": True}
+    t0 = time.perf_counter()
+    with run.stage(stage.name, key=key, inputs=list(stage.inputs), started=time.time()):
+        result = stage_task().with_options(name=stage.name)(
+            str(run.root), stage.name, key, cfg.model_dump(mode="json"), ctx
+        )
+        if "error" in result:
+            raise RunError(result["error"])  # puts the stage record back as it was
+        publish_artifacts(run, stage.name, key, result)
+    seconds = time.perf_counter() - t0
+    run.set_stage(stage.name, state="done", seconds=round(seconds, 2), **result)
+    line = "skipped" if result.get("skipped") else stage.summary(result)
+    ctx.log(f"{stage.name}: done in {seconds:.1f} s" + (f"; {line}" if line else ""))
+    return result
+
+
+def create(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context) -> dict:
+    """run.json of a stage that creates the run folder (sample, invert)."""
+    from hspace.tasks.sample import create_run
+
+    if stage.name == "invert":
+        from hspace.tasks.invert import create_inversion_run
+
+        return create_inversion_run(run, cfg.invert, ctx.device)
+    return create_run(run, cfg.sample, ctx.device, ctx.allow_download)
+
+
+@flow(name="hspace-stage")
+def stage_flow(run_dir: str, stage: str, config: dict, context: dict) -> dict:
+    """One single-stage command as a Prefect flow run (named "RUN stage")."""
+    run, cfg = RunFolder(Path(run_dir)), RunConfig.model_validate(config)
+    ctx = Context(**context, log=console.print)
+    try:
+        if STAGES[stage].creates_run:
+            create(run, STAGES[stage], cfg, ctx)
+        return execute(run, STAGES[stage], cfg, ctx, force=True)
+    except RunError as e:  # bad input: one line from the CLI, not a failed flow run with a traceback
+        return {"error": str(e)}
+
+
+@flow(name="hspace-run")
+def pipeline_flow(config: dict, out: str, context: dict) -> dict:
+    """`hspace run`: every pipeline stage in order, each skipped when its record is fresh."""
+    return run_pipeline(RunFolder(Path(out)), RunConfig.model_validate(config), Context(**context, log=console.print))
+
+
+def run_pipeline(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
+    import yaml
+
+    create(run, STAGES["sample"], cfg, ctx)
+    meta = run.read()
+    meta["pipeline_config"] = cfg.model_dump(mode="json")
+    run.write(meta)
+    run.run_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    summary = {}
+    for name in PIPELINE:
+        result = execute(run, STAGES[name], cfg, ctx, force=False)
+        summary[name] = "cached" if result.get("cached") else "ran"
+    return summary
+
+
+def in_prefect(flow_obj, run_dir: Path, stage: str, fingerprint: str | None):
+    """``flow_obj`` with its flow runs named after the run folder and stage (``runs/x sample``)
+    and tagged ``run:<folder name>`` and ``model:<sha256[:12]>``, so the runs of one folder
+    or one model are found in the Prefect UI by name or tag."""
+    from prefect import tags
+
+    tagged = [f"run:{Path(run_dir).name}"] + ([f"model:{fingerprint[:12]}"] if fingerprint else [])
+    named = flow_obj.with_options(flow_run_name=f"{run_dir} {stage}")
+
+    def call(*args, **kwargs):
+        with tags(*tagged):
+            return named(*args, **kwargs)
+
+    return call

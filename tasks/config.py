@@ -1,0 +1,275 @@
+"""The config of every stage: one pydantic section per stage, the whole as ``RunConfig``.
+
+A section is the single source of a stage's settings: `hspace run --config` reads them
+from YAML, each single-stage command (`hspace pca --components 5`) gets them as options
+generated from the same fields (same names, defaults, limits and help), and the stage's
+fingerprint (Prefect cache key and run.json record) hashes them. A field's
+``json_schema_extra`` may carry ``cli``: the option name where it is not the field's,
+``hidden``: not an option, ``yaml_file``: the option is a YAML file holding the value.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from hspace.data.catalog import RunError
+
+BINARY = ["Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young"]
+
+
+def _split(value):
+    """'a,b' -> ['a', 'b'] (a command-line list); lists pass through."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(_split)]
+Floats = Annotated[list[float], BeforeValidator(_split)]
+
+
+def option(default, description: str, **extra):
+    """A section field: default, help text, limits (gt, ge, ...) and CLI hints."""
+    limits = {k: extra.pop(k) for k in ("gt", "ge", "le", "lt", "min_length") if k in extra}
+    kw = {"default_factory": default} if callable(default) else {"default": default}
+    return Field(**kw, description=description, json_schema_extra=extra or None, **limits)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SampleSection(Section):
+    model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    n: int = option(256, "number of samples", gt=0)
+    steps: int = option(20, "DDIM steps; directions only apply to runs with the same steps", gt=0)
+    eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like", ge=0, le=1)
+    seed: int = option(0, "run seed; sample i uses a generator seeded from (seed, i)")
+    batch_size: int = option(64, "samples per batch = per Zarr shard = one Prefect task", gt=0)
+    h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
+
+
+class InvertSection(Section):
+    images: Path = option(None, "folder with positive/ and negative/, or any folder with --labels")
+    labels: Path | None = option(None, "CSV with a 'file' column and one column per attribute")
+    attribute: str = option("label", "attribute name of positive/ vs negative/")
+    model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    steps: int = option(20, "DDIM steps; directions only apply to runs with the same steps", gt=0)
+    refine: int = option(3, "fixed-point refinements per step (0 = plain DDIM inversion)", ge=0)
+    batch_size: int = option(32, "images per batch = per Zarr shard", gt=0)
+    h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
+    dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
+
+
+class AnnotateSection(Section):
+    annotators: Names = option(
+        lambda: ["oracle"], "oracle | oracle:PATH | celeba40:PATH | hopenet:PATH (comma-separated)", cli="--annotator"
+    )
+    batch_size: int = option(256, "images per annotator batch (= chunk of the scores array)", gt=0)
+
+
+class PCASection(Section):
+    enabled: bool = option(True, "run the PCA stage", hidden=True)
+    components: int = option(10, "principal components per timestep (K)", gt=0)
+    method: Literal["auto", "ipca", "randomized"] = option("auto", "auto | ipca | randomized (auto picks by size)")
+    workers: int = option(1, "local Dask workers (one timestep per task)", gt=0)
+    batch_size: int = option(256, "rows read per chunk (and IncrementalPCA batch)", gt=0)
+    reference_step: int | None = option(None, "step whose components fix the signs (default T//2)", ge=0)
+    complete_shards_only: bool = option(False, "use only complete shards of an unfinished run")
+
+
+class NameSection(Section):
+    directions: Names = option(lambda: [f"pc{j:02d}" for j in range(10)], "direction names in RUN/directions")
+    annotator: str = option("oracle", "oracle | oracle:PATH | celeba40:PATH | hopenet:PATH")
+    n: int | None = option(None, "samples edited per direction: the run's first n (default 64 or all)", gt=0)
+    gamma: float = option(2.0, "edit strength; each direction is applied at -gamma and +gamma", gt=0)
+
+
+class JacobianSection(Section):
+    sample: int = option(0, "sample I of the run", ge=0)
+    step: int = option(0, "step S of the schedule (0 = first denoising step)", ge=0)
+    k: int = option(8, "number of singular vectors", gt=0)
+    block: int | None = option(None, "SM Alg. 2 in blocks of b vectors (memory bound)", gt=0)
+    roi: str | None = option(None, "x0,y0,x1,y1: region of interest in pixels")
+    mask: Path | None = option(None, "PNG mask (white = region of interest)")
+    tol: float = option(1e-4, "stop when singular values and subspace change less", gt=0)
+    max_iters: int = option(100, "iteration cap (a warning says when it is hit)", gt=0)
+    localize: int | None = option(
+        None, "with --roi/--mask: the K directions of the top-R subspace whose change stays most inside", gt=0
+    )
+
+
+class DirectionsSection(Section):
+    attributes: Names = option(
+        lambda: list(BINARY), "attributes in annotations.zarr (comma-separated)", cli="--attribute"
+    )
+    top: int = option(32, "k: top-k and bottom-k samples by the score", gt=0)
+    held_out: int = option(64, "the last samples, never used to build directions", ge=0)
+    latent: Literal["h", "xT"] = option("h", "h (h_{T:1}) or xT (initial noise)")
+    name: str | None = option(None, "file name in RUN/directions (one attribute only; default: the attribute)")
+
+
+class DisentangleSection(Section):
+    enabled: bool = option(True, "run the disentangle stage", hidden=True)
+    directions: Names = option(list, "directions to disentangle (default: directions.attributes)", cli="--direction")
+    against: Names = option(list, "directions to project out (default: conditions, else all the others)")
+    conditions: dict[str, list[str]] = option(dict, "attribute -> attributes to project out", hidden=True)
+    keep_norm: bool = option(True, "rescale each projection to the original's norm (--no-keep-norm: eq. (11) as is)")
+    name: str | None = option(None, "output name, one direction only (default: DIRECTION_disentangled)")
+
+
+class EvaluateSection(Section):
+    enabled: bool = option(True, "run the evaluate stage", hidden=True)
+    directions: Names = option(list, "direction names in RUN/directions (default: directions.attributes)")
+    disentangled: bool = option(True, "also each direction projected against the others (eq. 11)")
+    evaluator: str = option("oracle", "oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
+    n: int | None = option(None, "held-out samples edited per direction (default: 1000 or all)", gt=0)
+    gamma: float | Literal["auto"] = option(1.0, "edit strength: a number, or 'auto' (calibrated per direction)")
+    target: float | None = option(None, "--gamma auto: mean change to reach (default 0.5, pose 10 deg)", gt=0)
+    calibration_n: int = option(16, "--gamma auto: held-out samples used to calibrate", gt=0)
+    prompts: dict[str, tuple[str, str]] | None = option(
+        None, "clip: YAML file mapping attribute -> [positive prompt, negative prompt]", yaml_file=True
+    )
+
+
+class FiguresSection(Section):
+    sample: int = option(0, "the sample the edit grids show", ge=0)
+    scales: Floats = option(lambda: [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0], "gammas of the grids", min_length=1)
+    pcs: int = option(6, "PCs in the PCA grid (and random directions in the baseline grid)", ge=0)
+    name_samples: int = option(16, "samples used to name PCs by the attribute they move (0: off)", ge=0)
+    efficiency: bool = option(True, "Fig. 8: h vs x_T directions of the first attribute from n pairs")
+    jacobian: bool = option(True, "Fig. 7: Jacobian directions of `sample`, transferred to others")
+    jacobian_step: int | None = option(None, "default: steps // 5", ge=0)
+    jacobian_k: int = option(3, "Jacobian directions of Fig. 7", gt=0)
+
+
+class RunConfig(Section):
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
+    sample: SampleSection = Field(default_factory=SampleSection)
+    invert: InvertSection | None = None
+    annotate: AnnotateSection = Field(default_factory=AnnotateSection)
+    pca: PCASection = Field(default_factory=PCASection)
+    name: NameSection = Field(default_factory=NameSection)
+    jacobian: JacobianSection = Field(default_factory=JacobianSection)
+    directions: DirectionsSection = Field(default_factory=DirectionsSection)
+    disentangle: DisentangleSection = Field(default_factory=DisentangleSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    figures: FiguresSection = Field(default_factory=FiguresSection)
+
+
+def validation_message(e: ValidationError, where: str, options: bool = False) -> str:
+    """One line for the first problem: the key (or --option) and what is wrong with it."""
+    first = e.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    # loc is (section, field, union member or list index ...): name the field, as option or key
+    key = "--" + loc[1].replace("_", "-") if options and len(loc) > 1 else ".".join(loc[:2]) or "(top level)"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"{where}{key}: unknown key{more}"
+    msg = first["msg"].removeprefix("Input should be ")
+    field = RunConfig.model_fields.get(loc[0]) if loc else None
+    info = section_model(loc[0]).model_fields.get(loc[1]) if field and len(loc) > 1 else None
+    what = f" ({info.description})" if info is not None and info.description else ""
+    return f"{where}{key} must be {msg}, got {first.get('input')!r}{what}{more}"
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """The validated config; RunError naming the offending key (before any work starts)."""
+    if path is None:
+        return RunConfig()
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise RunError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise RunError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RunError(f"--config {path} must be a mapping of sections (sample, annotate, pca, ...)")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise RunError(validation_message(e, f"--config {path}: ") + "; see `hspace config --example`") from None
+    unknown = [a for a in cfg.disentangle.conditions if a not in cfg.directions.attributes]
+    if unknown:
+        raise RunError(f"--config {path}: disentangle.conditions names {unknown}, not in directions.attributes")
+    if cfg.directions.held_out >= cfg.sample.n - 1:
+        raise RunError(f"directions.held_out {cfg.directions.held_out} leaves no samples to build directions from")
+    return cfg
+
+
+def example_config(kind: str = "toy") -> str:
+    """A documented example config (YAML) for the toy world or the CelebA-HQ DDPM."""
+    from hspace.data.catalog import example_path
+
+    return example_path("toy.yaml" if kind == "toy" else "celeba.yaml").read_text()
+
+
+# ------------------------------------------------------------------ command-line options
+
+
+def cli_type(annotation):
+    """The type typer parses an option as; pydantic validates the rest (Literal, lists, unions)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    base = args[0] if optional and len(args) == 1 else annotation
+    if base in (int, float, bool, Path, str):
+        return base | None if optional else base
+    return str | None if optional else str
+
+
+def section_model(name: str):
+    """The section model of RunConfig field ``name`` (unwrapping ``X | None``)."""
+    annotation = RunConfig.model_fields[name].annotation
+    return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
+
+
+def cli_parameters(section_name: str, fields: list[str] | None) -> list[pyinspect.Parameter]:
+    """typer parameters for the fields of a section (all, or ``fields``): one option each,
+    named ``section__field``, with the field's default, help and CLI hints."""
+    import typer
+
+    params = []
+    for name, info in section_model(section_name).model_fields.items():
+        extra = info.json_schema_extra or {}
+        if extra.get("hidden") or (fields is not None and name not in fields):
+            continue
+        flag = extra.get("cli") or "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        kind = Path | None if extra.get("yaml_file") else cli_type(info.annotation)
+        if isinstance(default, list):
+            default = ",".join(str(x) for x in default)
+        required = default is None and not isinstance(kind, types.UnionType)
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        params.append(
+            pyinspect.Parameter(
+                f"{section_name}__{name}",
+                pyinspect.Parameter.KEYWORD_ONLY,
+                default=... if required else default,
+                annotation=Annotated[kind, typer.Option(*decls, help=info.description)],
+            )
+        )
+    return params
+
+
+def config_from_options(values: dict, data: dict) -> RunConfig:
+    """RunConfig from generated option values ({section__field: value}) on top of ``data``;
+    RunError naming the option for a bad value."""
+    for key, value in values.items():
+        section, field = key.split("__")
+        if value is not None and (section_model(section).model_fields[field].json_schema_extra or {}).get("yaml_file"):
+            try:
+                value = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError) as e:
+                raise RunError(f"cannot read --{field} {value}: {str(e).splitlines()[0]}") from None
+        data.setdefault(section, {})[field] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise RunError(validation_message(e, "", options=True)) from None

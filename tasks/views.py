@@ -1,0 +1,193 @@
+"""Terminal views of catalog records for `hspace inspect` and `hspace list` (rich
+tables). Read-only; no torch, no Prefect."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from hspace.data.catalog import PIPELINE_STAGES
+
+
+def human(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "missing"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def table(title: str, columns: list[str], rows) -> Table:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*[str(x) for x in row])
+    return table
+
+
+def show_run(report: dict, console: Console) -> None:
+    """`hspace inspect`: model, config, lock, arrays, shards, stage records."""
+    model = report["model"]
+    console.print(
+        f"[bold]run[/] {report['run']}   model [bold]{model.get('id')}[/] (sha256 "
+        f"{model.get('fingerprint', '')[:12]}, revision {model.get('revision')})"
+    )
+    console.print("config: " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
+    if report["lock"]:
+        console.print(f"[yellow]locked[/] by pid {report['lock'].get('pid')} since {report['lock'].get('started')}")
+    console.print(
+        table(
+            "arrays",
+            ["store", "array", "shape", "dtype", "chunks", "shards", "on disk", "raw"],
+            (
+                (
+                    a["store"],
+                    a["name"],
+                    tuple(a["shape"]),
+                    a["dtype"],
+                    tuple(a["chunks"]),
+                    tuple(a["shards"]) if a["shards"] else "-",
+                    human(a["bytes_on_disk"]),
+                    human(a["bytes_raw"]),
+                )
+                for a in report["arrays"]
+            ),
+        )
+    )
+    for problem in report["errors"]:
+        console.print(f"[red]{problem}[/]")
+    s = report.get("shards", {})
+    if "error" in s:
+        console.print(f"[red]samples.zarr: {s['error']}[/]")
+    elif s:
+        pend = s["pending"]
+        console.print(f"shards: {s['done']}/{s['total']} done" + (f", pending: {pend[:20]}" if pend else ""))
+    console.print(
+        table(
+            "stages",
+            ["stage", "state", "fingerprint", "inputs", "seconds", "outputs (on disk)"],
+            (
+                (
+                    name,
+                    st.get("state", "?"),
+                    st.get("key", ""),
+                    ", ".join(st.get("inputs", [])),
+                    st.get("seconds", ""),
+                    ", ".join(f"{o} ({human(b)})" for o, b in list(st.get("output_bytes", {}).items())[:4]),
+                )
+                for name, st in report["stages"].items()
+            ),
+        )
+    )
+
+
+def show_runs(entries: list[dict], root: Path, console: Console) -> None:
+    """`hspace list`: one row per run folder, stage marks, headline leakage."""
+    if not entries:
+        console.print(f"no run folders under {root}")
+        return
+    marks = {"done": "[green]✓[/]", "pending": "[dim]·[/]"}
+    mark = lambda s: marks.get(s) or ("[red]✗[/]" if s.startswith("failed") else "[yellow]…[/]")  # noqa: E731
+
+    def leak(lk: dict | None) -> str:
+        if not lk or lk.get("offdiagonal") is None:
+            return ""
+        text, after = f"{lk['offdiagonal']:.3g}", lk.get("offdiagonal_disentangled")
+        if after is not None and lk["offdiagonal"] and lk.get("diagonal"):
+            kept = 100 * lk["diagonal_disentangled"] / lk["diagonal"]
+            text += f" -> {after:.3g} ({100 * (after / lk['offdiagonal'] - 1):+.0f}%, {kept:.0f}% kept)"
+        return text
+
+    console.print(
+        table(
+            "",
+            ["run", "model", "created", "n x T", "state", "stages", "leakage"],
+            (
+                (
+                    os.path.relpath(e["path"], root),
+                    Path(str(e.get("model") or "")).name,
+                    (e.get("created") or "")[:16],
+                    f"{e.get('n') or ''} x {e.get('steps') or ''}",
+                    e["state"],
+                    "".join(mark(s) for s in e["stages"].values()),
+                    leak(e.get("leakage")),
+                )
+                for e in entries
+            ),
+        )
+    )
+    console.print(
+        "stages: " + " ".join(PIPELINE_STAGES) + " (pipeline runs; single commands list their own) - "
+        "✓ done, ✗ failed, … running, · pending; leakage: mean |off-diagonal| of Table 1, original -> "
+        "disentangled (change, share of the diagonal kept). Per stage: --json"
+    )
+
+
+# ------------------------------------------------------------ one-line summaries of stages
+
+
+def leakage(result: dict) -> str:
+    before = result.get("summary", {}).get("original", {})
+    after = result.get("summary", {}).get("disentangled", {})
+    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
+    if off is None or diag is None:
+        return ""
+    if after.get("mean_offdiagonal") is None or not off or not diag:
+        return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}"
+    return (
+        f"leakage off-diagonal {off:.3g} -> {after['mean_offdiagonal']:.3g} "
+        f"({100 * (after['mean_offdiagonal'] / off - 1):+.0f}%), diagonal kept "
+        f"{100 * after['mean_diagonal'] / diag:.0f}%"
+    )
+
+
+def recon(r: dict) -> str:
+    psnr = 10 * math.log10(4 / max(r["recon_mse"], 1e-12))
+    return (
+        f"{r['n']} images inverted; reconstruction MSE {r['recon_mse']:.5f} (PSNR {psnr:.1f} dB, images in "
+        f"[-1, 1]); labels: {', '.join(r['labels'])}"
+    )
+
+
+def jac(r: dict) -> str:
+    values = ", ".join(f"{s:.3g}" for s in r["singular_values"])
+    inside = "; inside the region: " + ", ".join(f"{x:.0%}" for x in r["share_inside"]) if r.get("share_inside") else ""
+    return (
+        f"t={r['t']}, {r['iterations']} iterations{'' if r['converged'] else ', NOT converged'}; "
+        f"{'gains |J v|' if r.get('share_inside') else 'singular values'} {values}{inside}"
+    )
+
+
+def pca_line(r: dict) -> str:
+    ratios = ", ".join(f"{x:.3f}" for x in r["variance_ratio"])
+    return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}"
+
+
+def names_line(r: dict) -> str:
+    return "; ".join(f"{x['direction']} ≈ {x['name']} ({x['change']:+.3f})" for x in r["names"])
+
+
+# ------------------------------------------------------------------------- log lines
+
+
+class OneLine(logging.Formatter):
+    """'warning: ...' on one line (no wrapping, no timestamp table)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLine())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])

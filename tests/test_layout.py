@@ -1,0 +1,132 @@
+"""The architecture's rules, checked on the code (issue 16): the catalog builds every path
+inside a run folder, the flows only wire, no module is long, installing the distribution
+claims the name `hspace` only, and every stage command's options are its config section's."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("hcore", "data", "tasks", "flows")
+# how a path inside a run folder gets built: joining onto a run's root, or spelling an artifact's name
+RUN_PATH = re.compile(
+    r"""(\.root\s*/|run_dir\s*/|out\s*/\s*["'](?:samples|eval|figures|directions)|"""
+    r"""["'](?:samples\.zarr|annotations\.zarr|pca\.zarr|jacobian\.zarr|run\.json|run\.yaml|report\.html)["']|"""
+    r"""\.safetensors["'])"""
+)
+
+
+def package_files():
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_only_the_catalog_builds_paths_inside_a_run_folder():
+    offenders = []
+    for path in package_files():
+        if path.parent.name == "data":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if RUN_PATH.search(line) and "noqa: catalog" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not offenders, "paths inside a run folder built outside data/:\n" + "\n".join(offenders)
+
+
+def test_the_check_itself_catches_a_path_built_by_hand():
+    assert RUN_PATH.search('out = run.root / "eval"') and RUN_PATH.search('Path(run_dir) / "pca.zarr"')
+    assert not RUN_PATH.search("out = run.eval")
+
+
+def test_modules_are_short_and_flows_only_wire():
+    lengths = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in package_files()}
+    assert max(lengths.values()) <= 400, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
+    flows = sum(n for p, n in lengths.items() if p.parts[0] == "flows")
+    assert flows <= 700, f"flows/ holds {flows} lines"
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_the_hspace_namespace(tmp_path):
+    """What `pip install .` puts into site-packages: hspace/... and its dist-info, nothing
+    named data, tasks or flows at the top level; the shipped model and oracle are in it."""
+    src = tmp_path / "src"  # a copy of what git tracks: setuptools writes build/ into the source folder
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    for name in files.stdout.split():
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, src],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("hspace-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"hspace", next(t for t in tops if t.endswith(".dist-info"))}, tops
+    for expected in (
+        "hspace/flows/cli.py",
+        "hspace/data/toy_model/unet/config.json",
+        "hspace/data/oracle/config.json",
+        "hspace/data/examples/toy.yaml",
+    ):
+        assert expected in names
+    assert not any("toy_checkpoint" in n or n.endswith(".pt") for n in names)  # no training state in the package
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "hspace = hspace.flows.cli:main" in entry
+
+
+def test_stage_commands_take_their_options_and_defaults_from_the_sections():
+    import typer.main
+
+    from hspace.flows.cli import app
+    from hspace.tasks.config import section_model as _section
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for stage in ("sample", "annotate", "pca", "name", "jacobian", "directions", "disentangle", "evaluate", "invert"):
+        command = group.commands[stage]
+        options = {opt: p for p in command.params if p.param_type_name == "option" for opt in p.opts}
+        section = _section(stage)
+        for field, info in section.model_fields.items():
+            if (info.json_schema_extra or {}).get("hidden"):
+                continue
+            option = options[(info.json_schema_extra or {}).get("cli") or "--" + field.replace("_", "-")]
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, list):
+                default = ",".join(str(x) for x in default)
+            assert option.default == default or (default is None and option.required), (stage, field)
+            assert option.help == info.description
+            checked += 1
+    assert checked > 40
+
+
+def test_one_stage_record_and_old_pipeline_records_are_read_into_it(tmp_path):
+    """run.json keeps one record per stage under ``stages``; a folder written before that
+    (the pipeline's records under ``pipeline``) reads as if it had been written now."""
+    import json
+
+    from hspace.data.catalog import RunFolder
+    from hspace.data.runs import run_summary
+
+    run = RunFolder(tmp_path / "old")
+    run.init({"n": 4}, {"id": "m", "fingerprint": "f"}, {})
+    meta = json.loads(run.run_json.read_text())
+    meta["stages"] = {"sample": {"state": "done", "recomputed_shards": 1}}
+    meta["pipeline"] = {"sample": {"state": "done", "key": "k1"}, "annotate": {"state": "failed", "key": "k2"}}
+    meta["pipeline_config"] = {}
+    run.run_json.write_text(json.dumps(meta))
+    stages = run.read()["stages"]
+    assert stages == {
+        "sample": {"state": "done", "recomputed_shards": 1, "key": "k1"},
+        "annotate": {"state": "failed", "key": "k2"},
+    }
+    assert "pipeline" not in run.read()
+    summary = run_summary(run.root, ["sample", "annotate", "pca"])
+    assert summary["stages"] == {"sample": "done", "annotate": "failed", "pca": "pending"}
+    assert summary["state"] == "failed"
