@@ -3,7 +3,7 @@ inside a run folder is built here (``RunFolder``'s accessors; ``ARTIFACTS`` list
 `inspect` and `verify`); the Zarr stores are typed in data/stores.py.
 
     RUN/run.json          config, package versions, model id + revision + fingerprint, and one
-                          record per stage: state, fingerprint (= Prefect cache key), inputs,
+                          record per stage: state, fingerprint, inputs,
                           outputs, seconds (written atomically)
     RUN/run.yaml          the `hspace run` config, as given
     RUN/samples.zarr/     h_{T:1}, x0, seeds (data/stores.SampleStore)
@@ -49,7 +49,7 @@ ARTIFACTS = {
     "report": ("report.html", "the run's report"),
     "prefect_results": (".prefect-results", "Prefect task results"),
 }
-# the stages of `hspace run`, in order (flows.pipeline runs them; inspect and list show them)
+# the stages of `hspace run`, in order (flows/runner.run_pipeline runs them; inspect and list show them)
 PIPELINE_STAGES = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures", "report"]
 
 
@@ -59,8 +59,8 @@ class RunError(Exception):
 
 def fingerprint(*parts) -> str:
     """The one fingerprint of hspace: sha256 of the parts as canonical JSON, 16 hex digits.
-    A stage's fingerprint is its Prefect cache key and its run.json record; a shard's the
-    cache key of its task."""
+    A stage's fingerprint is its run.json record (and its Prefect task run's name); a
+    shard's is the Prefect cache key of its task."""
     import hashlib
 
     blob = json.dumps(parts, sort_keys=True, default=str)
@@ -122,9 +122,11 @@ class RunFolder:
         return self.directions / f"{name}.safetensors"
 
     def figure(self, name: str) -> Path:
-        """RUN/figures/NAME (the folder is created on first use)."""
-        self.figures.mkdir(parents=True, exist_ok=True)
+        """RUN/figures/NAME."""
         return self.figures / name
+
+    def figure_files(self, pattern: str = "*.png") -> list[Path]:
+        return sorted(self.figures.glob(pattern)) if self.figures.exists() else []
 
     def direction_files(self, pattern: str = "*") -> list[Path]:
         """The direction files whose name matches the glob ``pattern``, sorted."""
@@ -207,16 +209,21 @@ class RunFolder:
         self.write(meta)
 
     @contextmanager
-    def stage(self, stage: str, **fields):
+    def stage(self, stage: str, restore_on_refusal: bool = True, **fields):
         """Mark a stage running; failed (with the error) if the body raises. A RunError
-        (bad input, refused before any work) puts the stage back as it was."""
+        (bad input of a single command, refused before any work) puts the stage back as it
+        was, unless ``restore_on_refusal`` is off (`hspace run`: a stage that stops midway
+        may have rewritten outputs, so it is recorded failed whatever stopped it)."""
         meta = self.read()
         before = meta["stages"].get(stage)
         meta["stages"][stage] = {"state": "running", **fields, "updated": _now()}  # a fresh record
         self.write(meta)
         try:
             yield
-        except RunError:
+        except RunError as e:
+            if not restore_on_refusal:
+                self.set_stage(stage, state="failed", error=str(e)[:500])
+                raise
             meta = self.read()
             if before is None:
                 meta["stages"].pop(stage, None)

@@ -11,7 +11,8 @@ import numpy as np
 import zarr
 
 from hspace.data.catalog import PIPELINE_STAGES, RUN_JSON, RunError, RunFolder, _is_stale
-from hspace.data.stores import EvalFolder, SampleStore
+from hspace.data.eval_folder import EvalFolder
+from hspace.data.stores import SampleStore
 
 
 def run_state(root: Path) -> str:

@@ -16,7 +16,6 @@ carries a crc32c checksum; h's fill value is NaN so a hole is visible.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -331,67 +330,3 @@ class JacobianStore:
         except (FileNotFoundError, KeyError, ValueError):
             raise RunError(f"{self.path} has no sample_{sample}/step_{step}; run `hspace jacobian` first") from None
         return {k: a[:] for k, a in group.arrays()}, dict(group.attrs)
-
-
-# ---------------------------------------------------------------------------------- eval/
-
-
-class EvalFolder:
-    """RUN/eval/: Table-1 tables (csv, md, heatmap png) per label, the PC names, and
-    summary.json (what `hspace list` and the report read)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def write_leakage(
-        self, label: str, matrix: np.ndarray, rows: list[str], columns: list[str], degrees: tuple = ()
-    ) -> list[Path]:
-        """leakage_<label>.csv / .md / .png (rows: directions, columns: attributes)."""
-        from hspace.data.figures import heatmap
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        pairs = list(zip(rows, matrix, strict=True))
-        csv = ["direction," + ",".join(columns)] + [f"{r}," + ",".join(f"{x:.6f}" for x in row) for r, row in pairs]
-        md = "| direction | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
-        md += "".join(f"| {r} | " + " | ".join(f"{x:+.3f}" for x in row) + " |\n" for r, row in pairs)
-        paths = [self.path / f"leakage_{label}.{ext}" for ext in ("csv", "md", "png")]
-        paths[0].write_text("\n".join(csv) + "\n")
-        paths[1].write_text(md)
-        heatmap(matrix, rows, columns, f"leakage ({label})", degrees).save(paths[2])
-        return paths
-
-    def leakage_csv(self, label: str) -> Path:
-        return self.path / f"leakage_{label}.csv"
-
-    def write_naming(self, table: list[dict], names: list[str], gamma: float) -> Path:
-        """pc_names.json and pc_names.md: the attribute each direction moves most."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "pc_names.json").write_text(json.dumps({"gamma": gamma, "directions": table}, indent=2))
-        head = "| direction | ≈ | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names) + "\n"
-        rows = "".join(
-            f"| {r['direction']} | {r['name']} | " + " | ".join(f"{r['changes'][n]:+.3f}" for n in names) + " |\n"
-            for r in table
-        )
-        text = f"Mean change of each attribute between γ = -{gamma:g} and +{gamma:g} (halved)\n\n" + head + rows
-        (self.path / "pc_names.md").write_text(text)
-        return self.path / "pc_names.md"
-
-    def naming(self) -> dict | None:
-        path = self.path / "pc_names.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def write_summary(self, summary: dict) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2))
-        return self.path / "summary.json"
-
-    def summary(self) -> dict | None:
-        try:
-            return json.loads((self.path / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def write_text(self, name: str, text: str) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / name).write_text(text)
-        return self.path / name

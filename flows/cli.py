@@ -73,7 +73,7 @@ def stage_command(stage: str) -> None:
     from hspace.tasks.stages import STAGES
 
     declared = STAGES[stage]
-    creates, sections = declared.creates_run, declared.cli_sections or {stage: None}
+    creates, sections = declared.create is not None, declared.cli_sections or {stage: None}
     out = Annotated[Path, typer.Option(help="run folder to create (or resume)")]
     where = pyinspect.Parameter("out", pyinspect.Parameter.KEYWORD_ONLY, default=Path("runs/toy"), annotation=out)
     if not creates or stage == "invert":  # invert needs its new --out; the others take RUN
@@ -82,9 +82,13 @@ def stage_command(stage: str) -> None:
         where = pyinspect.Parameter("run_dir" if not creates else "out", kind, annotation=run)
     runtime = {k: v for k, v in RUNTIME.items() if k in ("device", "break_lock", "verbose", *declared.runtime)}
     params = [where] + [p for name, fields in sections.items() for p in cli_parameters(name, fields)]
+    flags = {"verbose": ("--verbose", "-v")}  # the rest: --name-with-dashes (and --no-... for a bool)
     params += [
         pyinspect.Parameter(
-            name, pyinspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, typer.Option(help=text)]
+            name,
+            pyinspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=Annotated[kind, typer.Option(*flags.get(name, ()), help=text)],
         )
         for name, (kind, default, text) in runtime.items()
     ]
@@ -105,26 +109,28 @@ def stage_command(stage: str) -> None:
 
 
 def _run_stage(stage: str, run_dir: Path, cfg, runtime: dict) -> None:
+    from hspace.data import models
     from hspace.flows.runner import in_prefect, stage_flow
     from hspace.tasks.sample import resolve_device
-    from hspace.tasks.stages import STAGES
+    from hspace.tasks.stages import STAGES, Context
 
-    run = RunFolder(run_dir)
+    run, declared = RunFolder(run_dir), STAGES[stage]
     try:
         context = {
             "device": resolve_device(cfg.device),
             "dask_address": runtime.get("dask_address"),
             "allow_download": bool(runtime.get("allow_download")),
         }
-        if not STAGES[stage].creates_run:
+        if declared.create is None:
             run.read()  # a clear error for a folder that is not a run, before any lock
+        for check in (declared.check, declared.create):  # bad input refused before the lock and Prefect
+            if check is not None:
+                check(run, cfg, Context(**context), **({"dry": True} if check is declared.create else {}))
         with run.lock(f"hspace {stage} {run_dir}", break_stale=runtime["break_lock"]):
             tag = run.read()["model"].get("fingerprint") if run.exists() else None
-            if STAGES[stage].creates_run:  # a bad --model fails here, and its fingerprint tags the flow run
-                from hspace.data import models
-
-                model = (cfg.sample if stage == "sample" else cfg.invert).model
-                tag = models.resolve(model, allow_download=context["allow_download"]).fingerprint
+            if declared.create is not None:  # the flow run is tagged with the model's fingerprint
+                section = cfg.sample if stage == "sample" else cfg.invert
+                tag = models.resolve(section.model, allow_download=context["allow_download"]).fingerprint
             flow = in_prefect(stage_flow, run_dir, stage, tag)
             result = flow(str(run_dir), stage, cfg.model_dump(mode="json"), context)
             if "error" in result:
@@ -157,10 +163,7 @@ def inspect(
         report = inspect_run(RunFolder(run_dir))
     except RunError as e:
         _fail(str(e))
-    if as_json:
-        console.print_json(json.dumps(report))
-    else:
-        views.show_run(report, console)
+    console.print_json(json.dumps(report)) if as_json else views.show_run(report, console)
 
 
 @app.command("list")
@@ -175,10 +178,7 @@ def list_runs(
     if not root.is_dir():
         _fail(f"{root} is not a folder; give the folder that holds your run folders (default: runs/)")
     entries = [run_summary(p, PIPELINE_STAGES) for p in find_runs(root)]
-    if as_json:
-        print(json.dumps(entries, indent=2))
-        return
-    views.show_runs(entries, root, console)
+    print(json.dumps(entries, indent=2)) if as_json else views.show_runs(entries, root, console)
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """The one stage runner: `hspace <stage>` and `hspace run` both go through ``execute``.
 
 One prologue for every stage: the lock (held by the caller), the fingerprint
-(tasks.stages.stage_key: the Prefect cache key and the run.json record), one state record
+(tasks.stages.stage_key: the run.json record and the Prefect task run's name), one state record
 per stage in run.json (``stages``: state, key, inputs, outputs, seconds), the stage body
 as a Prefect task, Prefect artifacts, and one summary line. A single-stage command always
 runs its stage; `hspace run` skips a stage whose record is done with the same fingerprint
@@ -34,8 +34,8 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
         ctx.log(f"{stage.name}: cached ({key})")
         return {**record, "cached": True}
     t0 = time.perf_counter()
-    with run.stage(stage.name, key=key, inputs=list(stage.inputs), started=time.time()):
-        result = stage_task().with_options(name=stage.name)(
+    with run.stage(stage.name, restore_on_refusal=force, key=key, inputs=list(stage.inputs), started=time.time()):
+        result = stage_task().with_options(name=stage.name, task_run_name=f"{stage.name}-{key}")(
             str(run.root), stage.name, key, cfg.model_dump(mode="json"), ctx
         )
         if "error" in result:
@@ -48,25 +48,14 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
     return result
 
 
-def create(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context) -> dict:
-    """run.json of a stage that creates the run folder (sample, invert)."""
-    from hspace.tasks.sample import create_run
-
-    if stage.name == "invert":
-        from hspace.tasks.invert import create_inversion_run
-
-        return create_inversion_run(run, cfg.invert, ctx.device)
-    return create_run(run, cfg.sample, ctx.device, ctx.allow_download)
-
-
 @flow(name="hspace-stage")
 def stage_flow(run_dir: str, stage: str, config: dict, context: dict) -> dict:
     """One single-stage command as a Prefect flow run (named "RUN stage")."""
     run, cfg = RunFolder(Path(run_dir)), RunConfig.model_validate(config)
     ctx = Context(**context, log=console.print)
     try:
-        if STAGES[stage].creates_run:
-            create(run, STAGES[stage], cfg, ctx)
+        if STAGES[stage].create:
+            STAGES[stage].create(run, cfg, ctx)
         return execute(run, STAGES[stage], cfg, ctx, force=True)
     except RunError as e:  # bad input: one line from the CLI, not a failed flow run with a traceback
         return {"error": str(e)}
@@ -81,7 +70,7 @@ def pipeline_flow(config: dict, out: str, context: dict) -> dict:
 def run_pipeline(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     import yaml
 
-    create(run, STAGES["sample"], cfg, ctx)
+    STAGES["sample"].create(run, cfg, ctx)
     meta = run.read()
     meta["pipeline_config"] = cfg.model_dump(mode="json")
     run.write(meta)

@@ -3,7 +3,7 @@
 A section is the single source of a stage's settings: `hspace run --config` reads them
 from YAML, each single-stage command (`hspace pca --components 5`) gets them as options
 generated from the same fields (same names, defaults, limits and help), and the stage's
-fingerprint (Prefect cache key and run.json record) hashes them. A field's
+fingerprint (run.json record, Prefect task run name) hashes them. A field's
 ``json_schema_extra`` may carry ``cli``: the option name where it is not the field's,
 ``hidden``: not an option, ``yaml_file``: the option is a YAML file holding the value.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
 
 from hspace.data.catalog import RunError
 
@@ -30,7 +30,7 @@ def _split(value):
 
 
 Names = Annotated[list[str], BeforeValidator(_split)]
-Floats = Annotated[list[float], BeforeValidator(_split)]
+Floats = Annotated[list[FiniteFloat], BeforeValidator(_split)]
 
 
 def option(default, description: str, **extra):
@@ -48,7 +48,7 @@ class SampleSection(Section):
     model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
     n: int = option(256, "number of samples", gt=0)
     steps: int = option(20, "DDIM steps; directions only apply to runs with the same steps", gt=0)
-    eta: float = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like", ge=0, le=1)
+    eta: FiniteFloat = option(0.0, "DDIM eta: 0 deterministic, 1 DDPM-like", ge=0, le=1)
     seed: int = option(0, "run seed; sample i uses a generator seeded from (seed, i)")
     batch_size: int = option(64, "samples per batch = per Zarr shard = one Prefect task", gt=0)
     h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
@@ -69,7 +69,10 @@ class InvertSection(Section):
 
 class AnnotateSection(Section):
     annotators: Names = option(
-        lambda: ["oracle"], "oracle | oracle:PATH | celeba40:PATH | hopenet:PATH (comma-separated)", cli="--annotator"
+        lambda: ["oracle"],
+        "oracle | oracle:PATH | celeba40:PATH | hopenet:PATH (comma-separated)",
+        cli="--annotator",
+        min_length=1,
     )
     batch_size: int = option(256, "images per annotator batch (= chunk of the scores array)", gt=0)
 
@@ -88,7 +91,7 @@ class NameSection(Section):
     directions: Names = option(lambda: [f"pc{j:02d}" for j in range(10)], "direction names in RUN/directions")
     annotator: str = option("oracle", "oracle | oracle:PATH | celeba40:PATH | hopenet:PATH")
     n: int | None = option(None, "samples edited per direction: the run's first n (default 64 or all)", gt=0)
-    gamma: float = option(2.0, "edit strength; each direction is applied at -gamma and +gamma", gt=0)
+    gamma: FiniteFloat = option(2.0, "edit strength; each direction is applied at -gamma and +gamma", gt=0)
 
 
 class JacobianSection(Section):
@@ -98,7 +101,7 @@ class JacobianSection(Section):
     block: int | None = option(None, "SM Alg. 2 in blocks of b vectors (memory bound)", gt=0)
     roi: str | None = option(None, "x0,y0,x1,y1: region of interest in pixels")
     mask: Path | None = option(None, "PNG mask (white = region of interest)")
-    tol: float = option(1e-4, "stop when singular values and subspace change less", gt=0)
+    tol: FiniteFloat = option(1e-4, "stop when singular values and subspace change less", gt=0)
     max_iters: int = option(100, "iteration cap (a warning says when it is hit)", gt=0)
     localize: int | None = option(
         None, "with --roi/--mask: the K directions of the top-R subspace whose change stays most inside", gt=0
@@ -107,12 +110,21 @@ class JacobianSection(Section):
 
 class DirectionsSection(Section):
     attributes: Names = option(
-        lambda: list(BINARY), "attributes in annotations.zarr (comma-separated)", cli="--attribute"
+        lambda: list(BINARY), "attributes in annotations.zarr (comma-separated)", cli="--attribute", min_length=1
     )
     top: int = option(32, "k: top-k and bottom-k samples by the score", gt=0)
-    held_out: int = option(64, "the last samples, never used to build directions", ge=0)
+    held_out: int | None = option(
+        None, "the last samples, never ranked (kept for evaluate); default 64, none on an inverted run", ge=0
+    )
     latent: Literal["h", "xT"] = option("h", "h (h_{T:1}) or xT (initial noise)")
     name: str | None = option(None, "file name in RUN/directions (one attribute only; default: the attribute)")
+
+    def held_out_of(self, run_config: dict) -> int:
+        """The held-out count for a run (its run.json config): as given, else 64 on a sampled
+        run (as `hspace run`) and 0 on an inverted one (real images: all are labelled data)."""
+        if self.held_out is not None:
+            return self.held_out
+        return 0 if run_config.get("kind") == "inversion" else 64
 
 
 class DisentangleSection(Section):
@@ -130,8 +142,8 @@ class EvaluateSection(Section):
     disentangled: bool = option(True, "also each direction projected against the others (eq. 11)")
     evaluator: str = option("oracle", "oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
     n: int | None = option(None, "held-out samples edited per direction (default: 1000 or all)", gt=0)
-    gamma: float | Literal["auto"] = option(1.0, "edit strength: a number, or 'auto' (calibrated per direction)")
-    target: float | None = option(None, "--gamma auto: mean change to reach (default 0.5, pose 10 deg)", gt=0)
+    gamma: FiniteFloat | Literal["auto"] = option(1.0, "edit strength: a number, or 'auto' (calibrated per direction)")
+    target: FiniteFloat | None = option(None, "--gamma auto: mean change to reach (default 0.5, pose 10 deg)", gt=0)
     calibration_n: int = option(16, "--gamma auto: held-out samples used to calibrate", gt=0)
     prompts: dict[str, tuple[str, str]] | None = option(
         None, "clip: YAML file mapping attribute -> [positive prompt, negative prompt]", yaml_file=True
@@ -169,15 +181,18 @@ def validation_message(e: ValidationError, where: str, options: bool = False) ->
     first = e.errors()[0]
     loc = [str(p) for p in first["loc"]]
     # loc is (section, field, union member or list index ...): name the field, as option or key
-    key = "--" + loc[1].replace("_", "-") if options and len(loc) > 1 else ".".join(loc[:2]) or "(top level)"
+    key = ".".join(loc[:2]) or "(top level)"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"{where}{key}: unknown key{more}"
-    msg = first["msg"].removeprefix("Input should be ")
+    raw = first["msg"]
+    msg = f" must be {raw.removeprefix('Input should be ')}" if raw.startswith("Input should be ") else f": {raw}"
     field = RunConfig.model_fields.get(loc[0]) if loc else None
     info = section_model(loc[0]).model_fields.get(loc[1]) if field and len(loc) > 1 else None
+    if options and len(loc) > 1:  # the field's command-line option
+        key = ((info.json_schema_extra or {}).get("cli") if info else None) or "--" + loc[1].replace("_", "-")
     what = f" ({info.description})" if info is not None and info.description else ""
-    return f"{where}{key} must be {msg}, got {first.get('input')!r}{what}{more}"
+    return f"{where}{key}{msg}, got {first.get('input')!r}{what}{more}"
 
 
 def load_config(path: Path | None) -> RunConfig:
@@ -199,8 +214,9 @@ def load_config(path: Path | None) -> RunConfig:
     unknown = [a for a in cfg.disentangle.conditions if a not in cfg.directions.attributes]
     if unknown:
         raise RunError(f"--config {path}: disentangle.conditions names {unknown}, not in directions.attributes")
-    if cfg.directions.held_out >= cfg.sample.n - 1:
-        raise RunError(f"directions.held_out {cfg.directions.held_out} leaves no samples to build directions from")
+    held_out = cfg.directions.held_out_of({})
+    if held_out >= cfg.sample.n - 1:
+        raise RunError(f"directions.held_out {held_out} leaves no samples of sample.n to build directions from")
     return cfg
 
 

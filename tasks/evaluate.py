@@ -7,24 +7,25 @@ import torch
 
 from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError, RunFolder, require_sampled
-from hspace.data.stores import EvalFolder, SampleStore
+from hspace.data.eval_folder import EvalFolder
+from hspace.data.stores import SampleStore
 from hspace.hcore import metrics
 from hspace.hcore.sampler import to_unit
 
 
 def name_run_directions(
-    run: RunFolder, meta: dict, names: list[str], net, n: int, gamma: float, unet, scheduler
+    run: RunFolder, meta: dict, names: list[str], net, n: int, gamma: float, unet, scheduler, stem: str = "pc_names"
 ) -> tuple[list[dict], object]:
     """Name each direction after the attribute it moves most (hcore.metrics.name_by_spread)
     on the run's first ``n`` samples, each attribute measured in units of its spread over
-    them; writes RUN/eval/pc_names.{json,md}. Returns (table, path of the .md)."""
+    them; writes RUN/eval/STEM.{json,md}. Returns (table, path of the .md)."""
     from hspace.hcore.hspace import h_shape
 
     vectors = [v for v, _ in dirfile.load_for_run(run, meta, names, h_shape(unet), scheduler)]
     changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
     table = metrics.name_by_spread(changes, list(net.names), names, scale)
-    return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma)
+    return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma, stem)
 
 
 def held_out_start(metas: list[dict]) -> int:
@@ -77,7 +78,7 @@ def run_evaluation(
     if available <= 0:
         raise RunError(
             f"no held-out samples: the directions were built from all {cfg['n']} samples; "
-            "rebuild them with `hspace directions ... --first M` to keep samples for evaluation"
+            "rebuild them with `hspace directions ... --held-out N` to keep the last N samples for evaluation"
         )
     # --gamma auto calibrates on the last held-out samples and evaluates on others: a gamma
     # tuned on the very samples it is then scored on would flatter the diagonal

@@ -35,11 +35,12 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
 
 
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
-    """Write the figures for ``cfg`` (a flows.pipeline.RunConfig); returns their paths.
+    """Write the figures for ``cfg`` (a tasks.config.RunConfig); returns their paths.
     progress(name, total): called as each figure is written."""
     from hspace.tasks import evaluate as ev
 
     meta = run.read()
+    run.figures.mkdir(exist_ok=True)
     unet, scheduler = models.load_for_run(meta, device=device)
     store = SampleStore(run.samples)
     f = cfg.figures
@@ -89,7 +90,8 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
 
             net = load_annotator(cfg.annotate.annotators[0], device)
             n = min(f.name_samples, store.layout.n)
-            table, path = ev.name_run_directions(run, meta, [p.stem for p in pcs], net, n, 2.0, unet, scheduler)
+            stems = [p.stem for p in pcs]  # own file: `hspace name` keeps eval/pc_names
+            table, path = ev.name_run_directions(run, meta, stems, net, n, 2.0, unet, scheduler, stem="figure_pc_names")
             names = {row["direction"]: row["name"] for row in table}
             add(path)
         for label, paths in (("pca", pcs), ("random", [run.direction(f"random{j:02d}") for j in range(len(pcs))])):
@@ -106,14 +108,14 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         paths = [p for p in paths if p.exists()]
         if not paths:
             continue
-        held = store.layout.n - max(cfg.directions.held_out, 1)  # a held-out sample
+        held = store.layout.n - max(cfg.directions.held_out_of(meta["config"]), 1)  # a held-out sample
         scales = [s for s in f.scales if abs(s) <= 2] or f.scales
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales)
         title = f"held-out sample {held}: {label} directions (eq. {'10' if label == 'supervised' else '11'})"
         add(save_grid(run.figure(f"{label}_grid.png"), grid_image(images, rows_, cols_, title=title)))
     paths = [run.direction(a) for a in attrs]
     if len(paths) > 1 and all(p.exists() for p in paths):
-        held = store.layout.n - max(cfg.directions.held_out, 1)
+        held = store.layout.n - max(cfg.directions.held_out_of(meta["config"]), 1)
         images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
         add(save_grid(run.figure("sequential.png"), grid_image(images, rows_, cols_, title=title)))
@@ -126,7 +128,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         result = sample_efficiency(
             str(run.root),
             attrs[0],
-            cfg.directions.held_out,
+            cfg.directions.held_out_of(meta["config"]),
             1.0,
             cfg.annotate.annotators[0],
             (1, 3, 10, 30),

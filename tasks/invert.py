@@ -127,7 +127,7 @@ def write_labels(run: RunFolder, scores: dict[str, list[float]]) -> list[str]:
     return store.rebuild_scores()
 
 
-def create_inversion_run(run: RunFolder, section, device: str) -> dict:
+def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False) -> dict | None:
     """run.json of an inverted run: the image list and labels in its config; every file is
     read before anything is written (an unreadable one fails the whole command)."""
     from hspace.tasks.sample import create_run
@@ -147,5 +147,4 @@ def create_inversion_run(run: RunFolder, section, device: str) -> dict:
             "labels": scores,
         }
 
-    meta = create_run(run, section, device, extra=extra)
-    return meta
+    return create_run(run, section, device, extra=extra, dry=dry)

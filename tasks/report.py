@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from hspace.data.catalog import RunFolder
-from hspace.data.stores import EvalFolder
+from hspace.data.eval_folder import EvalFolder
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -104,13 +104,13 @@ def _findings(ev: EvalFolder) -> list[str]:
 
 
 def _folded(meta: dict) -> list[str]:
-    """Stage records (cache keys, timings, outputs) and the config, folded away."""
+    """Stage records (fingerprints, timings, outputs) and the config, folded away."""
     parts = []
     pipeline = meta.get("stages", {})
     if pipeline:
         parts.append(
-            "<details><summary>Stages (cache keys, timings, outputs)</summary><table><tr><th>stage</th>"
-            "<th>state</th><th>cache key</th><th>seconds</th><th>outputs</th></tr>"
+            "<details><summary>Stages (fingerprints, timings, outputs)</summary><table><tr><th>stage</th>"
+            "<th>state</th><th>fingerprint</th><th>seconds</th><th>outputs</th></tr>"
         )
         order = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures"]
         for stage in [s for s in order if s in pipeline] + [s for s in pipeline if s not in order + ["report"]]:
@@ -143,12 +143,11 @@ def write_report(run: RunFolder) -> Path:
     ]
     ev = EvalFolder(run.eval)
     parts += _findings(ev)
-    figures = run.figures
     for name, title, caption in FIGURES:
-        path = run.figures / name
+        path = run.figure(name)
         if path.exists():
             parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p>{_img(path, title)}")
-    naming = ev.naming()
+    naming = ev.naming("figure_pc_names")  # the names on the PCA grid of this page
     if naming:
         table = naming["directions"]
         parts.append("<h2>What each PC moves</h2><table><tr><th>PC</th><th>≈</th><th>change</th></tr>")
@@ -173,7 +172,7 @@ def write_report(run: RunFolder) -> Path:
                 )
                 parts.append(_csv_table(ev.leakage_csv(label)))
                 parts.append(_img(ev.leakage_csv(label).with_suffix(".png"), f"leakage heatmap ({label})"))
-    extra = sorted(p for p in figures.glob("*.png") if p.name not in {n for n, _, _ in FIGURES})
+    extra = [p for p in run.figure_files("*.png") if p.name not in {n for n, _, _ in FIGURES}]
     for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
         parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")
     parts += _folded(meta)
@@ -192,7 +191,6 @@ def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> Non
 
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    from hspace.data.stores import EvalFolder
 
     slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-") or "run"
     outputs = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"

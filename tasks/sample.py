@@ -217,10 +217,11 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
     return computed
 
 
-def create_run(run: RunFolder, section, device: str, allow_download: bool = False, extra=None) -> dict:
+def create_run(run: RunFolder, section, device: str, allow_download=False, extra=None, dry=False) -> dict | None:
     """Resolve and check the model of a sample or invert section, then create (or re-check)
     the run folder's run.json: its config is the section without the model, plus
-    ``extra(unet)`` (checks that need the model run there, before anything is written)."""
+    ``extra(unet)`` (checks that need the model run there, before anything is written).
+    ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
     from hspace.hcore.hspace import NoMidBlockError, h_shape
 
     ref = models.resolve(section.model, allow_download=allow_download)
@@ -234,4 +235,4 @@ def create_run(run: RunFolder, section, device: str, allow_download: bool = Fals
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
     config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet) if extra else {})
-    return init_run(run, config, ref, scheduler, device)
+    return None if dry else init_run(run, config, ref, scheduler, device)

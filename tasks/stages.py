@@ -4,7 +4,7 @@ A ``Stage`` names its config sections (tasks/config.py), the stages whose output
 and one function (load through the catalog -> hcore -> save through the catalog) that
 returns what it wrote. Everything else is derived from the declaration by the one runner
 (flows/runner.py): the CLI command and its options, the `hspace run` step, the
-fingerprint (Prefect cache key and run.json record), the state record and its outputs.
+fingerprint (run.json record, Prefect task run name), the state record and its outputs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Stage:
     inputs: tuple[str, ...]  # stages whose outputs it reads (their fingerprints enter its own)
     body: Callable[[RunFolder, RunConfig, Context], dict]  # -> {"outputs": [...], ...}
     summary: Callable[[dict], str] = lambda result: ""
-    creates_run: bool = False  # sample and invert make the run folder (init, then body)
+    create: Callable | None = None  # (run, cfg, ctx, dry) -> run.json: sample and invert make the run folder
+    check: Callable | None = None  # (run, cfg, ctx): bad input refused before the lock and Prefect start
     doc: str = ""  # the help of `hspace NAME`
     cli_sections: dict | None = None  # sections (-> fields or None for all) as options; default its own
     runtime: tuple[str, ...] = ()  # runtime options of its command besides device, break_lock, verbose
@@ -60,12 +61,11 @@ def stage_key(stage: Stage, cfg: RunConfig, meta: dict) -> str:
 
 
 def run_stage_body(run_dir: str, stage: str, key: str, config: dict, ctx: Context) -> dict:
-    """One stage as a Prefect task whose cache key is its fingerprint; its result goes to
-    Prefect's own storage, never into the run folder, and the task always runs when
-    called: run.json, not Prefect's record, says whether the outputs exist. Bad input
-    (RunError) comes back as ``{"error": message}``, not as a failed task, so a refused
-    command writes nothing (no Prefect result files, no failure traceback in the log) and
-    the runner raises it where the command started."""
+    """One stage as a Prefect task run named after its fingerprint. Its result is not
+    persisted: run.json's stage record (fingerprint, outputs) is the cache, and Prefect's
+    cache could not know whether the outputs still exist. Bad input (RunError) comes back
+    as ``{"error": message}``, not as a failed task, so a refused command writes nothing
+    and logs no traceback; the runner raises it where the command started."""
     try:
         return STAGES[stage].body(RunFolder(run_dir), RunConfig.model_validate(config), ctx)
     except RunError as e:
@@ -78,12 +78,29 @@ def stage_task():
     the CLI does for its help, must not import Prefect)."""
     from prefect import task
 
-    return task(name="stage", persist_result=True, refresh_cache=True, cache_key_fn=lambda c, p: p["key"])(
-        run_stage_body
-    )
+    return task(name="stage", persist_result=False)(run_stage_body)
 
 
 # ----------------------------------------------------------------------------- bodies
+
+
+def _create_sample(run: RunFolder, cfg: RunConfig, ctx: Context, dry: bool = False):
+    from hspace.tasks.sample import create_run
+
+    return create_run(run, cfg.sample, ctx.device, ctx.allow_download, dry=dry)
+
+
+def _create_invert(run: RunFolder, cfg: RunConfig, ctx: Context, dry: bool = False):
+    from hspace.tasks.invert import create_inversion_run
+
+    return create_inversion_run(run, cfg.invert, ctx.device, dry=dry)
+
+
+def _check_annotators(run: RunFolder, cfg: RunConfig, ctx: Context) -> None:
+    from hspace.data.annotators import load_annotator
+
+    for spec in cfg.annotate.annotators:  # a bad spec or weight file fails before anything runs
+        load_annotator(spec, ctx.device)
 
 
 def _outputs(run: RunFolder, paths) -> list[str]:
@@ -116,19 +133,17 @@ def _invert(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
 
 
 def _annotate(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
-    from hspace.data.annotators import load_annotator
     from hspace.data.stores import SampleStore
     from hspace.tasks.annotate import annotate_run
 
-    for spec in cfg.annotate.annotators:  # a bad spec or weight file fails before any bar or write
-        load_annotator(spec, ctx.device)
+    _check_annotators(run, cfg, ctx)  # before any bar or write (`hspace run` has no pre-check)
     names, n = [], SampleStore(run.samples).layout.n
     with progress_bar(disable=not ctx.show_progress) as bar:
         for spec in cfg.annotate.annotators:
             job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
             advance = lambda k, job=job: bar.advance(job, k)  # noqa: E731
             names = annotate_run(str(run.root), spec, cfg.annotate.batch_size, ctx.device, progress=advance)["names"]
-    return {"outputs": _outputs(run, [run.annotations]), "attributes": names}
+    return {"outputs": _outputs(run, [run.annotations]), "annotators": cfg.annotate.annotators, "attributes": names}
 
 
 def _pca(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
@@ -154,6 +169,7 @@ def _pca(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     return {
         "outputs": _outputs(run, files),
         "method": r["method"],
+        "k": p.components,
         "n_samples": r["n"],
         "wall_seconds": round(r["wall_seconds"], 2),
         "variance_ratio": r["explained_variance_ratio_mean"][:5],
@@ -205,15 +221,16 @@ def _jacobian(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
 def _directions(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     from hspace.tasks.supervised import build_direction
 
-    d, n = cfg.directions, run.read()["config"]["n"]
-    if d.held_out >= n - 1:
-        raise RunError(f"--held-out {d.held_out} leaves no samples of this run's {n} to build directions from")
+    d, run_config = cfg.directions, run.read()["config"]
+    n, held_out = run_config["n"], d.held_out_of(run_config)
+    if held_out >= n - 1:
+        raise RunError(f"--held-out {held_out} leaves no samples of this run's {n} to build directions from")
     if d.name and len(d.attributes) > 1:
         raise RunError("--name names one direction: give a single --attribute with it")
     files = [
-        build_direction(str(run.root), a, d.top, d.latent, d.name, first=n - d.held_out)["path"] for a in d.attributes
+        build_direction(str(run.root), a, d.top, d.latent, d.name, first=n - held_out)["path"] for a in d.attributes
     ]
-    return {"outputs": _outputs(run, files), "top": d.top, "held_out": d.held_out}
+    return {"outputs": _outputs(run, files), "top": d.top, "held_out": held_out}
 
 
 def _disentangle(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
@@ -242,6 +259,7 @@ def _evaluate(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     e = cfg.evaluate
     if not e.enabled or cfg.directions.latent != "h":
         return {"outputs": [], "skipped": True}
+    from hspace.data.eval_folder import EvalFolder
     from hspace.tasks.evaluate import run_evaluation
 
     with progress_bar(disable=not ctx.show_progress) as bar:
@@ -263,7 +281,7 @@ def _evaluate(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
             progress=lambda done, total: bar.update(job, completed=done, total=total),
         )
     return {
-        "outputs": _outputs(run, [run.eval / "summary.json"]),
+        "outputs": _outputs(run, [EvalFolder(run.eval).summary_path]),
         "summary": {k: summary[k] for k in summary if k != "calibration"},
     }
 
@@ -292,7 +310,7 @@ _STAGE_LIST = [
         (),
         _sample,
         lambda r: f"{r['recomputed_shards']} shards computed",
-        creates_run=True,
+        create=_create_sample,
         runtime=("dask_address", "allow_download"),
         doc="Mass-sample a model (paper sec. 3), storing h at every step, x0 and seeds in OUT/samples.zarr.",
     ),
@@ -302,7 +320,7 @@ _STAGE_LIST = [
         (),
         _invert,
         views.recon,
-        creates_run=True,
+        create=_create_invert,
         doc="DDIM-invert real images (eta = 0) into a run folder, their labels as annotations, so "
         "`hspace directions OUT --attribute A` works as on samples.",
     ),
@@ -312,6 +330,7 @@ _STAGE_LIST = [
         ("sample",),
         _annotate,
         lambda r: f"{len(r['attributes'])} attributes",
+        check=_check_annotators,
         doc="Score every stored x0 with annotators into RUN/annotations.zarr (resumable).",
     ),
     Stage(

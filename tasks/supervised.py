@@ -32,7 +32,7 @@ def mean_difference(
     column = scores[:, names.index(attribute)]
     if first is not None:
         if not (2 <= first <= len(column)):
-            raise RunError(f"--first {first} must be between 2 and the run's {len(column)} samples")
+            raise RunError(f"{first} samples left to rank (the rest held out); need 2 to the run's {len(column)}")
         column = column[:first]
     try:
         pos, neg = supervised.top_bottom(column, top)

@@ -34,6 +34,9 @@ def table(title: str, columns: list[str], rows) -> Table:
     return table
 
 
+SHOWN = {"state", "key", "inputs", "seconds", "outputs", "output_bytes", "started", "updated"}
+
+
 def show_run(report: dict, console: Console) -> None:
     """`hspace inspect`: model, config, lock, arrays, shards, stage records."""
     model = report["model"]
@@ -74,7 +77,7 @@ def show_run(report: dict, console: Console) -> None:
     console.print(
         table(
             "stages",
-            ["stage", "state", "fingerprint", "inputs", "seconds", "outputs (on disk)"],
+            ["stage", "state", "fingerprint", "inputs", "seconds", "outputs (on disk)", "details"],
             (
                 (
                     name,
@@ -83,6 +86,7 @@ def show_run(report: dict, console: Console) -> None:
                     ", ".join(st.get("inputs", [])),
                     st.get("seconds", ""),
                     ", ".join(f"{o} ({human(b)})" for o, b in list(st.get("output_bytes", {}).items())[:4]),
+                    ", ".join(f"{k}={v}" for k, v in st.items() if k not in SHOWN)[:300],
                 )
                 for name, st in report["stages"].items()
             ),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from hspace.data.annotators import annotator_id, load_annotator
 from hspace.data.catalog import RunError
-from hspace.data.stores import EvalFolder
+from hspace.data.eval_folder import EvalFolder
 from hspace.hcore import metrics
 from hspace.hcore.annotators import CLIP_PROMPTS
 from hspace.hcore.calibrate import CalibrationError, calibrate_gamma

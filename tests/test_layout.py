@@ -18,6 +18,7 @@ PACKAGES = ("hcore", "data", "tasks", "flows")
 # how a path inside a run folder gets built: joining onto a run's root, or spelling an artifact's name
 RUN_PATH = re.compile(
     r"""(\.root\s*/|run_dir\s*/|out\s*/\s*["'](?:samples|eval|figures|directions)|"""
+    r"""\.(?:eval|figures|directions|pca|samples|annotations|jacobian|run_json)\s*/|"""
     r"""["'](?:samples\.zarr|annotations\.zarr|pca\.zarr|jacobian\.zarr|run\.json|run\.yaml|report\.html)["']|"""
     r"""\.safetensors["'])"""
 )
@@ -40,6 +41,7 @@ def test_only_the_catalog_builds_paths_inside_a_run_folder():
 
 def test_the_check_itself_catches_a_path_built_by_hand():
     assert RUN_PATH.search('out = run.root / "eval"') and RUN_PATH.search('Path(run_dir) / "pca.zarr"')
+    assert RUN_PATH.search('path = run.figures / "x.png"')
     assert not RUN_PATH.search("out = run.eval")
 
 
@@ -130,3 +132,36 @@ def test_one_stage_record_and_old_pipeline_records_are_read_into_it(tmp_path):
     summary = run_summary(run.root, ["sample", "annotate", "pca"])
     assert summary["stages"] == {"sample": "done", "annotate": "failed", "pca": "pending"}
     assert summary["state"] == "failed"
+
+
+def test_a_pipeline_stage_stopped_by_bad_input_is_recorded_failed_a_single_command_is_put_back(tmp_path):
+    from hspace.data.catalog import RunError, RunFolder
+
+    run = RunFolder(tmp_path / "r")
+    run.init({"n": 4}, {"id": "m", "fingerprint": "f"}, {})
+    run.set_stage("directions", state="done", key="old")
+    for restore, expected in ((True, {"state": "done", "key": "old"}), (False, {"state": "failed", "key": "new"})):
+        with pytest.raises(RunError), run.stage("directions", restore_on_refusal=restore, key="new"):
+            raise RunError("--top 500: too many")
+        record = run.read()["stages"]["directions"]
+        assert {k: record[k] for k in ("state", "key")} == expected, record
+    assert record["error"] == "--top 500: too many"
+
+
+def test_section_options_are_validated_with_one_line_naming_the_option():
+    from hspace.data.catalog import RunError
+    from hspace.tasks.config import config_from_options
+
+    for values, needle in (
+        ({"evaluate__gamma": "nan"}, "--gamma must be a finite number, got 'nan'"),
+        ({"evaluate__gamma": "big"}, "--gamma must be a valid number"),
+        ({"directions__attributes": ""}, "--attribute: List should have at least 1 item"),
+        ({"annotate__annotators": ","}, "--annotator: List should have at least 1 item"),
+        ({"sample__eta": "inf"}, "--eta must be a finite number"),
+        ({"pca__components": "0"}, "--components must be greater than 0, got '0' (principal components"),
+    ):
+        with pytest.raises(RunError, match="^" + re.escape(needle)):
+            config_from_options(values, {"device": "cpu"})
+    cfg = config_from_options({"directions__attributes": "Smiling, Male", "evaluate__gamma": "auto"}, {})
+    assert cfg.directions.attributes == ["Smiling", "Male"] and cfg.evaluate.gamma == "auto"
+    assert cfg.directions.held_out_of({"kind": "inversion"}) == 0 and cfg.directions.held_out_of({}) == 64

@@ -91,7 +91,7 @@ def test_real_image_supervision_by_inversion(toy_run, tmp_path):
     store = SampleStore(out / "samples.zarr")
     assert store.h.shape[:2] == (48, 10) and store.complete()
     assert float(np.mean(store.group["recon_mse"][:])) < 0.01  # refined inversion regenerates the renders
-    hspace("directions", out, "--attribute", "Smiling", "--top", "24", "--held-out", "0")
+    hspace("directions", out, "--attribute", "Smiling", "--top", "24")  # nothing held out of real images
     v, md = dirfile.load(out / "directions" / "Smiling.safetensors")
     assert int(md["steps"]) == 10
     # apply to generated samples of the sampled toy run (same model, same schedule)
