@@ -191,7 +191,6 @@ def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> Non
 
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-
     slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-") or "run"
     outputs = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"
     create_markdown_artifact(

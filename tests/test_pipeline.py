@@ -115,7 +115,7 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     table = Artifact.get("hspace-run-leakage-original")
     assert table is not None and "Smiling" in str(table.data)
     shown = hspace("inspect", out)
-    assert shown.exit_code == 0 and "stages" in shown.output and "fingerprint" in shown.output
+    assert shown.exit_code == 0 and "stages" in shown.output and "evaluate" in shown.output
     as_json = json.loads(hspace("inspect", out, "--json").output)
     assert as_json["stages"]["evaluate"]["key"] == meta["stages"]["evaluate"]["key"]
     assert as_json["stages"]["evaluate"]["inputs"] == ["directions", "disentangle", "annotate"]
