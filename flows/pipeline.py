@@ -69,8 +69,11 @@ def serve_until_stopped(deployment) -> None:
     """Serve ``deployment`` until Ctrl-C or SIGTERM; either pauses its schedule and returns
     quietly. Prefect's runner answers SIGTERM with a sys.exit from inside the event loop
     (a CancelledError traceback); here SIGTERM is turned into SIGINT, which asyncio
-    handles by cancelling the runner's task cleanly, as for Ctrl-C."""
+    handles by cancelling the runner's task cleanly, as for Ctrl-C. A scheduled run in
+    flight gets SIGTERM too (the runner would otherwise wait for it, however long): its
+    folder is left as a killed run leaves it, and a rerun resumes it."""
     import asyncio
+    import contextlib
     import os
     import signal
 
@@ -78,6 +81,9 @@ def serve_until_stopped(deployment) -> None:
 
     class QuietRunner(Runner):
         def handle_sigterm(self, *args, **kwargs) -> None:
+            for entry in list(self._flow_run_process_map.values()):
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(entry.get("pid"), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGINT)
 
     runner = QuietRunner(pause_on_shutdown=True)
