@@ -808,4 +808,5 @@ def test_flow_runs_are_named_after_the_run_folder_and_tagged(run_dir):
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{run_dir} sample"])))
     assert runs, f"no flow run named '{run_dir} sample'"
-    assert {f"run:{run_dir.name}", f"model:{fingerprint[:12]}"} <= set(runs[0].tags)
+    # several commands ran on this folder (refused ones with another --model are tagged with that model)
+    assert any({f"run:{run_dir.name}", f"model:{fingerprint[:12]}"} <= set(r.tags) for r in runs), runs
