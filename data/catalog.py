@@ -59,8 +59,8 @@ class RunError(Exception):
 
 def fingerprint(*parts) -> str:
     """The one fingerprint of hspace: sha256 of the parts as canonical JSON, 16 hex digits.
-    A stage's fingerprint is its run.json record (and its Prefect task run's name); a
-    shard's is the Prefect cache key of its task."""
+    A stage's fingerprint is its Prefect cache key and its run.json record; a shard's the
+    cache key of its task."""
     import hashlib
 
     blob = json.dumps(parts, sort_keys=True, default=str)

@@ -1,7 +1,7 @@
 """The one stage runner: `hspace <stage>` and `hspace run` both go through ``execute``.
 
 One prologue for every stage: the lock (held by the caller), the fingerprint
-(tasks.stages.stage_key: the run.json record and the Prefect task run's name), one state record
+(tasks.stages.stage_key: the Prefect cache key and the run.json record), one state record
 per stage in run.json (``stages``: state, key, inputs, outputs, seconds), the stage body
 as a Prefect task, Prefect artifacts, and one summary line. A single-stage command always
 runs its stage; `hspace run` skips a stage whose record is done with the same fingerprint

@@ -3,7 +3,7 @@
 A section is the single source of a stage's settings: `hspace run --config` reads them
 from YAML, each single-stage command (`hspace pca --components 5`) gets them as options
 generated from the same fields (same names, defaults, limits and help), and the stage's
-fingerprint (run.json record, Prefect task run name) hashes them. A field's
+fingerprint (Prefect cache key and run.json record) hashes them. A field's
 ``json_schema_extra`` may carry ``cli``: the option name where it is not the field's,
 ``hidden``: not an option, ``yaml_file``: the option is a YAML file holding the value.
 """

@@ -4,7 +4,7 @@ A ``Stage`` names its config sections (tasks/config.py), the stages whose output
 and one function (load through the catalog -> hcore -> save through the catalog) that
 returns what it wrote. Everything else is derived from the declaration by the one runner
 (flows/runner.py): the CLI command and its options, the `hspace run` step, the
-fingerprint (run.json record, Prefect task run name), the state record and its outputs.
+fingerprint (Prefect cache key and run.json record), the state record and its outputs.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def stage_key(stage: Stage, cfg: RunConfig, meta: dict) -> str:
 
 
 def run_stage_body(run_dir: str, stage: str, key: str, config: dict, ctx: Context) -> dict:
-    """One stage as a Prefect task run named after its fingerprint. Its result is not
-    persisted: run.json's stage record (fingerprint, outputs) is the cache, and Prefect's
-    cache could not know whether the outputs still exist. Bad input (RunError) comes back
+    """One stage as a Prefect task whose cache key is its fingerprint (its result goes to
+    Prefect's own storage, never into the run folder); it always runs when called:
+    run.json's stage record, not Prefect's, says whether the outputs exist. Bad input (RunError) comes back
     as ``{"error": message}``, not as a failed task, so a refused command writes nothing
     and logs no traceback; the runner raises it where the command started."""
     try:
@@ -78,7 +78,9 @@ def stage_task():
     the CLI does for its help, must not import Prefect)."""
     from prefect import task
 
-    return task(name="stage", persist_result=False)(run_stage_body)
+    return task(name="stage", persist_result=True, refresh_cache=True, cache_key_fn=lambda c, p: p["key"])(
+        run_stage_body
+    )
 
 
 # ----------------------------------------------------------------------------- bodies
