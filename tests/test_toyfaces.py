@@ -3,6 +3,8 @@ the oracle annotator interface, and the training flow's checkpoint/resume."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +83,8 @@ def test_shipped_oracle_accuracy_on_fresh_renders():
 
     if not (ORACLE_DIR / "oracle.safetensors").exists():
         pytest.fail("the shipped oracle is missing from data/oracle; run `hspace train-toy --oracle-out data/oracle`")
-    metrics = oracle_accuracy(load_annotator("oracle"), n=400, first_seed=3 << 40)  # never seen in training
+    style = json.loads((ORACLE_DIR / "config.json").read_text()).get("style", "v1")  # the renders it reads
+    metrics = oracle_accuracy(load_annotator("oracle"), n=400, first_seed=3 << 40, style=style)  # never seen
     for name in toyfaces.BINARY_ATTRIBUTES:
         assert metrics[name] >= 0.95, metrics
     for name in toyfaces.POSE_ATTRIBUTES:
@@ -127,11 +130,22 @@ def test_v2_style_changes_only_the_mouth_and_the_glasses():
 
 
 def test_recipes_v1_reads_back_and_v2_is_shaped_like_a_real_ddpm(tmp_path):
-    import json
-
     from hspace.hcore.hspace import h_shape
 
-    shipped = json.loads((toy.TOY_MODEL_DIR / "recipe.json").read_text())
+    shipped = {  # the recipe.json of the v1 model (shipped until v2), older than the attention and style fields
+        "image_size": 32,
+        "block_out_channels": [32, 64, 64],
+        "layers_per_block": 2,
+        "num_train_timesteps": 1000,
+        "beta_schedule": "squaredcos_cap_v2",
+        "batch_size": 32,
+        "lr": 0.0005,
+        "warmup": 200,
+        "ema_decay": 0.999,
+        "seed": 0,
+        "steps": 5000,
+        "checkpoint_every": 250,
+    }
     read = toy.recipe_from_dict(shipped)  # an old recipe.json (no attention or style fields) reads as v1
     for field in set(read.__dataclass_fields__) - set(toy.RESUMABLE_FIELDS):
         assert getattr(read, field) == getattr(toy.RECIPES["v1"], field), field
