@@ -43,6 +43,8 @@ class ToyRecipe:
     warmup: int = 200
     ema_decay: float = 0.999
     decay_from: int | None = None  # cosine learning-rate decay from this step to 0 at `steps`
+    skip_dropout: float = 0.0  # P(zero the skips of the deepest up blocks) per training sample
+    skip_dropout_levels: int = 1  # how many of the deepest up blocks (hcore.training.SkipDropout)
     seed: int = 0
     steps: int = 5000
     checkpoint_every: int = 250
@@ -51,13 +53,16 @@ class ToyRecipe:
 RECIPES = {
     "v1": ToyRecipe(steps=20000),
     # v2 (issue 15): shaped like google/ddpm-ema-celebahq-256, scaled down: the 4x4 bottleneck
-    # after three downsamplings, attention at 8x8 and in the mid block, multi-head; v2 renders.
+    # after three downsamplings, attention at 8x8 and in the mid block, multi-head; v2 renders;
+    # skip dropout on the three deepest up blocks, without which the decoder ignores h.
     "v2": ToyRecipe(
         block_out_channels=(32, 64, 96, 128),
         attention_levels=(2,),
         mid_attention=True,
         attention_head_dim=32,
         style="v2",
+        skip_dropout=0.5,
+        skip_dropout_levels=3,
         steps=20000,
     ),
 }
@@ -114,6 +119,11 @@ def training_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
 
 def step_generator(recipe: ToyRecipe, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((recipe.seed << 32) + step + 1)
+
+
+def dropout_generator(recipe: ToyRecipe, step: int) -> torch.Generator:
+    """The skip-dropout mask's own stream (so the noise and timesteps do not depend on it)."""
+    return torch.Generator().manual_seed(((recipe.seed << 32) + step + 1) ^ (1 << 61))
 
 
 def save_checkpoint(path: Path, unet, ema_model, optimizer, step: int, recipe: ToyRecipe) -> None:

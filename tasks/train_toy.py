@@ -49,9 +49,14 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     scheduler = toy.build_scheduler(recipe)
+    drop = None  # hooked after the EMA copy, so the EMA model is a plain UNet2DModel
+    if recipe.skip_dropout > 0:
+        drop = training.SkipDropout(unet, recipe.skip_dropout, recipe.skip_dropout_levels)
     t0, losses = time.time(), []
     while step < recipe.steps:
         x0 = toy.training_batch(recipe, step)
+        if drop is not None:
+            drop.draw(x0.shape[0], toy.dropout_generator(recipe, step))
         loss = training.train_step(
             unet,
             ema,

@@ -111,6 +111,63 @@ def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
         train_toy_model(tmp_path / "b", toy.ToyRecipe(**{**TINY, "block_out_channels": (16, 16)}, steps=6))
     with pytest.raises(ValueError, match="style 'v1' -> 'v2'"):  # other renders: not a resume
         train_toy_model(tmp_path / "b", toy.ToyRecipe(**{**TINY, "style": "v2"}, steps=6))
+    # with skip dropout too: the masks are a function of the step, a resume is the same run
+    dropped = {**TINY, "skip_dropout": 0.5}
+    train_toy_model(tmp_path / "c", toy.ToyRecipe(**dropped, steps=4))
+    train_toy_model(tmp_path / "d", toy.ToyRecipe(**dropped, steps=2))
+    train_toy_model(tmp_path / "d", toy.ToyRecipe(**dropped, steps=4))
+    c, d = toy.load_checkpoint(tmp_path / "c"), toy.load_checkpoint(tmp_path / "d")
+    for key, value in c[0].state_dict().items():
+        torch.testing.assert_close(value, d[0].state_dict()[key], atol=0, rtol=0, msg=key)
+    assert any(not torch.equal(v, a[0].state_dict()[k]) for k, v in c[0].state_dict().items())  # it did something
+
+
+def test_skip_dropout_zeroes_the_deepest_skips_of_dropped_samples_only(tmp_path):
+    """SkipDropout (consumer side: pre-hooks on the deepest up blocks) against an
+    independent reference: forward hooks on the producers (the down blocks) that zero the
+    skip copies those up blocks read, leaving the hidden path intact."""
+    from diffusers import UNet2DModel
+
+    from hspace.hcore.training import SkipDropout
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 3,
+        up_block_types=("UpBlock2D",) * 3,
+        norm_num_groups=4,
+    ).train()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        plain = unet(x, t).sample
+        # up_blocks[0] reads (down1's downsample, down2's resnet), up_blocks[1] (down0's downsample, down1's resnet)
+        zero_all = lambda m, a, out: (out[0], tuple(torch.zeros_like(r) for r in out[1]))  # noqa: E731
+        zero_last = lambda m, a, out: (out[0], (*out[1][:-1], torch.zeros_like(out[1][-1])))  # noqa: E731
+        handles = [
+            unet.down_blocks[2].register_forward_hook(zero_all),
+            unet.down_blocks[1].register_forward_hook(zero_all),
+            unet.down_blocks[0].register_forward_hook(zero_last),
+        ]
+        reference = unet(x, t).sample
+        for h in handles:
+            h.remove()
+        drop = SkipDropout(unet, 0.5, levels=2)
+        assert torch.equal(unet(x, t).sample, plain)  # no mask drawn yet: a plain forward
+        drop.keep = torch.tensor([1.0, 0.0])
+        out = unet(x, t).sample
+        assert not torch.allclose(reference[1], plain[1])
+        torch.testing.assert_close(out[0], plain[0])
+        torch.testing.assert_close(out[1], reference[1])
+        torch.testing.assert_close(unet.eval()(x, t).sample, plain, atol=0, rtol=0)  # sampling: no dropout
+        drop.remove()
+    with pytest.raises(ValueError, match="levels must be in"):
+        SkipDropout(unet, 0.5, levels=3)
+    draws = [SkipDropout(unet, 0.25) for _ in range(2)]
+    for d in draws:
+        d.draw(4000, torch.Generator().manual_seed(1))
+    assert torch.equal(draws[0].keep, draws[1].keep) and abs(draws[0].keep.mean().item() - 0.75) < 0.03
 
 
 def test_v2_style_changes_only_the_mouth_and_the_glasses():
