@@ -65,14 +65,22 @@ def fingerprint(unet_dir: Path | None) -> str:
         raise RunError(
             f"model folder {unet_dir} does not exist (moved or deleted?); restore it or re-resolve the model"
         )
-    digest = hashlib.sha256()
     files = [unet_dir / "config.json"] + sorted(p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    # one command resolves its model more than once (checks, tags, the run): hash each
+    # version of the files once per process; a rewritten file has another size or mtime
+    key = tuple((str(p.resolve()), p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+        _FINGERPRINTS[key] = digest.hexdigest()
+    return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def resolve(spec: str, allow_download: bool = False) -> ModelRef:

@@ -350,7 +350,7 @@ def train_toy(
         "runs/toy-train/model"
     ),
     recipe_name: Annotated[
-        str | None, typer.Option("--recipe", help="v1 or v2; default: the checkpoint's, else v1")
+        str | None, typer.Option("--recipe", help="v1 or v2; default: the checkpoint's, else v2")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,

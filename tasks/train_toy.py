@@ -209,7 +209,7 @@ def oracle_accuracy(
 
 def resolve_recipe(checkpoint: Path, name: str | None, overrides: dict) -> toy.ToyRecipe:
     """The recipe `hspace train-toy` trains with: ``name`` (toy.RECIPES), else the
-    checkpoint's own when it exists (a resume), else v1; with the resumable ``overrides``
+    checkpoint's own when it exists (a resume), else v2; with the resumable ``overrides``
     (steps, checkpoint_every, decay_from) applied and checked."""
     import dataclasses
     import json
@@ -227,7 +227,7 @@ def resolve_recipe(checkpoint: Path, name: str | None, overrides: dict) -> toy.T
         except (ValueError, TypeError) as e:
             raise RunError(f"cannot read the recipe of checkpoint {checkpoint}: {e}") from None
     else:
-        recipe = toy.RECIPES[name or "v1"]
+        recipe = toy.RECIPES[name or "v2"]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if any(v <= 0 for v in overrides.values()):
         raise RunError("--steps, --checkpoint-every and --decay-from must be positive")

@@ -403,6 +403,30 @@ def test_inspect_is_fast_and_never_imports_prefect_or_torch(run_dir):
     assert float(inside) < 2.0, f"inspect took {inside} s (process start-up included: {wall:.2f} s)"
 
 
+def test_model_fingerprint_is_hashed_once_per_file_version(model_dir, tmp_path, monkeypatch):
+    """A command resolves its model several times; the weights are read once, and a
+    rewritten weight file (same size, other bytes) gets a new fingerprint."""
+    import hashlib
+    import os
+    import shutil
+
+    from hspace.data import models
+
+    folder = shutil.copytree(model_dir, tmp_path / "m")
+    calls, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda: calls.append(1) or sha256())
+    first = models.resolve(str(folder)).fingerprint
+    assert models.resolve(str(folder)).fingerprint == first and len(calls) == 1
+    weights = next((folder / "unet").glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    stat = weights.stat()
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # not the same version, even on a coarse clock
+    second = models.resolve(str(folder)).fingerprint
+    assert second != first and len(calls) == 2
+
+
 def test_hf_id_resolves_through_local_cache(model_dir, tmp_path, monkeypatch):
     """A Hugging Face id is looked up in the local cache (snapshot folders named by
     commit), never downloaded without --allow-download."""
