@@ -16,8 +16,11 @@ from hspace.hcore.sampler import to_unit
 log = logging.getLogger(__name__)
 
 
-def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", progress=None) -> dict:
-    """Score pending chunks of ``annotator``'s array; returns {annotator, names, recomputed}."""
+def annotate_run(
+    run_dir: str, annotator: str, batch_size: int = 256, device: str = "cpu", progress=None, net=None
+) -> dict:
+    """Score pending chunks of ``annotator``'s array; returns {annotator, names, recomputed}.
+    ``net``: the annotator already loaded from that spec (else it is loaded here)."""
 
     run = RunFolder(Path(run_dir))
     samples = SampleStore(run.samples)
@@ -25,7 +28,7 @@ def annotate_run(run_dir: str, annotator: str, batch_size: int = 256, device: st
         raise RunError(
             f"{run.samples} has pending shards {samples.pending_shards()[:10]}; finish `hspace sample` first"
         )
-    net = load_annotator(annotator, device)
+    net = net if net is not None else load_annotator(annotator, device)
     store = AnnotationStore(run.annotations)
     key = annotator_id(annotator)
     arr, done = store.annotator_array(key, list(net.names), samples.layout.n, batch_size)
