@@ -129,16 +129,10 @@ def test_skip_dropout_zeroes_the_deepest_skips_of_dropped_samples_only(tmp_path)
     from diffusers import UNet2DModel
 
     from hspace.hcore.training import SkipDropout
+    from tests.test_real_shapes import LEVELS3  # three levels, one resnet each
 
     torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) * 3,
-        up_block_types=("UpBlock2D",) * 3,
-        norm_num_groups=4,
-    ).train()
+    unet = UNet2DModel(**{**LEVELS3, "sample_size": 16}).train()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
     with torch.no_grad():
         plain = unet(x, t).sample
