@@ -102,8 +102,9 @@ def main() -> None:
     from hspace.data.stores import SampleStore
     from hspace.hcore import jacobian as jac
     from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
+    from hspace.tasks.config import SampleSection
     from hspace.tasks.pca import run_pca
-    from hspace.tasks.sample import init_run, run_shards
+    from hspace.tasks.sample import create_run, run_shards
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--small dry run: not a measurement)"
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
@@ -120,16 +121,10 @@ def main() -> None:
         c = bare_loop(unet, scheduler, args.n_batch1, 1, args.steps, device)
 
         run = RunFolder(tmp / "run")
-        config = {
-            "n": args.n,
-            "steps": args.steps,
-            "eta": 0.0,
-            "seed": 0,
-            "batch_size": args.batch_size,
-            "h_point": "output",
-            "dtype": args.dtype,
-        }
-        init_run(run, config, ref, scheduler, device)
+        section = SampleSection(
+            model=ref.path, n=args.n, steps=args.steps, batch_size=args.batch_size, dtype=args.dtype
+        )
+        create_run(run, section, device)  # as `hspace sample` makes it
         del unet
         peak_reset(device)
         t0 = time.perf_counter()

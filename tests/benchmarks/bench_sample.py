@@ -63,20 +63,13 @@ def main() -> None:
 
     from hspace.data.catalog import RunFolder
     from hspace.data.stores import SampleStore
-    from hspace.tasks.sample import init_run, run_shards
+    from hspace.tasks.config import SampleSection
+    from hspace.tasks.sample import create_run, run_shards
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         run = RunFolder(Path(tmp) / "run")
-        config = {
-            "n": args.n,
-            "steps": args.steps,
-            "eta": 0.0,
-            "seed": 0,
-            "batch_size": args.batch_size,
-            "h_point": "output",
-            "dtype": "float32",
-        }
-        init_run(run, config, ref, scheduler, "cpu")
+        section = SampleSection(model=ref.path, n=args.n, steps=args.steps, batch_size=args.batch_size, dtype="float32")
+        create_run(run, section, "cpu")  # as `hspace sample` makes it
         t0 = time.perf_counter()
         run_shards(run, show_progress=False)
         b = args.n / (time.perf_counter() - t0)
