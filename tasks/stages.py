@@ -139,16 +139,14 @@ def _annotate(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     from hspace.data.stores import SampleStore
     from hspace.tasks.annotate import annotate_run
 
-    # every annotator loaded before any bar or write: a bad spec or weight file fails first
-    nets = {spec: load_annotator(spec, ctx.device) for spec in cfg.annotate.annotators}
+    nets = {spec: load_annotator(spec, ctx.device) for spec in cfg.annotate.annotators}  # bad ones fail first
     names, n = [], SampleStore(run.samples).layout.n
     with progress_bar(disable=not ctx.show_progress) as bar:
         for spec, net in nets.items():
             job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
             advance = lambda k, job=job: bar.advance(job, k)  # noqa: E731
-            names = annotate_run(str(run.root), spec, cfg.annotate.batch_size, ctx.device, progress=advance, net=net)[
-                "names"
-            ]
+            result = annotate_run(str(run.root), spec, cfg.annotate.batch_size, ctx.device, advance, net)
+            names = result["names"]
     return {"outputs": _outputs(run, [run.annotations]), "annotators": cfg.annotate.annotators, "attributes": names}
 
 
