@@ -68,7 +68,8 @@ def fingerprint(unet_dir: Path | None) -> str:
     files = [unet_dir / "config.json"] + sorted(p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     # one command resolves its model more than once (checks, tags, the run): hash each
     # version of the files once per process; a rewritten file has another size or mtime
-    key = tuple((str(p.resolve()), p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stats = [(p.resolve(), p.stat()) for p in files]
+    key = tuple((str(p), st.st_ino, st.st_size, st.st_mtime_ns) for p, st in stats)
     if key not in _FINGERPRINTS:
         digest = hashlib.sha256()
         for path in files:

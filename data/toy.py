@@ -161,6 +161,13 @@ def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, To
     return unet, ema, state["optimizer"], int(state["step"]), recipe
 
 
+def model_recipe(folder: Path) -> ToyRecipe | None:
+    """The recipe an exported toy model folder was trained with (its recipe.json), or None
+    for a model that is not a toy export."""
+    path = Path(folder) / "recipe.json"
+    return recipe_from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
 def export_model(ema_model: UNet2DModel, recipe: ToyRecipe, out: Path) -> None:
     """Write the shipped diffusers folder: EMA ``unet/`` plus a DDIM ``scheduler/``."""
     out = Path(out)

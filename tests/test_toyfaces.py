@@ -122,18 +122,21 @@ def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
     assert any(not torch.equal(v, a[0].state_dict()[k]) for k, v in c[0].state_dict().items())  # it did something
 
 
-def test_skip_dropout_zeroes_the_deepest_skips_of_dropped_samples_only(tmp_path):
+@pytest.mark.parametrize("shape,dtype", [("levels3", torch.float32), ("attn2", torch.bfloat16)])
+def test_skip_dropout_zeroes_the_deepest_skips_of_dropped_samples_only(shape, dtype):
     """SkipDropout (consumer side: pre-hooks on the deepest up blocks) against an
     independent reference: forward hooks on the producers (the down blocks) that zero the
-    skip copies those up blocks read, leaving the hidden path intact."""
+    skip copies those up blocks read, leaving the hidden path intact; on an attention-free
+    UNet in float32 and on one with attention at two levels in bfloat16."""
     from diffusers import UNet2DModel
 
     from hspace.hcore.training import SkipDropout
-    from tests.test_real_shapes import LEVELS3  # three levels, one resnet each
+    from tests.test_real_shapes import ATTN2, LEVELS3  # three levels, one resnet each
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**{**LEVELS3, "sample_size": 16}).train()
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    config = {"levels3": LEVELS3, "attn2": ATTN2}[shape]
+    unet = UNet2DModel(**{**config, "sample_size": 16}).to(dtype).train()
+    x, t = torch.randn(2, 3, 16, 16, dtype=dtype), torch.tensor([10, 500])
     with torch.no_grad():
         plain = unet(x, t).sample
         # up_blocks[0] reads (down1's downsample, down2's resnet), up_blocks[1] (down0's downsample, down1's resnet)

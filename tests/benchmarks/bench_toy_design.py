@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hspace.data import models, toy, toyfaces  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
-from hspace.hcore.sampler import Edit, make_generators, sample  # noqa: E402
+from hspace.hcore.sampler import Edit, make_generators, sample, to_unit  # noqa: E402
 from hspace.hcore.supervised import top_bottom  # noqa: E402
 
 HELD, TOP = 32, 32
@@ -44,7 +44,7 @@ HELD, TOP = 32, 32
 def h_dependence(unet, scheduler, style: str, ts=(900, 500, 100), n: int = 32) -> list[float]:
     """||eps(x_t) - eps(x_t; h := 0)|| / ||eps(x_t)|| on noised renders, per t."""
     images, _ = toyfaces.render_batch(np.arange(10**9, 10**9 + n), size=unet.config.sample_size, style=style)
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    x0 = to_unit(images.transpose(0, 3, 1, 2))
     gen = torch.Generator().manual_seed(0)
     out = []
     for t in ts:
@@ -66,8 +66,8 @@ def load_candidate(args):
         return ema.eval(), toy.build_scheduler(recipe), f"{args.checkpoint} step {step}", recipe.style
     ref = models.resolve(args.model)
     unet, scheduler = models.load(ref)
-    recipe = Path(ref.path) / "recipe.json"
-    style = toy.recipe_from_dict(json.loads(recipe.read_text())).style if recipe.exists() else "v1"
+    recipe = toy.model_recipe(Path(ref.path))
+    style = recipe.style if recipe is not None else "v1"
     return unet, scheduler, args.model, args.style or style
 
 

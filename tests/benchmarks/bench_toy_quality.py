@@ -14,7 +14,6 @@ Also writes a PNG of 64 samples next to 64 renders (docs/toy_samples.png by defa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hspace.data import models, toyfaces  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
-from hspace.data.toy import recipe_from_dict  # noqa: E402
+from hspace.data.toy import model_recipe  # noqa: E402
 from hspace.hcore.sampler import make_generators, sample, to_uint8  # noqa: E402
 from hspace.tasks.config import SampleSection  # noqa: E402
 
@@ -55,10 +54,10 @@ def main() -> None:
     args = ap.parse_args()
 
     ref = models.resolve(args.model)
-    recipe_file = Path(ref.path) / "recipe.json"
-    if not recipe_file.exists():
+    recipe = model_recipe(Path(ref.path))
+    if recipe is None:
         sys.exit(f"{ref.path} has no recipe.json: this benchmark needs a toy model (hspace train-toy --out)")
-    style = recipe_from_dict(json.loads(recipe_file.read_text())).style
+    style = recipe.style
     unet, scheduler = models.load(ref)
     oracle = load_annotator(args.oracle)
     t0 = time.perf_counter()
