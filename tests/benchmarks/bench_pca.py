@@ -24,8 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hspace.data.catalog import SampleStore  # noqa: E402
-from hspace.data.stores import SampleLayout
+from hspace.data.stores import SampleLayout, SampleStore  # noqa: E402
 
 
 def synthetic_store(path: Path, n: int, steps: int, h_shape, batch: int = 256, k_signal: int = 10, seed: int = 0):

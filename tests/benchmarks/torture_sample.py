@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from hspace.data.catalog import SampleStore  # noqa: E402
+from hspace.data.stores import SampleStore  # noqa: E402
 
 
 def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
