@@ -7,6 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
+# Table 1's variants, in the order they are shown: the directions as built, projected by eq.
+# (11) with the norm kept (the default), and eq. (11) as written (no rescaling)
+TABLES = ("original", "disentangled", "as_written")
+TABLE_TITLES = {
+    "original": "original",
+    "disentangled": "eq. (11), norm kept",
+    "as_written": "eq. (11) as written",
+}
+
+
+def leakage_change(summary: dict, label: str = "disentangled") -> dict | None:
+    """How a projected table compares with the original one in summary.json: mean
+    |off-diagonal| before and after, its relative change, and the share of the mean
+    |diagonal| kept; None where either table or a mean is missing (or zero)."""
+    before, after = summary.get("original") or {}, summary.get(label) or {}
+    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
+    off_after, diag_after = after.get("mean_offdiagonal"), after.get("mean_diagonal")
+    if off_after is None or diag_after is None or not off or not diag:
+        return None
+    return {"before": off, "after": off_after, "change": off_after / off - 1, "kept": diag_after / diag}
+
 
 class EvalFolder:
     """RUN/eval/: Table-1 tables (csv, md, heatmap png) per label, the PC names, and

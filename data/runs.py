@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from hspace.data.catalog import PIPELINE_STAGES, RUN_JSON, RunError, RunFolder, _is_stale
-from hspace.data.eval_folder import EvalFolder
+from hspace.data.eval_folder import EvalFolder, leakage_change
 from hspace.data.stores import SampleStore
 
 
@@ -83,13 +83,10 @@ def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
         entry["state"] = "incomplete"
     try:
         summary = EvalFolder(run.eval).summary() or {}
-        before, after = summary["original"], summary.get("disentangled", {})
         entry["leakage"] = {
-            "offdiagonal": before.get("mean_offdiagonal"),
-            "offdiagonal_disentangled": after.get("mean_offdiagonal"),
-            "diagonal": before.get("mean_diagonal"),
-            "diagonal_disentangled": after.get("mean_diagonal"),
-        }
+            "offdiagonal": summary["original"].get("mean_offdiagonal"),
+            "diagonal": summary["original"].get("mean_diagonal"),
+        } | {label: leakage_change(summary, label) for label in ("disentangled", "as_written")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         entry["leakage"] = None
     return entry

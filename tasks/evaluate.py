@@ -52,7 +52,9 @@ def run_evaluation(
 ) -> dict:
     """Table 1 for a run's directions ``names``: edit held-out samples along each (and,
     with ``disentangled``, along each projected against the others by eq. (11)), score
-    with ``evaluator`` and write RUN/eval/ (leakage_*.csv/.md/.png, summary.json).
+    with ``evaluator`` and write RUN/eval/ (leakage_*.csv/.md/.png, summary.json). With
+    ``keep_norm`` and a fixed gamma a third table, ``as_written``, edits along eq. (11)'s
+    projection without the rescaling.
     gamma None: calibrate per direction (``--gamma auto``) to reach ``target``.
     ``conditions``: attribute -> attributes to project out (default: all the other listed
     directions); ``keep_norm``: rescale each projected direction to its original norm, so
@@ -119,16 +121,25 @@ def run_evaluation(
     variants = [("original", vectors)]
     if disentangled:
         flat = [v.numpy() for v in vectors]
-        try:
-            dis = [
-                torch.from_numpy(project_out(flat[i], [flat[j] for j in against[row]], keep_norm=keep_norm))
-                for i, row in enumerate(rows)
-            ]
-        except ValueError as e:
-            raise RunError(f"--disentangled: {e}") from None
+
+        def projected(norm: bool) -> list[torch.Tensor]:
+            try:
+                return [
+                    torch.from_numpy(project_out(flat[i], [flat[j] for j in against[row]], keep_norm=norm))
+                    for i, row in enumerate(rows)
+                ]
+            except ValueError as e:
+                raise RunError(f"--disentangled: {e}") from None
+
         summary["disentangled_against"] = {row: [rows[j] for j in js] for row, js in against.items()}
         summary["keep_norm"] = keep_norm
-        variants.append(("disentangled", dis))
+        variants.append(("disentangled", projected(keep_norm)))
+        # eq. (11) as the paper writes it (no rescaling) beside the rescaled projection: the
+        # projection shortens a direction, so at one gamma it also edits less. With --gamma
+        # auto the calibration undoes the length difference, and the third table would repeat
+        # the second.
+        if keep_norm and gamma is not None:
+            variants.append(("as_written", projected(False)))
     total, done = 1 + len(variants) * len(names), 0
 
     def tick() -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from hspace.data.catalog import RunFolder
-from hspace.data.eval_folder import EvalFolder
+from hspace.data.eval_folder import TABLE_TITLES, TABLES, EvalFolder, leakage_change
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -66,21 +66,29 @@ def _findings(ev: EvalFolder) -> list[str]:
     if summary is None or not ev.leakage_csv("original").exists():
         return []
     columns, original = _rows(ev.leakage_csv("original"))
-    disentangled = _rows(ev.leakage_csv("disentangled"))[1] if ev.leakage_csv("disentangled").exists() else {}
+    projected = {  # the eq. (11) tables this run has: norm kept, as written
+        label: _rows(ev.leakage_csv(label))[1] for label in TABLES[1:] if ev.leakage_csv(label).exists()
+    }
     degrees = {"yaw", "pitch", "roll"} & set(columns)  # pose columns (Hopenet, the oracle) are in degrees
-    before, after = summary.get("original", {}), summary.get("disentangled", {})
     parts = ["<h2 id='findings'>Findings</h2>"]
-    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
-    if off is not None and after.get("mean_offdiagonal") is not None and off and diag:
+    changes = [(label, leakage_change(summary, label)) for label in projected]
+    changes = [(label, c) for label, c in changes if c]
+    if changes:
+        text = "; ".join(
+            f"{_num(c['after'])} ({100 * c['change']:+.0f}%) with {TABLE_TITLES[label]}, "
+            f"diagonal kept {100 * c['kept']:.0f}%"
+            for label, c in changes
+        )
         parts.append(
-            f"<p class='headline'>Leakage (mean |off-diagonal| of Table 1) {_num(off)} → "
-            f"{_num(after['mean_offdiagonal'])} ({100 * (after['mean_offdiagonal'] / off - 1):+.0f}%) with eq. (11); "
-            f"diagonal kept {100 * after['mean_diagonal'] / diag:.0f}% ({summary.get('n')} held-out samples, "
+            f"<p class='headline'>Leakage (mean |off-diagonal| of Table 1) {_num(changes[0][1]['before'])} → "
+            f"{text} ({summary.get('n')} held-out samples, "
             f"evaluator {html.escape(str(summary.get('evaluator')))}).</p>"
         )
     parts.append(
         "<table id='summary'><tr><th>direction</th><th>its own attribute</th><th>moves most</th><th>by</th>"
-        "<th>leakage before</th><th>leakage after eq. (11)</th></tr>"
+        "<th>leakage before</th>"
+        + "".join(f"<th>leakage, {html.escape(TABLE_TITLES[label])}</th>" for label in projected)
+        + "</tr>"
     )
 
     def leakage(row: str, values: list[float]) -> float:
@@ -94,7 +102,8 @@ def _findings(ev: EvalFolder) -> list[str]:
         parts.append(
             f"<tr><th>{html.escape(row)}</th><td>{_num(own)}</td><td>{html.escape(columns[top])}</td>"
             f"<td>{values[top]:+.3g}{unit}</td><td>{_num(leakage(row, values))}</td>"
-            f"<td>{_num(leakage(row, disentangled[row])) if row in disentangled else '–'}</td></tr>"
+            + "".join(f"<td>{_num(leakage(row, t[row])) if row in t else '–'}</td>" for t in projected.values())
+            + "</tr>"
         )
     parts.append(
         '</table><p>Probabilities for binary attributes, degrees for pose; "moves most" compares degrees / 30 '
@@ -163,11 +172,11 @@ def write_report(run: RunFolder) -> Path:
             f"samples along each direction (rows); evaluator {html.escape(str(summary.get('evaluator')))}, "
             f"{summary.get('n')} samples.</p>"
         )
-        for label in ("original", "disentangled"):
+        for label in TABLES:
             if ev.leakage_csv(label).exists():
                 s = summary.get(label, {})
                 parts.append(
-                    f"<h3>{label}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
+                    f"<h3>{TABLE_TITLES[label]}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
                     f"mean |off-diagonal| {_num(s.get('mean_offdiagonal'))}</p>"
                 )
                 parts.append(_csv_table(ev.leakage_csv(label)))
@@ -199,10 +208,12 @@ def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> Non
         description=f"hspace stage {stage}",
     )
     if stage == "evaluate":
-        for label in ("original", "disentangled"):
+        for label in TABLES:
             path = EvalFolder(run.eval).leakage_csv(label)
             if path.exists():
                 rows = list(csv.DictReader(path.open()))
-                create_table_artifact(rows, key=f"hspace-{slug}-leakage-{label}", description=f"leakage ({label})")
+                create_table_artifact(
+                    rows, key=f"hspace-{slug}-leakage-{label.replace('_', '-')}", description=f"leakage ({label})"
+                )
     if stage == "report":
         create_link_artifact(run.report.resolve().as_uri(), link_text=run.report.name, key=f"hspace-{slug}-report")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hspace.data.catalog import PIPELINE_STAGES
+from hspace.data.eval_folder import leakage_change
 
 
 def human(nbytes: float | None) -> str:
@@ -105,11 +106,10 @@ def show_runs(entries: list[dict], root: Path, console: Console) -> None:
     def leak(lk: dict | None) -> str:
         if not lk or lk.get("offdiagonal") is None:
             return ""
-        text, after = f"{lk['offdiagonal']:.3g}", lk.get("offdiagonal_disentangled")
-        if after is not None and lk["offdiagonal"] and lk.get("diagonal"):
-            kept = 100 * lk["diagonal_disentangled"] / lk["diagonal"]
-            text += f" -> {after:.3g} ({100 * (after / lk['offdiagonal'] - 1):+.0f}%, {kept:.0f}% kept)"
-        return text
+        change = lk.get("disentangled")
+        if not change:
+            return f"{lk['offdiagonal']:.3g}"
+        return f"{change['before']:.3g} -> {change['after']:.3g} ({change['change']:+.0%}, {change['kept']:.0%} kept)"
 
     console.print(
         table(
@@ -140,18 +140,23 @@ def show_runs(entries: list[dict], root: Path, console: Console) -> None:
 
 
 def leakage(result: dict) -> str:
-    before = result.get("summary", {}).get("original", {})
-    after = result.get("summary", {}).get("disentangled", {})
+    """The evaluate stage's line: Table 1's mean |off-diagonal|, and how eq. (11) changes it
+    (norm kept, then as written where that table was made)."""
+    summary = result.get("summary", {})
+    before = summary.get("original", {})
     off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
     if off is None or diag is None:
         return ""
-    if after.get("mean_offdiagonal") is None or not off or not diag:
+    changes = [(label, leakage_change(summary, label)) for label in ("disentangled", "as_written")]
+    text = [
+        ("as written " if label == "as_written" else "")
+        + f"{c['after']:.3g} ({c['change']:+.0%}), diagonal kept {c['kept']:.0%}"
+        for label, c in changes
+        if c
+    ]
+    if not text:
         return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}"
-    return (
-        f"leakage off-diagonal {off:.3g} -> {after['mean_offdiagonal']:.3g} "
-        f"({100 * (after['mean_offdiagonal'] / off - 1):+.0f}%), diagonal kept "
-        f"{100 * after['mean_diagonal'] / diag:.0f}%"
-    )
+    return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text)
 
 
 def recon(r: dict) -> str:

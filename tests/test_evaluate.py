@@ -111,3 +111,66 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
     np.testing.assert_allclose(back, m, atol=1e-6)
     c = metrics.calibrate_edit(None, None, None, {}, [0, 1], a, 0, 0.45)
     assert c.converged and c.gamma == pytest.approx(1.5, rel=0.05)
+
+
+def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path):
+    """`hspace evaluate --disentangled` with the norm kept makes three tables: the directions,
+    eq. (11) rescaled to each direction's norm, and eq. (11) as written. With a linear fake
+    annotator (score change = gamma * W v) each row must equal W applied to the projection
+    computed here by hand with numpy. With --no-keep-norm there is no third table."""
+    from hspace.data import annotators, models
+    from hspace.data import directions as dirfile
+    from hspace.data.catalog import RunFolder
+    from hspace.data.eval_folder import leakage_change
+    from hspace.hcore import hspace as hs
+    from hspace.tasks.evaluate import run_evaluation
+    from hspace.tasks.views import leakage
+
+    rng = np.random.default_rng(0)
+    names, d = ["Smiling", "Male", "Young"], 12
+    w = rng.standard_normal((3, d))
+    vs = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in names]
+
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+        change = np.zeros(3) if v is None else gamma * (w @ v.numpy().astype(np.float64).ravel())
+        return np.tile(0.5 + change, (len(indices), 1))
+
+    net = type("Net", (), {"names": tuple(names)})()
+    monkeypatch.setattr(metrics, "edit_scores", fake_scores)
+    monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
+    monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: net)
+    monkeypatch.setattr(hs, "h_shape", lambda unet: (d,))
+    monkeypatch.setattr(
+        dirfile, "load_for_run", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
+    )
+    run = RunFolder(tmp_path / "run")
+    run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})
+    summary = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, log=lambda *a: None)
+
+    def by_hand(i: int, keep_norm: bool) -> np.ndarray:
+        v0 = vs[i].numpy().astype(np.float64)
+        others = np.stack([vs[j].numpy().astype(np.float64) for j in range(3) if j != i], 1)  # (d, 2)
+        coef = np.linalg.solve(others.T @ others, others.T @ v0)  # normal equations, not lstsq
+        v = v0 - others @ coef
+        return v * np.linalg.norm(v0) / np.linalg.norm(v) if keep_norm else v
+
+    expected = {
+        "original": np.stack([2.0 * w @ v.numpy() for v in vs]),
+        "disentangled": np.stack([2.0 * w @ by_hand(i, True) for i in range(3)]),
+        "as_written": np.stack([2.0 * w @ by_hand(i, False) for i in range(3)]),
+    }
+    for label, matrix in expected.items():
+        table = np.loadtxt(run.eval / f"leakage_{label}.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+        np.testing.assert_allclose(table, matrix, rtol=1e-4, atol=1e-5, err_msg=label)
+        diag = np.abs(np.diag(matrix)).mean()
+        assert summary[label]["mean_diagonal"] == pytest.approx(diag, rel=1e-4)
+    off = {k: np.abs(m[~np.eye(3, dtype=bool)]).mean() for k, m in expected.items()}
+    change = leakage_change(summary, "as_written")
+    assert change["change"] == pytest.approx(off["as_written"] / off["original"] - 1, rel=1e-4)
+    line = leakage({"summary": summary})
+    assert line.startswith(f"leakage off-diagonal {off['original']:.3g} -> {off['disentangled']:.3g} (")
+    assert f"; as written {off['as_written']:.3g} (" in line
+    assert not np.allclose(expected["as_written"], expected["disentangled"])  # the two projections differ
+
+    again = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, keep_norm=False, log=print)
+    assert "as_written" not in again  # without the rescaling the second table already is eq. (11) as written

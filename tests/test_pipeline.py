@@ -72,11 +72,14 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     out, config, first = pipeline_run
     assert stage_lines(first.output) == {s: "done" for s in STAGES}
     # each stage ends with one line and its headline; no third-party warning blocks (accelerate is installed)
-    headline = r"^evaluate: done in [\d.]+ s; leakage off-diagonal \S+ -> \S+ \([+-]\d+%\), diagonal kept \d+%$"
+    headline = (
+        r"^evaluate: done in [\d.]+ s; leakage off-diagonal \S+ -> \S+ \([+-]\d+%\), diagonal kept \d+%; "
+        r"as written \S+ \([+-]\d+%\), diagonal kept \d+%$"
+    )
     assert re.search(headline, first.output, re.M), first.output
     assert "low cpu memory usage" not in first.output and "accelerate" not in first.output
     # the long stages show progress bars (final state: all passes done)
-    assert re.search(r"evaluate \(edit-and-score passes\).*\b7/7\b", first.output), first.output
+    assert re.search(r"evaluate \(edit-and-score passes\).*\b10/10\b", first.output), first.output
     assert re.search(r"annotate \(oracle\).*\b16/16\b", first.output) and re.search(
         r"pca \(timesteps\).*\b4/4\b", first.output
     )
@@ -112,8 +115,10 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
 
     link = Artifact.get("hspace-run-report")  # Prefect artifacts for the UI
     assert link is not None and "report.html" in str(link.data)
-    table = Artifact.get("hspace-run-leakage-original")
-    assert table is not None and "Smiling" in str(table.data)
+    for label in ("original", "disentangled", "as-written"):  # the three Table-1 variants
+        table = Artifact.get(f"hspace-run-leakage-{label}")
+        assert table is not None and "Smiling" in str(table.data), label
+    assert "eq. (11) as written" in report and (out / "eval" / "leakage_as_written.png").exists()
     shown = hspace("inspect", out)
     assert shown.exit_code == 0 and "stages" in shown.output and "evaluate" in shown.output
     as_json = json.loads(hspace("inspect", out, "--json").output)

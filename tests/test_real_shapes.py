@@ -134,6 +134,7 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
     assert scores.shape == (16, 43) and {"Smiling", "yaw", "roll"} <= set(names) and np.isfinite(scores).all()
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert summary["n"] == 4 and np.isfinite(summary["disentangled"]["mean_offdiagonal"])
+    assert np.isfinite(summary["as_written"]["mean_offdiagonal"])  # eq. (11) as written, beside the rescaled one
 
     report = json.loads(hspace("inspect", run, "--json").output)
     assert {a["name"] for a in report["arrays"]} >= {"h", "x0"}
@@ -218,4 +219,4 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
         "--device",
         "cpu",
     )
-    assert (one / "eval" / "leakage_disentangled.csv").exists()
+    assert (one / "eval" / "leakage_disentangled.csv").exists() and (one / "eval" / "leakage_as_written.csv").exists()
