@@ -276,3 +276,35 @@ def render(seed: int, size: int = 32, style: str = "v1") -> tuple[np.ndarray, di
     """Render the face of one seed: uint8 image (size, size, 3) and its factors as a dict."""
     images, factors = render_batch([seed], size, style=style)
     return images[0], factors.row(0)
+
+
+def feature_box(feature: str, style: str = "v1", size: int = 32, share: float = 0.9, n: int = 1000):
+    """The smallest pixel box ``(x0, y0, x1, y1)`` (end exclusive, as ``hspace jacobian --roi``
+    takes it) that holds ``share`` of the pixel change made by toggling a feature on ``n`` faces
+    drawn from the joint distribution: ``"mouth"`` (a smile of 0.8 against a flat 0.15) or
+    ``"eyes"`` (eyeglasses on against off). The regions of interest of the toy world's ROI
+    Jacobian (early version, sec. 4.2) follow from the renderer, per style."""
+    import dataclasses
+
+    f = draw_factors(np.arange(n) + (5 << 40))
+    ones, zeros = np.ones(n, bool), np.zeros(n, bool)
+    if feature == "mouth":
+        on = dataclasses.replace(f, Smiling=ones, smile=np.full(n, 0.8, np.float32))
+        off = dataclasses.replace(f, Smiling=zeros, smile=np.full(n, 0.15, np.float32))
+    elif feature == "eyes":
+        on, off = dataclasses.replace(f, Eyeglasses=ones), dataclasses.replace(f, Eyeglasses=zeros)
+    else:
+        raise ValueError(f"unknown feature {feature!r}; use mouth or eyes")
+    diff = paint(on, size, style).astype(np.float64) - paint(off, size, style).astype(np.float64)
+    energy = (diff**2).sum((0, 3))
+    table = np.zeros((size + 1, size + 1))
+    table[1:, 1:] = (energy / energy.sum()).cumsum(0).cumsum(1)
+    e = np.arange(size + 1)
+    # every box at once: sums[y0, y1, x0, x1] from the summed-area table
+    sums = table[None, :, None, :] - table[:, None, None, :] - table[None, :, :, None] + table[:, None, :, None]
+    extent = e[None, :] - e[:, None]  # [start, end] -> end - start
+    area = extent[:, :, None, None] * extent[None, None]
+    ok = (extent[:, :, None, None] > 0) & (extent[None, None] > 0) & (sums >= share - 1e-12)
+    area = np.where(ok, area, np.iinfo(np.int64).max)
+    y0, y1, x0, x1 = np.unravel_index(np.argmin(area), area.shape)
+    return int(x0), int(y0), int(x1), int(y1)

@@ -59,10 +59,11 @@ def test_auto_gamma_reaches_its_target_on_the_toy_model(toy_run):
 def _write_renders(folder, smiling: bool, count: int, first_seed: int):
     from PIL import Image
 
-    from hspace.data import toyfaces
+    from hspace.data import toy, toyfaces
 
     folder.mkdir(parents=True)
-    images, factors = toyfaces.render_batch(range(first_seed, first_seed + 400), 32)
+    style = toy.model_recipe(toy.TOY_MODEL_DIR).style  # the renders the shipped model was trained on
+    images, factors = toyfaces.render_batch(range(first_seed, first_seed + 400), 32, style=style)
     picked = [i for i in range(400) if bool(factors.Smiling[i]) == smiling][:count]
     for i in picked:
         Image.fromarray(images[i]).save(folder / f"face{i:03d}.png")

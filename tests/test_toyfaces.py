@@ -243,7 +243,18 @@ def test_shipped_toy_model_loads_like_a_user_folder():
     ref = models.resolve("toy")
     assert ref.path == str(models.TOY_MODEL_DIR) and len(ref.fingerprint) == 64
     unet, scheduler = models.load(ref)
-    assert h_shape(unet) == (64, 8, 8) and scheduler.config.num_train_timesteps == 1000
+    # v2 (issue 15) ships: shaped like a real DDPM, scaled down
+    assert h_shape(unet) == (128, 4, 4) and scheduler.config.num_train_timesteps == 1000
+    assert unet.mid_block.attentions[0] is not None
+    assert [type(b).__name__ for b in unet.down_blocks].count("AttnDownBlock2D") == 1
+    weights = models.TOY_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 30e6
+    recipe = toy.model_recipe(models.TOY_MODEL_DIR)
+    assert recipe.style == "v2" and recipe.skip_dropout > 0 and recipe.block_out_channels == (32, 64, 96, 128)
+    from hspace.data.annotators import ORACLE_DIR
+
+    # the shipped oracle reads the renders the shipped model was trained on
+    assert json.loads((ORACLE_DIR / "config.json").read_text())["style"] == recipe.style
 
 
 def test_cosine_decay_schedule():
@@ -299,3 +310,32 @@ def test_train_toy_cli_resumes_with_the_checkpoints_own_recipe(prefect_server, t
     assert ok.exit_code == 0, ok.output
     _, _, _, step, recipe = toy.load_checkpoint(tmp_path / "c")
     assert step == 3 and recipe.style == "v2" and recipe.block_out_channels == (8, 16)
+
+
+def test_feature_boxes_are_the_smallest_holding_the_share():
+    """toyfaces.feature_box (the toy world's ROI boxes) against a brute-force search over every
+    box of a 16x16 image, on the pixel change of toggling the feature, computed here again."""
+    import dataclasses
+
+    n, size, share = 60, 16, 0.9
+    f = toyfaces.draw_factors(np.arange(n) + (5 << 40))
+    on = dataclasses.replace(f, Smiling=np.ones(n, bool), smile=np.full(n, 0.8, np.float32))
+    off = dataclasses.replace(f, Smiling=np.zeros(n, bool), smile=np.full(n, 0.15, np.float32))
+    energy = ((toyfaces.paint(on, size, "v2").astype(float) - toyfaces.paint(off, size, "v2")) ** 2).sum((0, 3))
+    energy /= energy.sum()
+    best = None
+    for y0 in range(size):
+        for y1 in range(y0 + 1, size + 1):
+            for x0 in range(size):
+                for x1 in range(x0 + 1, size + 1):
+                    area = (y1 - y0) * (x1 - x0)
+                    if (best is None or area < best[0]) and energy[y0:y1, x0:x1].sum() >= share:
+                        best = (area, (x0, y0, x1, y1))
+    box = toyfaces.feature_box("mouth", "v2", size=size, share=share, n=n)
+    x0, y0, x1, y1 = box
+    assert (x1 - x0) * (y1 - y0) == best[0] and energy[y0:y1, x0:x1].sum() >= share
+    assert y0 >= size // 2  # the mouth is in the lower half of the face
+    x0, y0, x1, y1 = toyfaces.feature_box("eyes", "v2", size=size, n=n)
+    assert y0 < box[1] and y1 < box[3] and (x1 - x0) > (y1 - y0)  # the glasses: above the mouth, wider than tall
+    with pytest.raises(ValueError, match="unknown feature"):
+        toyfaces.feature_box("nose")

@@ -30,14 +30,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hspace.data import directions as dirfile  # noqa: E402
-from hspace.data import models  # noqa: E402
+from hspace.data import models, toy, toyfaces  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
 from hspace.data.catalog import RunFolder  # noqa: E402
 from hspace.hcore.jacobian import roi_mask  # noqa: E402
 from hspace.hcore.sampler import Edit, make_generators, sample  # noqa: E402
 from hspace.tasks.jacobian import parse_roi, run_jacobian  # noqa: E402
 
-ROIS = {"mouth": "10,18,22,26", "eyes": "7,11,25,17"}
+
+def feature_rois(meta: dict, size: int) -> dict[str, str]:
+    """ROI boxes from the renderer of the run model's style: the smallest box holding 90% of the
+    pixel change of a smile (mouth) and of eyeglasses (eyes); `--roi` strings."""
+    recipe = toy.model_recipe(Path(meta["model"]["path"]))
+    style = recipe.style if recipe is not None else "v1"
+    return {f: ",".join(map(str, toyfaces.feature_box(f, style, size))) for f in ("mouth", "eyes")}
 
 
 def edited(unet, scheduler, cfg, indices, v, gamma, window=None):
@@ -64,16 +70,18 @@ def main() -> None:
     unet, scheduler = models.load_for_run(meta)
     size = unet.config.sample_size
     i = args.sample
+    rois = feature_rois(meta, size)
+    print("ROIs (x0,y0,x1,y1, 90% of the feature's pixel change): " + ", ".join(f"{k} {v}" for k, v in rois.items()))
     base = edited(unet, scheduler, cfg, [i], None, 0)[0]
     found = {}
-    for label, roi in [("full image", None), *ROIS.items()]:
+    for label, roi in [("full image", None), *rois.items()]:
         r = run_jacobian(str(run.root), i, args.step, args.k, roi=roi)
         v, _ = dirfile.load(Path(r["directions"][0]))
         found[label] = v
         print(f"{label:<10} sigma {np.round(r['singular_values'], 3).tolist()} iterations {r['iterations']}")
     print(f"\n1. share of pixel-change energy inside the ROI (sample {i}, step {args.step}, gamma +-{args.gamma})")
     print("| ROI | area share | ROI direction | full-image direction |\n|---|---|---|---|")
-    for label, roi in ROIS.items():
+    for label, roi in rois.items():
         mask = roi_mask((size, size), parse_roi(roi, size))[0, 0].bool()
         shares = []
         for v in (found[label], found["full image"]):
@@ -91,7 +99,7 @@ def main() -> None:
         print(f"\n1b. localized ROI directions (--localize {args.localize}, step {s}): share inside the ROI")
         print("| ROI | share of eps's change at step S | gamma | every step | steps S.. only | RMS change (S..) |")
         print("|---|---|---|---|---|---|")
-        for label, roi in ROIS.items():
+        for label, roi in rois.items():
             r = run_jacobian(str(run.root), i, s, 1, roi=roi, localize=args.localize, tol=1e-3)
             v, _ = dirfile.load(Path(r["directions"][0]))  # zero before step s
             every = v[s].unsqueeze(0).expand_as(v).contiguous()
