@@ -10,11 +10,14 @@ import numpy as np
 # Table 1's variants, in the order they are shown: the directions as built, projected by eq.
 # (11) with the norm kept (the default), and eq. (11) as written (no rescaling)
 TABLES = ("original", "disentangled", "as_written")
-TABLE_TITLES = {
-    "original": "original",
-    "disentangled": "eq. (11), norm kept",
-    "as_written": "eq. (11) as written",
-}
+
+
+def table_title(label: str, summary: dict) -> str:
+    """How a table is named on screen; ``disentangled`` is eq. (11) as written itself when
+    the evaluation ran with keep_norm off."""
+    if label == "disentangled":
+        return "eq. (11), norm kept" if summary.get("keep_norm", True) else "eq. (11) as written"
+    return {"original": "original", "as_written": "eq. (11) as written"}[label]
 
 
 def leakage_change(summary: dict, label: str = "disentangled") -> dict | None:

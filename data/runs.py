@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from hspace.data.catalog import PIPELINE_STAGES, RUN_JSON, RunError, RunFolder, _is_stale
-from hspace.data.eval_folder import EvalFolder, leakage_change
+from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change
 from hspace.data.stores import SampleStore
 
 
@@ -86,7 +86,7 @@ def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
         entry["leakage"] = {
             "offdiagonal": summary["original"].get("mean_offdiagonal"),
             "diagonal": summary["original"].get("mean_diagonal"),
-        } | {label: leakage_change(summary, label) for label in ("disentangled", "as_written")}
+        } | {label: leakage_change(summary, label) for label in TABLES[1:]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         entry["leakage"] = None
     return entry

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from hspace.data.catalog import RunFolder
-from hspace.data.eval_folder import TABLE_TITLES, TABLES, EvalFolder, leakage_change
+from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change, table_title
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -75,7 +75,7 @@ def _findings(ev: EvalFolder) -> list[str]:
     changes = [(label, c) for label, c in changes if c]
     if changes:
         text = "; ".join(
-            f"{_num(c['after'])} ({100 * c['change']:+.0f}%) with {TABLE_TITLES[label]}, "
+            f"{_num(c['after'])} ({100 * c['change']:+.0f}%) with {table_title(label, summary)}, "
             f"diagonal kept {100 * c['kept']:.0f}%"
             for label, c in changes
         )
@@ -87,7 +87,7 @@ def _findings(ev: EvalFolder) -> list[str]:
     parts.append(
         "<table id='summary'><tr><th>direction</th><th>its own attribute</th><th>moves most</th><th>by</th>"
         "<th>leakage before</th>"
-        + "".join(f"<th>leakage, {html.escape(TABLE_TITLES[label])}</th>" for label in projected)
+        + "".join(f"<th>leakage, {html.escape(table_title(label, summary))}</th>" for label in projected)
         + "</tr>"
     )
 
@@ -176,7 +176,7 @@ def write_report(run: RunFolder) -> Path:
             if ev.leakage_csv(label).exists():
                 s = summary.get(label, {})
                 parts.append(
-                    f"<h3>{TABLE_TITLES[label]}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
+                    f"<h3>{table_title(label, summary)}</h3><p>mean |diagonal| {_num(s.get('mean_diagonal'))}, "
                     f"mean |off-diagonal| {_num(s.get('mean_offdiagonal'))}</p>"
                 )
                 parts.append(_csv_table(ev.leakage_csv(label)))

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hspace.data.catalog import PIPELINE_STAGES
-from hspace.data.eval_folder import leakage_change
+from hspace.data.eval_folder import TABLES, leakage_change
 
 
 def human(nbytes: float | None) -> str:
@@ -147,7 +147,7 @@ def leakage(result: dict) -> str:
     off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
     if off is None or diag is None:
         return ""
-    changes = [(label, leakage_change(summary, label)) for label in ("disentangled", "as_written")]
+    changes = [(label, leakage_change(summary, label)) for label in TABLES[1:]]
     text = [
         ("as written " if label == "as_written" else "")
         + f"{c['after']:.3g} ({c['change']:+.0%}), diagonal kept {c['kept']:.0%}"

@@ -174,3 +174,7 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
 
     again = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, keep_norm=False, log=print)
     assert "as_written" not in again  # without the rescaling the second table already is eq. (11) as written
+    from hspace.data.eval_folder import table_title
+
+    assert table_title("disentangled", again) == "eq. (11) as written"
+    assert table_title("disentangled", summary) == "eq. (11), norm kept"
