@@ -2,10 +2,13 @@
 has no attention and a shallow bottleneck, so the suite passed while real shapes crashed).
 
 Three random-weight UNets: the CelebA-HQ layout in float32, the one with attention at two
-levels in bfloat16 and in float16, the three-level one in float32. Half precision runs on the
-smallest shape because CPUs without AVX-512 emulate bfloat16 convolutions: on the 2-core AMD
-EPYC (AVX2 only) of 2026-12-01 the CelebA-HQ layout took 980 s in bfloat16 against 137 s in
-float32, and the three-level 64x64 one 246 s, which put the suite at 34 min:
+levels in bfloat16, the three-level one in float32. Half precision runs on the smallest shape
+because CPUs without AVX-512 emulate bfloat16 convolutions: on the 2-core AMD EPYC (AVX2 only)
+of 2026-12-01 the CelebA-HQ layout took 980 s in bfloat16 against 137 s in float32, and the
+three-level 64x64 one 246 s, which put the suite at 34 min. float16 end to end (149 s for the
+attention UNet there) is left to the Jacobian's unit test (test_jacobian, bfloat16 and float16
+through attention), which covers the one place where the dtype changes the algorithm (the
+tolerance raised to the dtype's epsilon); everything else is dtype plumbing that bfloat16 runs:
 - ``celebahq``: the google/ddpm-ema-celebahq-256 layout (six levels, 256x256, attention at
   16x16 and in the mid block, h = C x 8 x 8) with its channels cut 32x to fit a CPU;
 - ``attn2``: attention at two resolution levels and in the mid block, multi-head;
@@ -57,7 +60,7 @@ LEVELS3 = dict(
     norm_num_groups=8,
 )
 SHAPES = {"celebahq": (CELEBAHQ, (16, 8, 8)), "attn2": (ATTN2, (32, 8, 8)), "levels3": (LEVELS3, (16, 16, 16))}
-CASES = [("celebahq", "float32"), ("attn2", "bfloat16"), ("attn2", "float16"), ("levels3", "float32")]
+CASES = [("celebahq", "float32"), ("attn2", "bfloat16"), ("levels3", "float32")]
 
 
 def hspace(*args):
