@@ -161,26 +161,32 @@ class RunFolder:
     def write(self, meta: dict) -> None:
         _write_json_atomic(self.run_json, meta)
 
+    def refuse_other_run(self, config: dict, model: dict) -> dict:
+        """The run.json of this (existing) folder; RunError if it holds a run with another
+        config or other weights than ``config`` and ``model`` (nothing is written)."""
+        meta = self.read()
+        diffs = [
+            f"{k}: stored {meta['config'].get(k)!r} != requested {config.get(k)!r}"
+            for k in sorted(set(meta["config"]) | set(config))
+            if meta["config"].get(k) != config.get(k)
+        ]
+        if meta["model"].get("fingerprint") != model.get("fingerprint"):
+            diffs.append(
+                f"model: stored {meta['model'].get('id')} ({meta['model'].get('fingerprint', '')[:12]}) "
+                f"!= requested {model.get('id')} ({model.get('fingerprint', '')[:12]})"
+            )
+        if diffs:
+            raise RunError(
+                f"{self.root} already holds a run with a different config ({'; '.join(diffs)}); "
+                "refusing to overwrite it: pick another --out or repeat the original command"
+            )
+        return meta
+
     def init(self, config: dict, model: dict, versions: dict) -> dict:
         """Create run.json for a new run, or check that an existing one matches ``config``
         and ``model``. Refuses (RunError) to reuse a folder holding another run."""
         if self.exists():
-            meta = self.read()
-            diffs = [
-                f"{k}: stored {meta['config'].get(k)!r} != requested {config.get(k)!r}"
-                for k in sorted(set(meta["config"]) | set(config))
-                if meta["config"].get(k) != config.get(k)
-            ]
-            if meta["model"].get("fingerprint") != model.get("fingerprint"):
-                diffs.append(
-                    f"model: stored {meta['model'].get('id')} ({meta['model'].get('fingerprint', '')[:12]}) "
-                    f"!= requested {model.get('id')} ({model.get('fingerprint', '')[:12]})"
-                )
-            if diffs:
-                raise RunError(
-                    f"{self.root} already holds a run with a different config ({'; '.join(diffs)}); "
-                    "refusing to overwrite it: pick another --out or repeat the original command"
-                )
+            meta = self.refuse_other_run(config, model)
             meta["model"]["path"] = model["path"]  # same weights (fingerprint), maybe a new place
             return meta
         if self.root.exists() and any(p.name != LOCK for p in self.root.iterdir()):

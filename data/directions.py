@@ -3,12 +3,14 @@ and string metadata (DESIGN.md): model, revision, h_point, scheduler, eta, steps
 source, scale_unit. Never pickles.
 
 ``check`` refuses a direction that does not fit the model/schedule it is applied to,
-naming the field that differs.
+naming the field that differs; ``warn_setting`` warns when it was made under another
+sampler setting (eta, clipping of P_t): it still applies, but edits another process.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from hspace.data.catalog import RunError
 
+log = logging.getLogger(__name__)
 REQUIRED_META = ("model", "revision", "h_point", "scheduler", "eta", "steps", "method", "source", "scale_unit")
 
 
@@ -66,6 +69,7 @@ def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, 
         "h_point": cfg["h_point"],
         "scheduler": model["scheduler"],
         "eta": cfg["eta"],
+        "clip_sample": cfg.get("clip_sample", "model"),  # runs from before it was recorded: the model's
         "steps": cfg["steps"],
         "method": method,
         "source": source,
@@ -106,6 +110,24 @@ def check(
         raise RunError(f"direction {path} has shape {tuple(v.shape)}, this model needs {(steps, *h_shape)}")
 
 
+def warn_setting(path: Path, meta: dict, sampling: dict) -> list[str]:
+    """Warn (and return the lines) where a direction was made under another eta or another
+    clipping of P_t than the sampling it is applied to (``sampling``: {eta, clip_sample} as
+    a run records them). Files from before these were recorded are not judged."""
+    lines = []
+    made, now = meta.get("clip_sample"), sampling.get("clip_sample")
+    if made in ("true", "false") and now is not None and (made == "true") != bool(now):
+        lines.append(
+            f"direction {path} was made with P_t clipping {'on' if made == 'true' else 'off'}, "
+            f"this sampling has it {'on' if now else 'off'}: its edits may differ from those it was measured with"
+        )
+    if "eta" in meta and sampling.get("eta") is not None and json.loads(meta["eta"]) != sampling["eta"]:
+        lines.append(f"direction {path} was made at eta {meta['eta']}, this sampling uses eta {sampling['eta']}")
+    for line in lines:
+        log.warning(line)
+    return lines
+
+
 def load_for_run(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -> list[tuple[torch.Tensor, dict]]:
     """RUN/directions/NAME.safetensors for each name, refusing any that does not fit the
     run's model, schedule, steps and h point: [(v, metadata)]."""
@@ -128,5 +150,6 @@ def load_for_run(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -
             h_point=cfg["h_point"],
             scheduler=scheduler_name(scheduler),
         )
+        warn_setting(run.direction(name), md, {"clip_sample": cfg.get("clip_sample"), "eta": cfg.get("eta")})
         out.append((v, md))
     return out

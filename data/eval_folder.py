@@ -32,6 +32,21 @@ def leakage_change(summary: dict, label: str = "disentangled") -> dict | None:
     return {"before": off, "after": off_after, "change": off_after / off - 1, "kept": diag_after / diag}
 
 
+def leaked_more(summary: dict, tolerance: float = 0.0) -> list[dict]:
+    """Directions that leak more after a projection than before (eq. (11) does not promise
+    less leakage: projecting out correlated directions can move a direction towards other
+    attributes): [{table, direction, before, after}] from summary.json's per-direction means."""
+    before = (summary.get("original") or {}).get("per_direction") or {}
+    worse = []
+    for label in TABLES[1:]:
+        after = (summary.get(label) or {}).get("per_direction") or {}
+        for name, b in before.items():
+            a = after.get(name)
+            if a is not None and b is not None and a > b * (1 + tolerance):
+                worse.append({"table": label, "direction": name, "before": b, "after": a})
+    return worse
+
+
 class EvalFolder:
     """RUN/eval/: Table-1 tables (csv, md, heatmap png) per label, the PC names, and
     summary.json (what `hspace list` and the report read)."""

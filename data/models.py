@@ -125,7 +125,8 @@ def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
 def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
     """Load a run's model, refusing weights that are not the ones the run was made with.
     dtype None: the dtype the run sampled in (its config's ``dtype``; float32 if it has
-    none), so every later command replays samples exactly as they were drawn."""
+    none), so every later command replays samples exactly as they were drawn. The scheduler
+    clips P_t as the run's config ``clip_sample`` says (every stage samples as the run did)."""
     if dtype is None:
         import torch
 
@@ -137,7 +138,13 @@ def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
             f"the model at {ref.path} is not the one this run was made with (sha256 {found[:12]} != "
             f"{ref.fingerprint[:12]}); restore it or start a new run"
         )
-    return load(ref, device=device, dtype=dtype)
+    unet, scheduler = load(ref, device=device, dtype=dtype)
+    clip = run_meta.get("config", {}).get("clip_sample")
+    if clip is not None:  # the run's own choice; runs from before it was recorded keep the model's
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip))
+    return unet, scheduler
 
 
 def load(ref: ModelRef, device: str = "cpu", dtype=None):

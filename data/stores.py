@@ -271,7 +271,8 @@ def timestep_batches(store: SampleStore, t: int, batch: int, rows: np.ndarray | 
 
 class PCAStore:
     """pca.zarr (DESIGN.md): mean (T, D), components (T, K, D), explained_variance (T, K),
-    explained_variance_ratio (T, K), std (T, K), sign_flips (T, K); attrs: method,
+    explained_variance_ratio (T, K), std (T, K), sign_flips (T, K), sign_alignment (T, K)
+    (|cos| of each sign choice, hcore.pca.align_signs); attrs: method,
     n_samples, reference_step, h_shape. Written whole by one process."""
 
     def __init__(self, path: Path):

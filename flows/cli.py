@@ -221,7 +221,10 @@ def edit(
     model: Annotated[str | None, typer.Option(help="model, instead of RUN (with --seed)")] = None,
     seed: Annotated[int, typer.Option(help="with --model: run seed (sample 0 of that seed)")] = 0,
     steps: Annotated[int, typer.Option(help="with --model: DDIM steps")] = 20,
-    eta: Annotated[float, typer.Option(help="with --model: DDIM eta")] = 0.0,
+    eta: Annotated[float, typer.Option(help="with --model: eta_t of eq. (5) (1: the paper's synthesis)")] = 1.0,
+    clip_sample: Annotated[
+        str, typer.Option(help="with --model: clamp P_t to [-1, 1]: off (eq. (3)), on, model")
+    ] = "off",
     direction: Annotated[list[str], typer.Option(help="FILE or FILE:gamma; repeat for several")] = [],  # noqa: B006
     scales: Annotated[str, typer.Option(help="comma-separated gammas (columns)")] = "-2,-1,0,1,2",
     window: Annotated[str | None, typer.Option(help="S0:S1, steps where the edit is applied")] = None,
@@ -230,32 +233,14 @@ def edit(
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Replay a sample with the same noise and render a grid of h-space edits."""
-    import math
-
     try:
-        values = [float(s) for s in scales.split(",") if s.strip()]
-    except ValueError:
-        _fail(f"--scales {scales!r} is not a comma-separated list of numbers")
-    if not all(math.isfinite(g) for g in values):
-        _fail(f"--scales {scales!r} holds a non-finite value")
-    try:
-        from hspace.tasks.edit import edit_sample
+        from hspace.tasks.edit import edit_sample, parse_scales
         from hspace.tasks.sample import resolve_device
 
-        path = edit_sample(
-            direction,
-            values,
-            out,
-            run_dir,
-            sample_index,
-            model,
-            seed,
-            steps,
-            eta,
-            window,
-            asyrp,
-            resolve_device(device),
-        )
+        values = parse_scales(scales)
+        where = {"run_dir": run_dir, "sample_index": sample_index, "model": model, "seed": seed, "steps": steps}
+        how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample}
+        path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:
         _fail(str(e))
     console.print(f"grid: [bold]{path}[/]")
@@ -274,16 +259,29 @@ def run_pipeline(
     break_lock: Annotated[
         bool, typer.Option(help="take over a lock held from another host (shared filesystem)")
     ] = False,
+    plan: Annotated[
+        bool,
+        typer.Option(help="check the config; print the stages, UNet passes, disk and time it takes; write nothing"),
+    ] = False,
 ) -> None:
     """The whole pipeline as one Prefect flow of cached stages: sample, annotate, PCA,
     directions, disentangle, evaluate, figures, report. Rerun to resume; change a section
-    and rerun to redo that stage and those after it."""
+    and rerun to redo that stage and those after it. The whole config is checked first
+    (every section against every other, every weight file loaded): all problems at once."""
+    from hspace.tasks.check import check_config, make_plan
     from hspace.tasks.config import load_config
 
     try:
         cfg = load_config(config)  # before any work: a wrong key fails here
         if dask_address:
             cfg = cfg.model_copy(update={"dask_address": dask_address})
+        facts = check_config(cfg, f"--config {config}" if config else "the default config")
+        from hspace.tasks.stages import STAGES, Context
+
+        STAGES["sample"].create(RunFolder(out), cfg, Context(device=facts.device), dry=True)  # another run in --out?
+        if plan:
+            views.show_plan(make_plan(cfg, out, facts), console)
+            return
         from hspace.data import models
         from hspace.flows.runner import in_prefect, pipeline_flow
         from hspace.tasks.sample import resolve_device
@@ -313,12 +311,15 @@ def schedule(
     """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
     stops serving and pauses the schedule). Needs a standing Prefect server: PREFECT_API_URL."""
     from hspace.flows.pipeline import make_deployment, serve_until_stopped
+    from hspace.tasks.check import check_config
     from hspace.tasks.config import load_config
 
     if cron is None and interval is None:
         cron = "0 3 * * *"
     try:
-        deployment = make_deployment(load_config(config), cron, name, out_root, interval, concurrency, keep)
+        cfg = load_config(config)
+        check_config(cfg, f"--config {config}" if config else "the default config")  # before serving anything
+        deployment = make_deployment(cfg, cron, name, out_root, interval, concurrency, keep)
     except RunError as e:
         _fail(str(e))
     every = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"

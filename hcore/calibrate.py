@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 
 class CalibrationError(ValueError):
-    """The target cannot be reached (wrong sign, or not even at gamma_max)."""
+    """The target cannot be reached (wrong sign, or not even at gamma_max). ``gamma`` is the
+    strength of the largest effect seen (None where no gamma raised the attribute)."""
+
+    def __init__(self, message: str, gamma: float | None = None):
+        super().__init__(message)
+        self.gamma = gamma
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ def calibrate_gamma(
                 )
             raise CalibrationError(
                 f"the attribute moves by at most {peak[1]:.4g} (at gamma {peak[0]:.4g}; {f_hi:+.4g} at gamma "
-                f"{hi:.4g}); the target {target} is out of reach: ask for less (--target)"
+                f"{hi:.4g}); the target {target} is out of reach: ask for less (--target)",
+                gamma=peak[0],
             )
         if f_hi > 0:
             lo, f_lo = hi, f_hi

@@ -1,7 +1,8 @@
 """Global semantic directions by PCA of h_t, per timestep (paper sec. 4.1, Fig. 5-6).
 
 For every timestep t the n vectorised activations h_t (n, D) are decomposed; direction j
-is the concatenation over t of the j-th principal component, sign-aligned across t and
+is the concatenation over t of the j-th principal component, sign-aligned across t (chained
+step to step, ``align_signs``) and
 scaled by that component's standard deviation, so that gamma is in units of sigma.
 
 Two streaming engines, both fed by a callable that yields row batches (B, D) of one
@@ -162,14 +163,41 @@ def fit_randomized(
     return TimestepPCA(mean, components.astype(np.float32), evals[order].astype(np.float32), total_var, n, it + 1)
 
 
-def align_signs(components: np.ndarray, reference: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flip each timestep's component j so that <c_{t,j}, c_{ref,j}> >= 0 (sec. 4.1: the
-    sign of a principal component is arbitrary; a direction over t needs one sign).
+WEAK_ALIGNMENT = 0.5  # |cos| between a component and its neighbour below this: the sign is a guess
 
-    components: (T, K, D). Returns (aligned components, flips (T, K) bool)."""
-    dots = np.einsum("tkd,kd->tk", components, components[reference])
-    flips = dots < 0
-    return np.where(flips[..., None], -components, components), flips
+
+def align_signs(components: np.ndarray, reference: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sign per direction over t, chained step to step (sec. 4.1: v_j concatenates the
+    j-th component of every timestep, and a component's sign is arbitrary).
+
+    The paper does not say how the signs are chosen. Matching every step to one reference
+    step by the sign of <c_{t,j}, c_{ref,j}> is a coin toss wherever the components of far
+    steps are nearly orthogonal (they reorder or rotate over t). Here the reference keeps
+    its sign and each step takes the sign that agrees with its already aligned neighbour
+    towards the reference: neighbouring steps see almost the same h, so their components
+    are close. The strength |<c_{t,j}, c_{t+-1,j}>| (the cosine; rows are unit vectors)
+    says how sure each choice was: 1 at the reference, near 0 where component j of step t
+    is not the neighbour's component j (a reordering), see ``weak_alignments``.
+
+    components: (T, K, D). Returns (aligned (T, K, D), flips (T, K) bool, strength (T, K))."""
+    steps, k, _ = components.shape
+    aligned = components.copy()
+    flips = np.zeros((steps, k), bool)
+    strength = np.ones((steps, k), np.float32)
+    order = [(t, t + 1) for t in range(reference - 1, -1, -1)] + [(t, t - 1) for t in range(reference + 1, steps)]
+    for t, neighbour in order:
+        dots = np.einsum("kd,kd->k", components[t], aligned[neighbour])
+        norms = np.linalg.norm(components[t], axis=1) * np.linalg.norm(aligned[neighbour], axis=1)
+        flips[t] = dots < 0
+        strength[t] = np.abs(dots) / np.maximum(norms, 1e-30)
+        aligned[t] = np.where(flips[t][:, None], -components[t], components[t])
+    return aligned, flips, strength
+
+
+def weak_alignments(strength: np.ndarray, threshold: float = WEAK_ALIGNMENT) -> dict[int, list[int]]:
+    """{component j: [steps t whose sign choice had |cos| < threshold]} from ``align_signs``."""
+    weak = strength < threshold
+    return {j: np.flatnonzero(weak[:, j]).tolist() for j in range(strength.shape[1]) if weak[:, j].any()}
 
 
 def directions_from_pca(components: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -42,9 +42,41 @@ def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> t
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
-def ddim_scheduler(scheduler) -> DDIMScheduler:
-    """A DDIMScheduler with the model's own noise schedule (e.g. from a DDPMScheduler)."""
-    sched = DDIMScheduler.from_config(scheduler.config)
+def eta_schedule(eta: float | str | Sequence[float], steps: int) -> list[float]:
+    """The paper's eta_t (eq. (5)) for each of ``steps`` steps (step 0 = first denoising step).
+
+    ``eta`` is one number for every step, a list of one number per step, or a window rule
+    ``"V@S0:S1"``: V at steps S0 <= s < S1 and 0 elsewhere (e.g. ``"1@0:10"``: stochastic
+    for the first ten steps, deterministic after). Raises ValueError naming what is wrong."""
+    if isinstance(eta, str):
+        value, at, window = eta.partition("@")
+        try:
+            v = float(value)
+            a, b = (int(x) for x in window.split(":")) if at else (0, steps)
+        except ValueError:
+            raise ValueError(f"eta {eta!r} is not a number, a list or a window rule V@S0:S1 (e.g. 1@0:10)") from None
+        if not 0 <= a < b <= steps:
+            raise ValueError(f"eta {eta!r}: the window must satisfy 0 <= S0 < S1 <= steps ({steps})")
+        etas = [v if a <= s < b else 0.0 for s in range(steps)]
+    elif np.isscalar(eta):
+        etas = [float(eta)] * steps
+    else:
+        etas = [float(e) for e in eta]
+        if len(etas) != steps:
+            raise ValueError(f"eta has {len(etas)} values for {steps} steps: give one per step")
+    bad = [e for e in etas if not (np.isfinite(e) and 0 <= e <= 1)]
+    if bad:
+        raise ValueError(f"eta must be in [0, 1] at every step, got {bad[0]}")
+    return etas
+
+
+def ddim_scheduler(scheduler, clip_sample: bool | None = None) -> DDIMScheduler:
+    """A DDIMScheduler with the model's own noise schedule (e.g. from a DDPMScheduler).
+
+    clip_sample: clamp P_t to [-1, 1] (None: as the model's scheduler config says). Eq. (3)
+    has no clipping and the paper authors' code turns it off; runs record their choice."""
+    overrides = {} if clip_sample is None else {"clip_sample": bool(clip_sample)}
+    sched = DDIMScheduler.from_config(scheduler.config, **overrides)
     if sched.config.prediction_type != "epsilon":
         raise ValueError(
             f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples epsilon-prediction models only"
@@ -118,7 +150,7 @@ def sample(
     scheduler,
     generators: Sequence[torch.Generator],
     num_inference_steps: int,
-    eta: float | Sequence[float] = 0.0,
+    eta: float | str | Sequence[float] = 1.0,
     edit: Edit | None = None,
     on_step: StepCallback | None = None,
     h_point: str = "output",
@@ -129,15 +161,15 @@ def sample(
 
     on_step(step, t, h) receives, after each U-Net pass, the h_t that pass used (edited
     if an edit is active), so the caller can stream h_{T:1} out without holding it all.
-    eta: one value, or one per step (the paper's eta_t).
+    eta: one value, one per step, or a window rule (the paper's eta_t; see ``eta_schedule``).
+    P_t is clipped only where ``scheduler.config.clip_sample`` says so (runs set it from
+    their ``clip_sample`` setting when they load the model; see data.models.load_for_run).
     stop_before: return x_t just before step ``stop_before`` (its U-Net pass), i.e. the
     replayed point at t = timesteps[stop_before], instead of x_0.
     """
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
-    etas = [float(eta)] * num_inference_steps if np.isscalar(eta) else [float(e) for e in eta]
-    if len(etas) != num_inference_steps:
-        raise ValueError(f"eta has {len(etas)} values for {num_inference_steps} steps")
+    etas = eta_schedule(eta, num_inference_steps)
     if edit is not None:
         for v in edit.directions:
             if v.shape[0] != num_inference_steps:

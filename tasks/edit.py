@@ -116,8 +116,17 @@ def render_edits(
 
 
 def load_directions(
-    specs: list[DirectionSpec], *, model_fingerprint: str, steps: int, h_shape, h_point: str, scheduler
+    specs: list[DirectionSpec],
+    *,
+    model_fingerprint: str,
+    steps: int,
+    h_shape,
+    h_point: str,
+    scheduler,
+    sampling: dict | None = None,
 ) -> list[torch.Tensor]:
+    """The direction files of ``specs``, refused where they do not fit the model, steps and
+    h point; ``sampling`` ({clip_sample, eta} of the edit) warns about other settings."""
     vectors = []
     for spec in specs:
         v, meta = dirfile.load(spec.path)
@@ -135,8 +144,20 @@ def load_directions(
                 h_point=h_point,
                 scheduler=dirfile.scheduler_name(scheduler),
             )
+            dirfile.warn_setting(spec.path, meta, sampling or {})
         vectors.append(v)
     return vectors
+
+
+def parse_scales(text: str) -> list[float]:
+    """--scales '-2,-1,0,1,2' -> the gammas of the grid's columns."""
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise RunError(f"--scales {text!r} is not a comma-separated list of numbers") from None
+    if not all(math.isfinite(g) for g in values):
+        raise RunError(f"--scales {text!r} holds a non-finite value")
+    return values
 
 
 def parse_window(text: str | None, steps: int) -> tuple[int, int] | None:
@@ -161,10 +182,11 @@ def edit_sample(
     model: str | None = None,
     seed: int = 0,
     steps: int = 20,
-    eta: float = 0.0,
+    eta: float = 1.0,
     window: str | None = None,
     asyrp: bool = False,
     device: str = "cpu",
+    clip_sample: str = "off",
 ) -> Path:
     """`hspace edit`: sample ``sample_index`` of a run (an inverted run's starts from its
     stored x_T), or sample 0 of ``model`` at ``seed``, rendered under the edits of
@@ -179,6 +201,8 @@ def edit_sample(
         raise RunError("give at least one --direction FILE[:gamma]")
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
+    if clip_sample not in ("off", "on", "model"):
+        raise RunError(f"--clip-sample must be off, on or model, got {clip_sample!r}")
     if (run_dir is None) == (model is None):
         raise RunError("give either RUN --sample I or --model M --seed S")
     if run_dir is not None:
@@ -187,15 +211,19 @@ def edit_sample(
         if sample_index is None or not (0 <= sample_index < cfg["n"]):
             raise RunError(f"--sample must be an index in [0, {cfg['n']}) for this run")
         ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-        run_dtype = cfg.get("dtype", "float32")
         spec = SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
         if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
             x_T = np.asarray(SampleStore(RunFolder(run_dir).samples).group["xT"][sample_index])
             spec = SampleSpec(**{**spec.__dict__, "x_T": torch.from_numpy(x_T)})
     else:
-        ref, run_dtype = models.resolve(model), "float32"
+        ref = models.resolve(model)
         spec = SampleSpec(seed, 0, steps, eta, "output")
-    unet, scheduler = models.load_for_run({"model": ref.to_dict(), "config": {"dtype": run_dtype}}, device=device)
+        cfg = {"dtype": "float32", "clip_sample": clip_sample == "on", "eta": eta}
+        if clip_sample == "model":
+            from hspace.tasks.sample import resolve_clip
+
+            cfg["clip_sample"] = resolve_clip("model", models.load(ref)[1])
+    unet, scheduler = models.load_for_run({"model": ref.to_dict(), "config": cfg}, device=device)
     specs = [parse_direction(d) for d in directions]
     vectors = load_directions(
         specs,
@@ -204,6 +232,7 @@ def edit_sample(
         h_shape=h_shape(unet),
         h_point=spec.h_point,
         scheduler=scheduler,
+        sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},
     )
     cells, rows, cols = plan_grid(specs, scales)
     images = render_edits(unet, scheduler, spec, vectors, cells, window=parse_window(window, spec.steps), asyrp=asyrp)

@@ -1,6 +1,7 @@
 """Sample efficiency of eq. (10) in h vs x_T (paper Fig. 8): directions for one attribute
 from n = 1, 3, 10, 30, 100 top/bottom pairs among the samples before the held-out ones,
-in h and in x_T (DDIM, eta = 0), applied at gamma to the held-out samples; the
+in h and in x_T, all at DDIM (eta = 0) as the paper compares them, applied at gamma to
+the held-out samples; the
 annotator's mean change of the attribute per n, and the RMS pixel change of the edit
 (how much of the image it replaces: an x_T "edit" from few pairs swaps the noise)."""
 
@@ -8,9 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from hspace.data import models
 from hspace.data.annotators import load_annotator
 from hspace.data.catalog import RunError, RunFolder, require_sampled
+from hspace.hcore.sampler import eta_schedule
+from hspace.hcore.supervised import top_bottom
 
 
 def sample_efficiency(
@@ -22,8 +28,15 @@ def sample_efficiency(
     ns: tuple[int, ...] = (1, 3, 10, 30, 100),
     device: str = "cpu",
     max_samples: int | None = None,
+    pool: int = 256,
 ) -> dict:
-    """``max_samples``: edit only the first this many held-out samples (a quicker figure)."""
+    """``max_samples``: edit only the first this many held-out samples (a quicker figure).
+
+    The paper compares at eta = 0 (sec. 5, Fig. 8): there x_T alone decides the image, so an
+    x_T direction is a fair rival. A run sampled at eta = 0 gives its stored h and
+    annotations; a run at another eta (the paper's synthesis default is 1) has its first
+    ``pool`` samples redrawn with DDIM (eta = 0, the same seeds, so the same x_T) and
+    scored by ``annotator``, in memory."""
     from hspace.hcore.sampler import Edit, draw_noise, make_generators, sample
     from hspace.tasks.supervised import mean_difference
 
@@ -31,8 +44,6 @@ def sample_efficiency(
     meta = run.read()
     require_sampled(meta, "the sample-efficiency figure")
     cfg = meta["config"]
-    if cfg["eta"] != 0:
-        raise RunError("Fig. 8 compares DDIM (eta = 0) runs; this run has eta > 0")
     first = cfg["n"] - held_out
     if first < 2 or held_out < 1:
         raise RunError(f"held_out {held_out} leaves {first} samples to build directions from")
@@ -42,13 +53,31 @@ def sample_efficiency(
     if attribute not in net.names:
         raise RunError(f"{annotator} does not score {attribute!r}; it scores {', '.join(net.names)}")
     col = list(net.names).index(attribute)
+    deterministic = not any(eta_schedule(cfg["eta"], cfg["steps"]))
+    if deterministic:
+        ranked = first
+
+        def direction(n: int, latent: str) -> torch.Tensor:
+            return mean_difference(run, attribute, n, latent, first=first)[0]  # built, never saved
+    else:
+        ranked = min(first, pool)
+        h_pool, scores = ddim_pool(unet, scheduler, net, cfg, list(range(ranked)), col)
+
+        def direction(n: int, latent: str) -> torch.Tensor:
+            pos, neg = (torch.from_numpy(i) for i in top_bottom(scores, n))
+            if latent == "h":
+                return h_pool[pos].float().mean(0) - h_pool[neg].float().mean(0)
+            shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            x_T = [draw_noise(make_generators(cfg["seed"], idx.tolist()), shape) for idx in (pos, neg)]
+            return (x_T[0].mean(0) - x_T[1].mean(0))[None]
+
     base_x0 = sample(unet, scheduler, make_generators(cfg["seed"], held), cfg["steps"], 0.0, h_point=cfg["h_point"])
     base = net.score(base_x0)[:, col]
-    ns = [n for n in ns if n <= first // 2]
+    ns = [n for n in ns if n <= ranked // 2]
     change, moved = {}, {}
     for latent in ("h", "xT"):
         for n in ns:
-            v, _, _ = mean_difference(run, attribute, n, latent, first=first)  # built, never saved
+            v = direction(n, latent)
             gens = make_generators(cfg["seed"], held)
             if latent == "h":
                 x0 = sample(unet, scheduler, gens, cfg["steps"], 0.0, edit=Edit([v], [gamma]), h_point=cfg["h_point"])
@@ -58,7 +87,35 @@ def sample_efficiency(
             x0 = x0.cpu()
             change[f"{latent}:{n}"] = float((net.score(x0)[:, col] - base).mean())
             moved[f"{latent}:{n}"] = float(((x0 - base_x0.cpu()) ** 2).mean().sqrt())
-    return {"attribute": attribute, "gamma": gamma, "held_out": len(held), "ns": ns, "change": change, "moved": moved}
+    return {
+        "attribute": attribute,
+        "gamma": gamma,
+        "held_out": len(held),
+        "ns": ns,
+        "change": change,
+        "moved": moved,
+        "eta": 0.0,
+        "ranked_from": "the run's stored samples" if deterministic else f"samples 0..{ranked - 1} redrawn at eta 0",
+    }
+
+
+def ddim_pool(unet, scheduler, net, cfg: dict, indices: list[int], column: int, batch_size: int = 64):
+    """Samples ``indices`` redrawn with DDIM (eta = 0) from their seeds: (h_{T:1} as float16
+    (n, T, C, H, W), the annotator's score of ``column`` (n,))."""
+    from hspace.hcore.sampler import make_generators, sample
+
+    hs, scores = [], []
+    for start in range(0, len(indices), batch_size):
+        part, per_step = indices[start : start + batch_size], []
+
+        def keep(step: int, t: int, h: torch.Tensor, into: list = per_step) -> None:
+            into.append(h.detach().float().cpu().half())
+
+        gens = make_generators(cfg["seed"], part)
+        x0 = sample(unet, scheduler, gens, cfg["steps"], 0.0, on_step=keep, h_point=cfg["h_point"])
+        hs.append(torch.stack(per_step, 1))
+        scores.append(net.score(x0)[:, column].cpu().numpy())
+    return torch.cat(hs), np.concatenate(scores)
 
 
 def table_md(result: dict) -> str:

@@ -162,7 +162,13 @@ def run_evaluation(
                 try:
                     c = metrics.calibrate_edit(unet, scheduler, net, cfg, cal_idx, v, j, goal, cal_base)
                 except CalibrationError as e:
-                    raise RunError(f"--gamma auto: direction {d!r} ({label}): {e}") from None
+                    # one direction out of reach must not throw away a night of sampling: it is
+                    # scored at the strength of its largest effect (1 if none), flagged as such
+                    fallback = e.gamma if e.gamma is not None else 1.0
+                    gammas.append(fallback)
+                    calibration[d] = {"gamma": fallback, "target": goal, "converged": False, "failed": str(e)}
+                    log(f"warning: {label} {d}: --gamma auto failed ({e}); scored at gamma {fallback:.3g}")
+                    continue
                 gammas.append(c.gamma)
                 calibration[d] = {
                     "gamma": c.gamma,
@@ -185,5 +191,10 @@ def run_evaluation(
         summary[label].update(metrics.leakage_means(matrix, rows, columns, set(columns) - set(degrees)))
         if set(degrees) & set(columns):
             summary[label]["degrees"] = metrics.leakage_means(matrix, rows, columns, set(degrees))
+        probabilities = set(columns) - set(degrees)
+        summary[label]["per_direction"] = {  # each direction's own leakage, to say which one a projection worsened
+            d: metrics.leakage_means(matrix[i : i + 1], [r], columns, probabilities)["mean_offdiagonal"]
+            for i, (d, r) in enumerate(zip(names, rows, strict=True))
+        }
     out.write_summary(summary)
     return summary

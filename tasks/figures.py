@@ -48,7 +48,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     pcs = [run.direction(f"pc{j:02d}") for j in range(f.pcs)]
     pcs = [p for p in pcs if p.exists()]
     attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
-    efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators and meta["config"]["eta"] == 0)
+    efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators)
     planned = (  # the figures below, for the progress bar's total
         1
         + (bool(pcs) and f.name_samples > 0 and bool(cfg.annotate.annotators))
@@ -134,6 +134,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             (1, 3, 10, 30),
             device,
             max_samples=32,
+            pool=128,
         )
         run.figure("sample_efficiency.json").write_text(json.dumps(result, indent=2))
         add(run.figure("sample_efficiency.json"), efficiency_plot(result, run.figure("sample_efficiency.png")))

@@ -26,7 +26,7 @@ from hspace.hcore import pca as hpca
 
 log = logging.getLogger(__name__)
 
-PCA_CODE_VERSION = "pca-1"
+PCA_CODE_VERSION = "pca-2"  # pca-2: signs chained step to step
 
 
 def choose_method(method: str, n: int, d: int) -> str:
@@ -157,7 +157,16 @@ def run_pca(
             client.cluster.close()
     wall = time.perf_counter() - t0
     components = np.stack([results[t].components for t in range(steps)])
-    components, flips = hpca.align_signs(components, ref)
+    components, flips, alignment = hpca.align_signs(components, ref)
+    weak = hpca.weak_alignments(alignment)
+    if weak:
+        where = "; ".join(
+            f"pc{j:02d} at step {','.join(map(str, at[:6]))}{'...' if len(at) > 6 else ''}" for j, at in weak.items()
+        )
+        log.warning(
+            f"PCA signs uncertain where a component's |cos| with its neighbouring step's is < {hpca.WEAK_ALIGNMENT} "
+            f"(components reorder there): {where}; see pca.zarr 'sign_alignment'"
+        )
     ev = np.stack([results[t].explained_variance for t in range(steps)])
     ratio = np.stack([results[t].explained_variance_ratio for t in range(steps)]).astype(np.float32)
     std = np.sqrt(np.maximum(ev, 0)).astype(np.float32)
@@ -169,6 +178,7 @@ def run_pca(
             "explained_variance_ratio": ratio,
             "std": std,
             "sign_flips": flips,
+            "sign_alignment": alignment,
         },
         {
             "method": method,
@@ -188,6 +198,7 @@ def run_pca(
         "wall_seconds": wall,
         "directions": names,
         "explained_variance_ratio_mean": ratio.mean(0).tolist(),
+        "weak_sign_alignment": {f"pc{j:02d}": at for j, at in weak.items()},
     }
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from hspace.data.catalog import RunFolder
-from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change, table_title
+from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change, leaked_more, table_title
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -51,6 +51,15 @@ def _csv_table(path: Path) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def sampling_text(config: dict) -> str:
+    """How the run sampled: steps, eta (eq. (5)) and the clipping of P_t."""
+    eta = config.get("eta")
+    eta_text = f"eta {eta:g}" if isinstance(eta, int | float) else f"eta per step {eta}"
+    clip = config.get("clip_sample")
+    clip_text = "P_t clipping as the model's scheduler" if clip is None else f"P_t clipping {'on' if clip else 'off'}"
+    return f"{config.get('steps')} steps, {eta_text}, {clip_text}"
+
+
 def _num(x) -> str:
     return "–" if x is None else f"{x:.3g}"
 
@@ -84,6 +93,22 @@ def _findings(ev: EvalFolder) -> list[str]:
             f"{text} ({summary.get('n')} held-out samples, "
             f"evaluator {html.escape(str(summary.get('evaluator')))}).</p>"
         )
+    worse = leaked_more(summary)
+    if worse:
+        items = ", ".join(
+            f"<b>{html.escape(w['direction'])}</b> {_num(w['before'])} → {_num(w['after'])} "
+            f"({html.escape(table_title(w['table'], summary))})"
+            for w in worse
+        )
+        parts.append(
+            f"<p class='warn' id='leaked-more'>Leaks more after the projection: {items}. Eq. (11) removes the "
+            "components along the other directions, not leakage itself: where directions are correlated, the "
+            "projection can turn a direction towards other attributes.</p>"
+        )
+    failed = {d: c for t in (summary.get("calibration") or {}).values() for d, c in t.items() if c.get("failed")}
+    if failed:
+        items = "; ".join(f"<b>{html.escape(d)}</b>: {html.escape(c['failed'])}" for d, c in failed.items())
+        parts.append(f"<p class='warn'>--gamma auto missed its target, scored at its strongest gamma: {items}</p>")
     parts.append(
         "<table id='summary'><tr><th>direction</th><th>its own attribute</th><th>moves most</th><th>by</th>"
         "<th>leakage before</th>"
@@ -144,11 +169,12 @@ def write_report(run: RunFolder) -> Path:
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "img{max-width:100%;image-rendering:pixelated;border:1px solid #ccc}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-        "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}.warn{background:#fff3cd;padding:4px 8px}"
+        "</style></head><body>",
         f"<h1>hspace run <code>{html.escape(str(run.root))}</code></h1>",
         f"<p>model <code>{html.escape(str(meta['model'].get('id')))}</code> "
         f"(fingerprint {html.escape(str(meta['model'].get('fingerprint', ''))[:12])}), "
-        f"created {html.escape(str(meta.get('created')))}</p>",
+        f"created {html.escape(str(meta.get('created')))}; {html.escape(sampling_text(meta['config']))}</p>",
     ]
     ev = EvalFolder(run.eval)
     parts += _findings(ev)

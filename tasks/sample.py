@@ -51,11 +51,21 @@ def resolve_device(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_model(path: str, fingerprint: str, device: str, dtype: str):
+def cached_model(path: str, fingerprint: str, device: str, dtype: str, clip_sample: bool | None = None):
     import torch
 
     model = {"id": path, "path": path, "revision": None, "fingerprint": fingerprint}
-    return models.load_for_run({"model": model}, device=device, dtype=getattr(torch, dtype))  # never mixes models
+    meta = {"model": model, "config": {"clip_sample": clip_sample}}
+    return models.load_for_run(meta, device=device, dtype=getattr(torch, dtype))  # never mixes models
+
+
+def run_model(meta: dict):
+    """(unet, scheduler) of a run as its shards sample: cached per process (a Dask worker
+    loads it once), in the run's dtype, clipping P_t as the run says."""
+    cfg = meta["config"]
+    return cached_model(
+        meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"], cfg.get("clip_sample")
+    )
 
 
 def _device(meta: dict) -> str:
@@ -90,7 +100,7 @@ def prepare_store(run: RunFolder) -> SampleStore:
                 "restore it, or sample into a new --out"
             )
         return store
-    unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
+    unet, scheduler = run_model(meta)
     from hspace.hcore.hspace import h_shape
     from hspace.hcore.sampler import ddim_scheduler, sample_seed
 
@@ -117,7 +127,7 @@ def open_shard(run_dir: str, shard: int):
     store = SampleStore(run.samples, mode="r+")
     if store.done[shard] == 1:
         return None
-    unet, scheduler = cached_model(meta["model"]["path"], meta["model"]["fingerprint"], _device(meta), cfg["dtype"])
+    unet, scheduler = run_model(meta)
     return cfg, store, store.layout.shard_rows(shard), unet, scheduler
 
 
@@ -235,4 +245,29 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
     config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet) if extra else {})
-    return None if dry else init_run(run, config, ref, scheduler, device)
+    config["eta"] = resolve_eta(config["eta"], section.steps)
+    config["clip_sample"] = resolve_clip(section.clip_sample, scheduler)
+    if dry:  # a folder holding another run is refused here too, before the lock and Prefect
+        if run.exists():
+            from hspace.data.directions import scheduler_name
+
+            run.refuse_other_run(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)})
+        return None
+    return init_run(run, config, ref, scheduler, device)
+
+
+def resolve_eta(eta, steps: int) -> float | list[float]:
+    """The eta a run records: one number where every step has the same, else one per step
+    (hcore.sampler.eta_schedule); RunError naming --eta for a bad value."""
+    from hspace.hcore.sampler import eta_schedule
+
+    try:
+        etas = eta_schedule(eta, steps)
+    except ValueError as e:
+        raise RunError(f"--{e}") from None  # every message of eta_schedule starts with "eta"
+    return etas[0] if len(set(etas)) == 1 else etas
+
+
+def resolve_clip(setting: str, scheduler) -> bool:
+    """--clip-sample off | on | model (the model's scheduler config) -> the bool a run records."""
+    return bool(scheduler.config.get("clip_sample", False)) if setting == "model" else setting == "on"

@@ -20,7 +20,7 @@ from hspace.tasks.config import RunConfig
 from hspace.tasks.progress import progress_bar
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "stages-2"  # part of every fingerprint: bump when a stage's maths or layout changes
+CODE_VERSION = "stages-3"  # part of every fingerprint: bump when a stage's maths or layout changes
 PIPELINE = PIPELINE_STAGES
 
 
@@ -169,14 +169,14 @@ def _pca(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
             p.complete_shards_only,
             progress=lambda i: bar.advance(job, i),
         )
-    files = [run.pca] + [run.direction(d) for d in r["directions"]]
     return {
-        "outputs": _outputs(run, files),
+        "outputs": _outputs(run, [run.pca] + [run.direction(d) for d in r["directions"]]),
         "method": r["method"],
         "k": p.components,
         "n_samples": r["n"],
         "wall_seconds": round(r["wall_seconds"], 2),
         "variance_ratio": r["explained_variance_ratio_mean"][:5],
+        "weak_sign_alignment": r["weak_sign_alignment"],
     }
 
 

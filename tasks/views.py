@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hspace.data.catalog import PIPELINE_STAGES
-from hspace.data.eval_folder import TABLES, leakage_change
+from hspace.data.eval_folder import TABLES, leakage_change, leaked_more, table_title
 
 
 def human(nbytes: float | None) -> str:
@@ -154,9 +154,16 @@ def leakage(result: dict) -> str:
         for label, c in changes
         if c
     ]
+    failed = [d for t in (summary.get("calibration") or {}).values() for d, c in t.items() if c.get("failed")]
+    miss = f"; gamma auto missed its target for {', '.join(sorted(set(failed)))}" if failed else ""
     if not text:
-        return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}"
-    return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text)
+        return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}{miss}"
+    worse = leaked_more(summary)
+    worse_text = [
+        f"{w['direction']} {w['before']:.3g} -> {w['after']:.3g} ({table_title(w['table'], summary)})" for w in worse
+    ]
+    warn = "; leaks MORE after the projection: " + ", ".join(worse_text) if worse else ""
+    return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text) + warn + miss
 
 
 def recon(r: dict) -> str:
@@ -178,7 +185,9 @@ def jac(r: dict) -> str:
 
 def pca_line(r: dict) -> str:
     ratios = ", ".join(f"{x:.3f}" for x in r["variance_ratio"])
-    return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}"
+    weak = r.get("weak_sign_alignment") or {}
+    signs = f"; sign uncertain at some steps for {', '.join(weak)}" if weak else ""
+    return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}{signs}"
 
 
 def names_line(r: dict) -> str:
@@ -200,3 +209,40 @@ def configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLine())
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def show_plan(plan: dict, console: Console) -> None:
+    """`hspace run --plan`: stages run or skipped, UNet passes, disk, time estimate."""
+    per = plan["seconds_per_sample_pass"]
+    console.print(
+        f"[bold]plan[/] for {plan['out']}: model {plan['model']} on {plan['device']} ({plan['dtype']}), "
+        f"{plan['samples']:,} samples x {plan['steps']} steps, h = {'x'.join(map(str, plan['h_shape']))}"
+        + (f"; probe: {per * 1000:.2f} ms per sample-pass of the UNet" if per is not None else "")
+    )
+    rows = [
+        (s["stage"], s["state"], f"{s['unet_passes']:,}" if s["unet_passes"] else "-", duration(s["seconds"]))
+        for s in plan["stages"]
+    ]
+    console.print(table("stages", ["stage", "would", "UNet sample-passes", "estimate"], rows))
+    c, h, w = plan["h_shape"]
+    h_bytes = plan["disk_bytes"]["h (samples.zarr)"]
+    console.print(
+        f"disk: h = {plan['samples']:,} x {plan['steps']} x {c}x{h}x{w} x 2 B = {h_bytes / 1e9:.3g} GB "
+        f"({human(h_bytes)})"
+        + "".join(f"; {k} {human(v)}" for k, v in plan["disk_bytes"].items() if not k.startswith("h "))
+    )
+    if plan["total_seconds"] is not None:
+        console.print(
+            f"time: about {duration(plan['total_seconds'])} of UNet passes (the probe's rate x the passes above; "
+            "annotation, PCA and I/O come on top); nothing was written"
+        )

@@ -69,6 +69,18 @@ def loaded_model(model_dir):
 
 
 @pytest.fixture(scope="session")
+def oracle_dir(tmp_path_factory) -> Path:
+    """A random-weight oracle of the toy world's names, saved as the shipped one is."""
+    from hspace.data import toyfaces
+    from hspace.data.annotators import save_oracle
+    from hspace.hcore.annotators import OracleNet
+
+    torch.manual_seed(2)
+    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
+    return save_oracle(net, tmp_path_factory.mktemp("oracle") / "o")
+
+
+@pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """One ephemeral Prefect API for all tests that run flows (start-up costs 10-25 s)."""
     home = tmp_path_factory.mktemp("prefect-home")

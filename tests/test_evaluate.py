@@ -39,8 +39,9 @@ def test_calibration_on_a_step_like_function_and_its_errors():
     with pytest.raises(CalibrationError, match="out of reach"):
         calibrate_gamma(lambda g: 0.01 * g, 0.5, gamma_max=8)
     # rises, then breaks down at large gamma (the image falls apart): the peak is reported
-    with pytest.raises(CalibrationError, match=r"at most 0\.2 \(at gamma 4"):
+    with pytest.raises(CalibrationError, match=r"at most 0\.2 \(at gamma 4") as info:
         calibrate_gamma(lambda g: 0.05 * g if g <= 4 else 0.2 - 0.1 * (g - 4), 0.5)
+    assert info.value.gamma == 4  # where evaluate scores a direction whose target is out of reach
     with pytest.raises(CalibrationError, match="must be positive"):
         calibrate_gamma(lambda g: g, 0.0)
 
@@ -171,6 +172,24 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     assert line.startswith(f"leakage off-diagonal {off['original']:.3g} -> {off['disentangled']:.3g} (")
     assert f"; as written {off['as_written']:.3g} (" in line
     assert not np.allclose(expected["as_written"], expected["disentangled"])  # the two projections differ
+    # each direction's own leakage, and the ones a projection made worse named in the stage line
+    from hspace.data.eval_folder import leaked_more
+
+    for label, matrix in expected.items():
+        for i, name in enumerate(names):
+            own = np.abs(np.delete(matrix[i], i)).mean()
+            assert summary[label]["per_direction"][name] == pytest.approx(own, rel=1e-4)
+    worse = {
+        (label, name)
+        for label in ("disentangled", "as_written")
+        for i, name in enumerate(names)
+        if np.abs(np.delete(expected[label][i], i)).mean() > np.abs(np.delete(expected["original"][i], i)).mean()
+    }
+    assert {(w["table"], w["direction"]) for w in leaked_more(summary)} == worse
+    assert worse, "the random directions of this test were chosen so that a projection makes one leak more"
+    assert ("leaks MORE after the projection" in line) == bool(worse)
+    for _, name in worse:
+        assert f"{name} " in line.split("leaks MORE")[1]
 
     again = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, keep_norm=False, log=print)
     assert "as_written" not in again  # without the rescaling the second table already is eq. (11) as written
@@ -178,3 +197,42 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
 
     assert table_title("disentangled", again) == "eq. (11) as written"
     assert table_title("disentangled", summary) == "eq. (11), norm kept"
+
+
+def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, tmp_path):
+    """A night of sampling must not end in an error because one direction cannot reach the
+    calibration target: it is scored at gamma 1 (no positive effect seen) and flagged in the
+    summary and the stage line; the others are calibrated as usual."""
+    from hspace.data import annotators, models
+    from hspace.data import directions as dirfile
+    from hspace.data.catalog import RunFolder
+    from hspace.hcore import hspace as hs
+    from hspace.tasks.evaluate import run_evaluation
+    from hspace.tasks.views import leakage
+
+    names = ["Smiling", "Male", "Young"]
+    vs = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, -1.0])]  # Young lowers Young
+
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+        change = np.zeros(3) if v is None else 0.25 * gamma * v.numpy().astype(np.float64)
+        return np.tile(0.5 + change, (len(indices), 1))
+
+    monkeypatch.setattr(metrics, "edit_scores", fake_scores)
+    monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
+    monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: type("N", (), {"names": tuple(names)})())
+    monkeypatch.setattr(hs, "h_shape", lambda unet: (3,))
+    monkeypatch.setattr(
+        dirfile, "load_for_run", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
+    )
+    run = RunFolder(tmp_path / "run")
+    run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})
+    lines = []
+    summary = run_evaluation(str(run.root), names, n=4, gamma=None, calibration_n=2, log=lines.append)
+    cal = summary["calibration"]["original"]
+    assert cal["Smiling"]["gamma"] == pytest.approx(2.0, rel=0.05) and cal["Smiling"]["converged"]
+    assert (
+        cal["Young"]["gamma"] == 1.0 and not cal["Young"]["converged"] and "does not raise it" in cal["Young"]["failed"]
+    )
+    assert summary["original"]["gamma"]["Young"] == 1.0
+    assert any(x.startswith("warning: original Young: --gamma auto failed") for x in lines)
+    assert "gamma auto missed its target for Young" in leakage({"summary": summary})

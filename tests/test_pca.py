@@ -79,11 +79,40 @@ def test_signs_aligned_with_reference_and_flips_recorded(synthetic_run):
     arrays, attrs = PCAStore(run.root / "pca.zarr").read()
     c = arrays["components"]
     assert attrs["reference_step"] == 1
-    assert (np.einsum("tkd,kd->tk", c, c[1]) >= 0).all()
+    # chained: every step agrees with its neighbour towards the reference
+    assert (np.einsum("tkd,tkd->tk", c[1:], c[:-1]) >= 0).all()
     assert arrays["sign_flips"].dtype == bool and not arrays["sign_flips"][1].any()
+    assert arrays["sign_alignment"].shape == (STEPS, 5) and (arrays["sign_alignment"][1] == 1).all()
     comps = np.stack([-c[0], c[1]])  # unaligned input: the flip is found and recorded
-    aligned, flips = hpca.align_signs(comps, 1)
+    aligned, flips, strength = hpca.align_signs(comps, 1)
     assert flips[0].all() and np.array_equal(aligned[0], c[0])
+    np.testing.assert_allclose(strength[0], np.abs(np.einsum("kd,kd->k", c[0], c[1])), rtol=1e-5)
+
+
+def test_sign_chain_follows_a_rotating_component_and_flags_a_reordering():
+    """A component that turns 30 degrees per step: by step 4 it is 120 degrees from step 0,
+    so matching every step to the reference flips it there; chaining does not. Random sign
+    noise on the input is undone up to the reference's sign. A swap of two components at
+    one step is a reordering: its alignment strength is ~0 and it is reported."""
+    rng = np.random.default_rng(0)
+    angles = np.radians(30 * np.arange(6))
+    truth = np.zeros((6, 2, 4))
+    truth[:, 0, 0], truth[:, 0, 1] = np.cos(angles), np.sin(angles)
+    truth[:, 1, 2], truth[:, 1, 3] = np.cos(angles / 3), np.sin(angles / 3)
+    noise = rng.choice([-1.0, 1.0], size=(6, 2))
+    noise[0] = 1.0
+    aligned, flips, strength = hpca.align_signs(truth * noise[..., None], reference=0)
+    np.testing.assert_allclose(aligned, truth, atol=1e-12)
+    np.testing.assert_array_equal(flips, noise < 0)
+    np.testing.assert_allclose(strength[1:, 0], np.cos(np.radians(30)), rtol=1e-6)
+    assert hpca.weak_alignments(strength) == {}
+    # the old rule (sign of the dot with the reference step) gets step 4 and 5 wrong
+    old = np.einsum("tkd,kd->tk", truth, truth[0]) < 0
+    assert old[4:, 0].all()
+    swapped = truth.copy()
+    swapped[3:, [0, 1]] = truth[3:, [1, 0]]  # components reorder from step 3 on
+    _, _, strength = hpca.align_signs(swapped, reference=0)
+    assert strength[3].max() < 0.2 and hpca.weak_alignments(strength) == {0: [3], 1: [3]}
 
 
 def test_directions_and_norm_matched_random_baseline(synthetic_run):

@@ -10,7 +10,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -25,17 +24,6 @@ runner = CliRunner()
 
 def hspace(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def oracle_dir(tmp_path_factory):
-    from hspace.data import toyfaces
-    from hspace.data.annotators import save_oracle
-    from hspace.hcore.annotators import OracleNet
-
-    torch.manual_seed(2)
-    net = OracleNet(list(toyfaces.BINARY_ATTRIBUTES), list(toyfaces.POSE_ATTRIBUTES), width=8).eval()
-    return save_oracle(net, tmp_path_factory.mktemp("oracle") / "o")
 
 
 def write_config(path, model_dir, oracle_dir, **changes):
@@ -74,7 +62,7 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     # each stage ends with one line and its headline; no third-party warning blocks (accelerate is installed)
     headline = (
         r"^evaluate: done in [\d.]+ s; leakage off-diagonal \S+ -> \S+ \([+-]\d+%\), diagonal kept \d+%; "
-        r"as written \S+ \([+-]\d+%\), diagonal kept \d+%$"
+        r"as written \S+ \([+-]\d+%\), diagonal kept \d+%(; leaks MORE after the projection: .+)?$"
     )
     assert re.search(headline, first.output, re.M), first.output
     assert "low cpu memory usage" not in first.output and "accelerate" not in first.output
@@ -147,6 +135,28 @@ def test_pipeline_runs_caches_and_recomputes_downstream(pipeline_run, model_dir,
     assert tree_digest(out) == before
 
 
+def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_run, tmp_path):
+    from tests.test_cli import tree_digest
+
+    out, config, _ = pipeline_run
+    before = tree_digest(out)
+    result = hspace("run", "--config", config, "--out", out, "--plan")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("skip (cached)") == len(STAGES) and tree_digest(out) == before
+    changed = tmp_path / "changed.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["directions"]["top"] = 2
+    changed.write_text(yaml.safe_dump(cfg))
+    plan = hspace("run", "--config", changed, "--out", out, "--plan").output
+    # directions and everything downstream of it would run; sample, annotate and pca stay cached
+    states = dict(re.findall(r"│ (\w+)\s+│ (run|skip \(cached\))", plan))
+    assert states == {
+        **dict.fromkeys(["sample", "annotate", "pca"], "skip (cached)"),
+        **dict.fromkeys(["directions", "disentangle", "evaluate", "figures", "report"], "run"),
+    }, plan
+    assert tree_digest(out) == before
+
+
 def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
     out = tmp_path / "never"
     bad = tmp_path / "bad.yaml"
@@ -157,7 +167,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
         ("samples: {}\n", "samples: unknown key"),
         ("- just a list\n", "must be a mapping"),
         ("pca: [\n", "not valid YAML"),
-        ("disentangle: {conditions: {Bald: [Male]}}\n", "not in directions.attributes"),
+        ("disentangle: {conditions: {Bald: [Male]}}\n", "'Bald' is not among directions.attributes"),
     ):
         bad.write_text(text)
         assert_refused(hspace("run", "--config", bad, "--out", out), needle)

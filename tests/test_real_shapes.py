@@ -103,6 +103,52 @@ def save_model(folder: Path, config: dict) -> Path:
     return folder
 
 
+def pointed_at(shipped: dict, model: Path, annotators: dict[str, str]) -> dict:
+    """The shipped CelebA-HQ example with only its paths pointed at the stand-ins (and the
+    device at the CPU): every number as shipped."""
+    cfg = json.loads(json.dumps(shipped))
+    cfg["device"] = "cpu"
+    cfg["sample"]["model"] = str(model)
+    cfg["annotate"]["annotators"] = [annotators["celeba40"], annotators["hopenet"]]
+    cfg["evaluate"]["evaluator"] = annotators["clip"]
+    return cfg
+
+
+def test_celeba_example_passes_the_check_as_shipped_and_runs_scaled_in_n(prefect_server, annotators, tmp_path):
+    """The shipped CelebA-HQ example (`hspace config --example --celeba`), pointed at the
+    stand-ins, passes the whole-config check with every number unchanged, on the CelebA-HQ
+    layout. Then it runs to its report scaled down in n only: n, held-out, evaluate n,
+    calibration samples and top-k divided by 100 (10,000 -> 100), everything else as shipped
+    (50 steps, eta 1, no clipping, gamma auto, CLIP prompts, the disentangle conditions,
+    figures), on the attention UNet in float32 so that 50 steps fit a CPU."""
+    from hspace.tasks.check import config_problems
+    from hspace.tasks.config import RunConfig
+
+    shipped = yaml.safe_load(hspace("config", "--example", "--celeba").output)
+    cfg = pointed_at(shipped, save_model(tmp_path / "celebahq", CELEBAHQ), annotators)
+    problems, facts = config_problems(RunConfig.model_validate(cfg))
+    assert problems == [] and facts.h_shape == (16, 8, 8)
+    assert cfg["disentangle"]["conditions"] == {"Eyeglasses": ["Young", "Male"], "Wearing_Hat": ["Male"]}
+    assert cfg["sample"]["eta"] == 1.0 and cfg["sample"]["clip_sample"] in ("off", False)
+
+    cfg = pointed_at(shipped, save_model(tmp_path / "attn2", ATTN2), annotators)
+    cfg["sample"].update(n=shipped["sample"]["n"] // 100, dtype="float32")
+    cfg["directions"].update(held_out=shipped["directions"]["held_out"] // 100, top=shipped["directions"]["top"] // 100)
+    cfg["evaluate"].update(n=shipped["evaluate"]["n"] // 100, calibration_n=shipped["evaluate"]["calibration_n"] // 100)
+    config = tmp_path / "celeba-scaled.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    hspace("run", "--config", config, "--out", run)
+    meta = RunFolder(run).read()
+    assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES), meta["stages"]
+    assert meta["config"]["steps"] == 50 and meta["config"]["eta"] == 1.0 and meta["config"]["clip_sample"] is False
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["n"] == 9 and set(summary["calibration"]["original"]) == set(shipped["directions"]["attributes"])
+    assert set(summary["disentangled_against"]["Eyeglasses"]) == {"Young", "Male"}
+    assert summary["disentangled_against"]["Wearing_Hat"] == ["Male"]
+    assert (run / "report.html").stat().st_size > 10_000 and (run / "figures" / "sample_efficiency.png").exists()
+
+
 def celeba_config(path: Path, model: Path, annotators: dict[str, str], dtype: str) -> Path:
     """The shipped CelebA-HQ example with paths and sizes swapped for these stand-ins."""
     cfg = yaml.safe_load(hspace("config", "--example", "--celeba").output)
@@ -151,7 +197,7 @@ def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, sha
 
     unet, scheduler = models.load_for_run(meta)
     assert next(unet.parameters()).dtype == getattr(torch, dtype)
-    x0 = sample(unet, scheduler, make_generators(0, range(8, 16)), 4, 0.0)
+    x0 = sample(unet, scheduler, make_generators(0, range(8, 16)), 4, meta["config"]["eta"])
     np.testing.assert_array_equal(to_uint8(x0).numpy(), store.x0[8:16])
 
     grid = tmp_path / "grid.png"

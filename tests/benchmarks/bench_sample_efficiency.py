@@ -1,7 +1,9 @@
 """Sample efficiency of eq. (10) in h vs x_T (paper Fig. 8), on the toy world.
 
-Uses an annotated toy run with DDIM eta = 0 (default runs/pca-toy from bench_pca_toy.py;
-annotates it if needed). Directions for the attribute from n = 1, 3, 10, 30, 100
+Uses an annotated toy run sampled with DDIM (eta = 0), as the paper compares h and x_T
+(default runs/fig8-toy: 512 samples, 20 steps, sampled and annotated here if missing; a run
+at another eta has its samples redrawn at eta = 0 by tasks/efficiency.py). Directions for
+the attribute from n = 1, 3, 10, 30, 100
 top/bottom pairs among the first N - 64 samples, in h and in x_T, applied at gamma to the
 64 held-out samples; prints the oracle's mean change per n and the RMS pixel change of
 the edit (tasks/efficiency.py), and writes a PNG plot per attribute (FILE_ATTRIBUTE.png).
@@ -10,7 +12,7 @@ Issue 15's target, checked per attribute: the h direction from 10 pairs reaches 
 its change at 100 pairs, while its RMS pixel change stays below half of the x_T
 direction's at the same n (an edit, not a replacement).
 
-    python tests/benchmarks/bench_sample_efficiency.py [--run runs/pca-toy] [--attribute A,B|all]
+    python tests/benchmarks/bench_sample_efficiency.py [--run runs/fig8-toy] [--attribute A,B|all]
         [--annotator oracle|oracle:PATH] [--png docs/sample_efficiency]
 """
 
@@ -36,13 +38,18 @@ from hspace.tasks.efficiency import sample_efficiency, table_md  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/pca-toy")
+    ap.add_argument("--run", default="runs/fig8-toy")
+    ap.add_argument("--n", type=int, default=512, help="samples of the run, when it is made here")
     ap.add_argument("--attribute", default="all", help="comma-separated, or all (the five binary ones)")
     ap.add_argument("--annotator", default="oracle")
     ap.add_argument("--held-out", type=int, default=64)
     ap.add_argument("--gamma", type=float, default=1.0)
     ap.add_argument("--png", default="docs/sample_efficiency", help="prefix of the PNGs ('' for none)")
     args = ap.parse_args()
+    if not RunFolder(Path(args.run)).exists():
+        sample = ["sample", "--model", "toy", "--n", str(args.n), "--steps", "20", "--eta", "0", "--out", args.run]
+        r = CliRunner().invoke(app, sample)
+        assert r.exit_code == 0, r.output
     if not RunFolder(Path(args.run)).annotations.exists():
         r = CliRunner().invoke(app, ["annotate", args.run, "--annotator", args.annotator])
         assert r.exit_code == 0, r.output
