@@ -37,7 +37,22 @@ def hspace(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-SAMPLE_ARGS = ("--n", "10", "--steps", "5", "--batch-size", "4", "--device", "cpu")
+# these tests replay samples with DDIM (eta 0) and the model's clipping, as they were written; the
+# paper's defaults (eta 1, no clipping) are tested in test_defaults.py
+SAMPLE_ARGS = (
+    "--n",
+    "10",
+    "--steps",
+    "5",
+    "--batch-size",
+    "4",
+    "--device",
+    "cpu",
+    "--eta",
+    "0",
+    "--clip-sample",
+    "model",
+)
 
 
 @pytest.fixture(scope="module")

@@ -211,3 +211,53 @@ def test_the_benchmark_import_check_sees_a_moved_name(tmp_path):
     from hspace.data import catalog
 
     assert not hasattr(catalog, "SampleStore")
+
+
+# which layers each layer may import (DESIGN.md): imports point one way, hcore -> data -> tasks -> flows
+MAY_IMPORT = {
+    "hcore": {"hcore"},
+    "data": {"hcore", "data"},
+    "tasks": {"hcore", "data", "tasks"},
+    "flows": set(PACKAGES),
+}
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in a file, at any depth (inside functions too)."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def layer_violations(files, root: Path = ROOT) -> list[str]:
+    bad = []
+    for path in files:
+        layer = path.relative_to(root).parts[0]
+        for line, module in imports_of(path):
+            parts = module.split(".")
+            if parts[0] == "hspace" and len(parts) > 1 and parts[1] not in MAY_IMPORT[layer]:
+                bad.append(f"{path.relative_to(root)}:{line}: {layer}/ imports {module}")
+            if parts[0] in ("prefect", "prefect_dask") and layer not in ("tasks", "flows"):
+                bad.append(
+                    f"{path.relative_to(root)}:{line}: {layer}/ imports {module} (Prefect lives in tasks/ and flows/)"
+                )
+    return bad
+
+
+def test_imports_point_one_way_and_prefect_stays_in_tasks_and_flows():
+    bad = layer_violations(package_files())
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_the_import_check_catches_a_wrong_import(tmp_path):
+    for layer, text in (("hcore", "def f():\n    from hspace.data import models\n"), ("data", "import prefect\n")):
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "m.py").write_text(text)
+    bad = layer_violations([tmp_path / "hcore" / "m.py", tmp_path / "data" / "m.py"], root=tmp_path)
+    assert len(bad) == 2 and "hcore/ imports hspace.data" in bad[0] and "data/ imports prefect" in bad[1]

@@ -23,6 +23,7 @@ disentangle and evaluate one by one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,13 @@ LEVELS3 = dict(
     norm_num_groups=8,
 )
 SHAPES = {"celebahq": (CELEBAHQ, (16, 8, 8)), "attn2": (ATTN2, (32, 8, 8)), "levels3": (LEVELS3, (16, 16, 16))}
-CASES = [("celebahq", "float32"), ("attn2", "bfloat16"), ("levels3", "float32")]
+# The suite runs the attention UNet in bfloat16 through every command; the CelebA-HQ layout and the
+# three-level one (227 s and 195 s here) run with HSPACE_FULL_MATRIX=1: the shipped CelebA-HQ example
+# (test_celeba_example_...) took their place in the suite's budget, and the CelebA-HQ layout stays in
+# its whole-config check.
+CASES = [("attn2", "bfloat16")] + (
+    [("celebahq", "float32"), ("levels3", "float32")] if os.environ.get("HSPACE_FULL_MATRIX") else []
+)
 
 
 def hspace(*args):

@@ -207,5 +207,5 @@ def test_sequential_grid_plan_and_eta_above_one():
 
 def test_eta_above_one_is_refused(loaded_model):
     unet, scheduler = loaded_model
-    with pytest.raises(ValueError, match="use eta in"):
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
         sample(unet, scheduler, make_generators(0, [0]), 10, 3.0)
