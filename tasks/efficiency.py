@@ -86,7 +86,9 @@ def sample_efficiency(
                 x0 = sample(unet, scheduler, gens, cfg["steps"], 0.0, x_T=x_T, h_point=cfg["h_point"])
             x0 = x0.cpu()
             change[f"{latent}:{n}"] = float((net.score(x0)[:, col] - base).mean())
-            moved[f"{latent}:{n}"] = float(((x0 - base_x0.cpu()) ** 2).mean().sqrt())
+            # on the images as stored (clamped to [-1, 1]): without clipping of P_t an x_T "edit" from
+            # one pair can leave the image range far behind
+            moved[f"{latent}:{n}"] = float(((x0.clamp(-1, 1) - base_x0.cpu().clamp(-1, 1)) ** 2).mean().sqrt())
     return {
         "attribute": attribute,
         "gamma": gamma,

@@ -109,7 +109,7 @@ def test_nan_in_h_is_caught_at_write_time_and_named(prefect_server, model_dir, t
     from hspace.tasks.sample import cached_model
 
     ref = models.resolve(str(model_dir))
-    unet, _ = cached_model(str(ref.path), ref.fingerprint, "cpu", "float32", False)  # the one run_shard uses
+    unet, _ = cached_model(str(ref.path), ref.fingerprint, "cpu", "float32", True)  # as run_shard (--clip-sample model)
     calls = []
 
     def poison(module, args, output):
