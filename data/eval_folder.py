@@ -47,6 +47,12 @@ def leaked_more(summary: dict, tolerance: float = 0.0) -> list[dict]:
     return worse
 
 
+def calibration_misses(summary: dict) -> dict[str, dict]:
+    """{direction: its calibration record} for every direction --gamma auto could not bring to
+    its target (scored at its strongest gamma instead), from summary.json."""
+    return {d: c for t in (summary.get("calibration") or {}).values() for d, c in t.items() if c.get("failed")}
+
+
 class EvalFolder:
     """RUN/eval/: Table-1 tables (csv, md, heatmap png) per label, the PC names, and
     summary.json (what `hspace list` and the report read)."""

@@ -218,11 +218,8 @@ def edit_sample(
     else:
         ref = models.resolve(model)
         spec = SampleSpec(seed, 0, steps, eta, "output")
-        cfg = {"dtype": "float32", "clip_sample": clip_sample == "on", "eta": eta}
-        if clip_sample == "model":
-            from hspace.tasks.sample import resolve_clip
-
-            cfg["clip_sample"] = resolve_clip("model", models.load(ref)[1])
+        # "model": no override, load_for_run keeps the scheduler's own setting (one load, not two)
+        cfg = {"dtype": "float32", "clip_sample": None if clip_sample == "model" else clip_sample == "on", "eta": eta}
     unet, scheduler = models.load_for_run({"model": ref.to_dict(), "config": cfg}, device=device)
     specs = [parse_direction(d) for d in directions]
     vectors = load_directions(

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from hspace.data.catalog import RunFolder
-from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change, leaked_more, table_title
+from hspace.data.eval_folder import TABLES, EvalFolder, calibration_misses, leakage_change, leaked_more, table_title
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -105,7 +105,7 @@ def _findings(ev: EvalFolder) -> list[str]:
             "components along the other directions, not leakage itself: where directions are correlated, the "
             "projection can turn a direction towards other attributes.</p>"
         )
-    failed = {d: c for t in (summary.get("calibration") or {}).values() for d, c in t.items() if c.get("failed")}
+    failed = calibration_misses(summary)
     if failed:
         items = "; ".join(f"<b>{html.escape(d)}</b>: {html.escape(c['failed'])}" for d, c in failed.items())
         parts.append(f"<p class='warn'>--gamma auto missed its target, scored at its strongest gamma: {items}</p>")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hspace.data.catalog import PIPELINE_STAGES
-from hspace.data.eval_folder import TABLES, leakage_change, leaked_more, table_title
+from hspace.data.eval_folder import TABLES, calibration_misses, leakage_change, leaked_more, table_title
 
 
 def human(nbytes: float | None) -> str:
@@ -154,8 +154,8 @@ def leakage(result: dict) -> str:
         for label, c in changes
         if c
     ]
-    failed = [d for t in (summary.get("calibration") or {}).values() for d, c in t.items() if c.get("failed")]
-    miss = f"; gamma auto missed its target for {', '.join(sorted(set(failed)))}" if failed else ""
+    failed = calibration_misses(summary)
+    miss = f"; gamma auto missed its target for {', '.join(sorted(failed))}" if failed else ""
     if not text:
         return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}{miss}"
     worse = leaked_more(summary)
