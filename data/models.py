@@ -59,7 +59,7 @@ def _unet_dir(folder: Path) -> Path | None:
     return None
 
 
-def fingerprint(unet_dir: Path | None) -> str:
+def weights_sha256(unet_dir: Path | None) -> str:
     """sha256 over the UNet's config and weight files (names and bytes)."""
     if unet_dir is None or not Path(unet_dir).is_dir():
         raise RunError(
@@ -103,7 +103,7 @@ def resolve(spec: str, allow_download: bool = False) -> ModelRef:
         raise RunError(f"{folder} is not a diffusers model folder (no config.json or unet/config.json)")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in unet_dir.iterdir()):
         raise RunError(f"{unet_dir} holds no weight file (*.safetensors or *.bin); copy the model's weights there")
-    return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=fingerprint(unet_dir))
+    return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=weights_sha256(unet_dir))
 
 
 def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
@@ -132,7 +132,7 @@ def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
 
         dtype = getattr(torch, run_meta.get("config", {}).get("dtype", "float32"))
     ref = ModelRef(**{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
-    found = fingerprint(_unet_dir(Path(ref.path)))
+    found = weights_sha256(_unet_dir(Path(ref.path)))
     if found != ref.fingerprint:
         raise RunError(
             f"the model at {ref.path} is not the one this run was made with (sha256 {found[:12]} != "

@@ -310,7 +310,7 @@ def schedule(
 ) -> None:
     """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
     stops serving and pauses the schedule). Needs a standing Prefect server: PREFECT_API_URL."""
-    from hspace.flows.pipeline import make_deployment, serve_until_stopped
+    from hspace.flows.schedule import make_deployment, serve_until_stopped
     from hspace.tasks.check import check_config
     from hspace.tasks.config import load_config
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from hspace.hcore.hspace import HSpace
+from hspace.hcore.hooks import HSpaceHook
 from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
 
 
@@ -73,7 +73,7 @@ def ddim_invert(
     def eps_at(x_t: torch.Tensor, t: int) -> torch.Tensor:
         return unet(x_t.to(param.dtype), t).sample.float()
 
-    with HSpace(unet, point=h_point) as hs:
+    with HSpaceHook(unet, point=h_point) as hs:
         for step in reversed(range(len(timesteps))):
             t = timesteps[step]
             alpha = sched.alphas_cumprod[t].to(x.device)

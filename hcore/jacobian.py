@@ -2,7 +2,7 @@
 (paper sec. 4.2, eq. (6)-(9), Alg. 1; sequential variant SM Alg. 2; region of interest
 from the early version: f(h) = mask * eps(x_t, h)).
 
-f is evaluated through the sampler's own hook (HSpace in replace mode): the U-Net runs
+f is evaluated through the sampler's own hook (HSpaceHook in replace mode): the U-Net runs
 its own forward, skips come from x_t, only h varies. J V is forward-mode AD (eq. (8), all
 vectors as one batch of dual tensors), J^T U reverse mode (eq. (9)).
 
@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hspace.hcore.hspace import HSpace
+from hspace.hcore.hooks import HSpaceHook
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def eps_of_h(
 
     def f(h: torch.Tensor) -> torch.Tensor:
         # the math backend: forward-mode AD through attention (flash / mem-efficient have none)
-        with HSpace(unet, point=h_point) as hs, sdpa_kernel([SDPBackend.MATH]):
+        with HSpaceHook(unet, point=h_point) as hs, sdpa_kernel([SDPBackend.MATH]):
             hs.replace = h.to(dtype)
             eps = unet(x_t.to(dtype).unsqueeze(0).expand(h.shape[0], *x_t.shape), t).sample.to(out_dtype)
         return eps if mask is None else eps * mask
@@ -75,7 +75,7 @@ def h_at(unet: torch.nn.Module, x_t: torch.Tensor, t: int, h_point: str = "outpu
     """h_t (C, H, W) in float32 (float64 for a float64 U-Net): the bottleneck activation of
     one U-Net pass at (x_t, t), the point J is taken at."""
     dtype = _unet_dtype(unet)
-    with HSpace(unet, point=h_point) as hs:
+    with HSpaceHook(unet, point=h_point) as hs:
         unet(x_t.to(dtype)[None], t)
         return hs.last_h[0].detach().to(linalg_dtype(dtype)).clone()
 

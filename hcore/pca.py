@@ -10,9 +10,10 @@ timestep, so memory never grows with n:
 
 - ``fit_ipca``: scikit-learn's IncrementalPCA (the early version of the paper and the
   design card name it). Each partial_fit is a full SVD of a (K + B) x D matrix.
-- ``fit_randomized``: randomized subspace iteration on the covariance (Halko, Martinsson &
-  Tropp 2011, Alg. 4.4 with a Rayleigh-Ritz step): one pass for the mean, then
-  ``n_iter`` passes of Z = C Q, Q = qr(Z), all with O(D (K + p)) memory.
+- ``fit_randomized``: randomized block Krylov iteration on the covariance (Halko,
+  Martinsson & Tropp 2011; Musco & Musco 2015) with a Rayleigh-Ritz step: the first pass
+  accumulates the mean and total variance together with C Q_0 (no separate mean pass),
+  each further pass one Z = C Q block, all with O(D (K + p)) memory per pass.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from hspace.hcore.hspace import HSpace
+from hspace.hcore.hooks import HSpaceHook
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
 
@@ -180,7 +180,7 @@ def sample(
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
     x = draw_noise(generators, shape)  # drawn even when x_T is given, so z_t stay in place
     x = (x if x_T is None else x_T.cpu().float()).to(device)
-    with torch.no_grad(), HSpace(unet, point=h_point) as hs:
+    with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs:
         for step, t in enumerate(sched.timesteps):
             if step == stop_before:
                 return x

@@ -132,7 +132,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     """The rules that load something: device, model, annotators, evaluator (names included)."""
     from hspace.data import models
     from hspace.data.annotators import load_annotator
-    from hspace.hcore.hspace import NoMidBlockError, h_shape
+    from hspace.hcore.hooks import NoMidBlockError, h_shape
     from hspace.tasks.sample import resolve_device
 
     p: list[str] = []

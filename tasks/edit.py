@@ -195,7 +195,7 @@ def edit_sample(
     from hspace.data.catalog import RunFolder
     from hspace.data.figures import grid_image, save_grid
     from hspace.data.stores import SampleStore
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
 
     if not directions:
         raise RunError("give at least one --direction FILE[:gamma]")

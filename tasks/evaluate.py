@@ -19,9 +19,9 @@ def name_run_directions(
     """Name each direction after the attribute it moves most (hcore.metrics.name_by_spread)
     on the run's first ``n`` samples, each attribute measured in units of its spread over
     them; writes RUN/eval/STEM.{json,md}. Returns (table, path of the .md)."""
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
 
-    vectors = [v for v, _ in dirfile.load_for_run(run, meta, names, h_shape(unet), scheduler)]
+    vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
     changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
     table = metrics.name_by_spread(changes, list(net.names), names, scale)
@@ -63,7 +63,7 @@ def run_evaluation(
     from hspace.data import models
     from hspace.data.annotators import load_annotator
     from hspace.hcore.calibrate import CalibrationError
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
     from hspace.hcore.supervised import disentangle as project_out
 
     run = RunFolder(run_dir)
@@ -72,7 +72,7 @@ def run_evaluation(
     cfg = meta["config"]
     unet, scheduler = models.load_for_run(meta, device=device)
     net = load_annotator(evaluator, device, prompts=prompts)
-    loaded = dirfile.load_for_run(run, meta, names, h_shape(unet), scheduler)
+    loaded = dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)
     vectors = [v for v, _ in loaded]
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])

@@ -16,7 +16,7 @@ from hspace.data.stores import SampleStore
 
 
 def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None):
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
     from hspace.tasks import edit as edit_tasks
 
     cfg = meta["config"]

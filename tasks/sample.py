@@ -101,7 +101,7 @@ def prepare_store(run: RunFolder) -> SampleStore:
             )
         return store
     unet, scheduler = run_model(meta)
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import ddim_scheduler, sample_seed
 
     sched = ddim_scheduler(scheduler)
@@ -232,7 +232,7 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     the run folder's run.json: its config is the section without the model, plus
     ``extra(unet)`` (checks that need the model run there, before anything is written).
     ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
-    from hspace.hcore.hspace import NoMidBlockError, h_shape
+    from hspace.hcore.hooks import NoMidBlockError, h_shape
 
     ref = models.resolve(section.model, allow_download=allow_download)
     unet, scheduler = models.load(ref)

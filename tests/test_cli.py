@@ -587,9 +587,9 @@ def test_jacobian_localize_command(run_dir, loaded_model):
     # independent check of the share with a JVP at the stored point
     unet, _ = loaded_model
     x_t, t = torch.from_numpy(local["x_t"]), attrs["t"]
-    from hspace.hcore.hspace import HSpace
+    from hspace.hcore.hooks import HSpaceHook
 
-    with torch.no_grad(), HSpace(unet) as hs:
+    with torch.no_grad(), HSpaceHook(unet) as hs:
         unet(x_t[None], t)
         h0 = hs.last_h[0].clone()
     f = jac.eps_of_h(unet, x_t, t)

@@ -122,7 +122,7 @@ def test_edit_warns_when_a_direction_was_made_with_clipping(prefect_server, mode
     out = tmp_path / "run"
     hspace("sample", "--model", model_dir, "--n", 2, "--steps", 4, "--clip-sample", "on", "--out", out)
     meta = RunFolder(out).read()
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
 
     v = torch.zeros(4, *h_shape(models.load_for_run(meta)[0]))
     path = dirfile.save(tmp_path / "d.safetensors", v, dirfile.metadata_for_run(meta, "t", "t", "raw"))

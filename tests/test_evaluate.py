@@ -142,7 +142,7 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: net)
     monkeypatch.setattr(hs, "h_shape", lambda unet: (d,))
     monkeypatch.setattr(
-        dirfile, "load_for_run", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
+        dirfile, "load_run_directions", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
     )
     run = RunFolder(tmp_path / "run")
     run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})
@@ -222,7 +222,7 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: type("N", (), {"names": tuple(names)})())
     monkeypatch.setattr(hs, "h_shape", lambda unet: (3,))
     monkeypatch.setattr(
-        dirfile, "load_for_run", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
+        dirfile, "load_run_directions", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
     )
     run = RunFolder(tmp_path / "run")
     run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from hspace.hcore.hspace import HSpace
+from hspace.hcore.hooks import HSpaceHook
 from hspace.hcore.inversion import ddim_invert, reconstruct
 from hspace.hcore.sampler import ddim_scheduler, make_generators, sample
 from tests.conftest import tiny_scheduler, tiny_unet
@@ -67,6 +67,6 @@ def test_recorded_h_matches_generation_from_the_inverted_x_T():
     assert [recorded[s][0] for s in range(6)] == [generated[s][0] for s in range(6)]  # same timestep grid
     torch.testing.assert_close(recorded[0][1], generated[0][1], atol=1e-5, rtol=0)  # exactly h(x_T, T)
     # a different image gives a different h
-    with HSpace(unet) as hs, torch.no_grad():
+    with HSpaceHook(unet) as hs, torch.no_grad():
         unet(torch.zeros_like(x_T), recorded[0][0])
         assert (hs.last_h - recorded[0][1]).abs().max() > 1e-3

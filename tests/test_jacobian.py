@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hspace.hcore.hspace import HSpace
+from hspace.hcore.hooks import HSpaceHook
 from hspace.hcore.jacobian import (
     eps_of_h,
     h_at,
@@ -25,7 +25,7 @@ def point(loaded_model):
     unet, _ = loaded_model
     unet = unet.double()
     x_t = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    with torch.no_grad(), HSpace(unet) as hs:
+    with torch.no_grad(), HSpaceHook(unet) as hs:
         unet(x_t[None], 40)
         h0 = hs.last_h[0].clone()
     yield unet, x_t, h0

@@ -194,7 +194,7 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
     from prefect.deployments import run_deployment
     from prefect.flow_engine import run_flow
 
-    from hspace.flows.pipeline import make_deployment, scheduled_run
+    from hspace.flows.schedule import make_deployment, scheduled_run
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     deployment_id = make_deployment(cfg, "0 3 * * *", "nightly-test", tmp_path / "scheduled").apply()

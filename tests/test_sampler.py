@@ -1,4 +1,4 @@
-"""hcore.hspace and hcore.sampler against independent references (diffusers' own
+"""hcore.hooks and hcore.sampler against independent references (diffusers' own
 DDIMPipeline and scheduler.step, plain forward hooks)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 
-from hspace.hcore.hspace import HSpace, NoMidBlockError, h_shape
+from hspace.hcore.hooks import HSpaceHook, NoMidBlockError, h_shape
 from hspace.hcore.sampler import Edit, ddim_scheduler, ddim_step, draw_noise, make_generators, sample
 
 
@@ -117,7 +117,7 @@ def test_captured_h_equals_plain_forward_hook(loaded_model):
     handle = unet.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([50, 50])
     try:
-        with torch.no_grad(), HSpace(unet) as hs:
+        with torch.no_grad(), HSpaceHook(unet) as hs:
             unet(x, t)
             ours = hs.last_h.clone()
     finally:
@@ -127,7 +127,7 @@ def test_captured_h_equals_plain_forward_hook(loaded_model):
     seen_in = []
     handle = unet.mid_block.register_forward_pre_hook(lambda m, a: seen_in.append(a[0].clone()))
     try:
-        with torch.no_grad(), HSpace(unet, point="input") as hs:
+        with torch.no_grad(), HSpaceHook(unet, point="input") as hs:
             unet(x, t)
             torch.testing.assert_close(hs.last_h, seen_in[0], atol=0, rtol=0)
     finally:
@@ -137,7 +137,7 @@ def test_captured_h_equals_plain_forward_hook(loaded_model):
 def test_replace_mode_substitutes_h(loaded_model):
     unet, _ = loaded_model
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([30])
-    with torch.no_grad(), HSpace(unet) as hs:
+    with torch.no_grad(), HSpaceHook(unet) as hs:
         eps = unet(x, t).sample
         h = hs.last_h.clone()
         hs.replace = h
@@ -149,12 +149,12 @@ def test_replace_mode_substitutes_h(loaded_model):
 def test_hooks_removed_after_exception(loaded_model):
     unet, _ = loaded_model
     with pytest.raises(RuntimeError, match="boom"):
-        with HSpace(unet):
+        with HSpaceHook(unet):
             assert len(unet.mid_block._forward_hooks) == 1
             raise RuntimeError("boom")
     assert len(unet.mid_block._forward_hooks) == 0
     with pytest.raises(ValueError, match="h point"):
-        HSpace(unet, point="middle")
+        HSpaceHook(unet, point="middle")
 
 
 def test_model_without_mid_block_is_refused():
@@ -162,7 +162,7 @@ def test_model_without_mid_block_is_refused():
 
     unet = tiny_unet(mid_block_type=None)
     with pytest.raises(NoMidBlockError, match="no mid_block"):
-        HSpace(unet)
+        HSpaceHook(unet)
 
 
 def test_condition_unet_capture_and_inject():
@@ -182,7 +182,7 @@ def test_condition_unet_capture_and_inject():
         norm_num_groups=4,
     ).eval()
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 8)
-    with torch.no_grad(), HSpace(unet) as hs:
+    with torch.no_grad(), HSpaceHook(unet) as hs:
         eps = unet(x, t, ctx).sample
         assert tuple(hs.last_h.shape[1:]) == h_shape(unet) == (16, 4, 4)
         hs.delta = torch.ones_like(hs.last_h)

@@ -184,7 +184,7 @@ def test_v2_style_changes_only_the_mouth_and_the_glasses():
 
 
 def test_recipes_v1_reads_back_and_v2_is_shaped_like_a_real_ddpm(tmp_path):
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
 
     shipped = {  # the recipe.json of the v1 model (shipped until v2), older than the attention and style fields
         "image_size": 32,
@@ -236,7 +236,7 @@ def test_train_toy_flow_exports_a_loadable_model(prefect_server, tmp_path):
 
 def test_shipped_toy_model_loads_like_a_user_folder():
     from hspace.data import models
-    from hspace.hcore.hspace import h_shape
+    from hspace.hcore.hooks import h_shape
 
     if not (models.TOY_MODEL_DIR / "unet" / "config.json").exists():
         pytest.fail("the shipped toy model is missing from data/toy_model")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from hspace.data import models  # noqa: E402
 from hspace.hcore import jacobian as jac  # noqa: E402
-from hspace.hcore.hspace import HSpace  # noqa: E402
+from hspace.hcore.hooks import HSpaceHook  # noqa: E402
 from hspace.hcore.sampler import ddim_scheduler, make_generators, sample  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(args.steps)
     t = int(sched.timesteps[args.step])
-    with torch.no_grad(), HSpace(unet) as hs:
+    with torch.no_grad(), HSpaceHook(unet) as hs:
         unet(x_t[None], t)
         h0 = hs.last_h[0].clone()
     f = jac.eps_of_h(unet, x_t, t)

@@ -1,6 +1,6 @@
 """Access to h-space: the U-Net bottleneck activation h_t (paper sec. 3, after Kwon et al.).
 
-``HSpace`` puts one forward hook on ``unet.mid_block`` (its output by default, its input
+``HSpaceHook`` puts one forward hook on ``unet.mid_block`` (its output by default, its input
 as an option) and, while active, can
 
 - capture: hand every h_t the network computes to a callback (and keep the last one),
@@ -45,12 +45,12 @@ def h_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
     return (cfg.block_out_channels[-1], size[0] // 2**n_down, size[1] // 2**n_down)
 
 
-class HSpace:
+class HSpaceHook:
     """Context manager hooking the bottleneck of a diffusers U-Net.
 
     Usage::
 
-        with HSpace(unet, on_h=store.append) as hs:
+        with HSpaceHook(unet, on_h=store.append) as hs:
             hs.delta = gamma * v_t          # (B, C, H, W) or (C, H, W); None for no edit
             eps = unet(x_t, t).sample       # on_h receives h_t, edited if delta is set
     """
@@ -94,7 +94,7 @@ class HSpace:
         kwargs["hidden_states"] = self._edit(kwargs["hidden_states"])
         return args, kwargs
 
-    def __enter__(self) -> HSpace:
+    def __enter__(self) -> HSpaceHook:
         if self.point == "output":
             self._handle = self.block.register_forward_hook(self._output_hook)
         else:
