@@ -16,7 +16,8 @@ inside a run folder is built here (``RunFolder``'s accessors; ``ARTIFACTS`` list
     RUN/report.html       everything above, browsable offline
     RUN/.lock             one writer at a time
 
-This module does not import torch or zarr, so read-only commands are fast.
+This module does not import torch or zarr, so read-only commands are fast. run.json is
+typed by ``RunRecord`` (pydantic): ``RunFolder.record()`` reads it once per command.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from hspace.data.record import FORMAT_VERSION, RunRecord
+
 log = logging.getLogger(__name__)
 
 RUN_JSON = "run.json"
 LOCK = ".lock"
-FORMAT_VERSION = 1
 # artifact -> (path in the run folder, what it is): the only place these names are spelled
 ARTIFACTS = {
     "run_json": (RUN_JSON, "config, versions, model and stage records"),
@@ -47,10 +51,7 @@ ARTIFACTS = {
     "eval": ("eval", "Table-1 tables, heatmaps, PC names"),
     "figures": ("figures", "edit grids, Fig. 7, Fig. 8"),
     "report": ("report.html", "the run's report"),
-    "prefect_results": (".prefect-results", "Prefect task results"),
 }
-# the stages of `hspace run`, in order (flows/runner.run_pipeline runs them; inspect and list show them)
-PIPELINE_STAGES = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures", "report"]
 
 
 class RunError(Exception):
@@ -85,9 +86,10 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 # ---------------------------------------------------------------------------- run folder
 
 
-def require_sampled(meta: dict, what: str) -> None:
+def require_sampled(meta: dict | RunRecord, what: str) -> None:
     """Refuse commands that replay samples from their seeds on a run of inverted images."""
-    if meta.get("config", {}).get("kind") == "inversion":
+    record = meta if isinstance(meta, RunRecord) else None
+    if record.is_inversion if record else meta.get("config", {}).get("kind") == "inversion":
         raise RunError(
             f"{what} replays generated samples from their seeds, and this run holds inverted real images; "
             "run it on a sampled run (`hspace sample`), using the directions built here"
@@ -115,7 +117,6 @@ class RunFolder:
     eval = property(lambda self: self.path("eval"))
     figures = property(lambda self: self.path("figures"))
     report = property(lambda self: self.path("report"))
-    prefect_results = property(lambda self: self.path("prefect_results"))
     lock_path = property(lambda self: self.root / LOCK)
 
     def direction(self, name: str) -> Path:
@@ -158,7 +159,22 @@ class RunFolder:
             meta["stages"][stage] = {**meta["stages"].get(stage, {}), **record}
         return meta
 
-    def write(self, meta: dict) -> None:
+    def record(self) -> RunRecord:
+        """run.json as a typed ``RunRecord`` (RunError, as ``read``, for a missing or
+        damaged one)."""
+        meta = self.read()
+        try:
+            return RunRecord.model_validate(meta)
+        except ValidationError as e:
+            where = ".".join(str(x) for x in e.errors()[0]["loc"])
+            problem = e.errors()[0]["msg"]
+            raise RunError(
+                f"{self.run_json}: {where}: {problem} (edited by hand?); restore it or start a new run folder"
+            ) from None
+
+    def write(self, meta: dict | RunRecord) -> None:
+        if isinstance(meta, RunRecord):
+            meta = meta.model_dump(mode="json", exclude_unset=True)
         _write_json_atomic(self.run_json, meta)
 
     def refuse_other_run(self, config: dict, model: dict) -> dict:

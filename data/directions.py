@@ -128,7 +128,7 @@ def warn_setting(path: Path, meta: dict, sampling: dict) -> list[str]:
     return lines
 
 
-def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -> list[tuple[torch.Tensor, dict]]:
+def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -> list[tuple]:
     """RUN/directions/NAME.safetensors for each name, refusing any that does not fit the
     run's model, schedule, steps and h point: [(v, metadata)]."""
     missing = [d for d in names if not run.direction(d).exists()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from hspace.data.catalog import PIPELINE_STAGES, RUN_JSON, RunError, RunFolder, _is_stale
+from hspace.data.catalog import ARTIFACTS, RUN_JSON, RunError, RunFolder, _is_stale
 from hspace.data.eval_folder import TABLES, EvalFolder, leakage_change
 from hspace.data.stores import SampleStore
 
@@ -20,7 +20,7 @@ def run_state(root: Path) -> str:
     or by another host, whose liveness cannot be checked), 'complete' (every stage done),
     'failed' (a stage failed, or its writer died in it) or 'incomplete' (not started,
     stopped between stages, or unreadable). ``run_summary`` has the details."""
-    state = run_summary(Path(root), PIPELINE_STAGES)["state"]
+    state = run_summary(Path(root))["state"]
     if state.startswith("running"):
         return "running"
     return state if state in ("complete", "failed") else "incomplete"
@@ -41,21 +41,21 @@ def find_runs(root: Path, depth: int = 3) -> list[Path]:
     return found
 
 
-def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
+def run_summary(path: Path) -> dict:
     """One line of `hspace list`: name, model, created, n, steps, every stage's state
     (done, failed, running with its lock owner, pending) and the headline leakage numbers
     of eval/summary.json. Reads run.json, the lock and summary.json only: no Zarr, no Prefect."""
     run = RunFolder(Path(path))
     entry: dict = {"path": str(run.root), "name": run.root.name}
     try:
-        meta = run.read()
+        record = run.record()
     except RunError as e:
         return {**entry, "state": "unreadable", "error": str(e), "stages": {}}
-    cfg, model = meta.get("config", {}), meta.get("model", {})
+    cfg, model = record.config, record.model
     entry.update(
-        model=model.get("id"),
-        fingerprint=(model.get("fingerprint") or "")[:12],
-        created=meta.get("created"),
+        model=model.id,
+        fingerprint=(model.fingerprint or "")[:12],
+        created=record.created,
         n=cfg.get("n"),
         steps=cfg.get("steps"),
         dtype=cfg.get("dtype"),
@@ -63,12 +63,10 @@ def run_summary(path: Path, pipeline_stages: list[str]) -> dict:
     holder = run.lock_holder()
     live = holder is not None and not _is_stale(holder)  # another host's lock counts as live
     owner = f"pid {holder.get('pid')} on {holder.get('host')}" if holder else None
-    records = meta.get("stages") or {}
-    pipeline = "pipeline_config" in meta  # an `hspace run` folder: every pipeline stage is expected
-    names = list(pipeline_stages) + [s for s in records if s not in pipeline_stages] if pipeline else list(records)
+    records, pipeline = record.stages, record.is_pipeline
     stages = {}
-    for name in names:
-        state = records.get(name, {}).get("state", "pending")
+    for name in record.expected_stages():
+        state = records[name].state if name in records else "pending"
         if state == "running":
             state = f"running ({owner})" if live else "failed (its process died)"
         stages[name] = state
@@ -106,15 +104,26 @@ def prune_runs(root: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def verify_run(run: RunFolder, fix: bool = False) -> list[dict]:
+def verify_run(run: RunFolder, fix: bool = False, declared: dict[str, list[str]] | None = None) -> list[dict]:
     """Read every chunk of a run back (crc32c checks each one) and check the markers.
     Returns problems as {what, detail, remedy}. fix=True marks damaged sample shards as
     pending, so that `hspace sample` recomputes exactly those."""
     problems = []
     try:
-        run.read()
+        record = run.record()
     except RunError as e:
         return [{"what": "run.json", "detail": str(e), "remedy": "restore run.json or start a new run folder"}]
+    for stage, paths in declared_outputs(run, declared or {}).items():  # a done stage whose output is gone
+        rec = record.stages.get(stage)
+        for path, exists in paths.items():
+            if rec is not None and rec.state == "done" and not (rec.model_extra or {}).get("skipped") and not exists:
+                problems.append(
+                    {
+                        "what": path,
+                        "detail": f"missing, though stage {stage} is recorded done",
+                        "remedy": f"rerun `hspace {stage} {run.root}` (or `hspace run`, which redoes it)",
+                    }
+                )
     if run.samples.exists():
         try:
             store = SampleStore(run.samples, mode="r+" if fix else "r")
@@ -231,10 +240,17 @@ def _du(path: Path) -> int | None:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def inspect_run(run: RunFolder) -> dict:
+def declared_outputs(run: RunFolder, declared: dict[str, list[str]]) -> dict[str, dict[str, bool]]:
+    """Each stage's declared outputs (catalog artifacts) -> whether that path exists."""
+    return {stage: {ARTIFACTS[a][0]: run.path(a).exists() for a in arts} for stage, arts in declared.items()}
+
+
+def inspect_run(run: RunFolder, declared: dict[str, list[str]] | None = None) -> dict:
     """What `hspace inspect` shows: config, model, stage records (each output with its size
-    on disk), every Zarr array of the catalog's stores (shape, dtype, chunks, shards,
-    bytes) and the sample shards' states. Reads metadata only: no torch, no Prefect."""
+    on disk), each stage's declared outputs (``declared``: stage -> catalog artifacts, from
+    the stage registry) and whether they exist, every Zarr array of the catalog's stores
+    (shape, dtype, chunks, shards, bytes) and the sample shards' states. Reads metadata
+    only: no torch, no Prefect."""
     meta = run.read()
     report = {
         "run": str(run.root),
@@ -245,6 +261,7 @@ def inspect_run(run: RunFolder) -> dict:
         "arrays": [],
         "lock": run.lock_holder(),
         "errors": [],
+        "declared": declared_outputs(run, declared or {}),
     }
     for record in report["stages"].values():
         record["output_bytes"] = {o: _du(run.root / o) for o in record.get("outputs", [])}

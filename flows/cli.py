@@ -12,7 +12,6 @@ read-only commands such as ``hspace inspect`` answer in well under two seconds.
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import json
 import os
 import sys
@@ -21,11 +20,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from hspace.data.catalog import PIPELINE_STAGES, RunError, RunFolder
+from hspace.data.catalog import RunError, RunFolder
+from hspace.flows.stage_commands import console, declared_outputs, fail, stage_command, write_error
 from hspace.tasks import views
+from hspace.tasks.stages import Context, registry
 
 # Defaults that make Prefect's ephemeral server usable offline and quiet (STACK_NOTES.md);
 # set before anything imports prefect. The user's environment wins.
@@ -41,112 +40,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find and apply interpretable directions in the h-space of diffusion models.",
 )
-console = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _write_error(e: OSError, out: Path) -> str:
-    return f"cannot write to {out}: {e.strerror or e} ({e.filename or out}); free space or fix permissions, then rerun"
-
-
 # ------------------------------------------------------------------ generated stage commands
 
-RUNTIME = {  # options of stage commands that are not config: no fingerprint includes them
-    "device": (str, "auto", "auto, cpu, cuda, cuda:N"),
-    "break_lock": (bool, False, "take over a lock held from another host (shared filesystem)"),
-    "verbose": (bool, False, "log progress and warnings at INFO level"),
-    "dask_address": (str | None, None, "tcp://host:port of a Dask scheduler (the run folder on a shared path)"),
-    "allow_download": (bool, False, "let a Hugging Face id download if not cached"),
-}
-
-
-def stage_command(stage: str) -> None:
-    """Register `hspace STAGE` from the stage's declaration: options generated from its
-    config sections (tasks/config.py) plus the runtime options it takes; the values are
-    validated by the section models and the stage runs through the runner."""
-    from hspace.tasks.config import cli_parameters, config_from_options
-    from hspace.tasks.stages import STAGES
-
-    declared = STAGES[stage]
-    creates, sections = declared.create is not None, declared.cli_sections or {stage: None}
-    out = Annotated[Path, typer.Option(help="run folder to create (or resume)")]
-    where = pyinspect.Parameter("out", pyinspect.Parameter.KEYWORD_ONLY, default=Path("runs/toy"), annotation=out)
-    if not creates or stage == "invert":  # invert needs its new --out; the others take RUN
-        run = Annotated[Path, typer.Argument(help="run folder")] if not creates else out
-        kind = pyinspect.Parameter.POSITIONAL_OR_KEYWORD if not creates else pyinspect.Parameter.KEYWORD_ONLY
-        where = pyinspect.Parameter("run_dir" if not creates else "out", kind, annotation=run)
-    runtime = {k: v for k, v in RUNTIME.items() if k in ("device", "break_lock", "verbose", *declared.runtime)}
-    params = [where] + [p for name, fields in sections.items() for p in cli_parameters(name, fields)]
-    flags = {"verbose": ("--verbose", "-v")}  # the rest: --name-with-dashes (and --no-... for a bool)
-    params += [
-        pyinspect.Parameter(
-            name,
-            pyinspect.Parameter.KEYWORD_ONLY,
-            default=default,
-            annotation=Annotated[kind, typer.Option(*flags.get(name, ()), help=text)],
-        )
-        for name, (kind, default, text) in runtime.items()
-    ]
-
-    def command(**kw) -> None:
-        run_dir = kw.pop("out", None) or kw.pop("run_dir")
-        views.configure_logging(kw.pop("verbose"))
-        rt = {k: kw.pop(k) for k in list(kw) if k in runtime}
-        try:
-            cfg = config_from_options(kw, {"device": rt["device"], "dask_address": rt.get("dask_address")})
-        except RunError as e:
-            _fail(str(e))
-        _run_stage(stage, run_dir, cfg, rt)
-
-    command.__signature__ = pyinspect.Signature(params)
-    command.__doc__ = declared.doc
-    app.command(stage)(command)
-
-
-def _run_stage(stage: str, run_dir: Path, cfg, runtime: dict) -> None:
-    from hspace.data import models
-    from hspace.flows.runner import in_prefect, stage_flow
-    from hspace.tasks.sample import resolve_device
-    from hspace.tasks.stages import STAGES, Context
-
-    run, declared = RunFolder(run_dir), STAGES[stage]
-    try:
-        context = {
-            "device": resolve_device(cfg.device),
-            "dask_address": runtime.get("dask_address"),
-            "allow_download": bool(runtime.get("allow_download")),
-        }
-        if declared.create is None:
-            run.read()  # a clear error for a folder that is not a run, before any lock
-        for check in (declared.check, declared.create):  # bad input refused before the lock and Prefect
-            if check is not None:
-                check(run, cfg, Context(**context), **({"dry": True} if check is declared.create else {}))
-        with run.lock(f"hspace {stage} {run_dir}", break_stale=runtime["break_lock"]):
-            tag = run.read()["model"].get("fingerprint") if run.exists() else None
-            if declared.create is not None:  # the flow run is tagged with the model's fingerprint
-                section = cfg.sample if stage == "sample" else cfg.invert
-                tag = models.resolve(section.model, allow_download=context["allow_download"]).fingerprint
-            flow = in_prefect(stage_flow, run_dir, stage, tag)
-            result = flow(str(run_dir), stage, cfg.model_dump(mode="json"), context)
-            if "error" in result:
-                raise RunError(result["error"])
-    except RunError as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(_write_error(e, run_dir))
-    outputs = result.get("outputs", [])
-    shown = ", ".join(outputs[:4]) + (f" +{len(outputs) - 4} more" if len(outputs) > 4 else "")
-    console.print(f"{stage} outputs in [bold]{run_dir}[/]: {shown or '(none)'}; see `hspace inspect {run_dir}`")
-
-
-for _stage in ("sample", "invert", "annotate", "pca", "name", "jacobian", "directions", "disentangle", "evaluate"):
-    stage_command(_stage)
-
+for _stage in registry().values():  # one command per declared stage (flows/stage_commands.py)
+    if _stage.command:
+        stage_command(app, _stage)
 
 # ------------------------------------------------------------------------- read-only commands
 
@@ -160,9 +58,9 @@ def inspect(
     from hspace.data.runs import inspect_run
 
     try:
-        report = inspect_run(RunFolder(run_dir))
+        report = inspect_run(RunFolder(run_dir), declared_outputs())
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print_json(json.dumps(report)) if as_json else views.show_run(report, console)
 
 
@@ -176,8 +74,8 @@ def list_runs(
     from hspace.data.runs import find_runs, run_summary
 
     if not root.is_dir():
-        _fail(f"{root} is not a folder; give the folder that holds your run folders (default: runs/)")
-    entries = [run_summary(p, PIPELINE_STAGES) for p in find_runs(root)]
+        fail(f"{root} is not a folder; give the folder that holds your run folders (default: runs/)")
+    entries = [run_summary(p) for p in find_runs(root)]
     print(json.dumps(entries, indent=2)) if as_json else views.show_runs(entries, root, console)
 
 
@@ -196,11 +94,11 @@ def verify(
         if fix:
             run.read()  # never create a lock (or a folder) where there is no run
             with run.lock(f"hspace verify --fix {run_dir}"):
-                problems = verify_run(run, fix=True)
+                problems = verify_run(run, fix=True, declared=declared_outputs())
         else:
-            problems = verify_run(run)
+            problems = verify_run(run, declared=declared_outputs())
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     if not problems:
         console.print(f"{run_dir}: every chunk, marker and direction file reads back intact")
         return
@@ -242,7 +140,7 @@ def edit(
         how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample}
         path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     console.print(f"grid: [bold]{path}[/]")
 
 
@@ -276,25 +174,28 @@ def run_pipeline(
         if dask_address:
             cfg = cfg.model_copy(update={"dask_address": dask_address})
         facts = check_config(cfg, f"--config {config}" if config else "the default config")
-        from hspace.tasks.stages import STAGES, Context
+        from hspace.tasks.stages import creating_stage
 
-        STAGES["sample"].create(RunFolder(out), cfg, Context(device=facts.device), dry=True)  # another run in --out?
+        creating_stage().make_run(RunFolder(out), cfg, Context(device=facts.device), dry=True)  # another run in --out?
         if plan:
             views.show_plan(make_plan(cfg, out, facts), console)
             return
         from hspace.data import models
-        from hspace.flows.runner import in_prefect, pipeline_flow
+        from hspace.tasks.prefect_server import prefect_api
         from hspace.tasks.sample import resolve_device
 
         context = {"device": resolve_device(cfg.device), "dask_address": cfg.dask_address}
         run = RunFolder(out)
         with run.lock(f"hspace run --out {out}", break_stale=break_lock):
             fingerprint = models.resolve(cfg.sample.model).fingerprint
-            in_prefect(pipeline_flow, out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out), context)
+            with prefect_api(console):
+                from hspace.flows.runner import in_prefect, pipeline_flow
+
+                in_prefect(pipeline_flow, out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out), context)
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(_write_error(e, out))
+        fail(write_error(e, out))
     console.print(f"report: [bold]{RunFolder(out).report}[/] (stages and fingerprints: `hspace inspect {out}`)")
 
 
@@ -321,7 +222,7 @@ def schedule(
         check_config(cfg, f"--config {config}" if config else "the default config")  # before serving anything
         deployment = make_deployment(cfg, cron, name, out_root, interval, concurrency, keep)
     except RunError as e:
-        _fail(str(e))
+        fail(str(e))
     every = f"cron {cron!r}" if cron is not None else f"every {interval:g} s"
     console.print(
         f"serving deployment [bold]hspace-scheduled-run/{name}[/] on {every} (at most {concurrency} at "
@@ -366,7 +267,7 @@ def train_toy(
     from hspace.tasks.train_toy import resolve_recipe
 
     if not 0.0 <= oracle_blur <= 1.0:
-        _fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
+        fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     try:
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
@@ -382,12 +283,58 @@ def train_toy(
             oracle_style=recipe.style,
         )
     except (RunError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     except OSError as e:
-        _fail(f"cannot write the checkpoint or model: {e}")
+        fail(f"cannot write the checkpoint or model: {e}")
     console.print(
         f"toy model at step {result['step']}: [bold]{out}[/]" + (f"; oracle: {result['oracle']}" if oracle_out else "")
     )
+
+
+server_app = typer.Typer(
+    no_args_is_help=True,
+    help="The standing local Prefect server hspace commands reuse (PREFECT_API_URL, when set, wins).",
+)
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start it (in $PREFECT_HOME, on a free loopback port) and wait until it answers."""
+    from hspace.tasks import prefect_server
+
+    try:
+        state = prefect_server.start()
+    except RunError as e:
+        fail(str(e))
+    console.print(f"Prefect server at {state['url'].removesuffix('/api')} (pid {state['pid']}, log {state['log']})")
+
+
+@server_app.command("status")
+def server_status() -> None:
+    """Say whether it runs, where, and which API the next command will use."""
+    from hspace.tasks import prefect_server
+
+    if os.environ.get("PREFECT_API_URL"):
+        console.print(f"PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): hspace uses that server")
+    state = prefect_server.status()
+    if state is None:
+        console.print(f"no hspace Prefect server in {prefect_server.prefect_home()}; the next command starts one")
+        raise typer.Exit(1)
+    word = "answering" if state["healthy"] else ("starting or stuck" if state["alive"] else "dead")
+    where = state["url"].removesuffix("/api")
+    console.print(f"Prefect server at {where}: {word} (pid {state['pid']}, log {state['log']})")
+    if not state["healthy"]:
+        raise typer.Exit(1)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop it (its whole process group)."""
+    from hspace.tasks import prefect_server
+
+    state = prefect_server.stop()
+    console.print(f"stopped the Prefect server (pid {state['pid']})" if state else "no hspace Prefect server ran")
 
 
 def main() -> None:  # console-script entry point

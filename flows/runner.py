@@ -1,12 +1,13 @@
 """The one stage runner: `hspace <stage>` and `hspace run` both go through ``execute``.
 
 One prologue for every stage: the lock (held by the caller), the fingerprint
-(tasks.stages.stage_key: the Prefect cache key and the run.json record), one state record
-per stage in run.json (``stages``: state, key, inputs, outputs, seconds), the stage body
-as a Prefect task, Prefect artifacts, and one summary line. A single-stage command always
-runs its stage; `hspace run` skips a stage whose record is done with the same fingerprint
-and whose outputs all exist (so a rerun resumes, and a changed section redoes that stage
-and those downstream of it).
+(tasks.stages.stage_key), one state record per stage in run.json (``stages``: state, key,
+inputs, outputs, seconds), the stage body as a Prefect task, Prefect artifacts, and one
+summary line. The cache decision is made here and only here, from run.json: a
+single-stage command always runs its stage; `hspace run` skips a stage whose record is
+done with the same fingerprint and whose recorded and declared outputs all exist (so a
+rerun resumes, and a changed section redoes that stage and those downstream of it).
+Prefect records every flow and task run and caches none of them.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from rich.console import Console
 from hspace.data.catalog import RunError, RunFolder
 from hspace.tasks.config import RunConfig
 from hspace.tasks.report import publish_artifacts
-from hspace.tasks.stages import PIPELINE, STAGES, Context, Stage, stage_key, stage_task
+from hspace.tasks.stages import Context, Stage, creating_stage, pipeline_stages, registry, stage_key, stage_task
 
 console = Console(highlight=False, soft_wrap=True)
 
 
 def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: bool = True) -> dict:
     """Run one stage into ``run`` (the caller holds its lock) and record it."""
-    meta = run.read()
-    key = stage_key(stage, cfg, meta)
-    record = meta["stages"].get(stage.name, {})
-    if not force and record.get("key") == key and record.get("state") == "done" and run.has(record.get("outputs")):
+    record = run.record()
+    key = stage_key(stage, cfg, record.stage_dicts(), record.model.fingerprint)
+    previous = record.stage_dicts().get(stage.name, {})
+    if not force and stage.is_fresh(run, previous, key):
         ctx.log(f"{stage.name}: cached ({key})")
-        return {**record, "cached": True}
+        return {**previous, "cached": True}
     t0 = time.perf_counter()
     with run.stage(stage.name, restore_on_refusal=force, key=key, inputs=list(stage.inputs), started=time.time()):
         result = stage_task().with_options(name=stage.name, task_run_name=f"{stage.name}-{key}")(
@@ -40,7 +41,7 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
         )
         if "error" in result:
             raise RunError(result["error"])  # puts the stage record back as it was
-        publish_artifacts(run, stage.name, key, result)
+        publish_artifacts(run, stage, key, result)
     seconds = time.perf_counter() - t0
     run.set_stage(stage.name, state="done", seconds=round(seconds, 2), **result)
     line = "skipped" if result.get("skipped") else stage.summary(result)
@@ -51,12 +52,12 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
 @flow(name="hspace-stage")
 def stage_flow(run_dir: str, stage: str, config: dict, context: dict) -> dict:
     """One single-stage command as a Prefect flow run (named "RUN stage")."""
-    run, cfg = RunFolder(Path(run_dir)), RunConfig.model_validate(config)
+    run, cfg, declared = RunFolder(Path(run_dir)), RunConfig.model_validate(config), registry()[stage]
     ctx = Context(**context, log=console.print)
     try:
-        if STAGES[stage].create:
-            STAGES[stage].create(run, cfg, ctx)
-        return execute(run, STAGES[stage], cfg, ctx, force=True)
+        if declared.create:
+            declared.make_run(run, cfg, ctx)
+        return execute(run, declared, cfg, ctx, force=True)
     except RunError as e:  # bad input: one line from the CLI, not a failed flow run with a traceback
         return {"error": str(e)}
 
@@ -70,14 +71,15 @@ def pipeline_flow(config: dict, out: str, context: dict) -> dict:
 def run_pipeline(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
     import yaml
 
-    STAGES["sample"].create(run, cfg, ctx)
+    creating_stage().make_run(run, cfg, ctx)
     meta = run.read()
     meta["pipeline_config"] = cfg.model_dump(mode="json")
+    meta["pipeline_stages"] = pipeline_stages()  # what `hspace list` expects of this folder
     run.write(meta)
     run.run_yaml.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     summary = {}
-    for name in PIPELINE:
-        result = execute(run, STAGES[name], cfg, ctx, force=False)
+    for name in pipeline_stages():
+        result = execute(run, registry()[name], cfg, ctx, force=False)
         summary[name] = "cached" if result.get("cached") else "ran"
     return summary
 

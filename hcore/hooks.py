@@ -7,6 +7,11 @@ as an option) and, while active, can
 - inject: add a delta, h_t + gamma v_t (paper sec. 3, h^edit = h + gamma v),
 - replace: substitute h_t wholesale (the Jacobian of sec. 4.2 needs f(h) = eps(x_t, h)).
 
+Classifier-free guidance runs one batch [uncond; cond] (2B rows) through the U-Net. With
+``guided = True`` the hook knows that layout and adds the delta only to the halves
+``edit_branch`` names: "both" (h^edit = h + gamma v in both passes), "cond" (the text-
+conditioned pass only, so the guidance scale multiplies the edit's effect) or "uncond".
+
 No forward is copied: the U-Net runs its own code and the hook edits the tensor that
 flows through the bottleneck. Hooks are removed on exit, also after an exception.
 """
@@ -18,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 H_POINTS = ("output", "input")
+EDIT_BRANCHES = ("both", "cond", "uncond")
 
 
 class NoMidBlockError(ValueError):
@@ -53,6 +59,11 @@ class HSpaceHook:
         with HSpaceHook(unet, on_h=store.append) as hs:
             hs.delta = gamma * v_t          # (B, C, H, W) or (C, H, W); None for no edit
             eps = unet(x_t, t).sample       # on_h receives h_t, edited if delta is set
+
+    Under classifier-free guidance set ``guided = True``: the batch is then read as
+    [uncond; cond] (2B rows), ``delta`` is per sample ((B, C, H, W), (1, C, H, W) or
+    (C, H, W)) and goes to the halves ``edit_branch`` names. ``last_h`` and ``on_h`` always
+    see the whole batch the block produced.
     """
 
     def __init__(
@@ -60,23 +71,50 @@ class HSpaceHook:
         unet: torch.nn.Module,
         point: str = "output",
         on_h: Callable[[torch.Tensor], None] | None = None,
+        edit_branch: str = "both",
     ):
         if point not in H_POINTS:
             raise ValueError(f"h point must be one of {H_POINTS}, got {point!r}")
         self.block = mid_block(unet)
         self.point = point
         self.on_h = on_h
+        self.edit_branch = edit_branch
+        self.guided = False
         self.delta: torch.Tensor | None = None
         self.replace: torch.Tensor | None = None
         self.last_h: torch.Tensor | None = None
         self._handle = None
+
+    @property
+    def edit_branch(self) -> str:
+        return self._edit_branch
+
+    @edit_branch.setter
+    def edit_branch(self, branch: str) -> None:
+        if branch not in EDIT_BRANCHES:
+            raise ValueError(f"edit branch must be one of {EDIT_BRANCHES}, got {branch!r}")
+        self._edit_branch = branch
+
+    def _add_delta(self, h: torch.Tensor) -> torch.Tensor:
+        """h + delta (paper sec. 3), on the halves ``edit_branch`` names when ``guided``."""
+        delta = self.delta.to(device=h.device, dtype=h.dtype)
+        if not self.guided:
+            return h + delta
+        if h.shape[0] % 2:
+            raise ValueError(f"guided batch has {h.shape[0]} rows: expected [uncond; cond], an even number")
+        uncond, cond = h.chunk(2)
+        if self.edit_branch in ("both", "uncond"):
+            uncond = uncond + delta
+        if self.edit_branch in ("both", "cond"):
+            cond = cond + delta
+        return torch.cat([uncond, cond])
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
         if self.replace is not None:
             replace = self.replace.to(dtype=h.dtype)
             h = replace.expand_as(h) if replace.dim() == 3 else replace
         if self.delta is not None:
-            h = h + self.delta.to(device=h.device, dtype=h.dtype)
+            h = self._add_delta(h)
         self.last_h = h
         if self.on_h is not None:
             self.on_h(h)

@@ -10,6 +10,14 @@ Editing: h_t^edit = h_t + sum_k gamma_k v_t^(k) (sec. 3). By default the edited 
 both P_t and D_t of eq. (2) (one U-Net pass per step, as in the paper); with
 ``asyrp=True`` the edited eps feeds only P_t and a second, unedited pass gives D_t
 (Kwon et al.'s asymmetric reverse process).
+
+Text-conditioned latent models (Stable Diffusion 1.x / 2.x, SDXL): ``conditioning`` (see
+hcore.conditioning) gives the U-Net its text; with classifier-free guidance each step is
+one pass over [uncond; cond] and the guided prediction feeds eqs. (2)-(4). ``Edit.branch``
+says which half the edit goes to; ``capture`` which half ``on_step`` receives (the
+conditional one by default). Models predicting v (SD 2.x) use eq. (3) rewritten for v
+(see ``ddim_step``). The sampler returns the final latents for latent models (decode them
+with the VAE).
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from hspace.hcore.hooks import HSpaceHook
+from hspace.hcore.conditioning import Conditioning, unet_output
+from hspace.hcore.hooks import EDIT_BRANCHES, HSpaceHook
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+CAPTURE = ("cond", "uncond", "both")
 
 
 def sample_seed(run_seed: int, index: int) -> int:
@@ -70,16 +81,23 @@ def eta_schedule(eta: float | str | Sequence[float], steps: int) -> list[float]:
     return etas
 
 
-def ddim_scheduler(scheduler, clip_sample: bool | None = None) -> DDIMScheduler:
-    """A DDIMScheduler with the model's own noise schedule (e.g. from a DDPMScheduler).
+def ddim_scheduler(
+    scheduler, clip_sample: bool | None = None, prediction_types: Sequence[str] = PREDICTION_TYPES
+) -> DDIMScheduler:
+    """A DDIMScheduler with the model's own noise schedule (e.g. from a DDPMScheduler, or
+    the PNDM / DDIM / Euler scheduler a Stable Diffusion folder ships).
 
     clip_sample: clamp P_t to [-1, 1] (None: as the model's scheduler config says). Eq. (3)
-    has no clipping and the paper authors' code turns it off; runs record their choice."""
+    has no clipping and the paper authors' code turns it off; runs record their choice.
+    prediction_types: the model outputs the caller can handle; ``ddim_step`` and ``sample``
+    handle "epsilon" and "v_prediction". Code that reads the U-Net's output as eps directly
+    should pass ("epsilon",)."""
     overrides = {} if clip_sample is None else {"clip_sample": bool(clip_sample)}
     sched = DDIMScheduler.from_config(scheduler.config, **overrides)
-    if sched.config.prediction_type != "epsilon":
+    if sched.config.prediction_type not in prediction_types:
         raise ValueError(
-            f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples epsilon-prediction models only"
+            f"scheduler prediction_type={sched.config.prediction_type!r}: hspace samples "
+            f"{' and '.join(repr(p) for p in prediction_types)} models only (eq. (3) needs eps, or v to derive it from)"
         )
     if sched.config.thresholding:
         raise ValueError("scheduler uses dynamic thresholding, which hspace does not support")
@@ -100,12 +118,23 @@ def ddim_step(
     With eps_p = eps_d this is exactly ``DDIMScheduler.step`` given ``variance_noise=z``;
     the split is what Asyrp needs. Returns (x_{t-1}, P_t). ``scheduler`` must have had
     ``set_timesteps`` called; alphas here are the paper's alpha (diffusers' alphas_cumprod).
+
+    eps_p, eps_d are the model's outputs in its ``prediction_type``: eps, or v for a
+    v-prediction model (v = sqrt(a_t) eps - sqrt(1 - a_t) x_0). For v, eq. (3) rewritten
+    reads P_t = sqrt(a_t) x_t - sqrt(1 - a_t) v, and D_t (eq. (4)) takes the eps derived
+    from v, eps = sqrt(a_t) v + sqrt(1 - a_t) x_t.
     """
     cfg = scheduler.config
     prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
     alpha_t = scheduler.alphas_cumprod[t]
     alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    p_t = (x_t - (1 - alpha_t).sqrt() * eps_p) / alpha_t.sqrt()  # eq. (3)
+    if cfg.prediction_type == "v_prediction":
+        p_t = alpha_t.sqrt() * x_t - (1 - alpha_t).sqrt() * eps_p  # eq. (3), rewritten for v
+        eps_d = alpha_t.sqrt() * eps_d + (1 - alpha_t).sqrt() * x_t  # eps from v, for eq. (4)
+    elif cfg.prediction_type == "epsilon":
+        p_t = (x_t - (1 - alpha_t).sqrt() * eps_p) / alpha_t.sqrt()  # eq. (3)
+    else:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r}: ddim_step handles {PREDICTION_TYPES}")
     if cfg.clip_sample:
         p_t = p_t.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     sigma_t = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. (5)
@@ -127,12 +156,17 @@ class Edit:
     one batch can render a whole grid of strengths).
     window: (first, stop) step indices, half-open, step 0 = first denoising step;
     None = all steps. asyrp: edited eps in P_t only.
+    branch: under classifier-free guidance, which U-Net pass gets the edit: "both" (the
+    paper authors' SD code), "cond" (only the text-conditioned pass: the guidance scale
+    then multiplies the edit's effect, as in InterpretDiffusion) or "uncond". Without
+    guidance the one pass is edited ("uncond" is refused).
     """
 
     directions: list[torch.Tensor] = field(default_factory=list)
     gammas: list[float | torch.Tensor] = field(default_factory=list)
     window: tuple[int, int] | None = None
     asyrp: bool = False
+    branch: str = "both"
 
     def delta(self, step: int) -> torch.Tensor | None:
         if not self.directions:
@@ -156,11 +190,19 @@ def sample(
     h_point: str = "output",
     x_T: torch.Tensor | None = None,
     stop_before: int | None = None,
+    conditioning: Conditioning | None = None,
+    capture: str = "cond",
 ) -> torch.Tensor:
-    """Generate one image per generator; returns x_0 as (B, C, R, R) float32 in [-1, 1].
+    """Generate one image per generator; returns x_0 as (B, C, R, R) float32 in [-1, 1]
+    (latents, for a latent model).
 
     on_step(step, t, h) receives, after each U-Net pass, the h_t that pass used (edited
     if an edit is active), so the caller can stream h_{T:1} out without holding it all.
+    conditioning: the text (hcore.conditioning), None for unconditional pixel models
+    (then nothing changes). Under classifier-free guidance on_step gets the conditional
+    half of the [uncond; cond] batch (``capture="cond"``), the unconditional half
+    ("uncond") or the whole 2B batch in that layout ("both"); the edit goes to
+    ``edit.branch``.
     eta: one value, one per step, or a window rule (the paper's eta_t; see ``eta_schedule``).
     P_t is clipped only where ``scheduler.config.clip_sample`` says so (runs set it from
     their ``clip_sample`` setting when they load the model; see data.models.load_for_run).
@@ -170,17 +212,33 @@ def sample(
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
     etas = eta_schedule(eta, num_inference_steps)
+    guided = conditioning is not None and conditioning.guided
+    if conditioning is not None:
+        conditioning.check(unet)
+    if capture not in CAPTURE:
+        raise ValueError(f"capture must be one of {CAPTURE}, got {capture!r}")
+    if capture != "cond" and not guided:
+        raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
     if edit is not None:
         for v in edit.directions:
             if v.shape[0] != num_inference_steps:
                 raise ValueError(f"direction has {v.shape[0]} timesteps, sampling uses {num_inference_steps}")
+        if edit.branch not in EDIT_BRANCHES:
+            raise ValueError(f"edit branch must be one of {EDIT_BRANCHES}, got {edit.branch!r}")
+        if edit.branch == "uncond" and not guided:
+            raise ValueError(
+                "edit branch 'uncond' needs classifier-free guidance (a conditioning with an uncond branch)"
+            )
     param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
+    device = param.device
     cfg = unet.config
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
     x = draw_noise(generators, shape)  # drawn even when x_T is given, so z_t stay in place
     x = (x if x_T is None else x_T.cpu().float()).to(device)
+    batch = len(generators)
     with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs:
+        hs.guided = guided
+        hs.edit_branch = "both" if edit is None else edit.branch
         for step, t in enumerate(sched.timesteps):
             if step == stop_before:
                 return x
@@ -188,13 +246,16 @@ def sample(
             z = draw_noise(generators, shape).to(device)
             delta = edit.delta(step) if edit is not None else None
             hs.delta = None if delta is None else delta.to(device)
-            eps = unet(x.to(dtype), t_int).sample.float()
+            eps = unet_output(unet, x, t_int, conditioning)  # eps, or v (see ddim_step)
             if on_step is not None:
-                on_step(step, t_int, hs.last_h)
+                h = hs.last_h
+                if guided and capture != "both":
+                    h = h[batch:] if capture == "cond" else h[:batch]
+                on_step(step, t_int, h)
             eps_d = eps
             if delta is not None and edit.asyrp:
                 hs.delta = None
-                eps_d = unet(x.to(dtype), t_int).sample.float()
+                eps_d = unet_output(unet, x, t_int, conditioning)
             x, _ = ddim_step(sched, x, t_int, eps, eps_d, etas[step], z)
     return x
 

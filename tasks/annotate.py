@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hspace.data.annotators import annotator_id, load_annotator
 from hspace.data.catalog import RunError, RunFolder
-from hspace.data.stores import AnnotationStore, SampleStore
-from hspace.hcore.sampler import to_unit
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +20,9 @@ def annotate_run(
 ) -> dict:
     """Score pending chunks of ``annotator``'s array; returns {annotator, names, recomputed}.
     ``net``: the annotator already loaded from that spec (else it is loaded here)."""
+    from hspace.data.annotators import annotator_id, load_annotator
+    from hspace.data.stores import AnnotationStore, SampleStore
+    from hspace.hcore.sampler import to_unit
 
     run = RunFolder(Path(run_dir))
     samples = SampleStore(run.samples)
@@ -43,3 +45,41 @@ def annotate_run(
             progress(rows.stop - rows.start)
     names = store.rebuild_scores()
     return {"annotator": key, "names": names, "recomputed_chunks": len(pending)}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _check(run: RunFolder, cfg, ctx: Context) -> None:
+    from hspace.data.annotators import load_annotator
+
+    for spec in cfg.annotate.annotators:  # a bad spec or weight file fails before anything runs
+        load_annotator(spec, ctx.device)
+
+
+def annotate_stage(run: RunFolder, section, ctx: Context) -> dict:
+    from hspace.data.annotators import load_annotator
+    from hspace.data.stores import SampleStore
+
+    nets = {spec: load_annotator(spec, ctx.device) for spec in section.annotators}  # bad ones fail first
+    names, n = [], SampleStore(run.samples).layout.n
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        for spec, net in nets.items():
+            job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
+            advance = lambda k, job=job: bar.advance(job, k)  # noqa: E731
+            result = annotate_run(str(run.root), spec, section.batch_size, ctx.device, advance, net)
+            names = result["names"]
+    return {"outputs": outputs(run, [run.annotations]), "annotators": section.annotators, "attributes": names}
+
+
+STAGE = Stage(
+    "annotate",
+    order=20,
+    sections=("annotate",),
+    inputs=("sample",),
+    outputs=("annotations",),
+    body=annotate_stage,
+    summary=lambda r: f"{len(r['attributes'])} attributes",
+    check=_check,
+    doc="Score every stored x0 with annotators into RUN/annotations.zarr (resumable).",
+)

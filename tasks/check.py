@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from hspace.data.catalog import PIPELINE_STAGES, RunError, RunFolder
+from hspace.data.catalog import RunError, RunFolder
 from hspace.tasks.config import RunConfig
 
 
@@ -224,7 +224,9 @@ def unet_passes(cfg: RunConfig) -> dict[str, int]:
     the stages' loops make them; --gamma auto counts its bisection's cap (16 per direction)."""
     s, ev, f, d = cfg.sample, cfg.evaluate, cfg.figures, cfg.directions
     steps, held = s.steps, d.held_out_of({})
-    passes = dict.fromkeys(PIPELINE_STAGES, 0)
+    from hspace.tasks.stages import pipeline_stages
+
+    passes = dict.fromkeys(pipeline_stages(), 0)
     passes["sample"] = s.n * steps
     rows = len(evaluated_rows(cfg))
     if ev.enabled and d.latent == "h":
@@ -269,28 +271,24 @@ def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 
 
 def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     """What `hspace run --config cfg --out OUT` would do (nothing is written)."""
-    from hspace.tasks.stages import STAGES, stage_key
+    from hspace.tasks.stages import pipeline_stages, registry, stage_key
 
     run = RunFolder(out)
-    meta = None
+    record = None
     if run.exists():
         try:
-            meta = run.read()
+            record = run.record()
         except RunError:
-            meta = None
+            record = None
     states: dict[str, str] = {}
-    for name in PIPELINE_STAGES:
-        stage = STAGES[name]
-        if meta is None or meta.get("config", {}).get("n") != cfg.sample.n:
+    for name in pipeline_stages():
+        stage = registry()[name]
+        if record is None or record.config.get("n") != cfg.sample.n:
             states[name] = "run"
             continue
-        record = meta["stages"].get(name, {})
-        fresh = (
-            record.get("state") == "done"
-            and record.get("key") == stage_key(stage, cfg, meta)
-            and run.has(record.get("outputs"))
-            and all(states.get(i) != "run" for i in stage.inputs)
-        )
+        stages = record.stage_dicts()
+        key = stage_key(stage, cfg, stages, record.model.fingerprint)
+        fresh = stage.is_fresh(run, stages.get(name, {}), key) and all(states.get(i) != "run" for i in stage.inputs)
         states[name] = "skip (cached)" if fresh else "run"
     passes = unet_passes(cfg)
     seconds = probe_seconds(facts, cfg) if probe else None
@@ -311,7 +309,7 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
             "unet_passes": passes[name] if states[name] == "run" else 0,
             "seconds": None if seconds is None or states[name] != "run" else passes[name] * seconds,
         }
-        for name in PIPELINE_STAGES
+        for name in pipeline_stages()
     ]
     return {
         "out": str(out),

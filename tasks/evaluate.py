@@ -1,31 +1,14 @@
-"""Table 1 and PC naming for a run's directions: load them through the catalog, edit
-held-out samples along each (hcore.metrics), write RUN/eval/ through the catalog."""
+"""Table 1 for a run's directions: load them (and their eq. (11) projections, written by
+the disentangle stage) through the catalog, edit held-out samples along each
+(hcore.metrics), write RUN/eval/ through the catalog."""
 
 from __future__ import annotations
 
-import torch
-
-from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.eval_folder import EvalFolder
-from hspace.data.stores import SampleStore
-from hspace.hcore import metrics
-from hspace.hcore.sampler import to_unit
-
-
-def name_run_directions(
-    run: RunFolder, meta: dict, names: list[str], net, n: int, gamma: float, unet, scheduler, stem: str = "pc_names"
-) -> tuple[list[dict], object]:
-    """Name each direction after the attribute it moves most (hcore.metrics.name_by_spread)
-    on the run's first ``n`` samples, each attribute measured in units of its spread over
-    them; writes RUN/eval/STEM.{json,md}. Returns (table, path of the .md)."""
-    from hspace.hcore.hooks import h_shape
-
-    vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
-    changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma)
-    scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
-    table = metrics.name_by_spread(changes, list(net.names), names, scale)
-    return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma, stem)
+from hspace.tasks import views
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
 
 
 def held_out_start(metas: list[dict]) -> int:
@@ -46,25 +29,24 @@ def run_evaluation(
     prompts: dict | None = None,
     device: str = "cpu",
     log=print,
-    keep_norm: bool = True,
-    conditions: dict[str, list[str]] | None = None,
     progress=None,
 ) -> dict:
-    """Table 1 for a run's directions ``names``: edit held-out samples along each (and,
-    with ``disentangled``, along each projected against the others by eq. (11)), score
-    with ``evaluator`` and write RUN/eval/ (leakage_*.csv/.md/.png, summary.json). With
-    ``keep_norm`` and a fixed gamma a third table, ``as_written``, edits along eq. (11)'s
-    projection without the rescaling.
+    """Table 1 (paper sec. 5): the mean change of every attribute the ``evaluator`` scores
+    when held-out samples are edited along each direction, written to RUN/eval/
+    (leakage_*.csv/.md/.png, summary.json). ``disentangled``: also a table of each
+    direction's eq. (11) projection as the disentangle stage wrote it
+    (``NAME_disentangled``) and, with a fixed gamma, of eq. (11) as written
+    (``NAME_disentangled_as_written``, where that stage kept the norm); a direction with
+    no such file is left out of that table, named in the log and in the summary.
     gamma None: calibrate per direction (``--gamma auto``) to reach ``target``.
-    ``conditions``: attribute -> attributes to project out (default: all the other listed
-    directions); ``keep_norm``: rescale each projected direction to its original norm, so
-    that both tables compare edits of the same length (see hcore.supervised).
     progress(done, total): called as the edit-and-score passes of the tables finish."""
+    from hspace.data import directions as dirfile
     from hspace.data import models
     from hspace.data.annotators import load_annotator
+    from hspace.hcore import metrics
     from hspace.hcore.calibrate import CalibrationError
     from hspace.hcore.hooks import h_shape
-    from hspace.hcore.supervised import disentangle as project_out
+    from hspace.tasks.disentangle import AS_WRITTEN, disentangled_name
 
     run = RunFolder(run_dir)
     meta = run.read()
@@ -110,37 +92,34 @@ def run_evaluation(
             )
     out = EvalFolder(run.eval)
     summary: dict = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
-    conditions = conditions or {}
-    unknown = sorted({c for cs in conditions.values() for c in cs} - set(rows))
-    if unknown:
-        raise RunError(f"disentangle conditions name {unknown}, not among the evaluated directions {rows}")
-    against = {
-        row: [j for j, r in enumerate(rows) if r != row and (row not in conditions or r in conditions[row])]
-        for row in rows
-    }
-    variants = [("original", vectors)]
+    variants = [("original", names, vectors)]
     if disentangled:
-        flat = [v.numpy() for v in vectors]
-
-        def projected(norm: bool) -> list[torch.Tensor]:
-            try:
-                return [
-                    torch.from_numpy(project_out(flat[i], [flat[j] for j in against[row]], keep_norm=norm))
-                    for i, row in enumerate(rows)
-                ]
-            except ValueError as e:
-                raise RunError(f"--disentangled: {e}") from None
-
-        summary["disentangled_against"] = {row: [rows[j] for j in js] for row, js in against.items()}
-        summary["keep_norm"] = keep_norm
-        variants.append(("disentangled", projected(keep_norm)))
-        # eq. (11) as the paper writes it (no rescaling) beside the rescaled projection: the
-        # projection shortens a direction, so at one gamma it also edits less. With --gamma
-        # auto the calibration undoes the length difference, and the third table would repeat
-        # the second.
-        if keep_norm and gamma is not None:
-            variants.append(("as_written", projected(False)))
-    total, done = 1 + len(variants) * len(names), 0
+        have = {p.stem for p in run.direction_files()}
+        tables = [("disentangled", "")] + ([("as_written", AS_WRITTEN)] if gamma is not None else [])
+        for label, suffix in tables:
+            files = [disentangled_name(d) + suffix for d in names]
+            kept = [d for d, f in zip(names, files, strict=True) if f in have]
+            if label == "disentangled" and len(kept) < len(names):
+                missing = [d for d in names if d not in kept]
+                summary["not_disentangled"] = missing
+                log(
+                    f"disentangled table: no eq. (11) file for {', '.join(missing)} "
+                    f"(run `hspace disentangle {run.root}` for them); left out of that table"
+                )
+            if not kept:
+                continue
+            loaded_p = dirfile.load_run_directions(
+                run, meta, [disentangled_name(d) + suffix for d in kept], h_shape(unet), scheduler
+            )
+            variants.append((label, kept, [v for v, _ in loaded_p]))
+            if label == "disentangled":
+                summary["disentangled_against"] = {
+                    d: md.get("against", "").split(",") for d, (_, md) in zip(kept, loaded_p, strict=True)
+                }
+                summary["keep_norm"] = all(md.get("keep_norm") == "true" for _, md in loaded_p)
+        if summary.get("keep_norm") is False:  # the "disentangled" table already is eq. (11) as written
+            variants = [v for v in variants if v[0] != "as_written"]
+    total, done = 1 + sum(len(vs) for _, _, vs in variants), 0
 
     def tick() -> None:
         nonlocal done
@@ -151,12 +130,14 @@ def run_evaluation(
     base = metrics.edit_scores(unet, scheduler, net, cfg, indices, None, 0.0)
     tick()
     cal_base = metrics.edit_scores(unet, scheduler, net, cfg, cal_idx, None, 0.0) if gamma is None else None
-    for label, vs in variants:
+    row_of = dict(zip(names, rows, strict=True))
+    for label, table_names, vs in variants:
+        table_rows = [row_of[d] for d in table_names]
         if gamma is not None:
             gammas = [float(gamma)] * len(vs)
         else:
             gammas, calibration = [], {}
-            for d, row, v in zip(names, rows, vs, strict=True):
+            for d, row, v in zip(table_names, table_rows, vs, strict=True):
                 j = columns.index(row)
                 goal = target if target is not None else (10.0 if row in degrees else 0.5)
                 try:
@@ -184,17 +165,77 @@ def run_evaluation(
                 )
             summary.setdefault("calibration", {})[label] = calibration
         matrix = metrics.leakage_matrix(unet, scheduler, net, cfg, indices, vs, gammas, base=base, on_row=tick)
-        out.write_leakage(label, matrix, rows, columns, degrees)
+        out.write_leakage(label, matrix, table_rows, columns, degrees)
         # probabilities and degrees do not average together: the top-level means are over the
         # probability columns, ``degrees`` holds the same means over the pose columns
-        summary[label] = {"gamma": dict(zip(names, gammas, strict=True))}
-        summary[label].update(metrics.leakage_means(matrix, rows, columns, set(columns) - set(degrees)))
+        summary[label] = {"gamma": dict(zip(table_names, gammas, strict=True))}
+        summary[label].update(metrics.leakage_means(matrix, table_rows, columns, set(columns) - set(degrees)))
         if set(degrees) & set(columns):
-            summary[label]["degrees"] = metrics.leakage_means(matrix, rows, columns, set(degrees))
+            summary[label]["degrees"] = metrics.leakage_means(matrix, table_rows, columns, set(degrees))
         probabilities = set(columns) - set(degrees)
         summary[label]["per_direction"] = {  # each direction's own leakage, to say which one a projection worsened
             d: metrics.leakage_means(matrix[i : i + 1], [r], columns, probabilities)["mean_offdiagonal"]
-            for i, (d, r) in enumerate(zip(names, rows, strict=True))
+            for i, (d, r) in enumerate(zip(table_names, table_rows, strict=True))
         }
     out.write_summary(summary)
     return summary
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate_stage(run: RunFolder, e, disentangle, directions, device, ctx: Context) -> dict:
+    if not e.enabled or directions.latent != "h":
+        return {"outputs": [], "skipped": True}
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
+        summary = run_evaluation(
+            str(run.root),
+            e.directions or list(directions.attributes),
+            disentangled=e.disentangled and disentangle.enabled,
+            evaluator=e.evaluator,
+            n=e.n,
+            gamma=None if e.gamma == "auto" else e.gamma,
+            target=e.target,
+            calibration_n=e.calibration_n,
+            prompts=e.prompts,
+            device=ctx.device,
+            log=ctx.log,
+            progress=lambda done, total: bar.update(job, completed=done, total=total),
+        )
+    return {
+        "outputs": outputs(run, [EvalFolder(run.eval).summary_path]),
+        "summary": {k: summary[k] for k in summary if k != "calibration"},
+    }
+
+
+def _publish(run: RunFolder, slug: str) -> None:
+    """The leakage tables as Prefect table artifacts."""
+    import csv
+
+    from prefect.artifacts import create_table_artifact
+
+    from hspace.data.eval_folder import TABLES
+
+    for label in TABLES:
+        path = EvalFolder(run.eval).leakage_csv(label)
+        if path.exists():
+            rows = list(csv.DictReader(path.open()))
+            create_table_artifact(
+                rows, key=f"hspace-{slug}-leakage-{label.replace('_', '-')}", description=f"leakage ({label})"
+            )
+
+
+STAGE = Stage(
+    "evaluate",
+    order=70,
+    sections=("evaluate", "disentangle", "directions", "device"),
+    inputs=("directions", "disentangle", "annotate"),
+    outputs=("eval",),
+    body=evaluate_stage,
+    summary=views.leakage,
+    publish=_publish,
+    cli_sections={"evaluate": None},
+    doc="Table 1: mean change of every attribute per direction, original and disentangled (the eq. (11) "
+    "files of `hspace disentangle`), on held-out samples.",
+)

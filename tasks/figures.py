@@ -13,6 +13,8 @@ from hspace.data import models
 from hspace.data.catalog import RunFolder
 from hspace.data.figures import grid_image, save_grid
 from hspace.data.stores import SampleStore
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
 
 
 def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None):
@@ -35,9 +37,9 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
 
 
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
-    """Write the figures for ``cfg`` (a tasks.config.RunConfig); returns their paths.
-    progress(name, total): called as each figure is written."""
-    from hspace.tasks import evaluate as ev
+    """Write the figures for ``cfg`` (its figures, directions and annotate sections);
+    returns their paths. progress(name, total): called as each figure is written."""
+    from hspace.tasks import naming as ev
 
     meta = run.read()
     run.figures.mkdir(exist_ok=True)
@@ -159,3 +161,30 @@ def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: i
     title = f"top Jacobian direction of sample {sample} at step {step} (sigma {result['singular_values'][0]:.3g})"
     image = grid_image(np.stack(rows), [f"sample {j}" for j in shown], [f"g={x:+.0f}" for x in scales], title=title)
     return save_grid(run.figure("jacobian_grid.png"), image)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def figures_stage(run: RunFolder, figures, directions, annotate, ctx: Context) -> dict:
+    from types import SimpleNamespace
+
+    sections = SimpleNamespace(figures=figures, directions=directions, annotate=annotate)
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        job = bar.add_task("figures", total=None, rate="")
+        files = pipeline_figures(
+            run, sections, ctx.device, progress=lambda name, total: bar.update(job, advance=1, total=total, rate=name)
+        )
+    return {"outputs": outputs(run, files)}
+
+
+STAGE = Stage(
+    "figures",
+    order=80,
+    sections=("figures", "directions", "annotate"),
+    inputs=("pca", "directions", "disentangle", "annotate"),
+    outputs=("figures",),
+    body=figures_stage,
+    summary=lambda r: f"{len(r['outputs'])} files",
+    command=False,
+)

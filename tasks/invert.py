@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.data.stores import AnnotationStore
-from hspace.hcore.sampler import to_unit
-from hspace.tasks.sample import open_shard
+from hspace.tasks import views
+from hspace.tasks.sample import open_shard, run_shards
+from hspace.tasks.stages import Context, Stage, outputs
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -95,6 +95,7 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
     import torch
 
     from hspace.hcore.inversion import ddim_invert, reconstruct
+    from hspace.hcore.sampler import to_unit
 
     opened = open_shard(run_dir, shard)
     if opened is None:
@@ -118,6 +119,8 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
 
 def write_labels(run: RunFolder, scores: dict[str, list[float]]) -> list[str]:
     """The user's labels as an annotator ('labels') in annotations.zarr."""
+    from hspace.data.stores import AnnotationStore
+
     store = AnnotationStore(run.annotations)
     names = list(scores)
     n = len(next(iter(scores.values())))
@@ -148,3 +151,41 @@ def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False
         }
 
     return create_run(run, section, device, extra=extra, dry=dry)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _create(run: RunFolder, section, ctx: Context, dry: bool = False):
+    return create_inversion_run(run, section, ctx.device, dry=dry)
+
+
+def invert_stage(run: RunFolder, section, ctx: Context) -> dict:
+    from hspace.data.stores import SampleStore
+
+    config = run.read()["config"]
+    computed = run_shards(run, show_progress=ctx.show_progress)
+    columns = write_labels(run, config["labels"])
+    mse = float(SampleStore(run.samples).group["recon_mse"][:].mean())
+    return {
+        "outputs": outputs(run, [run.samples, run.annotations]),
+        "recomputed_shards": len(computed),
+        "recon_mse": mse,
+        "labels": columns,
+        "n": config["n"],
+    }
+
+
+STAGE = Stage(
+    "invert",
+    order=10,
+    sections=("invert",),
+    inputs=(),
+    outputs=("samples", "annotations"),
+    body=invert_stage,
+    summary=views.recon,
+    create=_create,
+    pipeline=False,
+    doc="DDIM-invert real images (eta = 0) into a run folder, their labels as annotations, so "
+    "`hspace directions OUT --attribute A` works as on samples.",
+)

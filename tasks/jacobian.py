@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from hspace.data import directions as dirfile
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.stores import JacobianStore, SampleStore
+from hspace.tasks import views
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ def parse_roi(text: str, size: int) -> tuple[int, int, int, int]:
 
 
 def load_mask(path: Path, size: int) -> torch.Tensor:
+    import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -64,6 +70,9 @@ def run_jacobian(
 ) -> dict:
     """Alg. 1 (or Alg. 2 with ``block``, optionally --localize) at sample ``sample``, step
     ``step``; progress(iteration, change, tol) reports each iteration."""
+    import torch
+
+    from hspace.data import directions as dirfile
     from hspace.hcore import jacobian as jac
     from hspace.hcore.sampler import ddim_scheduler, make_generators
     from hspace.hcore.sampler import sample as run_sampler
@@ -169,3 +178,40 @@ def run_jacobian(
         "directions": files,
         "share_inside": share,
     }
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def jacobian_stage(run: RunFolder, j, ctx: Context) -> dict:
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        job = bar.add_task("jacobian (subspace iterations)", total=j.max_iters, rate="")
+        status = lambda it, change, tol: bar.update(job, completed=it, rate=f"change {change:.1e} (tol {tol:.0e})")  # noqa: E731
+        r = run_jacobian(
+            str(run.root),
+            j.sample,
+            j.step,
+            j.k,
+            j.block,
+            j.roi,
+            str(j.mask) if j.mask else None,
+            j.tol,
+            j.max_iters,
+            ctx.device,
+            localize=j.localize,
+            progress=status,
+        )
+    return {"outputs": outputs(run, [run.jacobian, *r.pop("directions")]), **r}
+
+
+STAGE = Stage(
+    "jacobian",
+    order=40,
+    sections=("jacobian",),
+    inputs=("sample",),
+    outputs=("jacobian", "directions"),
+    body=jacobian_stage,
+    summary=views.jac,
+    pipeline=False,
+    doc="Image-specific directions (paper sec. 4.2, Alg. 1 and 2): top-K right singular vectors of d eps/d h.",
+)

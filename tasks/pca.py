@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import PCAStore, SampleStore, timestep_batches
 from hspace.hcore import pca as hpca
+from hspace.tasks import views
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,10 @@ def write_directions(
     """pcNN = concatenation over t of component j scaled by its std (gamma in sigma);
     randomNN = norm-matched random baseline of pcNN (Fig. 6)."""
     steps, k, d = components.shape
+    import torch
+
+    from hspace.data import directions as dirfile
+
     pcs = hpca.directions_from_pca(components, std)
     randoms = hpca.random_directions(std, d, seed)
     for stale in [
@@ -231,3 +236,46 @@ def write_directions(
             )
             names.append(name)
     return names
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def pca_stage(run: RunFolder, p, ctx: Context) -> dict:
+    if not p.enabled:
+        return {"outputs": [], "skipped": True}
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"], rate="")
+        r = run_pca(
+            str(run.root),
+            p.components,
+            p.method,
+            p.batch_size,
+            p.workers,
+            ctx.dask_address,
+            p.reference_step,
+            p.complete_shards_only,
+            progress=lambda i: bar.advance(job, i),
+        )
+    return {
+        "outputs": outputs(run, [run.pca] + [run.direction(d) for d in r["directions"]]),
+        "method": r["method"],
+        "k": p.components,
+        "n_samples": r["n"],
+        "wall_seconds": round(r["wall_seconds"], 2),
+        "variance_ratio": r["explained_variance_ratio_mean"][:5],
+        "weak_sign_alignment": r["weak_sign_alignment"],
+    }
+
+
+STAGE = Stage(
+    "pca",
+    order=30,
+    sections=("pca",),
+    inputs=("sample",),
+    outputs=("pca", "directions"),
+    body=pca_stage,
+    summary=views.pca_line,
+    runtime=("dask_address",),
+    doc="Per-timestep PCA of h (paper sec. 4.1): RUN/pca.zarr and directions pcNN + randomNN.",
+)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hspace.data.catalog import RunFolder
 from hspace.data.eval_folder import TABLES, EvalFolder, calibration_misses, leakage_change, leaked_more, table_title
+from hspace.tasks.stages import BEFORE, Context, Stage, outputs, registry
 
 FIGURES = [
     ("samples.png", "Samples", "The first samples of the run (x0)."),
@@ -146,9 +147,9 @@ def _folded(meta: dict) -> list[str]:
             "<details><summary>Stages (fingerprints, timings, outputs)</summary><table><tr><th>stage</th>"
             "<th>state</th><th>fingerprint</th><th>seconds</th><th>outputs</th></tr>"
         )
-        order = ["sample", "annotate", "pca", "directions", "disentangle", "evaluate", "figures"]
-        for stage in [s for s in order if s in pipeline] + [s for s in pipeline if s not in order + ["report"]]:
-            rec = pipeline[stage]  # the report stage is this page, still being written
+        # in the registry's order; the report stage itself is this page, still being written
+        for stage in [s for s in registry() if s in pipeline and s != STAGE.name]:
+            rec = pipeline[stage]
             outputs = ", ".join(rec.get("outputs", [])[:6]) + (" …" if len(rec.get("outputs", [])) > 6 else "")
             parts.append(
                 f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
@@ -219,27 +220,43 @@ def write_report(run: RunFolder) -> Path:
     return out
 
 
-def publish_artifacts(run: RunFolder, stage: str, key: str, result: dict) -> None:
-    """Prefect artifacts for the UI: a markdown summary per stage, the leakage tables of
-    the evaluation, and a link to the report (keys: lowercase, digits, dashes)."""
-    import csv
-
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+def publish_artifacts(run: RunFolder, stage: Stage, key: str, result: dict) -> None:
+    """Prefect artifacts for the UI: a markdown summary per stage (fingerprint, outputs),
+    then what the stage's declaration publishes besides (``Stage.publish``: the leakage
+    tables of the evaluation, the link to this report); keys: lowercase, digits, dashes."""
+    from prefect.artifacts import create_markdown_artifact
 
     slug = "".join(c if c.isalnum() else "-" for c in run.root.name.lower()).strip("-") or "run"
-    outputs = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"
+    listed = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"
     create_markdown_artifact(
-        f"### {stage}\n\nrun folder `{run.root}`, fingerprint `{key}`\n\noutputs:\n{outputs}\n",
-        key=f"hspace-{slug}-{stage}",
-        description=f"hspace stage {stage}",
+        f"### {stage.name}\n\nrun folder `{run.root}`, fingerprint `{key}`\n\noutputs:\n{listed}\n",
+        key=f"hspace-{slug}-{stage.name}",
+        description=f"hspace stage {stage.name}",
     )
-    if stage == "evaluate":
-        for label in TABLES:
-            path = EvalFolder(run.eval).leakage_csv(label)
-            if path.exists():
-                rows = list(csv.DictReader(path.open()))
-                create_table_artifact(
-                    rows, key=f"hspace-{slug}-leakage-{label.replace('_', '-')}", description=f"leakage ({label})"
-                )
-    if stage == "report":
-        create_link_artifact(run.report.resolve().as_uri(), link_text=run.report.name, key=f"hspace-{slug}-report")
+    if stage.publish is not None:
+        stage.publish(run, slug)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def report_stage(run: RunFolder, ctx: Context) -> dict:
+    return {"outputs": outputs(run, [write_report(run)])}
+
+
+def _publish(run: RunFolder, slug: str) -> None:
+    from prefect.artifacts import create_link_artifact
+
+    create_link_artifact(run.report.resolve().as_uri(), link_text=run.report.name, key=f"hspace-{slug}-report")
+
+
+STAGE = Stage(
+    "report",
+    order=90,
+    sections=(),
+    inputs=BEFORE,
+    outputs=("report",),
+    body=report_stage,
+    publish=_publish,
+    command=False,
+)

@@ -1,9 +1,9 @@
 """Sampling tasks: prepare samples.zarr, then one cached task per shard (= sampling batch).
 
 A shard task replays its samples from their own seeds, buffers h for all timesteps and
-writes the shard whole, then marks it done (data.catalog). The done marker is the truth:
-the flow re-runs every pending shard with ``refresh_cache=True``, because a Prefect cache
-hit does not know whether the files it stands for still exist (STACK_NOTES.md).
+writes the shard whole, then marks it done (data.catalog). The done marker is the truth
+and the only cache: a Prefect cache hit would not know whether the files it stands for
+still exist (STACK_NOTES.md), so shard tasks are recorded by Prefect and cache nothing.
 """
 
 from __future__ import annotations
@@ -13,22 +13,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from hspace.data import models
-from hspace.data.catalog import RunError, RunFolder, fingerprint
+from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import SampleLayout, SampleStore
+from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
-
-# Bump when the sampling maths or the stored layout changes: it is part of the cache key.
-SAMPLE_CODE_VERSION = "sample-1"
-
-
-def shard_key(meta: dict) -> str:
-    """Cache key of a run's shards: model fingerprint + the run's config + code version."""
-    return fingerprint("shards", meta["model"]["fingerprint"], meta["config"], SAMPLE_CODE_VERSION)
 
 
 def resolve_device(device: str) -> str:
@@ -164,15 +155,23 @@ def run_shard(run_dir: str, shard: int) -> dict:
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
-@task(name="shard", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, task_run_name="shard-{shard}")
-def shard_task(run_dir: str, shard: int, key: str) -> dict:
-    """One sampling or inversion batch. ``key`` (shard_key) makes the cache key cover the
-    model, the run's config and the code version."""
+def _shard(run_dir: str, shard: int) -> dict:
+    """One sampling or inversion batch (its done marker says whether it must run)."""
     if RunFolder(Path(run_dir)).read()["config"].get("kind") == "inversion":
         from hspace.tasks.invert import run_invert_shard
 
         return run_invert_shard(run_dir, shard)
     return run_shard(run_dir, shard)
+
+
+@functools.cache
+def shard_task():
+    """``_shard`` as a Prefect task: recorded (state, timing) with no cache key; made on
+    first use so that declaring the stage does not import Prefect."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="shard-{shard}")(_shard)
 
 
 def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) -> list[int]:
@@ -199,13 +198,11 @@ def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) ->
 def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: bool = True) -> list[int]:
     """Every pending shard of the run (sampled, or inverted for an inversion run), one
     Prefect task each, or on the Dask cluster at ``dask_address``; returns the shards
-    computed. A pending shard runs even if Prefect remembers a result for its key: its
-    marker, not Prefect's record, says whether the files exist."""
+    computed. Only pending shards run: a shard's done marker says whether its files exist."""
     from hspace.tasks.progress import progress_bar
 
     store = prepare_store(run)
     pending = set(store.pending_shards())
-    key = shard_key(run.read())
     rows = lambda k: len(store.layout.shard_rows(k))  # noqa: E731
     inverting = run.read()["config"].get("kind") == "inversion"
     with progress_bar(disable=not show_progress) as bar:
@@ -214,16 +211,13 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
         if dask_address and not inverting:
             return _on_dask(str(run.root), sorted(pending), dask_address, store, bar, job)
         done_new, computed = 0, []
-        for k in range(store.layout.n_shards):
-            shard_task.with_options(result_storage=run.prefect_results, refresh_cache=k in pending)(
-                str(run.root), k, key
-            )
-            if k in pending:
-                computed.append(k)
-                done_new += rows(k)
-                elapsed = bar.get_time() - bar.tasks[job].start_time
-                bar.update(job, rate=f"{done_new / max(elapsed, 1e-9):.2f} samples/s")
-                bar.advance(job, rows(k))
+        for k in sorted(pending):
+            shard_task()(str(run.root), k)
+            computed.append(k)
+            done_new += rows(k)
+            elapsed = bar.get_time() - bar.tasks[job].start_time
+            bar.update(job, rate=f"{done_new / max(elapsed, 1e-9):.2f} samples/s")
+            bar.advance(job, rows(k))
     return computed
 
 
@@ -271,3 +265,30 @@ def resolve_eta(eta, steps: int) -> float | list[float]:
 def resolve_clip(setting: str, scheduler) -> bool:
     """--clip-sample off | on | model (the model's scheduler config) -> the bool a run records."""
     return bool(scheduler.config.get("clip_sample", False)) if setting == "model" else setting == "on"
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _create(run: RunFolder, section, ctx: Context, dry: bool = False):
+    return create_run(run, section, ctx.device, ctx.allow_download, dry=dry)
+
+
+def sample_stage(run: RunFolder, section, ctx: Context) -> dict:
+    computed = run_shards(run, ctx.dask_address, show_progress=ctx.show_progress)
+    return {"outputs": outputs(run, [run.samples]), "recomputed_shards": len(computed), "n": section.n}
+
+
+STAGE = Stage(
+    "sample",
+    order=10,
+    sections=("sample",),
+    inputs=(),
+    outputs=("samples",),
+    body=sample_stage,
+    summary=lambda r: f"{r['recomputed_shards']} shards computed",
+    create=_create,
+    out_default="runs/toy",
+    runtime=("dask_address", "allow_download"),
+    doc="Mass-sample a model (paper sec. 3), storing h at every step, x0 and seeds in OUT/samples.zarr.",
+)

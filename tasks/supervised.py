@@ -1,26 +1,30 @@
 """Supervised directions (paper sec. 5): eq. (10) from annotated samples, streamed from
-samples.zarr, and eq. (11) disentanglement of saved directions."""
+samples.zarr (the directions stage; eq. (11) is tasks/disentangle.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import AnnotationStore, SampleStore
 from hspace.hcore import supervised
+from hspace.tasks.stages import Context, Stage, outputs
 
 
 def mean_difference(
     run: RunFolder, attribute: str, top: int, latent: str = "h", batch_size: int = 64, first: int | None = None
-) -> tuple[torch.Tensor, dict, dict]:
+) -> tuple:
     """v = mean(q+) - mean(q-) over the top/bottom ``top`` samples by ``attribute`` (eq. 10).
     latent 'h': q = h_{T:1} read in batches of rows; 'xT': q = x_T re-drawn from the seeds.
     first: rank only samples 0..first-1 (the rest stay held out for evaluation).
-    Returns (v, its direction-file metadata, {positives, negatives}); nothing is written."""
+    Returns (v as a torch tensor, its direction-file metadata, {positives, negatives});
+    nothing is written."""
+    import torch
+
+    from hspace.data import directions as dirfile
+
     meta = run.read()
     if latent not in ("h", "xT"):
         raise RunError(f"--latent must be h or xT, got {latent!r}")
@@ -88,50 +92,37 @@ def build_direction(
     first: int | None = None,
 ) -> dict:
     """eq. (10) (``mean_difference``), saved as RUN/directions/NAME.safetensors."""
+    from hspace.data import directions as dirfile
+
     run = RunFolder(Path(run_dir))
     v, md, picked = mean_difference(run, attribute, top, latent, batch_size, first)
     path = dirfile.save(run.direction(name or direction_name(attribute, latent)), v, md)
     return {"path": str(path), **picked, "norm": float(v.norm())}
 
 
-def disentangle_direction(
-    run_dir: str, direction: str, against: list[str], name: str | None = None, keep_norm: bool = True
-) -> dict:
-    """eq. (11) against the listed directions (all from this run's directions folder);
-    ``keep_norm``: rescaled to the original's norm (hcore.supervised.disentangle)."""
-    run = RunFolder(Path(run_dir))
-    run.read()
-    if not against:
-        raise RunError("--against needs at least one direction name")
-    if direction in against:
-        raise RunError(f"--against lists {direction!r} itself; projecting it out would leave nothing")
-    loaded = {}
-    for d in [direction, *against]:
-        v, md = dirfile.load(run.direction(d))
-        loaded[d] = (v.numpy(), md)
-    v0, md0 = loaded[direction]
-    for d in against:
-        v, md = loaded[d]
-        for key in ("model", "steps", "h_point", "scheduler"):
-            if md.get(key) != md0.get(key):
-                raise RunError(
-                    f"direction {d!r} was made for another {key} than {direction!r}; "
-                    "disentangle only directions of one model, schedule and latent"
-                )
-        if v.shape != v0.shape:
-            raise RunError(f"direction {d!r} has shape {v.shape}, {direction!r} has {v0.shape}")
-    try:
-        v = supervised.disentangle(v0, [loaded[d][0] for d in against], keep_norm=keep_norm)
-    except ValueError as e:
-        raise RunError(f"{direction}: {e}") from None
-    out_name = name or f"{direction}_disentangled"
-    md = {
-        **md0,
-        "method": f"disentangled (eq. 11) from {md0.get('method')}",
-        "against": ",".join(against),
-        "keep_norm": str(keep_norm).lower(),
-        "source": f"{run.root}: {direction} minus its projection on {', '.join(against)}",
-    }
-    path = dirfile.save(run.direction(out_name), torch.from_numpy(v), md)
-    cos = float(np.dot(v.ravel(), v0.ravel()) / (np.linalg.norm(v) * np.linalg.norm(v0) + 1e-12))
-    return {"path": str(path), "cosine_with_original": cos}
+# ----------------------------------------------------------------------------- the stage
+
+
+def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
+    run_config = run.read()["config"]
+    n, held_out = run_config["n"], d.held_out_of(run_config)
+    if held_out >= n - 1:
+        raise RunError(f"--held-out {held_out} leaves no samples of this run's {n} to build directions from")
+    if d.name and len(d.attributes) > 1:
+        raise RunError("--name names one direction: give a single --attribute with it")
+    files = [
+        build_direction(str(run.root), a, d.top, d.latent, d.name, first=n - held_out)["path"] for a in d.attributes
+    ]
+    return {"outputs": outputs(run, files), "top": d.top, "held_out": held_out}
+
+
+STAGE = Stage(
+    "directions",
+    order=50,
+    sections=("directions",),
+    inputs=("annotate", "sample"),
+    outputs=("directions",),
+    body=directions_stage,
+    summary=lambda r: f"{len(r['outputs'])} directions",
+    doc="Mean-difference direction per attribute (paper eq. (10)).",
+)

@@ -12,7 +12,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hspace.data.catalog import PIPELINE_STAGES
 from hspace.data.eval_folder import TABLES, calibration_misses, leakage_change, leaked_more, table_title
 
 
@@ -97,6 +96,8 @@ def show_run(report: dict, console: Console) -> None:
 
 def show_runs(entries: list[dict], root: Path, console: Console) -> None:
     """`hspace list`: one row per run folder, stage marks, headline leakage."""
+    from hspace.tasks.stages import pipeline_stages
+
     if not entries:
         console.print(f"no run folders under {root}")
         return
@@ -130,7 +131,7 @@ def show_runs(entries: list[dict], root: Path, console: Console) -> None:
         )
     )
     console.print(
-        "stages: " + " ".join(PIPELINE_STAGES) + " (pipeline runs; single commands list their own) - "
+        "stages: " + " ".join(pipeline_stages()) + " (pipeline runs; single commands list their own) - "
         "✓ done, ✗ failed, … running, · pending; leakage: mean |off-diagonal| of Table 1, original -> "
         "disentangled (change, share of the diagonal kept). Per stage: --json"
     )

@@ -4,6 +4,8 @@ code path a user's folder takes, and one Prefect test server for the whole sessi
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_UI_ENABLED", "false")  # the suite's server serves no UI: it starts faster
+# every flow run of the suite records to one standing server in a PREFECT_HOME of its own
+# (never the user's ~/.prefect); subprocess commands inherit it and find the same server
+PREFECT_HOME = Path(tempfile.mkdtemp(prefix="hspace-test-prefect-"))
+os.environ["PREFECT_HOME"] = str(PREFECT_HOME)
+os.environ.pop("PREFECT_API_URL", None)
 # one intra-op thread: on a 2-core machine shared with Prefect servers and Dask workers,
 # OpenMP's spinning barriers make multi-threaded torch crawl (measured: 20 s -> 8+ min)
 torch.set_num_threads(1)
@@ -81,14 +89,27 @@ def oracle_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One ephemeral Prefect API for all tests that run flows (start-up costs 10-25 s)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    os.environ["PREFECT_HOME"] = str(home)
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server():
+    """The standing local Prefect server hspace starts on first need (tasks/prefect_server.py),
+    in this session's PREFECT_HOME, for in-process flow runs; subprocess commands find the
+    same one through PREFECT_HOME. Stopped when the session ends (``_stop_prefect_server``)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    from hspace.tasks import prefect_server as server
+
+    url = server.start()["url"]
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_server():
+    """No Prefect server outlives the suite, and none is ever started in the user's home."""
+    yield
+    from hspace.tasks import prefect_server as server
+
+    server.stop()
+    shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:

@@ -123,7 +123,7 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     from hspace.data import directions as dirfile
     from hspace.data.catalog import RunFolder
     from hspace.data.eval_folder import leakage_change
-    from hspace.hcore import hspace as hs
+    from hspace.hcore import hooks as hs
     from hspace.tasks.evaluate import run_evaluation
     from hspace.tasks.views import leakage
 
@@ -141,11 +141,22 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: net)
     monkeypatch.setattr(hs, "h_shape", lambda unet: (d,))
-    monkeypatch.setattr(
-        dirfile, "load_run_directions", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
-    )
     run = RunFolder(tmp_path / "run")
     run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})
+    # the directions on disk, projected by the disentangle stage itself (eq. (11) is computed
+    # there once; evaluate only loads the files it wrote)
+    from hspace.data.directions import REQUIRED_META
+    from hspace.tasks.config import DirectionsSection, DisentangleSection
+    from hspace.tasks.disentangle import disentangle_stage
+    from hspace.tasks.stages import Context
+
+    for v, name in zip(vs, names, strict=True):
+        dirfile.save(run.direction(name), v.reshape(1, d, 1, 1), {k: "x" for k in REQUIRED_META} | {"attribute": name})
+    ctx = Context(show_progress=False)
+    written = disentangle_stage(run, DisentangleSection(), DirectionsSection(attributes=names), ctx)["outputs"]
+    assert len(written) == 6  # NAME_disentangled and NAME_disentangled_as_written for each
+    read = lambda run, meta, ns, *a: [(v.reshape(d), md) for v, md in (dirfile.load(run.direction(n)) for n in ns)]  # noqa: E731
+    monkeypatch.setattr(dirfile, "load_run_directions", read)
     summary = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, log=lambda *a: None)
 
     def by_hand(i: int, keep_norm: bool) -> np.ndarray:
@@ -191,7 +202,10 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     for _, name in worse:
         assert f"{name} " in line.split("leaks MORE")[1]
 
-    again = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, keep_norm=False, log=print)
+    disentangle_stage(run, DisentangleSection(keep_norm=False), DirectionsSection(attributes=names), ctx)
+    for name in names:  # what an earlier keep-norm run left beside them is not this run's
+        run.direction(f"{name}_disentangled_as_written").unlink()
+    again = run_evaluation(str(run.root), names, disentangled=True, n=4, gamma=2.0, log=print)
     assert "as_written" not in again  # without the rescaling the second table already is eq. (11) as written
     from hspace.data.eval_folder import table_title
 
@@ -206,7 +220,7 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     from hspace.data import annotators, models
     from hspace.data import directions as dirfile
     from hspace.data.catalog import RunFolder
-    from hspace.hcore import hspace as hs
+    from hspace.hcore import hooks as hs
     from hspace.tasks.evaluate import run_evaluation
     from hspace.tasks.views import leakage
 

@@ -13,11 +13,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from hspace.data.catalog import PIPELINE_STAGES as STAGES
 from hspace.data.catalog import RunError
 from hspace.flows.cli import app
 from hspace.tasks.config import load_config
+from hspace.tasks.stages import pipeline_stages
 from tests.test_cli import assert_refused, tree_digest
+
+STAGES = pipeline_stages()
 
 runner = CliRunner()
 

@@ -17,9 +17,9 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from hspace.data.catalog import PIPELINE_STAGES
 from hspace.data.stores import SampleStore
 from hspace.flows.cli import app
+from hspace.tasks.stages import pipeline_stages
 
 ARGS = ["--n", "96", "--steps", "30", "--batch-size", "4", "--device", "cpu", "--eta", "1.0", "--seed", "5"]
 
@@ -78,13 +78,8 @@ def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_
     run = tmp_path / "victim"
     # one torch thread: with 2 cores shared by pytest and two Prefect servers, OpenMP's
     # spinning barriers make a 2-thread child crawl
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PYTHONPATH": str(Path(__file__).parents[1]),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("PREFECT_API_URL", None)  # the victim starts its own ephemeral server, as a user's would
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)  # the victim finds the suite's standing server, as a user's command would
     cmd = [*hspace_cmd(), "sample", "--model", str(model_dir), *ARGS, "--out", str(run)]
     victim = kill_9_once(cmd, env, lambda: done_count(run) >= 3)
     killed_at = done_count(run)
@@ -136,8 +131,7 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
         )
     )
     run = tmp_path / "run"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "ph"), "PYTHONPATH": str(Path(__file__).parents[1])}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     env.pop("PREFECT_API_URL", None)
     cmd = [*hspace_cmd(), "run", "--config", str(config), "--out", str(run)]
     victim = kill_9_once(cmd, env, lambda: done_count(run) >= 2)
@@ -146,5 +140,5 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
     assert code == 0, output[-3000:]
     assert f"took over the lock of pid {victim.pid}" in output and "no longer running" in output
     meta = json.loads((run / "run.json").read_text())
-    assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES) and (run / "report.html").exists()
+    assert all(meta["stages"][s]["state"] == "done" for s in pipeline_stages()) and (run / "report.html").exists()
     assert not (run / ".lock").exists()

@@ -21,8 +21,9 @@ import pytest
 import torch
 import yaml
 
-from hspace.data.catalog import PIPELINE_STAGES, RunError, RunFolder
+from hspace.data.catalog import RunError, RunFolder
 from hspace.data.runs import prune_runs, run_state
+from hspace.tasks.stages import pipeline_stages
 
 pytestmark = pytest.mark.slow
 HSPACE = Path(sys.executable).parent / "hspace"
@@ -145,7 +146,7 @@ def test_scheduled_runs_fire_on_a_real_server_and_sigterm_stops_cleanly(tmp_path
 
         for folder in complete()[:2]:
             meta = RunFolder(folder).read()
-            assert all(meta["stages"][s]["state"] == "done" for s in PIPELINE_STAGES)
+            assert all(meta["stages"][s]["state"] == "done" for s in pipeline_stages())
             assert (folder / "report.html").exists()
         deployment = api(url, "/deployments/name/hspace-scheduled-run/probe")
         assert deployment["paused"] is True
@@ -167,7 +168,7 @@ def make_pipeline_folder(root: Path, name: str, created: str, state: str) -> Pat
     run = RunFolder(root / name)
     meta = run.init({"n": 1}, {"fingerprint": "x"}, {})
     meta["created"] = created
-    meta["stages"] = {stage: {"state": "done"} for stage in PIPELINE_STAGES}
+    meta["stages"] = {stage: {"state": "done"} for stage in pipeline_stages()}
     meta["pipeline_config"] = {}
     if state == "failed":
         meta["stages"]["evaluate"]["state"] = "failed"

@@ -29,7 +29,7 @@ from hspace.data.catalog import RunFolder  # noqa: E402
 from hspace.data.stores import SampleStore  # noqa: E402
 from hspace.flows.cli import app  # noqa: E402
 from hspace.hcore.sampler import to_unit  # noqa: E402
-from hspace.tasks import evaluate  # noqa: E402
+from hspace.tasks import naming  # noqa: E402
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     pcs = [f"pc{j:02d}" for j in range(args.k)]
     rnd = [f"random{j:02d}" for j in range(args.k)]
     t0 = time.perf_counter()
-    table, md = evaluate.name_run_directions(run, meta, pcs + rnd, oracle, args.eval_n, args.gamma, unet, scheduler)
+    table, md = naming.name_run_directions(run, meta, pcs + rnd, oracle, args.eval_n, args.gamma, unet, scheduler)
     print(f"edits: {time.perf_counter() - t0:.1f} s")
     print(md.read_text())
     changes = np.array([[row["changes"][a] for a in names] for row in table])

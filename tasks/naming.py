@@ -1,0 +1,60 @@
+"""PC naming (paper sec. 4.1, Fig. 5): measure how much each direction moves every
+attribute the annotator scores, and name it after the one it moves most."""
+
+from __future__ import annotations
+
+from hspace.data.catalog import RunError, RunFolder, require_sampled
+from hspace.data.eval_folder import EvalFolder
+from hspace.tasks import views
+from hspace.tasks.stages import Context, Stage, outputs
+
+
+def name_run_directions(
+    run: RunFolder, meta: dict, names: list[str], net, n: int, gamma: float, unet, scheduler, stem: str = "pc_names"
+) -> tuple[list[dict], object]:
+    """Name each direction after the attribute it moves most (hcore.metrics.name_by_spread)
+    on the run's first ``n`` samples, each attribute measured in units of its spread over
+    them; writes RUN/eval/STEM.{json,md}. Returns (table, path of the .md)."""
+    from hspace.data import directions as dirfile
+    from hspace.data.stores import SampleStore
+    from hspace.hcore import metrics
+    from hspace.hcore.hooks import h_shape
+    from hspace.hcore.sampler import to_unit
+
+    vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
+    changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma)
+    scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
+    table = metrics.name_by_spread(changes, list(net.names), names, scale)
+    return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma, stem)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def name_stage(run: RunFolder, s, ctx: Context) -> dict:
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+
+    meta = run.read()
+    require_sampled(meta, "hspace name")
+    n = min(64, meta["config"]["n"]) if s.n is None else s.n
+    if n > meta["config"]["n"]:
+        raise RunError(f"--n must be in [1, {meta['config']['n']}] (samples in this run)")
+    unet, scheduler = models.load_for_run(meta, device=ctx.device)
+    net = load_annotator(s.annotator, ctx.device)
+    table, path = name_run_directions(run, meta, s.directions, net, n, s.gamma, unet, scheduler)
+    names = [{"direction": r["direction"], "name": r["name"], "change": r["change"]} for r in table]
+    return {"outputs": outputs(run, [path, path.with_suffix(".json")]), "names": names, "gamma": s.gamma}
+
+
+STAGE = Stage(
+    "name",
+    order=35,
+    sections=("name",),
+    inputs=("pca", "sample"),
+    outputs=("eval",),
+    body=name_stage,
+    summary=views.names_line,
+    pipeline=False,
+    doc="Measure how much each direction moves every attribute and name it (pc02 ~ yaw).",
+)
