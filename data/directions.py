@@ -71,6 +71,7 @@ def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, 
         "eta": cfg["eta"],
         "clip_sample": cfg.get("clip_sample", "model"),  # runs from before it was recorded: the model's
         "steps": cfg["steps"],
+        **({"edit_branch": cfg["edit_branch"]} if "edit_branch" in cfg else {}),  # text-conditioned runs
         "method": method,
         "source": source,
         "scale_unit": scale_unit,
@@ -88,9 +89,17 @@ def check(
     h_shape: tuple[int, int, int],
     h_point: str,
     scheduler: str,
+    edit_branch: str | None = None,
 ) -> None:
-    """Raise RunError if the direction was made for another model, schedule or h point."""
+    """Raise RunError if the direction was made for another model, schedule or h point, or
+    (text-conditioned models) for another edit branch under guidance."""
     expected = {"model": model_fingerprint, "steps": str(steps), "h_point": h_point, "scheduler": scheduler}
+    made = meta.get("edit_branch")
+    if edit_branch is not None and made is not None and made != edit_branch:
+        raise RunError(
+            f"direction {path} was made with its edits on the {made!r} branch of the guided batch, this sampling "
+            f"edits {edit_branch!r}; sample with --edit-branch {made} (or rebuild the direction)"
+        )
     for key, want in expected.items():
         got = meta.get(key)
         if got is None:
@@ -149,6 +158,7 @@ def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, sched
             h_shape=h_shape,
             h_point=cfg["h_point"],
             scheduler=scheduler_name(scheduler),
+            edit_branch=cfg.get("edit_branch"),
         )
         warn_setting(run.direction(name), md, {"clip_sample": cfg.get("clip_sample"), "eta": cfg.get("eta")})
         out.append((v, md))

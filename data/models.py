@@ -46,6 +46,7 @@ class ModelRef:
     path: str
     revision: str | None
     fingerprint: str
+    kind: str = "pixel"  # pixel | sd (SD 1.x / 2.x) | sdxl: data.text_models.pipeline_kind
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,12 +99,15 @@ def resolve(spec: str, allow_download: bool = False) -> ModelRef:
         folder, revision = _from_hub(spec, allow_download)
     else:
         raise RunError(f"model {spec!r} is neither 'toy', an existing folder, nor a Hugging Face id (owner/name)")
+    from hspace.data.text_models import pipeline_kind
+
+    kind = pipeline_kind(folder)  # a model without a U-Net is refused here, in one line
     unet_dir = _unet_dir(folder)
     if unet_dir is None:
         raise RunError(f"{folder} is not a diffusers model folder (no config.json or unet/config.json)")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in unet_dir.iterdir()):
         raise RunError(f"{unet_dir} holds no weight file (*.safetensors or *.bin); copy the model's weights there")
-    return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=weights_sha256(unet_dir))
+    return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=weights_sha256(unet_dir), kind=kind)
 
 
 def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
@@ -131,7 +135,9 @@ def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
         import torch
 
         dtype = getattr(torch, run_meta.get("config", {}).get("dtype", "float32"))
-    ref = ModelRef(**{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+    ref = ModelRef(
+        **{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=model_kind(run_meta)
+    )
     found = weights_sha256(_unet_dir(Path(ref.path)))
     if found != ref.fingerprint:
         raise RunError(
@@ -145,6 +151,57 @@ def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
 
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip))
     return unet, scheduler
+
+
+def model_kind(run_meta: dict) -> str:
+    """pixel, sd or sdxl: what a run's model is (runs from before SD support: pixel)."""
+    return run_meta["model"].get("kind", "pixel")
+
+
+def image_size(ref: ModelRef, unet_config) -> int:
+    """Pixels per side of the model's images: the U-Net's sample size, times the VAE's
+    downsampling for a latent model (read from vae/config.json, nothing loaded)."""
+    size = unet_config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    if ref.kind == "pixel":
+        return size
+    vae = json.loads((Path(ref.path) / "vae" / "config.json").read_text())
+    return size * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def noise_shape(run_meta: dict) -> tuple[int, int, int] | None:
+    """(C, H, W) of x_T for a latent model (its U-Net's input), None for a pixel model
+    (x_T has the image's shape)."""
+    if model_kind(run_meta) == "pixel":
+        return None
+    folder = _unet_dir(Path(run_meta["model"]["path"]))
+    cfg = json.loads((folder / "config.json").read_text())
+    size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+    return (cfg["in_channels"], size, size)
+
+
+def text_for_run(run_meta: dict, device: str = "cpu"):
+    """The prompts, guidance, VAE and text encoders a text-conditioned run samples with
+    (hcore.generator.TextSetup), or None for a pixel model."""
+    kind = model_kind(run_meta)
+    if kind == "pixel":
+        return None
+    from hspace.data.text_models import load_text_parts
+    from hspace.hcore.generator import TextSetup
+
+    cfg = run_meta["config"]
+    parts = load_text_parts(Path(run_meta["model"]["path"]), kind, device)
+    return TextSetup(
+        parts.vae,
+        parts.tokenizers,
+        parts.text_encoders,
+        prompts=list(cfg["prompts"]),
+        negative_prompt=cfg.get("negative_prompt"),
+        guidance_scale=float(cfg.get("guidance_scale", 7.5)),
+        edit_branch=cfg.get("edit_branch", "both"),
+        image_size=cfg.get("image_size"),
+        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+    )
 
 
 def load(ref: ModelRef, device: str = "cpu", dtype=None):

@@ -129,6 +129,8 @@ def edit(
     asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
+    prompt: Annotated[str | None, typer.Option(help="with --model, an SD model: the text of the fresh sample")] = None,
+    guidance_scale: Annotated[float, typer.Option(help="with --model, an SD model: guidance scale")] = 7.5,
 ) -> None:
     """Replay a sample with the same noise and render a grid of h-space edits."""
     try:
@@ -138,6 +140,7 @@ def edit(
         values = parse_scales(scales)
         where = {"run_dir": run_dir, "sample_index": sample_index, "model": model, "seed": seed, "steps": steps}
         how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample}
+        how |= {"prompt": prompt, "guidance_scale": guidance_scale}
         path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:
         fail(str(e))
@@ -210,10 +213,12 @@ def schedule(
     keep: Annotated[int | None, typer.Option(help="after each run, delete the oldest complete runs beyond N")] = None,
 ) -> None:
     """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
-    stops serving and pauses the schedule). Needs a standing Prefect server: PREFECT_API_URL."""
+    stops serving and pauses the schedule). Needs a standing Prefect server (its scheduler
+    service): the one PREFECT_API_URL names, else hspace's own (`hspace server start`)."""
     from hspace.flows.schedule import make_deployment, serve_until_stopped
     from hspace.tasks.check import check_config
     from hspace.tasks.config import load_config
+    from hspace.tasks.prefect_server import prefect_api
 
     if cron is None and interval is None:
         cron = "0 3 * * *"
@@ -228,7 +233,11 @@ def schedule(
         f"serving deployment [bold]hspace-scheduled-run/{name}[/] on {every} (at most {concurrency} at "
         f"once" + (f", keeping the newest {keep} complete runs" if keep else "") + f"); runs land in {out_root}/"
     )
-    serve_until_stopped(deployment)
+    try:
+        with prefect_api(console):
+            serve_until_stopped(deployment)
+    except RunError as e:
+        fail(str(e))
     console.print(f"stopped serving {name}; the schedule is paused")
 
 
@@ -271,17 +280,20 @@ def train_toy(
     try:
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
-        from hspace.flows.train_toy import train_toy_flow
+        from hspace.tasks.prefect_server import prefect_api
 
-        result = train_toy_flow(
-            str(checkpoint),
-            str(out),
-            asdict(recipe),
-            str(oracle_out) if oracle_out else None,
-            oracle_steps,
-            oracle_blur,
-            oracle_style=recipe.style,
-        )
+        with prefect_api(console):
+            from hspace.flows.train_toy import train_toy_flow
+
+            result = train_toy_flow(
+                str(checkpoint),
+                str(out),
+                asdict(recipe),
+                str(oracle_out) if oracle_out else None,
+                oracle_steps,
+                oracle_blur,
+                oracle_style=recipe.style,
+            )
     except (RunError, ValueError) as e:
         fail(str(e))
     except OSError as e:

@@ -46,6 +46,23 @@ def _eta(value):
     return value
 
 
+def _prompts(value):
+    """--prompts as typed: 'a,b' -> ['a', 'b']; '@FILE' -> one prompt per non-empty line of FILE."""
+    if isinstance(value, str) and value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+        value = [line.strip() for line in lines if line.strip()]
+        if not value:
+            raise ValueError(f"the prompt file {path} holds no prompt")
+        return value
+    return _split(value)
+
+
+Prompts = Annotated[list[str], BeforeValidator(_prompts)]
+
 # The paper's eta_t (eq. (5)): one number, one per step, or a window rule "V@S0:S1"
 Eta = Annotated[FiniteFloat | list[FiniteFloat] | str, BeforeValidator(_eta)]
 # Clamping P_t to [-1, 1]: eq. (3) has none and the paper authors' code turns the model's off
@@ -80,6 +97,23 @@ class SampleSection(Section):
     batch_size: int = option(64, "samples per batch = per Zarr shard = one Prefect task", gt=0)
     h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
+    # text-conditioned latent models (Stable Diffusion 1.x / 2.x, SDXL); refused for pixel models
+    prompt: str | None = option(None, "SD models: the text of every sample ('' on purpose: unconditional)")
+    prompts: Prompts | None = option(
+        None,
+        "SD models: several texts (comma-separated, a YAML list, or @FILE with one per line); sample i gets i mod len",
+    )
+    negative_prompt: str | None = option(None, "SD models: the unconditional branch's text (default empty)")
+    guidance_scale: float = option(7.5, "SD models: classifier-free guidance scale s (<= 1: no guidance)", ge=0)
+    edit_branch: Literal["both", "cond", "uncond"] = option(
+        "both", "SD models: which half of the guided batch h-space edits go to"
+    )
+
+    def prompt_list(self) -> list[str] | None:
+        """The prompts sample i draws from (i mod len), or None when none was given."""
+        if self.prompts:
+            return list(self.prompts)
+        return None if self.prompt is None else [self.prompt]
 
 
 class InvertSection(Section):
@@ -148,6 +182,9 @@ class DirectionsSection(Section):
     )
     latent: Literal["h", "xT"] = option("h", "h (h_{T:1}) or xT (initial noise)")
     name: str | None = option(None, "file name in RUN/directions (one attribute only; default: the attribute)")
+    prompt_pair: tuple[str, str] | None = option(
+        None, "SD runs: instead of attributes, v = mean(h_B - h_A) over the run's seeds sampled under texts A and B"
+    )
 
     def held_out_of(self, run_config: dict) -> int:
         """The held-out count for a run (its run.json config): as given, else 64 on a sampled
@@ -260,6 +297,8 @@ def cli_type(annotation):
     optional = type(None) in typing.get_args(annotation)
     base = args[0] if optional and len(args) == 1 else annotation
     if base in (int, float, bool, Path, str):
+        return base | None if optional else base
+    if typing.get_origin(base) is tuple:  # a fixed number of values after one option (--prompt-pair A B)
         return base | None if optional else base
     return str | None if optional else str
 

@@ -81,13 +81,15 @@ def render_edits(
     cells: list[list[list[tuple[int, float]]]],
     window: tuple[int, int] | None = None,
     asyrp: bool = False,
+    text=None,
 ) -> np.ndarray:
     """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
 
     A vector of shape (1, C, R, R) is an x_T direction (``--latent xT``, eq. (10) with
-    q = x_T): it moves the initial noise, x_T + gamma v, instead of h."""
+    q = x_T): it moves the initial noise, x_T + gamma v, instead of h. ``text``: a
+    text-conditioned model's setup (hcore.generator.TextSetup): the sample's own prompt."""
+    from hspace.hcore.generator import generate
     from hspace.hcore.sampler import Edit, draw_noise, make_generators, to_uint8
-    from hspace.hcore.sampler import sample as run_sampler
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -110,7 +112,18 @@ def render_edits(
         for i in (i for i, x in enumerate(is_xt) if x):
             x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
-    x0 = run_sampler(unet, scheduler, generators, sample.steps, sample.eta, edit=edit, h_point=sample.h_point, x_T=x_T)
+    x0 = generate(
+        unet,
+        scheduler,
+        generators,
+        sample.steps,
+        sample.eta,
+        text=text,
+        indices=[sample.index] * len(flat),
+        edit=edit,
+        h_point=sample.h_point,
+        x_T=x_T,
+    )
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
 
@@ -124,6 +137,7 @@ def load_directions(
     h_point: str,
     scheduler,
     sampling: dict | None = None,
+    edit_branch: str | None = None,
 ) -> list[torch.Tensor]:
     """The direction files of ``specs``, refused where they do not fit the model, steps and
     h point; ``sampling`` ({clip_sample, eta} of the edit) warns about other settings."""
@@ -143,6 +157,7 @@ def load_directions(
                 h_shape=tuple(h_shape),
                 h_point=h_point,
                 scheduler=dirfile.scheduler_name(scheduler),
+                edit_branch=edit_branch,
             )
             dirfile.warn_setting(spec.path, meta, sampling or {})
         vectors.append(v)
@@ -187,6 +202,8 @@ def edit_sample(
     asyrp: bool = False,
     device: str = "cpu",
     clip_sample: str = "off",
+    prompt: str | None = None,
+    guidance_scale: float = 7.5,
 ) -> Path:
     """`hspace edit`: sample ``sample_index`` of a run (an inverted run's starts from its
     stored x_T), or sample 0 of ``model`` at ``seed``, rendered under the edits of
@@ -210,7 +227,11 @@ def edit_sample(
         cfg = meta["config"]
         if sample_index is None or not (0 <= sample_index < cfg["n"]):
             raise RunError(f"--sample must be an index in [0, {cfg['n']}) for this run")
-        ref = models.ModelRef(**{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")})
+        if prompt is not None:
+            raise RunError("--prompt is for a fresh sample of --model; a run's sample replays its own prompt")
+        ref = models.ModelRef(
+            **{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=models.model_kind(meta)
+        )
         spec = SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
         if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
             x_T = np.asarray(SampleStore(RunFolder(run_dir).samples).group["xT"][sample_index])
@@ -220,7 +241,17 @@ def edit_sample(
         spec = SampleSpec(seed, 0, steps, eta, "output")
         # "model": no override, load_for_run keeps the scheduler's own setting (one load, not two)
         cfg = {"dtype": "float32", "clip_sample": None if clip_sample == "model" else clip_sample == "on", "eta": eta}
-    unet, scheduler = models.load_for_run({"model": ref.to_dict(), "config": cfg}, device=device)
+        if ref.kind == "pixel" and prompt is not None:
+            raise RunError(f"--prompt: {model} takes no text (an unconditional pixel model)")
+        if ref.kind != "pixel":
+            if prompt is None:
+                raise RunError(f"{model} is text-conditioned: give --prompt TEXT ('' on purpose: unconditional)")
+            cfg |= {"prompts": [prompt], "guidance_scale": guidance_scale, "edit_branch": "both"}
+    run_meta = {"model": ref.to_dict(), "config": cfg}
+    unet, scheduler = models.load_for_run(run_meta, device=device)
+    text = models.text_for_run(run_meta, device=device) if ref.kind != "pixel" else None
+    if text is not None and text.image_size is None:
+        text.image_size = models.image_size(ref, unet.config)
     specs = [parse_direction(d) for d in directions]
     vectors = load_directions(
         specs,
@@ -230,8 +261,10 @@ def edit_sample(
         h_point=spec.h_point,
         scheduler=scheduler,
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},
+        edit_branch=text.edit_branch if text is not None else None,
     )
     cells, rows, cols = plan_grid(specs, scales)
-    images = render_edits(unet, scheduler, spec, vectors, cells, window=parse_window(window, spec.steps), asyrp=asyrp)
+    how = {"window": parse_window(window, spec.steps), "asyrp": asyrp, "text": text}
+    images = render_edits(unet, scheduler, spec, vectors, cells, **how)
     title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "")
     return save_grid(out, grid_image(images, rows, cols, title=title + (f", window {window}" if window else "")))

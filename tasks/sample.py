@@ -50,6 +50,25 @@ def cached_model(path: str, fingerprint: str, device: str, dtype: str, clip_samp
     return models.load_for_run(meta, device=device, dtype=getattr(torch, dtype))  # never mixes models
 
 
+@functools.lru_cache(maxsize=2)
+def _cached_text(meta_json: str, device: str):
+    import json
+
+    return models.text_for_run(json.loads(meta_json), device)
+
+
+def run_text(meta: dict):
+    """The run's text setup (prompts, guidance, VAE, text encoders; None for a pixel model),
+    cached per process like the model."""
+    import json
+
+    if models.model_kind(meta) == "pixel":
+        return None
+    keys = ("prompts", "negative_prompt", "guidance_scale", "edit_branch", "image_size")
+    light = {"model": meta["model"], "config": {k: meta["config"].get(k) for k in keys}}
+    return _cached_text(json.dumps(light, sort_keys=True), _device(meta))
+
+
 def run_model(meta: dict):
     """(unet, scheduler) of a run as its shards sample: cached per process (a Dask worker
     loads it once), in the run's dtype, clipping P_t as the run says."""
@@ -100,13 +119,17 @@ def prepare_store(run: RunFolder) -> SampleStore:
     size = unet.config.sample_size
     inverted = cfg.get("kind") == "inversion"  # x0 holds the input images
     image_shape = (unet.config.in_channels if inverted else unet.config.out_channels, size, size)
+    text = models.model_kind(meta) != "pixel"
+    if text:  # a latent model stores its decoded images
+        image_shape = (3, cfg["image_size"], cfg["image_size"])
     # a mid block keeps its input's shape
     layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
     if inverted:
         extra = {"xT": (image_shape, "float32"), "recon_mse": ((), "float32")}
         return SampleStore.create(run.samples, layout, np.full(cfg["n"], -1), sched.timesteps.numpy(), extra)
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
-    return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy())
+    extra = {"prompt_index": ((), "int32")} if text else None  # sample i's prompt: prompts[i mod len]
+    return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy(), extra)
 
 
 def open_shard(run_dir: str, shard: int):
@@ -126,7 +149,8 @@ def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
-    from hspace.hcore.sampler import make_generators, sample, to_uint8
+    from hspace.hcore.generator import generate
+    from hspace.hcore.sampler import make_generators, to_uint8
 
     opened = open_shard(run_dir, shard)
     if opened is None:
@@ -143,15 +167,18 @@ def run_shard(run_dir: str, shard: int) -> dict:
             bad.append(f"h of sample {rows[i]} at step {step} (t={t}) is NaN/Inf")
         h[:, step] = h16
 
-    x0 = sample(
-        unet, scheduler, make_generators(cfg["seed"], rows), steps, cfg["eta"], on_step=on_step, h_point=cfg["h_point"]
+    text = run_text(RunFolder(Path(run_dir)).read())
+    gens = make_generators(cfg["seed"], rows)
+    x0 = generate(
+        unet, scheduler, gens, steps, cfg["eta"], text=text, indices=rows, on_step=on_step, h_point=cfg["h_point"]
     )
     if not torch.isfinite(x0).all():
         i = int((~torch.isfinite(x0)).flatten(1).any(1).nonzero()[0])
         bad.append(f"x0 of sample {rows[i]} is NaN/Inf")
     if bad:
         raise RunError(f"shard {shard} not written: {bad[0]} (fp16 overflow? try --dtype float32)")
-    store.write_shard(shard, h, to_uint8(x0).cpu().numpy())
+    extra = {"prompt_index": np.array([i % len(text.prompts) for i in rows], np.int32)} if text else None
+    store.write_shard(shard, h, to_uint8(x0).cpu().numpy(), extra)
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
@@ -239,6 +266,7 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
     config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet) if extra else {})
+    config |= text_config(section, ref, unet)
     config["eta"] = resolve_eta(config["eta"], section.steps)
     config["clip_sample"] = resolve_clip(section.clip_sample, scheduler)
     if dry:  # a folder holding another run is refused here too, before the lock and Prefect
@@ -292,3 +320,27 @@ STAGE = Stage(
     runtime=("dask_address", "allow_download"),
     doc="Mass-sample a model (paper sec. 3), storing h at every step, x0 and seeds in OUT/samples.zarr.",
 )
+
+
+def text_config(section, ref, unet) -> dict:
+    """What a text-conditioned run records about its text (prompts, negative prompt,
+    guidance, edit branch, image size); RunError where the prompts do not fit the model."""
+    given = section.prompt_list() if hasattr(section, "prompt_list") else None
+    if ref.kind == "pixel":
+        if given is not None:
+            raise RunError(f"--prompt/--prompts: {ref.id} takes no text (an unconditional pixel model); drop them")
+        return {}
+    if not hasattr(section, "prompt_list"):
+        raise RunError(f"{ref.id} is a text-conditioned latent model: hspace invert supports pixel models only")
+    if given is None:
+        raise RunError(
+            f"{ref.id} is text-conditioned ({ref.kind}): give --prompt TEXT or --prompts A,B,... (sample i gets "
+            "prompt i mod len); --prompt '' samples the unconditional model on purpose"
+        )
+    return {
+        "prompts": given,
+        "negative_prompt": section.negative_prompt,
+        "guidance_scale": section.guidance_scale,
+        "edit_branch": section.edit_branch,
+        "image_size": models.image_size(ref, unet.config),
+    }

@@ -54,9 +54,11 @@ def mean_difference(
             elif "xT" in store.group:  # inverted real images: their x_T is stored
                 q = store.group["xT"].get_orthogonal_selection((part,)).astype(np.float32)
             else:
+                from hspace.data.models import noise_shape
                 from hspace.hcore.sampler import draw_noise, make_generators
 
-                q = draw_noise(make_generators(meta["config"]["seed"], part.tolist()), store.layout.image_shape).numpy()
+                gens = make_generators(meta["config"]["seed"], part.tolist())
+                q = draw_noise(gens, noise_shape(meta) or store.layout.image_shape).numpy()
             acc.add(q, positive)
     v = acc.direction()
     if not np.isfinite(v).all():
@@ -100,6 +102,66 @@ def build_direction(
     return {"path": str(path), **picked, "norm": float(v.norm())}
 
 
+def build_prompt_pair(
+    run: RunFolder, a: str, b: str, first: int, name: str | None = None, device: str = "cpu", batch_size: int = 16
+) -> dict:
+    """A supervised direction with the prompt as the label (eq. (10) with q = h_{T:1}): the
+    run's samples 0..first-1 drawn again from their own seeds under text A and under text
+    B, v = mean over them of h_B - h_A (h of the conditional branch, as samples store it).
+    Saved as RUN/directions/NAME.safetensors like any other direction."""
+    import torch
+
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.hcore.generator import generate
+    from hspace.hcore.sampler import make_generators
+
+    meta = run.read()
+    if models.model_kind(meta) == "pixel":
+        raise RunError(
+            "--prompt-pair needs a run of a text-conditioned model (Stable Diffusion); this one takes no text"
+        )
+    cfg = meta["config"]
+    unet, scheduler = models.load_for_run(meta, device=device)
+    text = models.text_for_run(meta, device=device)
+    total = None
+    for start in range(0, first, batch_size):
+        rows = list(range(start, min(first, start + batch_size)))
+        per_prompt = []
+        for p in (a, b):
+            steps: list = []
+            generate(
+                unet,
+                scheduler,
+                make_generators(cfg["seed"], rows),
+                cfg["steps"],
+                cfg["eta"],
+                text=text,
+                prompts=[p] * len(rows),
+                on_step=lambda s, t, h, steps=steps: steps.append(h.detach().to("cpu", torch.float64)),
+                h_point=cfg["h_point"],
+            )
+            per_prompt.append(torch.stack(steps, 1))  # (B, T, C, H, W)
+        diff = (per_prompt[1] - per_prompt[0]).sum(0)
+        total = diff if total is None else total + diff
+    v = (total / first).float()
+    if not torch.isfinite(v).all():
+        raise RunError("the prompt-pair direction holds NaN/Inf (fp16 overflow? sample with --dtype float32)")
+    out_name = name or "prompt_pair"
+    md = dirfile.metadata_for_run(
+        meta,
+        method="prompt pair (eq. 10 with the prompt as the label): mean(h_B - h_A)",
+        source=f"{run.root}: samples 0..{first - 1} under A={a!r} and B={b!r}",
+        scale_unit="gamma = 1 moves h from text A's to text B's, on average",
+        attribute=out_name,
+        prompt_a=a,
+        prompt_b=b,
+        samples_ranked=first,  # samples 0..first-1 were used; the rest stay held out
+    )
+    path = dirfile.save(run.direction(out_name), v, md)
+    return {"path": str(path), "norm": float(v.norm())}
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -108,6 +170,9 @@ def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
     n, held_out = run_config["n"], d.held_out_of(run_config)
     if held_out >= n - 1:
         raise RunError(f"--held-out {held_out} leaves no samples of this run's {n} to build directions from")
+    if d.prompt_pair:
+        r = build_prompt_pair(run, *d.prompt_pair, first=n - held_out, name=d.name, device=ctx.device)
+        return {"outputs": outputs(run, [r["path"]]), "prompt_pair": list(d.prompt_pair), "held_out": held_out}
     if d.name and len(d.attributes) > 1:
         raise RunError("--name names one direction: give a single --attribute with it")
     files = [

@@ -36,6 +36,7 @@ def copy_of(sampled, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_run_json_edited_by_hand(copy_of, model_dir):
     meta = json.loads((copy_of / "run.json").read_text())
     meta["config"]["n"] = 12  # the user "grew" the run by editing run.json

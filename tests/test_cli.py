@@ -556,6 +556,7 @@ def test_jacobian_command_replays_x_t_and_writes_results(run_dir, loaded_model, 
     )
 
 
+@pytest.mark.slow
 def test_jacobian_bad_inputs(frozen_run, tmp_path):
     for args, needle in (
         (["--step", "5"], "--step 5 must be in [0, 5)"),
@@ -570,6 +571,7 @@ def test_jacobian_bad_inputs(frozen_run, tmp_path):
         assert_refused(hspace("jacobian", frozen_run, *args, "--device", "cpu"), needle)
 
 
+@pytest.mark.slow
 def test_jacobian_localize_command(run_dir, loaded_model):
     """--localize: the saved direction lies in the unmasked J's top-R subspace and its share
     of the change of eps inside the ROI is at least that of each of those R vectors."""

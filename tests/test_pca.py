@@ -171,6 +171,7 @@ def test_fit_timestep_direct_matches_exact(synthetic_run):
     assert hpca.principal_angles_deg(res.components, exact(h[:, 2], 5)[1]).max() < 1.0
 
 
+@pytest.mark.slow
 def test_bad_inputs(tmp_path):
     run, _ = make_run(tmp_path / "partial", pending=(1,))
     with pytest.raises(RunError, match=r"1 unfinished shards \[1\]"):

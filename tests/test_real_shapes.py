@@ -122,6 +122,7 @@ def pointed_at(shipped: dict, model: Path, annotators: dict[str, str]) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_celeba_example_passes_the_check_as_shipped_and_runs_scaled_in_n(prefect_server, annotators, tmp_path):
     """The shipped CelebA-HQ example (`hspace config --example --celeba`), pointed at the
     stand-ins, passes the whole-config check with every number unchanged, on the CelebA-HQ
@@ -173,6 +174,7 @@ def celeba_config(path: Path, model: Path, annotators: dict[str, str], dtype: st
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,dtype", CASES, ids=[f"{s}-{d}" for s, d in CASES])
 def test_every_command_on_a_real_shape(prefect_server, annotators, tmp_path, shape, dtype):
     config, h_shape = SHAPES[shape]

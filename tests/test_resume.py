@@ -101,6 +101,7 @@ def test_kill_and_resume_yields_identical_arrays(prefect_server, model_dir, tmp_
         np.testing.assert_array_equal(getattr(got, name)[:], getattr(ref, name)[:], err_msg=name)
 
 
+@pytest.mark.slow
 def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir):
     """`hspace run` killed by SIGKILL mid-pipeline: rerunning the same command takes over the
     dead process's lock (one warning line naming its pid) and finishes every stage."""

@@ -92,6 +92,7 @@ def api(url: str, path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_scheduled_runs_fire_on_a_real_server_and_sigterm_stops_cleanly(tmp_path, small_config):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"

@@ -30,6 +30,7 @@ def toy_run(prefect_server, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_auto_gamma_reaches_its_target_on_the_toy_model(toy_run):
     hspace("directions", toy_run, "--attribute", "Smiling", "--top", "8", "--held-out", "16")
     result = hspace(
@@ -69,6 +70,7 @@ def _write_renders(folder, smiling: bool, count: int, first_seed: int):
         Image.fromarray(images[i]).save(folder / f"face{i:03d}.png")
 
 
+@pytest.mark.slow
 def test_real_image_supervision_by_inversion(toy_run, tmp_path):
     """Toy renders as 'real' images (smiling vs neutral): invert, build the eq. (10)
     direction from them, apply it to generated samples: the oracle's Smiling must rise."""

@@ -1,0 +1,128 @@
+"""From noise to images for every U-Net hspace samples (paper sec. 3, eqs. (2)-(5)).
+
+A pixel model's sampler output is the image. A latent, text-conditioned model (Stable
+Diffusion 1.x / 2.x, SDXL) adds two things around the same sampler: the text conditioning
+with classifier-free guidance (hcore.conditioning, out = out_u + s (out_c - out_u)), and the
+VAE decoder that turns the sampled latent z_0 into the image, x_0 = D(z_0 / scaling factor).
+``TextSetup`` holds both with the run's prompts (sample i gets prompt i mod len, so every
+replay conditions a sample on the text it was drawn with), and ``generate`` is the sampler
+with them applied: ``generate(unet, scheduler, generators, ..., text=None)`` is exactly
+``hcore.sampler.sample`` for a pixel model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from hspace.hcore.conditioning import Conditioning, encode_prompt
+from hspace.hcore.sampler import sample
+
+EDIT_BRANCHES = ("both", "cond", "uncond")
+
+
+@dataclass
+class TextSetup:
+    """How a text-conditioned latent model is sampled and decoded.
+
+    prompts: one or more texts, sample i gets ``prompts[i % len(prompts)]``; negative_prompt:
+    the unconditional branch's text (None: empty, or zeros where the SDXL pipeline does so);
+    guidance_scale s (<= 1: no guidance, one U-Net pass); edit_branch: which half of the
+    guided batch h-space edits go to (both, cond, uncond); image_size: pixels (SDXL's time
+    ids). vae, tokenizers, text_encoders: the pipeline's own (data/text_models.py)."""
+
+    vae: torch.nn.Module
+    tokenizers: list
+    text_encoders: list
+    prompts: list[str]
+    negative_prompt: str | None = None
+    guidance_scale: float = 7.5
+    edit_branch: str = "both"
+    image_size: int | None = None
+    force_zeros_for_empty_prompt: bool = True
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("a text-conditioned model needs at least one prompt (an empty one is allowed)")
+        if self.edit_branch not in EDIT_BRANCHES:
+            raise ValueError(f"edit_branch must be one of {EDIT_BRANCHES}, got {self.edit_branch!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1
+
+    def prompts_for(self, indices: Sequence[int]) -> list[str]:
+        return [self.prompts[int(i) % len(self.prompts)] for i in indices]
+
+    def conditioning(self, prompts: Sequence[str]) -> Conditioning:
+        """The guided conditioning of one batch, one prompt per row (encoded once per set)."""
+        key = tuple(prompts)
+        if key not in self._cache:
+            size = (self.image_size, self.image_size) if self.image_size else None
+            with torch.no_grad():
+                self._cache[key] = encode_prompt(
+                    list(prompts),
+                    self.tokenizers,
+                    self.text_encoders,
+                    negative_prompt=self.negative_prompt,
+                    guidance_scale=self.guidance_scale,
+                    image_size=size,
+                    force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                )
+            if len(self._cache) > 64:
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x_0 = D(z_0 / scaling_factor (+ shift)) in [-1, 1], float32 (the VAE runs in float32)."""
+        cfg = self.vae.config
+        z = z.to(next(self.vae.parameters()).device, torch.float32) / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None):
+            z = z + cfg.shift_factor
+        with torch.no_grad():
+            return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z_0 = E(x_0) * scaling_factor (the mean of the posterior: deterministic)."""
+        cfg = self.vae.config
+        x = x.to(next(self.vae.parameters()).device, torch.float32)
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean
+        if getattr(cfg, "shift_factor", None):
+            z = z - cfg.shift_factor
+        return z * cfg.scaling_factor
+
+
+def generate(
+    unet: torch.nn.Module,
+    scheduler,
+    generators: Sequence[torch.Generator],
+    num_inference_steps: int,
+    eta=1.0,
+    text: TextSetup | None = None,
+    indices: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``hcore.sampler.sample`` (eqs. (2)-(5)), then, for a latent model, the VAE decoder:
+    images (B, 3, R, R) in [-1, 1]. ``indices``: the samples' run indices, which pick their
+    prompts (or give ``prompts``, one per generator). With ``stop_before`` the latent x_t
+    is returned undecoded. An edit goes to the text setup's ``edit_branch``."""
+    if text is None:
+        return sample(unet, scheduler, generators, num_inference_steps, eta, **kwargs)
+    if prompts is None:
+        if indices is None:
+            raise ValueError("a text-conditioned model needs the samples' indices (or their prompts)")
+        prompts = text.prompts_for(indices)
+    if len(prompts) != len(generators):
+        raise ValueError(f"{len(prompts)} prompts for {len(generators)} samples")
+    edit = kwargs.get("edit")
+    if edit is not None and text.guided:
+        kwargs["edit"] = replace(edit, branch=text.edit_branch)
+    elif edit is not None:
+        kwargs["edit"] = replace(edit, branch="both")
+    z = sample(unet, scheduler, generators, num_inference_steps, eta, conditioning=text.conditioning(prompts), **kwargs)
+    return z if kwargs.get("stop_before") is not None else text.decode(z)

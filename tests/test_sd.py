@@ -1,0 +1,195 @@
+"""Stable Diffusion-family models through the commands, as a user runs them: tiny random
+SD 1.x (epsilon), SD 2.x (v-prediction, linear projection) and SDXL (two text encoders)
+pipelines saved by diffusers' own save_pretrained (tests/sd_fixtures.py) and loaded back
+through hspace's model path; samples compared with diffusers' own pipelines."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from typer.testing import CliRunner
+
+from hspace.data import directions as dirfile
+from hspace.data.catalog import RunFolder
+from hspace.data.stores import SampleStore
+from hspace.flows.cli import app
+from hspace.hcore.sampler import draw_noise, make_generators
+from tests.sd_fixtures import KINDS, LATENT_SIZE, load_tiny_sd, save_tiny_sd
+
+runner = CliRunner()
+PROMPTS = "a red cat,a blue dog at night"
+BASE = ("--n", "4", "--steps", "4", "--batch-size", "2", "--device", "cpu", "--guidance-scale", "3")
+
+
+def hspace(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_refused(result, *needles: str):
+    assert result.exit_code != 0, result.output
+    assert "error:" in result.output and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in result.output.replace("\n", " "), result.output
+
+
+@pytest.fixture(scope="module")
+def sd_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {kind: save_tiny_sd(root / kind, kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def sd_runs(sd_dirs, tmp_path_factory):
+    """One sampled run per kind (eta 0 for sd1 and sdxl, the default eta 1 for sd2)."""
+    root = tmp_path_factory.mktemp("sd-runs")
+    runs = {}
+    for kind, folder in sd_dirs.items():
+        eta = ("--eta", "1") if kind == "sd2" else ("--eta", "0")
+        out = root / kind
+        result = hspace("sample", "--model", folder, "--prompts", PROMPTS, *BASE, *eta, "--out", out)
+        assert result.exit_code == 0, result.output
+        runs[kind] = out
+    return runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_equals_diffusers_pipeline(sd_dirs, sd_runs, kind):
+    """With no edit, `hspace sample` stores the images diffusers' own pipeline makes from the
+    same initial latents (the run's per-sample generators), prompts, guidance and eta, with
+    a DDIMScheduler of the model's betas: capture changes nothing (<= 1/255 after uint8)."""
+    pipe = load_tiny_sd(sd_dirs[kind], kind)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    meta = RunFolder(sd_runs[kind]).read()
+    eta = float(meta["config"]["eta"])
+    store = SampleStore(sd_runs[kind] / "samples.zarr")
+    prompts = PROMPTS.split(",")
+    for i in range(4):
+        gen = make_generators(0, [i])
+        latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
+        out = pipe(
+            prompt=prompts[i % 2],
+            latents=latents,
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            eta=eta,
+            generator=gen,
+            output_type="np",
+        ).images[0]
+        ref = np.round(out * 255).astype(np.int16).transpose(2, 0, 1)
+        got = store.x0[i].astype(np.int16)
+        assert np.abs(got - ref).max() <= 1, (kind, i, np.abs(got - ref).max())
+    assert list(store.group["prompt_index"][:]) == [0, 1, 0, 1]
+    assert meta["config"]["prompts"] == prompts and meta["model"]["kind"] in ("sd", "sdxl")
+
+
+def test_text_models_need_a_prompt_and_pixel_models_take_none(sd_dirs, model_dir, tmp_path):
+    out = tmp_path / "o"
+    assert_refused(hspace("sample", "--model", sd_dirs["sd1"], *BASE, "--out", out), "text-conditioned", "--prompt")
+    assert not out.exists()
+    assert_refused(hspace("sample", "--model", model_dir, "--prompt", "a cat", "--out", out), "takes no text")
+    # an empty prompt on purpose is the unconditional model
+    result = hspace("sample", "--model", sd_dirs["sd1"], "--prompt", "", *BASE, "--out", out)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_model_without_unet_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "sd3"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
+    )
+    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "no U-Net", "h-space")
+
+
+def test_bfloat16_sd_run(sd_dirs, tmp_path):
+    result = hspace(
+        "sample", "--model", sd_dirs["sd2"], "--prompt", "a cat", *BASE, "--dtype", "bfloat16", "--out", tmp_path / "b"
+    )
+    assert result.exit_code == 0, result.output
+    store = SampleStore(tmp_path / "b" / "samples.zarr")
+    assert np.isfinite(store.h[:].astype(np.float32)).all() and store.x0[:].std() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stages_on_sd_runs(sd_runs, oracle_dir, kind, tmp_path):
+    """annotate (on decoded images), pca, directions, disentangle, edit (replaying the
+    sample's prompt), inspect, verify and list on a text-conditioned run."""
+    run = sd_runs[kind]
+    for args in (
+        ("annotate", run, "--annotator", f"oracle:{oracle_dir}", "--device", "cpu"),
+        ("pca", run, "--components", "2"),
+        ("directions", run, "--attribute", "Smiling,Male", "--top", "1", "--held-out", "1"),
+        ("disentangle", run, "--direction", "pc00", "--against", "Smiling"),
+        ("inspect", run),
+        ("verify", run),
+        ("list", run.parent),
+    ):
+        result = hspace(*args)
+        assert result.exit_code == 0, (args[0], result.output)
+    out = tmp_path / "edit.png"
+    result = hspace("edit", run, "--sample", "1", "--direction", run / "directions" / "pc00.safetensors", "--out", out)
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out))
+    assert grid.shape[0] >= 64 and grid.std() > 0
+
+
+def test_prompt_pair_direction_is_the_mean_h_difference(sd_dirs, sd_runs, tmp_path):
+    """`hspace directions RUN --prompt-pair A B` samples the run's seeds under A and under B
+    and takes v = mean(h_B - h_A) (eq. (10) with the prompt as the label): checked against
+    h captured here by the sampler itself; applied at gamma it moves h along v and changes
+    the decoded image."""
+    from hspace.data import models
+    from hspace.hcore.generator import generate
+
+    run = sd_runs["sd1"]
+    a, b = "a photo of a person", "a photo of a smiling person"
+    result = hspace("directions", run, "--prompt-pair", a, b, "--name", "smile_pair", "--held-out", "1")
+    assert result.exit_code == 0, result.output
+    v, md = dirfile.load(run / "directions" / "smile_pair.safetensors")
+    assert md["method"].startswith("prompt pair") and md["edit_branch"] == "both"
+
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta)
+    text = models.text_for_run(meta)
+    hs = {}
+    for p in (a, b):
+        steps = []
+        generate(
+            unet,
+            scheduler,
+            make_generators(0, [0, 1, 2]),
+            4,
+            0.0,
+            text=text,
+            prompts=[p] * 3,
+            on_step=lambda s, t, h, steps=steps: steps.append(h.float().clone()),
+        )
+        hs[p] = torch.stack(steps, 1)  # (B, T, C, H, W)
+    expected = (hs[b] - hs[a]).mean(0)
+    torch.testing.assert_close(v, expected, atol=2e-3, rtol=1e-3)
+
+    out = tmp_path / "pair.png"
+    result = hspace(
+        "edit",
+        run,
+        "--sample",
+        "0",
+        "--direction",
+        f"{run / 'directions' / 'smile_pair.safetensors'}",
+        "--scales",
+        "0,4",
+        "--out",
+        out,
+    )
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out)).astype(np.float32)
+    half = grid.shape[1] // 2
+    assert np.abs(grid[:, :half] - grid[:, half : 2 * half]).mean() > 1.0  # gamma 4 changes the image
