@@ -245,11 +245,12 @@ def schedule(
 def config_cmd(
     example: Annotated[bool, typer.Option(help="print a documented example config")] = True,
     celeba: Annotated[bool, typer.Option(help="the example for google/ddpm-ema-celebahq-256 instead")] = False,
+    sd: Annotated[bool, typer.Option(help="the example for a Stable Diffusion model instead")] = False,
 ) -> None:
     """Print a documented example config for `hspace run --config`."""
     from hspace.tasks.config import example_config
 
-    typer.echo(example_config("celeba" if celeba else "toy"), nl=False)
+    typer.echo(example_config("sd" if sd else "celeba" if celeba else "toy"), nl=False)
 
 
 @app.command("train-toy")

@@ -63,7 +63,7 @@ def ddim_invert(
     h of every generation step once, last step (S-1) first."""
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
-    sched = ddim_scheduler(scheduler)
+    sched = ddim_scheduler(scheduler, prediction_types=("epsilon",))  # eps_at reads the output as eps
     sched.set_timesteps(num_inference_steps)
     param = next(unet.parameters())
     x = x0.to(param.device, torch.float32)

@@ -50,15 +50,42 @@ def precision_tol(tol: float, dtype: torch.dtype) -> float:
 
 
 def eps_of_h(
-    unet: torch.nn.Module, x_t: torch.Tensor, t: int, mask: torch.Tensor | None = None, h_point: str = "output"
+    unet: torch.nn.Module,
+    x_t: torch.Tensor,
+    t: int,
+    mask: torch.Tensor | None = None,
+    h_point: str = "output",
+    conditioning=None,
+    h0: torch.Tensor | None = None,
 ) -> BatchedF:
     """f(h) = mask * eps_theta(x_t, h) for a batch of h at one (x_t, t). x_t: (C, R, R);
     mask broadcastable to eps (1 inside the region of interest). h may be float32 (also as
     dual or requires-grad tensors): it is cast to the U-Net's dtype on the way in and eps
     comes back as float32 (float64 for a float64 U-Net), so J v and J^T u are float32
-    whatever the U-Net runs in."""
+    whatever the U-Net runs in.
+
+    ``conditioning`` (a text-conditioned model, hcore.conditioning): f is the prediction
+    the sampler uses, out_u + s (out_c - out_u) under guidance, and h moves both branches
+    by the same h - h0 (the edit branch "both"), each from its own activation; ``h0`` is
+    the conditional branch's h_t at this point (``h_at``), so J is the Jacobian of the
+    guided output with respect to an h-space edit there."""
     dtype = _unet_dtype(unet)
     out_dtype = linalg_dtype(dtype)
+    if conditioning is not None:
+        from hspace.hcore.conditioning import unet_output
+
+        if h0 is None:
+            raise ValueError("a conditioned f(h) needs h0, the h it is linearised at")
+
+        def guided(h: torch.Tensor) -> torch.Tensor:
+            with HSpaceHook(unet, point=h_point) as hs, sdpa_kernel([SDPBackend.MATH]):
+                hs.guided = conditioning.guided
+                hs.delta = (h - h0.to(h.dtype)).to(dtype)
+                x = x_t.unsqueeze(0).expand(h.shape[0], *x_t.shape)
+                out = unet_output(unet, x, t, conditioning).to(out_dtype)
+            return out if mask is None else out * mask
+
+        return guided
 
     def f(h: torch.Tensor) -> torch.Tensor:
         # the math backend: forward-mode AD through attention (flash / mem-efficient have none)
@@ -71,13 +98,16 @@ def eps_of_h(
 
 
 @torch.no_grad()
-def h_at(unet: torch.nn.Module, x_t: torch.Tensor, t: int, h_point: str = "output") -> torch.Tensor:
+def h_at(unet: torch.nn.Module, x_t: torch.Tensor, t: int, h_point: str = "output", conditioning=None) -> torch.Tensor:
     """h_t (C, H, W) in float32 (float64 for a float64 U-Net): the bottleneck activation of
-    one U-Net pass at (x_t, t), the point J is taken at."""
+    one U-Net pass at (x_t, t), the point J is taken at (the conditional branch's, for a
+    text-conditioned model)."""
+    from hspace.hcore.conditioning import unet_output
+
     dtype = _unet_dtype(unet)
     with HSpaceHook(unet, point=h_point) as hs:
-        unet(x_t.to(dtype)[None], t)
-        return hs.last_h[0].detach().to(linalg_dtype(dtype)).clone()
+        unet_output(unet, x_t[None], t, conditioning)
+        return hs.last_h[-1].detach().to(linalg_dtype(dtype)).clone()
 
 
 def jvp(f: BatchedF, h0: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

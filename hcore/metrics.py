@@ -12,17 +12,20 @@ import numpy as np
 import torch
 
 from hspace.hcore.calibrate import calibrate_gamma
-from hspace.hcore.sampler import Edit, make_generators, sample
+from hspace.hcore.generator import generate
+from hspace.hcore.sampler import Edit, make_generators
 
 
-def attribute_changes(unet, scheduler, annotator, sample_cfg: dict, indices: list, vectors: list, gamma: float):
+def attribute_changes(
+    unet, scheduler, annotator, sample_cfg: dict, indices: list, vectors: list, gamma: float, text=None
+):
     """Mean over samples of score(+gamma) - score(-gamma), halved: (len(vectors), A).
 
     Every edited sample replays its own x_T and z_{T:1} (same generator), so the only
     difference between the two renders is the edit."""
     zero = np.zeros((len(indices), len(annotator.names)))
-    up = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, gamma, base=zero)
-    down = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, -gamma, base=zero)
+    up = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, gamma, base=zero, text=text)
+    down = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, -gamma, base=zero, text=text)
     return (up - down) / 2
 
 
@@ -57,18 +60,23 @@ def edit_scores(
     v: torch.Tensor | None,
     gamma: float,
     batch_size: int = 64,
+    text=None,
 ) -> np.ndarray:
-    """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited)."""
+    """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited).
+    ``text``: a text-conditioned model's setup (hcore.generator.TextSetup): each sample is
+    replayed with its own prompt and decoded by the VAE before it is scored."""
     out = []
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
         edit = None if v is None else Edit([v], [gamma])
-        x0 = sample(
+        x0 = generate(
             unet,
             scheduler,
             make_generators(sample_cfg["seed"], part),
             sample_cfg["steps"],
             sample_cfg["eta"],
+            text=text,
+            indices=part,
             edit=edit,
             h_point=sample_cfg["h_point"],
         )
@@ -86,6 +94,7 @@ def leakage_matrix(
     gamma: float | list[float],
     base: np.ndarray | None = None,
     on_row=None,
+    text=None,
 ) -> np.ndarray:
     """Table 1: mean change of every attribute (columns) when editing with each direction
     (rows): mean over samples of score(edited) - score(original). (len(vectors), A).
@@ -93,10 +102,10 @@ def leakage_matrix(
     on_row(): called after each row (progress)."""
     gammas = [gamma] * len(vectors) if isinstance(gamma, int | float) else list(gamma)
     if base is None:
-        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0)
+        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0, text=text)
     rows = []
     for v, g in zip(vectors, gammas, strict=True):
-        rows.append((edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g) - base).mean(0))
+        rows.append((edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g, text=text) - base).mean(0))
         if on_row is not None:
             on_row()
     return np.stack(rows)
@@ -112,14 +121,15 @@ def calibrate_edit(
     column: int,
     target: float,
     base: np.ndarray | None = None,
+    text=None,
 ):
     """``--gamma auto``: the gamma at which the mean change of annotator column ``column``
     over ``indices`` reaches ``target`` (hcore.calibrate, bisection)."""
     if base is None:
-        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0)
+        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0, text=text)
 
     def effect(g: float) -> float:
-        scores = edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g)
+        scores = edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g, text=text)
         return float((scores[:, column] - base[:, column]).mean())
 
     return calibrate_gamma(effect, target)

@@ -33,6 +33,7 @@ class Facts:
     scheduler: object = None
     h_shape: tuple[int, int, int] | None = None
     image_shape: tuple[int, int, int] | None = None
+    conditioning: object = None  # a text-conditioned model's guided conditioning of one prompt (the probe)
     annotator_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     evaluator_names: tuple[str, ...] | None = None
 
@@ -128,6 +129,27 @@ def _static_problems(cfg: RunConfig) -> list[str]:
     return p
 
 
+def _text_problems(cfg: RunConfig, ref, facts: Facts) -> list[str]:
+    """Prompts against the model (text-conditioned or not); loads the text parts of an SD
+    model (a damaged VAE or text encoder is found here, before any work)."""
+    from hspace.data import models
+    from hspace.tasks.sample import text_config
+
+    try:
+        text = text_config(cfg.sample, ref, facts.unet)
+    except RunError as e:
+        return [f"sample.prompt: {e}"]
+    if not text:
+        return []
+    facts.image_shape = (3, text["image_size"], text["image_size"])
+    try:
+        setup = models.text_for_run({"model": ref.to_dict(), "config": text})
+        facts.conditioning = setup.conditioning(setup.prompts[:1])
+    except RunError as e:
+        return [f"sample.model: {e}"]
+    return []
+
+
 def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     """The rules that load something: device, model, annotators, evaluator (names included)."""
     from hspace.data import models
@@ -151,6 +173,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         train_steps = facts.scheduler.config.num_train_timesteps
         if cfg.sample.steps > train_steps:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
+        p += _text_problems(cfg, ref, facts)
     except (RunError, NoMidBlockError) as e:
         p.append(f"sample.model: {e}")
     for spec in cfg.annotate.annotators:
@@ -256,14 +279,18 @@ def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 
     dtype = getattr(torch, cfg.sample.dtype)
     unet = facts.unet.to(facts.device)
     batch = min(batch, cfg.sample.batch_size)
-    x = torch.randn(batch, unet.config.in_channels, *facts.image_shape[1:]).to(facts.device, dtype)
+    from hspace.hcore.conditioning import unet_output
+
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size).to(facts.device, dtype)
+    cond = facts.conditioning  # SD: the guided pass of the sampler (2 U-Net rows per sample)
     with torch.no_grad():
-        unet(x, 500)  # warm-up (kernels, allocations)
+        unet_output(unet, x, 500, cond)  # warm-up (kernels, allocations)
         if facts.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(repeats):
-            unet(x, 500)
+            unet_output(unet, x, 500, cond)
         if facts.device.startswith("cuda"):
             torch.cuda.synchronize()
     return (time.perf_counter() - t0) / (repeats * batch)

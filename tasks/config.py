@@ -282,10 +282,11 @@ def load_config(path: Path | None) -> RunConfig:
 
 
 def example_config(kind: str = "toy") -> str:
-    """A documented example config (YAML) for the toy world or the CelebA-HQ DDPM."""
+    """A documented example config (YAML): toy (the toy world), celeba (the CelebA-HQ
+    DDPM) or sd (Stable Diffusion)."""
     from hspace.data.catalog import example_path
 
-    return example_path("toy.yaml" if kind == "toy" else "celeba.yaml").read_text()
+    return example_path(f"{kind}.yaml").read_text()
 
 
 # ------------------------------------------------------------------ command-line options

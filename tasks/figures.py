@@ -5,6 +5,7 @@ disentangled grids, and a sequential edit (Fig. 11)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from hspace.data.stores import SampleStore
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
+log = logging.getLogger(__name__)
 
-def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None):
+
+def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None, text=None):
     from hspace.hcore.hooks import h_shape
     from hspace.tasks import edit as edit_tasks
 
@@ -31,9 +34,10 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
         h_shape=h_shape(unet),
         h_point=cfg["h_point"],
         scheduler=scheduler,
+        edit_branch=cfg.get("edit_branch"),
     )
     cells, rows, cols = edit_tasks.plan_grid(specs, list(scales))
-    return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells), rows, cols
+    return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells, text=text), rows, cols
 
 
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:
@@ -44,6 +48,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     meta = run.read()
     run.figures.mkdir(exist_ok=True)
     unet, scheduler = models.load_for_run(meta, device=device)
+    text = models.text_for_run(meta, device=device)  # SD: each sample's prompt and the VAE decoder
     store = SampleStore(run.samples)
     f = cfg.figures
     sample = min(f.sample, store.layout.n - 1)
@@ -51,6 +56,10 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     pcs = [p for p in pcs if p.exists()]
     attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
     efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators)
+    jacobian = bool(f.jacobian)
+    if text is not None and (efficiency or jacobian):  # not drawn for text-conditioned runs (yet): said
+        log.warning("figures: Fig. 7 (Jacobian) and Fig. 8 (h vs x_T) are drawn for pixel models only; skipped")
+        efficiency = jacobian = False
     planned = (  # the figures below, for the progress bar's total
         1
         + (bool(pcs) and f.name_samples > 0 and bool(cfg.annotate.annotators))
@@ -58,7 +67,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         + (bool(pcs) and run.direction("random00").exists())
         + sum(any(run.direction(a + suffix).exists() for a in attrs) for suffix in ("", "_disentangled"))
         + (len(attrs) > 1 and all(run.direction(a).exists() for a in attrs))
-        + bool(f.jacobian)
+        + jacobian
         + efficiency
     )
     files = []
@@ -93,14 +102,16 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             net = load_annotator(cfg.annotate.annotators[0], device)
             n = min(f.name_samples, store.layout.n)
             stems = [p.stem for p in pcs]  # own file: `hspace name` keeps eval/pc_names
-            table, path = ev.name_run_directions(run, meta, stems, net, n, 2.0, unet, scheduler, stem="figure_pc_names")
+            table, path = ev.name_run_directions(
+                run, meta, stems, net, n, 2.0, unet, scheduler, stem="figure_pc_names", text=text
+            )
             names = {row["direction"]: row["name"] for row in table}
             add(path)
         for label, paths in (("pca", pcs), ("random", [run.direction(f"random{j:02d}") for j in range(len(pcs))])):
             paths = [p for p in paths if p.exists()]
             if not paths:
                 continue
-            images, rows_, cols_ = _edit_grid(unet, scheduler, meta, sample, paths, f.scales)
+            images, rows_, cols_ = _edit_grid(unet, scheduler, meta, sample, paths, f.scales, text=text)
             if label == "pca":
                 rows_ = [f"{r} ≈ {names[r]}" if r in names else r for r in rows_]
             title = f"sample {sample}: {'principal components' if label == 'pca' else 'norm-matched random directions'}"
@@ -112,16 +123,16 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             continue
         held = store.layout.n - max(cfg.directions.held_out_of(meta["config"]), 1)  # a held-out sample
         scales = [s for s in f.scales if abs(s) <= 2] or f.scales
-        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales)
+        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, scales, text=text)
         title = f"held-out sample {held}: {label} directions (eq. {'10' if label == 'supervised' else '11'})"
         add(save_grid(run.figure(f"{label}_grid.png"), grid_image(images, rows_, cols_, title=title)))
     paths = [run.direction(a) for a in attrs]
     if len(paths) > 1 and all(p.exists() for p in paths):
         held = store.layout.n - max(cfg.directions.held_out_of(meta["config"]), 1)
-        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths))
+        images, rows_, cols_ = _edit_grid(unet, scheduler, meta, held, paths, [], gammas=[1.0] * len(paths), text=text)
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
         add(save_grid(run.figure("sequential.png"), grid_image(images, rows_, cols_, title=title)))
-    if f.jacobian:
+    if jacobian:
         add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
     if efficiency:
         from hspace.data.figures import efficiency_plot

@@ -74,8 +74,8 @@ def run_jacobian(
 
     from hspace.data import directions as dirfile
     from hspace.hcore import jacobian as jac
+    from hspace.hcore.generator import generate
     from hspace.hcore.sampler import ddim_scheduler, make_generators
-    from hspace.hcore.sampler import sample as run_sampler
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
@@ -90,6 +90,8 @@ def run_jacobian(
     if localize is not None and not (roi or mask_path):
         raise RunError("--localize needs a region: give --roi or --mask")
     unet, scheduler = models.load_for_run(meta, device=device)
+    text = models.text_for_run(meta, device=device)  # SD: the guided prediction of this sample's prompt
+    conditioning = None if text is None else text.conditioning(text.prompts_for([sample]))
     d = int(np.prod(SampleStore(run.samples).layout.h_shape))
     if not (1 <= k <= d):
         raise RunError(f"--k {k} must be between 1 and {d} (the size of h)")
@@ -104,14 +106,17 @@ def run_jacobian(
     elif mask_path:
         mask = load_mask(Path(mask_path), size)
     gens = make_generators(cfg["seed"], [sample])
-    x_t = run_sampler(unet, scheduler, gens, cfg["steps"], cfg["eta"], h_point=cfg["h_point"], stop_before=step)[0]
+    how = {"text": text, "indices": [sample], "h_point": cfg["h_point"], "stop_before": step}
+    x_t = generate(unet, scheduler, gens, cfg["steps"], cfg["eta"], **how)[0]  # a latent for SD: ROI in latent cells
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(cfg["steps"])
     t = int(sched.timesteps[step])
-    h0 = jac.h_at(unet, x_t, t, h_point=cfg["h_point"])  # float32, whatever the run's dtype
+    h0 = jac.h_at(unet, x_t, t, h_point=cfg["h_point"], conditioning=conditioning)  # float32, any dtype
     if mask is not None:
         mask = mask.to(x_t.device)
-    f = jac.eps_of_h(unet, x_t, t, mask=None if localize else mask, h_point=cfg["h_point"])
+    f = jac.eps_of_h(
+        unet, x_t, t, mask=None if localize else mask, h_point=cfg["h_point"], conditioning=conditioning, h0=h0
+    )
     reachable = jac.precision_tol(tol, next(unet.parameters()).dtype)
     if reachable > tol:
         log.warning(

@@ -10,7 +10,16 @@ from hspace.tasks.stages import Context, Stage, outputs
 
 
 def name_run_directions(
-    run: RunFolder, meta: dict, names: list[str], net, n: int, gamma: float, unet, scheduler, stem: str = "pc_names"
+    run: RunFolder,
+    meta: dict,
+    names: list[str],
+    net,
+    n: int,
+    gamma: float,
+    unet,
+    scheduler,
+    stem: str = "pc_names",
+    text=None,
 ) -> tuple[list[dict], object]:
     """Name each direction after the attribute it moves most (hcore.metrics.name_by_spread)
     on the run's first ``n`` samples, each attribute measured in units of its spread over
@@ -22,7 +31,7 @@ def name_run_directions(
     from hspace.hcore.sampler import to_unit
 
     vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
-    changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma)
+    changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma, text=text)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
     table = metrics.name_by_spread(changes, list(net.names), names, scale)
     return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma, stem)
@@ -41,8 +50,9 @@ def name_stage(run: RunFolder, s, ctx: Context) -> dict:
     if n > meta["config"]["n"]:
         raise RunError(f"--n must be in [1, {meta['config']['n']}] (samples in this run)")
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
+    text = models.text_for_run(meta, device=ctx.device)
     net = load_annotator(s.annotator, ctx.device)
-    table, path = name_run_directions(run, meta, s.directions, net, n, s.gamma, unet, scheduler)
+    table, path = name_run_directions(run, meta, s.directions, net, n, s.gamma, unet, scheduler, text=text)
     names = [{"direction": r["direction"], "name": r["name"], "change": r["change"]} for r in table]
     return {"outputs": outputs(run, [path, path.with_suffix(".json")]), "names": names, "gamma": s.gamma}
 

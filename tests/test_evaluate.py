@@ -89,7 +89,7 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
     a, b = torch.zeros(2), torch.ones(2)
     base = np.array([[0.2, 0.5, 10.0], [0.4, 0.1, -4.0]])
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
         out = base[: len(indices)].copy()
         if v is a:
             out[:, 0] += 0.3 * gamma
@@ -132,7 +132,7 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     w = rng.standard_normal((3, d))
     vs = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in names]
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
         change = np.zeros(3) if v is None else gamma * (w @ v.numpy().astype(np.float64).ravel())
         return np.tile(0.5 + change, (len(indices), 1))
 
@@ -227,7 +227,7 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     names = ["Smiling", "Male", "Young"]
     vs = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, -1.0])]  # Young lowers Young
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64):
+    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
         change = np.zeros(3) if v is None else 0.25 * gamma * v.numpy().astype(np.float64)
         return np.tile(0.5 + change, (len(indices), 1))
 

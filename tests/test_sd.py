@@ -193,3 +193,88 @@ def test_prompt_pair_direction_is_the_mean_h_difference(sd_dirs, sd_runs, tmp_pa
     grid = np.asarray(Image.open(out)).astype(np.float32)
     half = grid.shape[1] // 2
     assert np.abs(grid[:, :half] - grid[:, half : 2 * half]).mean() > 1.0  # gamma 4 changes the image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_name_jacobian_and_evaluate_on_sd_runs(sd_runs, oracle_dir, kind):
+    """name, jacobian (Alg. 1 on the guided prediction) and evaluate (Table 1 on decoded
+    images, each sample replayed with its prompt) run on a text-conditioned run; the
+    Jacobian's top direction is the top right singular vector of the explicit Jacobian of
+    the guided output out_u + s (out_c - out_u) with respect to an edit of h on both branches."""
+    from hspace.data import models
+    from hspace.hcore.conditioning import unet_output
+    from hspace.hcore.generator import generate
+    from hspace.hcore.hooks import HSpaceHook
+    from hspace.hcore.sampler import ddim_scheduler
+
+    run = sd_runs[kind]
+    assert hspace("annotate", run, "--annotator", f"oracle:{oracle_dir}", "--device", "cpu").exit_code == 0
+    assert hspace("pca", run, "--components", "2").exit_code == 0
+    assert hspace("directions", run, "--attribute", "Smiling,Male", "--top", "1", "--held-out", "1").exit_code == 0
+    for args in (
+        ("name", run, "--directions", "pc00,pc01", "--annotator", f"oracle:{oracle_dir}", "--n", "2"),
+        ("evaluate", run, "--directions", "Smiling", "--evaluator", f"oracle:{oracle_dir}", "--gamma", "1"),
+        ("jacobian", run, "--sample", "0", "--step", "1", "--k", "2", "--tol", "1e-6", "--max-iters", "200"),
+    ):
+        result = hspace(*args, "--device", "cpu")
+        assert result.exit_code == 0, (args[0], result.output)
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["n"] == 1 and "original" in summary
+
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta)
+    text = models.text_for_run(meta)
+    cond = text.conditioning(text.prompts_for([0]))
+    x_t = generate(
+        unet, scheduler, make_generators(0, [0]), 4, meta["config"]["eta"], text=text, indices=[0], stop_before=1
+    )[0]
+    sched = ddim_scheduler(scheduler)
+    sched.set_timesteps(4)
+    t = int(sched.timesteps[1])
+    c, hh, ww = SampleStore(run / "samples.zarr").layout.h_shape
+
+    def guided(delta_flat):
+        with HSpaceHook(unet) as hs:
+            hs.guided = cond.guided
+            hs.delta = delta_flat.reshape(1, c, hh, ww)
+            return unet_output(unet, x_t[None], t, cond).flatten()
+
+    jac = torch.autograd.functional.jacobian(guided, torch.zeros(c * hh * ww))
+    top = torch.linalg.svd(jac.double(), full_matrices=False).Vh[0].float()
+    v, _ = dirfile.load(run / "directions" / "jac_s0_t1_00.safetensors")
+    cos = torch.nn.functional.cosine_similarity(v[1].flatten(), top, dim=0).abs()
+    assert cos > 0.999, cos
+
+
+@pytest.mark.slow
+def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, clip_dir, tmp_path):
+    """The shipped SD example config, adapted in paths and sizes only, runs every pipeline
+    stage to its report on the SD 2.x-shaped model (v-prediction) in bfloat16; `--plan`
+    probes the guided U-Net first."""
+    import yaml
+
+    from hspace.tasks.config import example_config
+    from hspace.tasks.stages import pipeline_stages
+
+    cfg = yaml.safe_load(example_config("sd"))
+    assert cfg["sample"]["guidance_scale"] == 7.5 and cfg["sample"]["edit_branch"] == "both"
+    cfg["device"] = "cpu"
+    cfg["sample"].update(model=str(sd_dirs["sd2"]), n=24, steps=4, batch_size=8, dtype="bfloat16")
+    cfg["annotate"]["annotators"] = [f"oracle:{oracle_dir}"]
+    cfg["directions"].update(top=3, held_out=4)
+    cfg["evaluate"].update(evaluator=f"clip:{clip_dir}", n=2, calibration_n=2)
+    cfg["figures"].update(pcs=2, name_samples=2, scales=[-1, 0, 1])
+    path = tmp_path / "sd.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    plan = hspace("run", "--config", path, "--out", out, "--plan")
+    assert plan.exit_code == 0 and "sample" in plan.output and not out.exists(), plan.output
+    result = hspace("run", "--config", path, "--out", out)
+    assert result.exit_code == 0, result.output
+    meta = RunFolder(out).read()
+    assert all(meta["stages"][s]["state"] == "done" for s in pipeline_stages()), meta["stages"]
+    assert meta["config"]["dtype"] == "bfloat16" and meta["config"]["prompts"] == cfg["sample"]["prompts"]
+    assert (out / "report.html").exists() and (out / "eval" / "summary.json").exists()
+    _, md = dirfile.load(out / "directions" / "Smiling.safetensors")
+    assert md["edit_branch"] == "both"
