@@ -278,3 +278,29 @@ def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, 
     assert (out / "report.html").exists() and (out / "eval" / "summary.json").exists()
     _, md = dirfile.load(out / "directions" / "Smiling.safetensors")
     assert md["edit_branch"] == "both"
+
+
+def test_a_direction_of_another_edit_branch_is_refused(sd_dirs, sd_runs, model_dir, tmp_path):
+    """Bad inputs of the SD path, each one line, nothing written: a direction made with the
+    edit on another branch of the guided batch, --prompt-pair on a pixel run, an unreadable
+    @FILE of prompts."""
+    run = sd_runs["sd1"]
+    if not (run / "directions" / "pc00.safetensors").exists():
+        assert hspace("pca", run, "--components", "2").exit_code == 0
+    v, md = dirfile.load(run / "directions" / "pc00.safetensors")
+    other = tmp_path / "cond.safetensors"
+    dirfile.save(other, v, {**md, "edit_branch": "cond"})
+    assert_refused(
+        hspace("edit", run, "--sample", "0", "--direction", other, "--out", tmp_path / "e.png"),
+        "'cond' branch",
+        "--edit-branch cond",
+    )
+    assert not (tmp_path / "e.png").exists()
+    pixel = tmp_path / "pixel"
+    args = ("--n", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu")
+    assert hspace("sample", "--model", model_dir, *args, "--out", pixel).exit_code == 0
+    assert_refused(hspace("directions", pixel, "--prompt-pair", "a", "b", "--held-out", "0"), "takes no text")
+    assert_refused(
+        hspace("sample", "--model", sd_dirs["sd1"], "--prompts", f"@{tmp_path / 'none.txt'}", "--out", tmp_path / "p"),
+        "cannot read the prompt file",
+    )
