@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from hspace.data.catalog import RunError, RunFolder
 from hspace.flows.stage_commands import console, declared_outputs, fail, stage_command, write_error
@@ -129,18 +130,45 @@ def edit(
     asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
-    prompt: Annotated[str | None, typer.Option(help="with --model, an SD model: the text of the fresh sample")] = None,
-    guidance_scale: Annotated[float, typer.Option(help="with --model, an SD model: guidance scale")] = 7.5,
+    prompt: Annotated[
+        str | None, typer.Option(help="SD model: the text of a fresh sample (--model), or a photo's source prompt")
+    ] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="SD model: guidance scale (default 7.5 for a fresh sample, 1 for --image)")
+    ] = None,
+    image: Annotated[
+        list[Path], typer.Option(help="a photo (or a folder of them) to edit, with --model; repeat for several")
+    ] = [],  # noqa: B006
+    method: Annotated[str, typer.Option(help="with --image: ddpm (edit-friendly, exact) or ddim inversion")] = "ddpm",
+    sdedit: Annotated[
+        int | None, typer.Option(help="with --image: SDEdit instead of inversion, running the last K steps")
+    ] = None,
+    refine: Annotated[int, typer.Option(help="with --image --method ddim: fixed-point refinements per step")] = 3,
 ) -> None:
-    """Replay a sample with the same noise and render a grid of h-space edits."""
+    """Replay a sample with the same noise and render a grid of h-space edits; or, with
+    --image, invert a photo (or SDEdit it) and render its edits."""
     try:
         from hspace.tasks.edit import edit_sample, parse_scales
         from hspace.tasks.sample import resolve_device
 
         values = parse_scales(scales)
+        if image:
+            if run_dir is not None or model is None:
+                raise RunError("--image takes --model M (the model the directions were found on), not a run folder")
+            from hspace.tasks.photo_edit import edit_photos
+
+            how = {"method": method, "sdedit": sdedit, "eta": eta, "seed": seed, "refine": refine, "window": window}
+            how |= {"asyrp": asyrp, "clip_sample": clip_sample, "prompt": prompt, "guidance_scale": guidance_scale}
+            result = edit_photos(image, direction, values, out, model, **how, device=resolve_device(device))
+            for line in result["lines"]:
+                console.print(escape(line))
+            console.print(f"grid: [bold]{result['path']}[/]; each edited image in {result['folder']}/")
+            return
+        if method != "ddpm" or sdedit is not None:
+            raise RunError("--method and --sdedit are for --image PHOTO")
         where = {"run_dir": run_dir, "sample_index": sample_index, "model": model, "seed": seed, "steps": steps}
         how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample}
-        how |= {"prompt": prompt, "guidance_scale": guidance_scale}
+        how |= {"prompt": prompt, "guidance_scale": 7.5 if guidance_scale is None else guidance_scale}
         path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:
         fail(str(e))

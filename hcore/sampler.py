@@ -104,6 +104,36 @@ def ddim_scheduler(
     return sched
 
 
+def step_alphas(scheduler: DDIMScheduler, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, alpha_(t-1)) of the step at timestep t (the paper's alpha = diffusers'
+    alphas_cumprod; the last step's alpha_(t-1) is the scheduler's final_alpha_cumprod)."""
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return scheduler.alphas_cumprod[t], alpha_prev
+
+
+def step_sigma(scheduler: DDIMScheduler, t: int, eta: float) -> torch.Tensor:
+    """sigma_t of eq. (5) for the step at timestep t."""
+    alpha_t, alpha_prev = step_alphas(scheduler, t)
+    return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+
+
+def noise_scale(scheduler: DDIMScheduler, t: int, eta: float) -> float:
+    """What an explicit noise map z_t is multiplied by in the step at t: sigma_t, or 1
+    where sigma_t = 0 (there z_t is the residual x_(t-1) - mean itself; see ``sample``)."""
+    sigma = float(step_sigma(scheduler, t, eta))
+    return sigma if sigma > 0 else 1.0
+
+
+def as_eps(scheduler: DDIMScheduler, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The eps a U-Net output stands for: itself, or eps = sqrt(a_t) v + sqrt(1 - a_t) x_t
+    for a v-prediction model."""
+    if scheduler.config.prediction_type == "epsilon":
+        return out
+    alpha_t = scheduler.alphas_cumprod[t]
+    return alpha_t.sqrt() * out + (1 - alpha_t).sqrt() * x_t
+
+
 def ddim_step(
     scheduler: DDIMScheduler,
     x_t: torch.Tensor,
@@ -125,9 +155,7 @@ def ddim_step(
     from v, eps = sqrt(a_t) v + sqrt(1 - a_t) x_t.
     """
     cfg = scheduler.config
-    prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
-    alpha_t = scheduler.alphas_cumprod[t]
-    alpha_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    alpha_t, alpha_prev = step_alphas(scheduler, t)
     if cfg.prediction_type == "v_prediction":
         p_t = alpha_t.sqrt() * x_t - (1 - alpha_t).sqrt() * eps_p  # eq. (3), rewritten for v
         eps_d = alpha_t.sqrt() * eps_d + (1 - alpha_t).sqrt() * x_t  # eps from v, for eq. (4)
@@ -137,7 +165,7 @@ def ddim_step(
         raise ValueError(f"prediction_type {cfg.prediction_type!r}: ddim_step handles {PREDICTION_TYPES}")
     if cfg.clip_sample:
         p_t = p_t.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    sigma_t = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()  # eq. (5)
+    sigma_t = step_sigma(scheduler, t, eta)  # eq. (5)
     if 1 - alpha_prev - sigma_t**2 < 0:
         raise ValueError(f"eta={eta} makes sigma_t exceed sqrt(1 - alpha_(t-1)) at t={t}; use eta in [0, 1]")
     d_t = (1 - alpha_prev - sigma_t**2).sqrt() * eps_d  # eq. (4)
@@ -192,6 +220,8 @@ def sample(
     stop_before: int | None = None,
     conditioning: Conditioning | None = None,
     capture: str = "cond",
+    noise: torch.Tensor | None = None,
+    start_at: int = 0,
 ) -> torch.Tensor:
     """Generate one image per generator; returns x_0 as (B, C, R, R) float32 in [-1, 1]
     (latents, for a latent model).
@@ -208,6 +238,12 @@ def sample(
     their ``clip_sample`` setting when they load the model; see data.models.load_for_run).
     stop_before: return x_t just before step ``stop_before`` (its U-Net pass), i.e. the
     replayed point at t = timesteps[stop_before], instead of x_0.
+    noise: explicit noise maps z_{T:1}, (B, S, *shape), instead of the generators' draws
+    (an edit-friendly DDPM inversion's, hcore.inversion.ddpm_invert): x_(t-1) = mean +
+    sigma_t z_t, and where sigma_t = 0 (eta_t = 0, or the last step of a scheduler whose
+    final alpha is 1) x_(t-1) = mean + z_t, so the maps can carry that residual too.
+    start_at: begin at step ``start_at`` with ``x_T`` as the point there (SDEdit: a photo
+    noised to that step); the steps before it are skipped (their z_t still drawn).
     """
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
@@ -236,6 +272,10 @@ def sample(
     x = draw_noise(generators, shape)  # drawn even when x_T is given, so z_t stay in place
     x = (x if x_T is None else x_T.cpu().float()).to(device)
     batch = len(generators)
+    if noise is not None and tuple(noise.shape) != (batch, num_inference_steps, *shape):
+        raise ValueError(f"noise maps have shape {tuple(noise.shape)}, need {(batch, num_inference_steps, *shape)}")
+    if not 0 <= start_at < num_inference_steps:
+        raise ValueError(f"start_at must be a step in [0, {num_inference_steps}), got {start_at}")
     with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs:
         hs.guided = guided
         hs.edit_branch = "both" if edit is None else edit.branch
@@ -244,6 +284,10 @@ def sample(
                 return x
             t_int = int(t)
             z = draw_noise(generators, shape).to(device)
+            if step < start_at:
+                continue
+            if noise is not None:
+                z = noise[:, step].to(device, torch.float32)
             delta = edit.delta(step) if edit is not None else None
             hs.delta = None if delta is None else delta.to(device)
             eps = unet_output(unet, x, t_int, conditioning)  # eps, or v (see ddim_step)
@@ -257,6 +301,8 @@ def sample(
                 hs.delta = None
                 eps_d = unet_output(unet, x, t_int, conditioning)
             x, _ = ddim_step(sched, x, t_int, eps, eps_d, etas[step], z)
+            if noise is not None and etas[step] * float(step_sigma(sched, t_int, 1.0)) == 0:
+                x = x + z  # a step with sigma_t = 0: the map is the residual itself
     return x
 
 

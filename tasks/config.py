@@ -121,12 +121,26 @@ class InvertSection(Section):
     labels: Path | None = option(None, "CSV with a 'file' column and one column per attribute")
     attribute: str = option("label", "attribute name of positive/ vs negative/")
     model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    method: Literal["ddpm", "ddim"] = option(
+        "ddpm", "ddpm: edit-friendly DDPM inversion (exact; noise maps stored); ddim: DDIM inversion (eta 0)"
+    )
     steps: int = option(20, "DDIM steps; directions only apply to runs with the same steps", gt=0)
-    refine: int = option(3, "fixed-point refinements per step (0 = plain DDIM inversion)", ge=0)
+    eta: Eta = option(1.0, "ddpm: eta_t of the inversion and of every replay (eq. (5); 1: DDPM)")
+    seed: int = option(0, "ddpm: image i's independent noising draws come from a generator seeded from (seed, i)")
+    refine: int = option(3, "ddim: fixed-point refinements per step (0 = plain DDIM inversion)", ge=0)
     clip_sample: ClipSample = option("off", CLIP_HELP)
     batch_size: int = option(32, "images per batch = per Zarr shard", gt=0)
     h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
+    prompt: str | None = option(None, "SD models: the source prompt the images are inverted with (default empty)")
+    guidance_scale: float = option(1.0, "SD models: classifier-free guidance scale of the inversion (1: none)", ge=0)
+
+    def prompt_list(self) -> list[str] | None:
+        return None if self.prompt is None else [self.prompt]
+
+    def default_prompts(self) -> list[str]:
+        """A text-conditioned model inverts with the empty prompt unless one is given."""
+        return [""]
 
 
 class AnnotateSection(Section):

@@ -54,6 +54,8 @@ class SampleSpec:
     eta: float
     h_point: str
     x_T: object = None  # (C, R, R) tensor: start here (an inverted real image) instead of the seed's noise
+    noise: object = None  # (S, C, R, R) tensor: a DDPM-inverted image's noise maps, replayed at every step
+    start_at: int = 0  # SDEdit: x_T is the photo noised to this step; the steps before it are skipped
 
 
 def plan_grid(
@@ -112,6 +114,7 @@ def render_edits(
         for i in (i for i, x in enumerate(is_xt) if x):
             x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
+    noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
     x0 = generate(
         unet,
         scheduler,
@@ -123,6 +126,8 @@ def render_edits(
         edit=edit,
         h_point=sample.h_point,
         x_T=x_T,
+        noise=noise,
+        start_at=sample.start_at,
     )
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
@@ -233,9 +238,11 @@ def edit_sample(
             **{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=models.model_kind(meta)
         )
         spec = SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
-        if cfg.get("kind") == "inversion":  # a real image: start from its inverted x_T
-            x_T = np.asarray(SampleStore(RunFolder(run_dir).samples).group["xT"][sample_index])
-            spec = SampleSpec(**{**spec.__dict__, "x_T": torch.from_numpy(x_T)})
+        if cfg.get("kind") == "inversion":  # a real image: its inverted x_T (and noise maps, DDPM inversion)
+            group = SampleStore(RunFolder(run_dir).samples).group
+            x_T = torch.from_numpy(np.asarray(group["xT"][sample_index]))
+            noise = torch.from_numpy(np.asarray(group["noise_maps"][sample_index])) if "noise_maps" in group else None
+            spec = SampleSpec(**{**spec.__dict__, "x_T": x_T, "noise": noise})
     else:
         ref = models.resolve(model)
         spec = SampleSpec(seed, 0, steps, eta, "output")

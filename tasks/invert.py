@@ -1,17 +1,26 @@
-"""Real-image supervision (paper sec. 5): DDIM-invert user images into a run folder that
-looks like a sampled one (samples.zarr with h_{T:1} and x0, plus x_T and the
-reconstruction error), with the user's labels as an annotation, so ``hspace directions``
-builds eq. (10) directions from real images exactly as from generated ones.
+"""Real-image supervision and editing (paper sec. 5): invert user images into a run folder
+that looks like a sampled one (samples.zarr with h_{T:1} and x0, plus x_T, the noise maps
+of a DDPM inversion and the reconstruction error), with the user's labels as an
+annotation, so ``hspace directions`` builds eq. (10) directions from real images exactly as
+from generated ones, and ``hspace edit OUT --sample I`` edits image I like a sample.
+
+Two inversions (hcore.inversion): edit-friendly DDPM inversion (the default: the eta > 0
+sampler replays the image exactly from x_T and the stored noise maps) and DDIM inversion
+(eta = 0, with fixed-point refinement). A latent model (Stable Diffusion) inverts the VAE
+latent of each image with the source prompt (empty by default, guidance 1); its VAE and
+inversion reconstruction errors are stored apart (vae_mse, recon_mse).
 
 Images come as a folder with ``positive/`` and ``negative/`` subfolders (one attribute,
 scores 1 / 0) or as any folder plus a CSV ``file,<attribute>,...`` of labels. Every file
 must be a readable image: unreadable ones are listed and nothing is written. Images are
-centre-cropped to a square and resized (antialiased) to the model's sample size.
+converted to RGB, centre-cropped to a square and resized (antialiased) to the model's
+size, each kind of change said in one line (data.photos).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +30,7 @@ from hspace.tasks import views
 from hspace.tasks.sample import open_shard, run_shards
 from hspace.tasks.stages import Context, Stage, outputs
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+log = logging.getLogger(__name__)
 
 
 def list_images(images: Path, labels: Path | None, attribute: str) -> tuple[list[str], dict[str, list[float]]]:
@@ -68,53 +77,78 @@ def list_images(images: Path, labels: Path | None, attribute: str) -> tuple[list
     return names, scores
 
 
-def load_images(images: Path, names: list[str], size: int) -> np.ndarray:
-    """(n, 3, size, size) uint8; RunError listing every unreadable file (none is skipped)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def load_images(images: Path, names: list[str], size: int) -> tuple[np.ndarray, list[str]]:
+    """(n, 3, size, size) uint8 and the notes on what was converted, upscaled or cropped
+    (data.photos.read_photos); RunError listing every unreadable file (none is skipped)."""
+    from hspace.data.photos import read_photos
 
-    out = np.empty((len(names), 3, size, size), np.uint8)
-    bad = []
-    for i, name in enumerate(names):
-        try:
-            with Image.open(Path(images) / name) as im:
-                im = ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-                out[i] = np.asarray(im).transpose(2, 0, 1)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            bad.append(f"{name} ({type(e).__name__})")
-    if bad:
-        raise RunError(
-            f"{len(bad)} of {len(names)} files in {images} are not readable images: {', '.join(bad[:8])}"
-            + (" ..." if len(bad) > 8 else "")
-            + "; remove or fix them (nothing is skipped silently)"
-        )
-    return out
+    return read_photos([Path(images) / name for name in names], size, where=f" in {images}")
+
+
+def invert_images(unet, scheduler, x_img, cfg: dict, rows, text=None, on_step=None) -> dict:
+    """Invert images (B, 3, R, R) in [-1, 1] as the run's config says (method ddpm: edit-
+    friendly DDPM inversion with the run's eta and per-image generators; ddim: DDIM
+    inversion with ``refine``), a latent model's through its VAE with the source prompt.
+    Returns x_T, the noise maps (None for ddim), the regenerated images and both errors:
+    recon_mse (regenerated vs what the diffusion model was given: the photo, or for a latent
+    model its VAE reconstruction) and vae_mse (VAE reconstruction vs photo; None for pixels)."""
+    import torch
+
+    from hspace.hcore.inversion import ddim_invert, ddpm_invert, reconstruct
+    from hspace.hcore.sampler import make_generators
+
+    conditioning, x, target, vae_mse = None, x_img, x_img, None
+    if text is not None:
+        conditioning = text.conditioning(text.prompts_for(rows))
+        x = text.encode(x_img)
+        target = text.decode(x).cpu()
+        vae_mse = ((target - x_img) ** 2).flatten(1).mean(1).numpy().astype(np.float32)
+    steps, h_point = cfg["steps"], cfg["h_point"]
+    if cfg.get("method", "ddim") == "ddpm":
+        gens = make_generators(cfg["seed"], rows)
+        how = {"conditioning": conditioning, "on_step": on_step}
+        x_T, noise = ddpm_invert(unet, scheduler, x, steps, gens, cfg["eta"], h_point, **how)
+        regenerated = reconstruct(unet, scheduler, x_T, steps, h_point, cfg["eta"], noise, conditioning)
+    else:
+        x_T, noise = ddim_invert(unet, scheduler, x, steps, h_point, cfg["refine"], on_step, conditioning), None
+        regenerated = reconstruct(unet, scheduler, x_T, steps, h_point, conditioning=conditioning)
+    if not torch.isfinite(x_T).all() or (noise is not None and not torch.isfinite(noise).all()):
+        raise RunError("the inversion produced NaN/Inf (fp16 overflow? try --dtype float32)")
+    regenerated = (text.decode(regenerated) if text is not None else regenerated).cpu()
+    recon_mse = ((regenerated - target) ** 2).flatten(1).mean(1).numpy().astype(np.float32)
+    return {"x_T": x_T, "noise": noise, "regenerated": regenerated, "recon_mse": recon_mse, "vae_mse": vae_mse}
 
 
 def run_invert_shard(run_dir: str, shard: int) -> dict:
-    """Invert the images of shard ``shard`` and write h, x0 (= the images), x_T, recon_mse."""
+    """Invert the images of shard ``shard`` and write h, x0 (= the images), x_T, the noise
+    maps (DDPM inversion), recon_mse (and vae_mse for a latent model)."""
     import torch
 
-    from hspace.hcore.inversion import ddim_invert, reconstruct
     from hspace.hcore.sampler import to_unit
+    from hspace.tasks.sample import run_text
 
     opened = open_shard(run_dir, shard)
     if opened is None:
         return {"shard": shard, "recomputed": False}
     cfg, store, rows, unet, scheduler = opened
-    images = load_images(Path(cfg["images_dir"]), cfg["images"][rows.start : rows.stop], store.layout.image_shape[-1])
-    x0 = to_unit(images)
+    text = run_text(RunFolder(Path(run_dir)).read())
+    names = cfg["images"][rows.start : rows.stop]
+    images, _ = load_images(Path(cfg["images_dir"]), names, store.layout.image_shape[-1])
     h = np.empty((len(rows), cfg["steps"], *store.layout.h_shape), np.float16)
 
     def on_step(step: int, t: int, h_t: torch.Tensor) -> None:
         h[:, step] = h_t.detach().to("cpu", torch.float16).numpy()
 
-    x_T = ddim_invert(unet, scheduler, x0, cfg["steps"], cfg["h_point"], cfg["refine"], on_step)
-    if not (torch.isfinite(x_T).all() and np.isfinite(h).all()):
-        raise RunError(f"shard {shard}: the inversion produced NaN/Inf (fp16 overflow? try --dtype float32)")
-    rec = reconstruct(unet, scheduler, x_T, cfg["steps"], cfg["h_point"]).cpu()
-    mse = ((rec - x0) ** 2).flatten(1).mean(1).numpy().astype(np.float32)
-    store.write_shard(shard, h, images, {"xT": x_T.cpu().numpy().astype(np.float32), "recon_mse": mse})
-    return {"shard": shard, "recomputed": True, "recon_mse": float(mse.mean())}
+    result = invert_images(unet, scheduler, to_unit(images), cfg, rows, text, on_step)
+    if not np.isfinite(h).all():
+        raise RunError(f"shard {shard}: the inversion produced NaN/Inf in h (fp16 overflow? try --dtype float32)")
+    extra = {"xT": result["x_T"].cpu().numpy().astype(np.float32), "recon_mse": result["recon_mse"]}
+    if result["noise"] is not None:
+        extra["noise_maps"] = result["noise"].cpu().numpy()
+    if text is not None:
+        extra |= {"vae_mse": result["vae_mse"], "prompt_index": np.zeros(len(rows), np.int32)}
+    store.write_shard(shard, h, images, extra)
+    return {"shard": shard, "recomputed": True, "recon_mse": float(result["recon_mse"].mean())}
 
 
 def write_labels(run: RunFolder, scores: dict[str, list[float]]) -> list[str]:
@@ -138,13 +172,21 @@ def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False
     names, scores = list_images(section.images, section.labels, section.attribute)
 
     def extra(unet) -> dict:
-        load_images(section.images, names, unet.config.sample_size)
+        from hspace.data import models
+
+        ref = models.resolve(section.model)
+        _, notes = load_images(section.images, names, models.image_size(ref, unet.config))
+        if not dry:
+            for note in notes:
+                log.warning("%s", note)
+        ddpm = section.method == "ddpm"
         return {
             "kind": "inversion",
+            "method": section.method,
             "n": len(names),
-            "eta": 0.0,
-            "seed": 0,  # no generator draws anything at eta = 0; kept for the run.json schema
-            "refine": section.refine,
+            "eta": section.eta if ddpm else 0.0,
+            "seed": section.seed if ddpm else 0,  # DDIM inversion draws nothing; kept for the schema
+            "refine": section.refine if not ddpm else 0,
             "images_dir": str(Path(section.images).resolve()),
             "images": names,
             "labels": scores,
@@ -166,14 +208,18 @@ def invert_stage(run: RunFolder, section, ctx: Context) -> dict:
     config = run.read()["config"]
     computed = run_shards(run, show_progress=ctx.show_progress)
     columns = write_labels(run, config["labels"])
-    mse = float(SampleStore(run.samples).group["recon_mse"][:].mean())
-    return {
+    group = SampleStore(run.samples).group
+    summary = {
         "outputs": outputs(run, [run.samples, run.annotations]),
         "recomputed_shards": len(computed),
-        "recon_mse": mse,
+        "method": config.get("method", "ddim"),
+        "recon_mse": float(group["recon_mse"][:].mean()),
         "labels": columns,
         "n": config["n"],
     }
+    if "vae_mse" in group:
+        summary["vae_mse"] = float(group["vae_mse"][:].mean())
+    return summary
 
 
 STAGE = Stage(
@@ -186,6 +232,7 @@ STAGE = Stage(
     summary=views.recon,
     create=_create,
     pipeline=False,
-    doc="DDIM-invert real images (eta = 0) into a run folder, their labels as annotations, so "
-    "`hspace directions OUT --attribute A` works as on samples.",
+    doc="Invert real images into a run folder (edit-friendly DDPM inversion, or DDIM with --method ddim), "
+    "their labels as annotations, so `hspace directions OUT --attribute A` and `hspace edit OUT --sample I` "
+    "work as on samples.",
 )

@@ -117,19 +117,25 @@ def prepare_store(run: RunFolder) -> SampleStore:
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(cfg["steps"])
     size = unet.config.sample_size
+    latent_shape = (unet.config.in_channels, size, size)  # x_T, and an inversion's noise maps
     inverted = cfg.get("kind") == "inversion"  # x0 holds the input images
-    image_shape = (unet.config.in_channels if inverted else unet.config.out_channels, size, size)
+    image_shape = latent_shape if inverted else (unet.config.out_channels, size, size)
     text = models.model_kind(meta) != "pixel"
     if text:  # a latent model stores its decoded images
         image_shape = (3, cfg["image_size"], cfg["image_size"])
     # a mid block keeps its input's shape
     layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
-    if inverted:
-        extra = {"xT": (image_shape, "float32"), "recon_mse": ((), "float32")}
-        return SampleStore.create(run.samples, layout, np.full(cfg["n"], -1), sched.timesteps.numpy(), extra)
+    extra = {"prompt_index": ((), "int32")} if text else {}  # sample i's prompt: prompts[i mod len]
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
-    extra = {"prompt_index": ((), "int32")} if text else None  # sample i's prompt: prompts[i mod len]
-    return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy(), extra)
+    if inverted:
+        extra |= {"xT": (latent_shape, "float32"), "recon_mse": ((), "float32")}
+        if cfg.get("method", "ddim") == "ddpm":  # the noise maps z_{T:1} every replay adds
+            extra["noise_maps"] = ((cfg["steps"], *latent_shape), "float32")
+        else:
+            seeds = np.full(cfg["n"], -1)  # DDIM inversion draws nothing
+        if text:
+            extra["vae_mse"] = ((), "float32")
+    return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy(), extra or None)
 
 
 def open_shard(run_dir: str, shard: int):
@@ -330,8 +336,8 @@ def text_config(section, ref, unet) -> dict:
         if given is not None:
             raise RunError(f"--prompt/--prompts: {ref.id} takes no text (an unconditional pixel model); drop them")
         return {}
-    if not hasattr(section, "prompt_list"):
-        raise RunError(f"{ref.id} is a text-conditioned latent model: hspace invert supports pixel models only")
+    if given is None and hasattr(section, "default_prompts"):
+        given = section.default_prompts()
     if given is None:
         raise RunError(
             f"{ref.id} is text-conditioned ({ref.kind}): give --prompt TEXT or --prompts A,B,... (sample i gets "
@@ -339,8 +345,8 @@ def text_config(section, ref, unet) -> dict:
         )
     return {
         "prompts": given,
-        "negative_prompt": section.negative_prompt,
+        "negative_prompt": getattr(section, "negative_prompt", None),
         "guidance_scale": section.guidance_scale,
-        "edit_branch": section.edit_branch,
+        "edit_branch": getattr(section, "edit_branch", "both"),
         "image_size": models.image_size(ref, unet.config),
     }

@@ -167,11 +167,17 @@ def leakage(result: dict) -> str:
     return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text) + warn + miss
 
 
+def psnr_of_mse(mse: float) -> str:
+    """PSNR of an MSE of images in [-1, 1] (peak-to-peak 2), as text."""
+    return "inf dB (exact)" if mse <= 1e-20 else f"{10 * math.log10(4 / mse):.1f} dB"
+
+
 def recon(r: dict) -> str:
-    psnr = 10 * math.log10(4 / max(r["recon_mse"], 1e-12))
+    how = {"ddpm": "edit-friendly DDPM inversion", "ddim": "DDIM inversion"}.get(r.get("method", "ddim"))
+    vae = f"; VAE alone: PSNR {psnr_of_mse(r['vae_mse'])}" if "vae_mse" in r else ""
     return (
-        f"{r['n']} images inverted; reconstruction MSE {r['recon_mse']:.5f} (PSNR {psnr:.1f} dB, images in "
-        f"[-1, 1]); labels: {', '.join(r['labels'])}"
+        f"{r['n']} images inverted ({how}); regenerated vs input: MSE {r['recon_mse']:.3g}, PSNR "
+        f"{psnr_of_mse(r['recon_mse'])} (images in [-1, 1]){vae}; labels: {', '.join(r['labels'])}"
     )
 
 

@@ -90,7 +90,7 @@ def test_real_image_supervision_by_inversion(toy_run, tmp_path):
     out = tmp_path / "inv"
     args = ("--images", images, "--model", "toy", "--steps", "10", "--refine", "1", "--attribute", "Smiling")
     result = hspace("invert", *args, "--batch-size", "24", "--device", "cpu", "--out", out)
-    assert "reconstruction MSE" in result.output
+    assert "regenerated vs input: MSE" in result.output
     store = SampleStore(out / "samples.zarr")
     assert store.h.shape[:2] == (48, 10) and store.complete()
     assert float(np.mean(store.group["recon_mse"][:])) < 0.01  # refined inversion regenerates the renders
