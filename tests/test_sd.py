@@ -355,3 +355,34 @@ def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, tmp_path):
     assert len(edited) == 2
     a, b = (np.asarray(Image.open(p), np.int16) for p in edited)
     assert np.abs(a - b).max() > 0  # the edit changed the photo
+
+
+@pytest.mark.slow
+def test_sd_sampling_on_dask_and_a_scheduled_deployment(sd_dirs, sd_runs, prefect_server, tmp_path):
+    """SD 1.x shards sampled by Dask worker processes equal the local run's (h, images,
+    prompt indices), and an SD config becomes a scheduled deployment whose parameters
+    read back as the same config (the scheduled run is `hspace run`'s flow, tested above)."""
+    import yaml
+    from dask.distributed import LocalCluster
+    from prefect.client.orchestration import get_client
+
+    from hspace.flows.schedule import make_deployment
+    from hspace.tasks.config import RunConfig, example_config
+
+    out = tmp_path / "dask"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        args = ("--model", sd_dirs["sd1"], "--prompts", PROMPTS, *BASE, "--eta", "0", "--out", out)
+        result = hspace("sample", *args, "--dask-address", cluster.scheduler_address)
+        assert result.exit_code == 0, result.output
+    local, remote = SampleStore(sd_runs["sd1"] / "samples.zarr"), SampleStore(out / "samples.zarr")
+    assert remote.complete()
+    for name in ("h", "x0", "seeds", "prompt_index"):
+        np.testing.assert_array_equal(remote.group[name][:], local.group[name][:], err_msg=name)
+    cfg = yaml.safe_load(example_config("sd"))
+    cfg["sample"]["model"] = str(sd_dirs["sd1"])
+    config = RunConfig.model_validate(cfg)
+    deployment_id = make_deployment(config, "0 4 * * *", "sd-nightly", tmp_path / "scheduled").apply()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    again = RunConfig.model_validate(deployment.parameters["config"])
+    assert again.sample.prompt_list() == config.sample.prompt_list() and again.sample.guidance_scale == 7.5
