@@ -39,6 +39,27 @@ def save(path: Path, v: torch.Tensor, meta: dict) -> Path:
     return path
 
 
+PACK_INDEX = "directions.json"  # a direction pack's index (hspace export)
+
+
+def resolve_path(where: str | Path) -> Path:
+    """A direction given as a file, or as ``DIR/NAME`` where DIR is a direction pack (its
+    ``NAME.safetensors``) or a run folder (its ``directions/NAME.safetensors``)."""
+    path = Path(where)
+    if path.is_file():
+        return path
+    if path.suffix != ".safetensors":
+        beside = path.parent / f"{path.name}.safetensors"  # a pack keeps its files at its top
+        if beside.is_file():
+            return beside
+        from hspace.data.catalog import RunFolder
+
+        run = RunFolder(path.parent)
+        if run.run_json.exists() and run.direction(path.name).is_file():
+            return run.direction(path.name)
+    raise RunError(f"direction file {where} does not exist (give a .safetensors file, RUN/NAME or PACK/NAME)")
+
+
 def load(path: Path) -> tuple[torch.Tensor, dict]:
     """Read a direction file: (v (T, C, H, W) float32, metadata dict of strings)."""
     path = Path(path)

@@ -80,6 +80,19 @@ class EvalFolder:
     def leakage_csv(self, label: str) -> Path:
         return self.path / f"leakage_{label}.csv"
 
+    def leakage(self, label: str) -> dict[str, dict[str, float]]:
+        """A Table-1 matrix as written: {row (direction's attribute): {column: value}}; {} if absent."""
+        path = self.leakage_csv(label)
+        if not path.exists():
+            return {}
+        lines = path.read_text().splitlines()
+        columns = lines[0].split(",")[1:]
+        table = {}
+        for line in lines[1:]:
+            row, *values = line.split(",")
+            table[row] = {c: float(v) for c, v in zip(columns, values, strict=True)}
+        return table
+
     def write_naming(self, table: list[dict], names: list[str], gamma: float, stem: str = "pc_names") -> Path:
         """STEM.json and STEM.md: the attribute each direction moves most (`hspace name`
         writes pc_names, the figures stage figure_pc_names)."""

@@ -175,6 +175,26 @@ def edit(
     console.print(f"grid: [bold]{path}[/]")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="run folder")],
+    directions: Annotated[str | None, typer.Option(help="A,B,... (default: every direction of the run)")] = None,
+    out: Annotated[Path, typer.Option(help="pack folder to write (new, empty, or a previous pack)")] = Path("pack"),
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Write directions as a shareable pack: the files, an index, a model card and a preview
+    grid, in a layout huggingface_hub.upload_folder publishes as is."""
+    try:
+        from hspace.tasks.export import export_pack
+        from hspace.tasks.sample import resolve_device
+
+        names = [n.strip() for n in directions.split(",") if n.strip()] if directions else None
+        index = export_pack(run_dir, names, out, device=resolve_device(device))
+    except RunError as e:
+        fail(str(e))
+    console.print(f"pack: [bold]{out}[/] ({index.name}, README.md, preview.png); use it as --direction {out}/NAME")
+
+
 # ---------------------------------------------------------------------------- pipeline
 
 
@@ -211,18 +231,9 @@ def run_pipeline(
         if plan:
             views.show_plan(make_plan(cfg, out, facts), console)
             return
-        from hspace.data import models
-        from hspace.tasks.prefect_server import prefect_api
-        from hspace.tasks.sample import resolve_device
+        from hspace.flows.runner import execute_pipeline
 
-        context = {"device": resolve_device(cfg.device), "dask_address": cfg.dask_address}
-        run = RunFolder(out)
-        with run.lock(f"hspace run --out {out}", break_stale=break_lock):
-            fingerprint = models.resolve(cfg.sample.model).fingerprint
-            with prefect_api(console):
-                from hspace.flows.runner import in_prefect, pipeline_flow
-
-                in_prefect(pipeline_flow, out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out), context)
+        execute_pipeline(cfg, out, break_lock, console)
     except RunError as e:
         fail(str(e))
     except OSError as e:

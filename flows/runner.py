@@ -98,3 +98,18 @@ def in_prefect(flow_obj, run_dir: Path, stage: str, fingerprint: str | None):
             return named(*args, **kwargs)
 
     return call
+
+
+def execute_pipeline(cfg, out: Path, break_lock: bool = False, console=None) -> None:
+    """The pipeline flow on ``out`` under the run folder's lock, recorded to the standing
+    local Prefect server (or PREFECT_API_URL); `hspace run` and hspace.run_pipeline call it
+    after checking the config."""
+    from hspace.data import models
+    from hspace.tasks.prefect_server import prefect_api
+    from hspace.tasks.sample import resolve_device
+
+    context = {"device": resolve_device(cfg.device), "dask_address": cfg.dask_address}
+    with RunFolder(out).lock(f"hspace run --out {out}", break_stale=break_lock):
+        fingerprint = models.resolve(cfg.sample.model).fingerprint
+        with prefect_api(console):
+            in_prefect(pipeline_flow, out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out), context)

@@ -40,7 +40,7 @@ def parse_direction(text: str) -> DirectionSpec:
             pass
     if gamma is not None and not math.isfinite(gamma):
         raise RunError(f"--direction {text!r}: the strength must be a finite number")
-    p = Path(path)
+    p = dirfile.resolve_path(path)  # a file, RUN/NAME or PACK/NAME
     return DirectionSpec(name=p.stem, path=p, gamma=gamma)
 
 
@@ -169,6 +169,19 @@ def load_directions(
     return vectors
 
 
+def save_cells(images: np.ndarray, rows: list[str], cols: list[str], folder: Path, stem: str) -> None:
+    """Every cell of a grid (rows, cols, 3, R, R) as its own PNG, STEM__ROW__COLUMN.png."""
+    import re
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for r, row in enumerate(images):
+        for c, image in enumerate(row):
+            name = re.sub(r"[^A-Za-z0-9._+=-]+", "_", f"{stem}__{rows[r]}__{cols[c].replace('γ=', 'gamma')}").strip("_")
+            Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{name}.png")
+
+
 def parse_scales(text: str) -> list[float]:
     """--scales '-2,-1,0,1,2' -> the gammas of the grid's columns."""
     try:
@@ -273,5 +286,6 @@ def edit_sample(
     cells, rows, cols = plan_grid(specs, scales)
     how = {"window": parse_window(window, spec.steps), "asyrp": asyrp, "text": text}
     images = render_edits(unet, scheduler, spec, vectors, cells, **how)
+    save_cells(images, rows, cols, Path(out).with_suffix(""), f"sample{spec.index}")
     title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "")
     return save_grid(out, grid_image(images, rows, cols, title=title + (f", window {window}" if window else "")))

@@ -13,7 +13,6 @@ per photo; a latent model's VAE round trip is scored apart.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,15 @@ import numpy as np
 from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError
 from hspace.data.photos import IMAGE_SUFFIXES, psnr, read_photos, ssim
-from hspace.tasks.edit import SampleSpec, load_directions, parse_direction, parse_window, plan_grid, render_edits
+from hspace.tasks.edit import (
+    SampleSpec,
+    load_directions,
+    parse_direction,
+    parse_window,
+    plan_grid,
+    render_edits,
+    save_cells,
+)
 
 
 def photo_paths(images: list[Path]) -> list[Path]:
@@ -154,12 +161,10 @@ def edit_photos(
             f"PSNR {_db(psnr(recon[i], photos[i]))}, SSIM {ssim(recon[i], photos[i]):.4f}{vae_text}"
         )
         edited = render_edits(unet, scheduler, spec, vectors, cells, **how)
+        save_cells(edited, row_names, col_names, folder, path.stem)
         for r, row in enumerate(edited):
             grid_rows.append(np.concatenate([photos[i][None], recon[i][None], row]))
             labels.append(f"{path.stem}: {row_names[r]}")
-            for c, image in enumerate(row):
-                name = _safe(f"{path.stem}__{row_names[r]}__{col_names[c].replace('γ=', 'gamma')}") + ".png"
-                _save_png(folder / name, image)
     title = f"{len(paths)} photo(s), {what}" + (f", window {window}" if window else "")
     grid = grid_image(np.stack(grid_rows), labels, ["photo", "no edit", *col_names], title=title)
     return {"path": save_grid(out, grid), "folder": folder, "lines": lines}
@@ -175,13 +180,3 @@ def _timesteps(scheduler, steps: int):
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(steps)
     return sched.timesteps
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+=-]+", "_", name).strip("_")
-
-
-def _save_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(path)

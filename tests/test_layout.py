@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("hcore", "data", "tasks", "flows")
+PACKAGES = ("api", "hcore", "data", "tasks", "flows")
 # how a path inside a run folder gets built: joining onto a run's root, or spelling an artifact's name
 RUN_PATH = re.compile(
     r"""(\.root\s*/|run_dir\s*/|out\s*/\s*["'](?:samples|eval|figures|directions)|"""
@@ -49,7 +49,8 @@ def test_modules_are_short_and_flows_only_wire():
     lengths = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in package_files()}
     assert max(lengths.values()) <= 400, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
     flows = sum(n for p, n in lengths.items() if p.parts[0] == "flows")
-    assert flows <= 800, f"flows/ holds {flows} lines"  # the CLI (four command groups), runner, schedule
+    # the CLI (stage commands, read-only commands, edit and export, pipeline and server), runner, schedule
+    assert flows <= 850, f"flows/ holds {flows} lines"
 
 
 @pytest.mark.slow
@@ -72,6 +73,8 @@ def test_wheel_installs_only_the_hspace_namespace(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"hspace", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for expected in (
+        "hspace/__init__.py",
+        "hspace/_applying.py",
         "hspace/flows/cli.py",
         "hspace/data/toy_model/unet/config.json",
         "hspace/data/oracle/config.json",
@@ -221,11 +224,14 @@ def test_the_benchmark_import_check_sees_a_moved_name(tmp_path):
 
 
 # which layers each layer may import (DESIGN.md): imports point one way, hcore -> data -> tasks -> flows
+# -> api (the package `hspace` itself, whose own modules are hspace._name)
+API_MODULES = {p.stem for p in (ROOT / "api").glob("_*.py") if p.stem != "__init__"}
 MAY_IMPORT = {
     "hcore": {"hcore"},
     "data": {"hcore", "data"},
     "tasks": {"hcore", "data", "tasks"},
-    "flows": set(PACKAGES),
+    "flows": {"hcore", "data", "tasks", "flows"},
+    "api": {"hcore", "data", "tasks", "flows"} | API_MODULES,
 }
 
 
