@@ -119,7 +119,7 @@ class Run:
     # --------------------------------------------------------------------- directions
     def directions(self) -> dict[str, Path]:
         """{name: path} of every direction file of the run."""
-        return {p.stem: p for p in self.folder.direction_files("*.safetensors")}
+        return {p.stem: p for p in self.folder.direction_files("*")}
 
     def direction(self, name: str) -> Direction:
         if name not in self.directions():
