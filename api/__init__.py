@@ -21,18 +21,30 @@ the same runner as the ``hspace`` command::
     hspace.run_stage("pca", "runs/pipeline", {"pca": {"components": 5}})
 """
 
-from hspace._applying import DirectionMismatch, apply
-from hspace._directions import Direction, load_direction
-from hspace._reading import Run, open_run
-from hspace._stages import run_pipeline, run_stage
+# Every `hspace.X` import (the CLI's too) runs this file first: nothing heavy is imported
+# here, each name loads its module on first use (PEP 562), so `hspace inspect` stays fast.
+_WHERE = {
+    "apply": "hspace._applying",
+    "DirectionMismatch": "hspace._applying",
+    "Direction": "hspace._directions",
+    "load_direction": "hspace._directions",
+    "Run": "hspace._reading",
+    "open_run": "hspace._reading",
+    "run_pipeline": "hspace._stages",
+    "run_stage": "hspace._stages",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "Direction",
-    "DirectionMismatch",
-    "Run",
-    "apply",
-    "load_direction",
-    "open_run",
-    "run_pipeline",
-    "run_stage",
-]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hspace' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

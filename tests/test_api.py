@@ -168,6 +168,7 @@ def test_export_pack_and_use_it(toy, tmp_path):
     assert result.exit_code == 2 and "Nope" in result.output and not (tmp_path / "p2").exists()
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs_as_shipped(toy, monkeypatch):
     """docs/quickstart.ipynb, outputs stripped in the repo, executed by nbclient in a real
     kernel on a toy run: it plots the explained variance, renders the direction in
@@ -189,3 +190,24 @@ def test_quickstart_notebook_runs_as_shipped(toy, monkeypatch):
     assert sum("image/png" in k for k in kinds) >= 2  # the plot and the edit row
     last = "".join(o.get("text", "") for o in code[-1].outputs)
     assert "max |pipeline at gamma 0 - stored sample|:" in last and int(last.split(":")[-1]) <= 1, last
+
+
+@pytest.mark.slow
+def test_run_pipeline_from_python_with_a_config_object(prefect_server, model_dir, oracle_dir, tmp_path):
+    """hspace.run_pipeline(RunConfig, out): the whole-config check first (a bad config is one
+    RunError and nothing is written), then every stage to the report, recorded as `hspace run`
+    records them."""
+    from hspace.tasks.config import load_config
+    from hspace.tasks.stages import pipeline_stages
+    from tests.test_pipeline import write_config
+
+    cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
+    bad = cfg.model_copy(update={"directions": cfg.directions.model_copy(update={"top": 50})})
+    with pytest.raises(RunError, match="directions.top"):
+        hspace.run_pipeline(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    report = hspace.run_pipeline(cfg, tmp_path / "run")
+    assert report.exists() and report.name == "report.html"
+    run = hspace.open_run(tmp_path / "run")
+    assert all(run.stages[s]["state"] == "done" for s in pipeline_stages()), run.stages
+    assert run.config["n"] == 16 and set(run.table1()) >= {"Smiling", "Male", "Young"}

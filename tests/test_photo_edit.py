@@ -55,6 +55,7 @@ def _scores(folder, pattern):
     return oracle.score(to_unit(images)).numpy(), oracle.names, files
 
 
+@pytest.mark.slow
 def test_ddpm_inversion_regenerates_the_photos_and_edits_keep_the_pose(smiling, tmp_path):
     """`hspace edit --image`: reconstruction PSNR >= 40 dB (measured: every pixel equal in
     float32), and the Smiling edit at gamma 1 raises the oracle's Smiling by > 0.5 while the
@@ -81,6 +82,7 @@ def test_ddpm_inversion_regenerates_the_photos_and_edits_keep_the_pose(smiling, 
     assert yaw.mean() < 5.0
 
 
+@pytest.mark.slow
 def test_sdedit_changes_the_attribute_and_stays_near_the_photo(smiling, tmp_path):
     out = tmp_path / "sdedit.png"
     neutral = sorted((smiling["faces"] / "negative").iterdir())
@@ -103,6 +105,7 @@ def test_sdedit_changes_the_attribute_and_stays_near_the_photo(smiling, tmp_path
     assert change.mean() > 0.1
 
 
+@pytest.mark.slow
 def test_hspace_invert_ddpm_run_replays_exactly(smiling, tmp_path):
     """`hspace invert --method ddpm` stores x_T and the noise maps; `hspace edit RUN --sample I`
     replays them: at gamma 0 the input image, pixel for pixel."""
@@ -142,6 +145,7 @@ def test_ssim_matches_scikit_image():
     assert ssim(a, a) == pytest.approx(1.0) and psnr(a, a) == float("inf")
 
 
+@pytest.mark.slow
 def test_photo_bad_inputs(smiling, tmp_path):
     """Each bad photo its one line: not an image (refused, nothing written), grayscale and
     RGBA (converted, said), smaller than the model (upscaled, warned), mixed sizes (said)."""

@@ -29,6 +29,9 @@ def hspace(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+hspace_cli = hspace  # where a test imports the package hspace too
+
+
 def assert_refused(result, *needles: str):
     assert result.exit_code != 0, result.output
     assert "error:" in result.output and "Traceback" not in result.output, result.output
@@ -306,6 +309,7 @@ def test_a_direction_of_another_edit_branch_is_refused(sd_dirs, sd_runs, model_d
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "method"), [("sd1", "ddpm"), ("sd2", "ddim")])
 def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, tmp_path):
     """`hspace invert` of an SD model: VAE encode, then the inversion of the latent with the
@@ -386,3 +390,35 @@ def test_sd_sampling_on_dask_and_a_scheduled_deployment(sd_dirs, sd_runs, prefec
         deployment = client.read_deployment(deployment_id)
     again = RunConfig.model_validate(deployment.parameters["config"])
     assert again.sample.prompt_list() == config.sample.prompt_list() and again.sample.guidance_scale == 7.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_api_apply_inside_stable_diffusion_pipelines(sd_dirs, sd_runs, kind, tmp_path):
+    """hspace.apply inside diffusers' own StableDiffusion(XL)Pipeline (DDIMScheduler, the
+    run's latents, prompt, guidance and eta) gives the image `hspace edit RUN --sample 1`
+    writes at gamma 2, edits on both guidance branches (<= 2/255); hooks gone after."""
+    from PIL import Image
+
+    import hspace
+
+    run = sd_runs[kind]
+    if not (run / "directions" / "pc00.safetensors").exists():
+        assert hspace_cli("pca", run, "--components", "2").exit_code == 0
+    direction = hspace.open_run(run).direction("pc00")
+    grid = tmp_path / "grid.png"
+    result = hspace_cli("edit", run, "--sample", "1", "--direction", direction.path, "--scales", "2", "--out", grid)
+    assert result.exit_code == 0, result.output
+    cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
+    pipe = load_tiny_sd(sd_dirs[kind], kind)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    gen = make_generators(0, [1])
+    latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
+    call = {"prompt": PROMPTS.split(",")[1], "latents": latents, "num_inference_steps": 4, "guidance_scale": 3.0}
+    with hspace.apply(pipe, direction, gamma=2.0):
+        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
+    edited = np.round(out * 255).astype(np.int16)
+    assert np.abs(edited - cli).max() <= 2, np.abs(edited - cli).max()
+    plain = SampleStore(run / "samples.zarr").x0[1].astype(np.int16).transpose(1, 2, 0)
+    assert np.abs(edited - plain).mean() > 1  # the edit did something
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet.mid_block._forward_hooks
