@@ -5,7 +5,6 @@ disentangled grids, and a sequential edit (Fig. 11)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from hspace.data.figures import grid_image, save_grid
 from hspace.data.stores import SampleStore
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
-
-log = logging.getLogger(__name__)
 
 
 def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None, text=None):
@@ -57,9 +54,6 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     attrs = cfg.directions.attributes if cfg.directions.latent == "h" else []
     efficiency = bool(f.efficiency and attrs and cfg.annotate.annotators)
     jacobian = bool(f.jacobian)
-    if text is not None and (efficiency or jacobian):  # not drawn for text-conditioned runs (yet): said
-        log.warning("figures: Fig. 7 (Jacobian) and Fig. 8 (h vs x_T) are drawn for pixel models only; skipped")
-        efficiency = jacobian = False
     planned = (  # the figures below, for the progress bar's total
         1
         + (bool(pcs) and f.name_samples > 0 and bool(cfg.annotate.annotators))
@@ -133,7 +127,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
         title = f"held-out sample {held}: sequential edits (Fig. 11), gamma 1 each"
         add(save_grid(run.figure("sequential.png"), grid_image(images, rows_, cols_, title=title)))
     if jacobian:
-        add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device))
+        add(_jacobian_grid(run, meta, unet, scheduler, store, sample, f, device, text))
     if efficiency:
         from hspace.data.figures import efficiency_plot
         from hspace.tasks.efficiency import sample_efficiency
@@ -154,7 +148,7 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
     return files
 
 
-def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: int, f, device: str) -> Path:
+def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: int, f, device: str, text=None) -> Path:
     """Fig. 7: the top Jacobian direction of ``sample`` (Alg. 1) applied to it and to three
     other samples; gamma up to half the mean norm of h at that step."""
     from hspace.tasks.jacobian import run_jacobian
@@ -168,7 +162,7 @@ def _jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: i
     g = 0.5 * float(np.linalg.norm(h, axis=1).mean())
     scales = [-g, -g / 2, 0.0, g / 2, g]
     shown = [sample] + [j for j in range(store.layout.n) if j != sample][:3]
-    rows = [_edit_grid(unet, scheduler, meta, j, [top], scales)[0][0] for j in shown]
+    rows = [_edit_grid(unet, scheduler, meta, j, [top], scales, text=text)[0][0] for j in shown]
     title = f"top Jacobian direction of sample {sample} at step {step} (sigma {result['singular_values'][0]:.3g})"
     image = grid_image(np.stack(rows), [f"sample {j}" for j in shown], [f"g={x:+.0f}" for x in scales], title=title)
     return save_grid(run.figure("jacobian_grid.png"), image)

@@ -279,6 +279,8 @@ def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, 
     assert all(meta["stages"][s]["state"] == "done" for s in pipeline_stages()), meta["stages"]
     assert meta["config"]["dtype"] == "bfloat16" and meta["config"]["prompts"] == cfg["sample"]["prompts"]
     assert (out / "report.html").exists() and (out / "eval" / "summary.json").exists()
+    for figure in ("jacobian_grid.png", "sample_efficiency.png"):  # Fig. 7 and Fig. 8 on an SD run
+        assert (out / "figures" / figure).exists(), figure
     _, md = dirfile.load(out / "directions" / "Smiling.safetensors")
     assert md["edit_branch"] == "both"
 
