@@ -23,15 +23,12 @@ import typer
 from rich.markup import escape
 
 from hspace.data.catalog import RunError, RunFolder
+from hspace.flows.entry import apply_defaults
 from hspace.flows.stage_commands import console, declared_outputs, fail, stage_command, write_error
 from hspace.tasks import views
 from hspace.tasks.stages import Context, registry
 
-# Defaults that make Prefect's ephemeral server usable offline and quiet (STACK_NOTES.md);
-# set before anything imports prefect. The user's environment wins.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+apply_defaults()  # Prefect offline and quiet, before anything imports it (flows/entry.py)
 # third-party deprecation noise (a library's use of torch.jit.script), not the user's business
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
 
@@ -345,21 +342,27 @@ def train_toy(
 
 server_app = typer.Typer(
     no_args_is_help=True,
-    help="The standing local Prefect server hspace commands reuse (PREFECT_API_URL, when set, wins).",
+    help="The standing local Prefect server hspace commands reuse (PREFECT_API_URL, when set, wins), "
+    "and the warm worker that runs them without re-importing torch and Prefect.",
 )
 app.add_typer(server_app, name="server")
 
 
 @server_app.command("start")
-def server_start() -> None:
+def server_start(
+    worker: Annotated[bool, typer.Option(help="also start the warm worker (commands skip their imports)")] = True,
+) -> None:
     """Start it (in $PREFECT_HOME, on a free loopback port) and wait until it answers."""
-    from hspace.tasks import prefect_server
+    from hspace.tasks import prefect_server, warm_worker
 
     try:
         state = prefect_server.start()
-    except RunError as e:
+        w = warm_worker.start_worker() if worker else None
+    except (RunError, RuntimeError) as e:
         fail(str(e))
     console.print(f"Prefect server at {state['url'].removesuffix('/api')} (pid {state['pid']}, log {state['log']})")
+    if w:
+        console.print(f"warm worker (pid {w['pid']}, log {w['log']}): commands run without re-importing")
 
 
 @server_app.command("status")
@@ -376,15 +379,22 @@ def server_status() -> None:
     word = "answering" if state["healthy"] else ("starting or stuck" if state["alive"] else "dead")
     where = state["url"].removesuffix("/api")
     console.print(f"Prefect server at {where}: {word} (pid {state['pid']}, log {state['log']})")
+    from hspace.tasks import warm_worker
+
+    w = warm_worker.status()
+    console.print(f"warm worker: pid {w['pid']}" if w and w["alive"] else "warm worker: not running")
     if not state["healthy"]:
         raise typer.Exit(1)
 
 
 @server_app.command("stop")
 def server_stop() -> None:
-    """Stop it (its whole process group)."""
-    from hspace.tasks import prefect_server
+    """Stop it (its whole process group) and the warm worker."""
+    from hspace.tasks import prefect_server, warm_worker
 
+    w = warm_worker.stop_worker()
+    if w:
+        console.print(f"stopped the warm worker (pid {w['pid']})")
     state = prefect_server.stop()
     console.print(f"stopped the Prefect server (pid {state['pid']})" if state else "no hspace Prefect server ran")
 

@@ -104,10 +104,13 @@ def prefect_server():
 
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_server():
-    """No Prefect server outlives the suite, and none is ever started in the user's home."""
+    """No Prefect server or warm worker outlives the suite, and none is ever started in the
+    user's home."""
     yield
     from hspace.tasks import prefect_server as server
+    from hspace.tasks import warm_worker
 
+    warm_worker.stop_worker()
     server.stop()
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 

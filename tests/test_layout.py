@@ -49,8 +49,9 @@ def test_modules_are_short_and_flows_only_wire():
     lengths = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in package_files()}
     assert max(lengths.values()) <= 400, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
     flows = sum(n for p, n in lengths.items() if p.parts[0] == "flows")
-    # the CLI (stage commands, read-only commands, edit and export, pipeline and server), runner, schedule
-    assert flows <= 850, f"flows/ holds {flows} lines"
+    # the CLI (stage commands, read-only commands, edit and export, pipeline and server), the entry
+    # point with the warm worker's client, runner, schedule
+    assert flows <= 900, f"flows/ holds {flows} lines"
 
 
 @pytest.mark.slow

@@ -1,0 +1,66 @@
+"""The `hspace` console script: a command goes to the warm worker where one runs and fits
+(tasks/warm_worker.py), else it runs in this process. Kept tiny: it decides before typer,
+rich, torch or Prefect are imported."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+LOCAL = {"server", "schedule"}  # managing the worker, or serving for hours: always here
+
+
+def apply_defaults() -> None:
+    """Defaults that make Prefect usable offline and quiet (STACK_NOTES.md), set before
+    anything imports prefect; the user's environment wins. The CLI and the worker's client
+    both apply them, so a worker started by one command fits the next."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv[:1] == ["--warm-worker"]:
+        return warm_worker()
+    apply_defaults()
+    if argv and argv[0] not in LOCAL and not argv[0].startswith("-") and os.environ.get("HSPACE_NO_WORKER") != "1":
+        from hspace.tasks.warm_worker import run_remote
+
+        code = run_remote(argv)
+        if code is not None:
+            sys.exit(code)
+    from hspace.flows.cli import app
+
+    app(prog_name="hspace")
+
+
+def warm_worker() -> None:
+    from pathlib import Path
+
+    from hspace.tasks import warm_worker as worker
+
+    def preload() -> None:
+        import diffusers  # noqa: F401
+        import prefect.flow_engine  # noqa: F401
+        import torch  # noqa: F401
+
+        import hspace.flows.cli  # noqa: F401
+        import hspace.flows.runner  # noqa: F401
+        from hspace.tasks.stages import registry
+
+        for stage in registry().values():  # every stage module and what it imports at the top
+            stage.body  # noqa: B018
+
+    def run(argv: list[str]) -> int:
+        from hspace.flows.cli import app
+
+        app(argv, prog_name="hspace")
+        return 0
+
+    apply_defaults()
+    worker.serve(preload, run, Path(worker.state_path()).with_name("hspace-worker.log"))
+
+
+if __name__ == "__main__":
+    main()
