@@ -128,8 +128,10 @@ def _child(conn: socket.socket, fds: list[int], request: dict, run, log_path: Pa
     sys.argv = ["hspace", *request["argv"]]
     conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
 
+    finished = threading.Event()
+
     def watch() -> None:  # the client went away (kill -9): stop as Ctrl-C would
-        if conn.recv(1) == b"":
+        if conn.recv(1) == b"" and not finished.is_set():
             os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -145,6 +147,8 @@ def _child(conn: socket.socket, fds: list[int], request: dict, run, log_path: Pa
 
         traceback.print_exc()
     finally:
+        finished.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over: nothing may interrupt the report
         import atexit
 
         try:
