@@ -59,6 +59,8 @@ def warm_worker() -> None:
         return 0
 
     apply_defaults()
+    # CUDA must not be initialised before a fork: torch's availability check by NVML, not cuInit
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     worker.serve(preload, run, Path(worker.state_path()).with_name("hspace-worker.log"))
 
 
