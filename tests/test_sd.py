@@ -117,7 +117,8 @@ def test_bfloat16_sd_run(sd_dirs, tmp_path):
     assert np.isfinite(store.h[:].astype(np.float32)).all() and store.x0[:].std() > 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# the quick tier keeps SD 1.x; SD 2.x and SDXL run in the full suite
+@pytest.mark.parametrize("kind", [k if k == "sd1" else pytest.param(k, marks=pytest.mark.slow) for k in KINDS])
 def test_stages_on_sd_runs(sd_runs, oracle_dir, kind, tmp_path):
     """annotate (on decoded images), pca, directions, disentangle, edit (replaying the
     sample's prompt), inspect, verify and list on a text-conditioned run."""
