@@ -2,13 +2,13 @@
 
 The edit is the paper's (sec. 3): h_t + sum_k gamma_k v_t^(k) at the U-Net bottleneck, step t
 read from the timestep the pipeline passes to its U-Net. Two hooks do it, nothing of
-diffusers is copied: a forward pre-hook on the U-Net that reads the timestep (and, on the first
-call, checks the pipeline's schedule), and hcore.hooks.HSpaceHook on the mid block that adds
+diffusers is copied: a forward pre-hook on the U-Net that reads the timestep (and checks the
+pipeline's schedule), and hcore.hooks.HSpaceHook on the mid block that adds
 the delta. Both are removed on exit, also after an exception, leaving the pipeline as it was.
 
 Refused with ``DirectionMismatch`` (one message naming the fix): another model (where the
 pipeline's U-Net was loaded from a folder whose fingerprint differs), another noise schedule,
-another h shape, and, at the first U-Net call, a pipeline whose scheduler runs other timesteps
+another h shape, and, at a U-Net call, a pipeline whose scheduler runs other timesteps
 than DDIM at the direction's step count (PNDM, Euler, another ``num_inference_steps``).
 """
 
@@ -73,21 +73,18 @@ def apply(
     param = next(unet.parameters())
     edit = Edit(directions=[d.v.to(param.device) for d in dirs], gammas=gammas, window=window)
     nonzero = any(g != 0 for g in gammas)
-    state = {"checked": False}
 
     def before_unet(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
-        if not state["checked"]:
-            running = [int(x) for x in getattr(scheduler, "timesteps", [])]
-            if running and running != expected:
-                raise DirectionMismatch(
-                    f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
-                    f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
-                    f"{expected[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
-                    f"num_inference_steps={first.steps}"
-                )
-            state["checked"] = True
+        running = [int(x) for x in getattr(scheduler, "timesteps", [])]  # every call: a second pipe() too
+        if running and running != expected:
+            raise DirectionMismatch(
+                f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
+                f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
+                f"{expected[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
+                f"num_inference_steps={first.steps}"
+            )
         if t not in expected:
             raise DirectionMismatch(f"timestep {t} is not one of the direction's {first.steps} DDIM timesteps")
         step = expected.index(t)
