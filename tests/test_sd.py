@@ -200,7 +200,7 @@ def test_prompt_pair_direction_is_the_mean_h_difference(sd_dirs, sd_runs, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_name_jacobian_and_evaluate_on_sd_runs(sd_runs, oracle_dir, kind):
     """name, jacobian (Alg. 1 on the guided prediction) and evaluate (Table 1 on decoded
     images, each sample replayed with its prompt) run on a text-conditioned run; the
@@ -252,10 +252,11 @@ def test_name_jacobian_and_evaluate_on_sd_runs(sd_runs, oracle_dir, kind):
 
 
 @pytest.mark.slow
-def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, clip_dir, tmp_path):
+@pytest.mark.parametrize(("kind", "dtype"), [("sd2", "bfloat16"), ("sd1", "float32"), ("sdxl", "float32")])
+def test_hspace_run_with_the_sd_example_config(sd_dirs, oracle_dir, clip_dir, tmp_path, kind, dtype):
     """The shipped SD example config, adapted in paths and sizes only, runs every pipeline
-    stage to its report on the SD 2.x-shaped model (v-prediction) in bfloat16; `--plan`
-    probes the guided U-Net first."""
+    stage to its report (Fig. 7 and 8 included) on each SD shape, the SD 2.x one (v-prediction)
+    in bfloat16; `--plan` probes the guided U-Net first."""
     import yaml
 
     from hspace.tasks.config import example_config
@@ -264,7 +265,7 @@ def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, 
     cfg = yaml.safe_load(example_config("sd"))
     assert cfg["sample"]["guidance_scale"] == 7.5 and cfg["sample"]["edit_branch"] == "both"
     cfg["device"] = "cpu"
-    cfg["sample"].update(model=str(sd_dirs["sd2"]), n=24, steps=4, batch_size=8, dtype="bfloat16")
+    cfg["sample"].update(model=str(sd_dirs[kind]), n=24, steps=4, batch_size=8, dtype=dtype)
     cfg["annotate"]["annotators"] = [f"oracle:{oracle_dir}"]
     cfg["directions"].update(top=3, held_out=4)
     cfg["evaluate"].update(evaluator=f"clip:{clip_dir}", n=2, calibration_n=2)
@@ -278,7 +279,7 @@ def test_hspace_run_with_the_sd_example_config_in_bfloat16(sd_dirs, oracle_dir, 
     assert result.exit_code == 0, result.output
     meta = RunFolder(out).read()
     assert all(meta["stages"][s]["state"] == "done" for s in pipeline_stages()), meta["stages"]
-    assert meta["config"]["dtype"] == "bfloat16" and meta["config"]["prompts"] == cfg["sample"]["prompts"]
+    assert meta["config"]["dtype"] == dtype and meta["config"]["prompts"] == cfg["sample"]["prompts"]
     assert (out / "report.html").exists() and (out / "eval" / "summary.json").exists()
     for figure in ("jacobian_grid.png", "sample_efficiency.png"):  # Fig. 7 and Fig. 8 on an SD run
         assert (out / "figures" / figure).exists(), figure
@@ -313,7 +314,7 @@ def test_a_direction_of_another_edit_branch_is_refused(sd_dirs, sd_runs, model_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "method"), [("sd1", "ddpm"), ("sd2", "ddim")])
+@pytest.mark.parametrize(("kind", "method"), [("sd1", "ddpm"), ("sd2", "ddim"), ("sdxl", "ddpm")])
 def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, tmp_path):
     """`hspace invert` of an SD model: VAE encode, then the inversion of the latent with the
     source prompt (guidance 1); the VAE and inversion errors stored apart. DDPM inversion
