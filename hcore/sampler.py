@@ -301,7 +301,7 @@ def sample(
                 hs.delta = None
                 eps_d = unet_output(unet, x, t_int, conditioning)
             x, _ = ddim_step(sched, x, t_int, eps, eps_d, etas[step], z)
-            if noise is not None and etas[step] * float(step_sigma(sched, t_int, 1.0)) == 0:
+            if noise is not None and float(step_sigma(sched, t_int, etas[step])) == 0:
                 x = x + z  # a step with sigma_t = 0: the map is the residual itself
     return x
 

@@ -169,6 +169,36 @@ def load_directions(
     return vectors
 
 
+def model_config(ref, eta, clip_sample: str, prompt: str | None, guidance_scale: float) -> dict:
+    """The sampling settings of an edit outside a run (a fresh sample of ``--model``, or a
+    photo): float32, ``eta``, P_t clipping off | on | model, and for a text-conditioned model
+    its one prompt (required: None is refused), guidance scale and edit branch."""
+    if clip_sample not in ("off", "on", "model"):
+        raise RunError(f"--clip-sample must be off, on or model, got {clip_sample!r}")
+    # "model": no override, load_for_run keeps the scheduler's own setting (one load, not two)
+    cfg = {"dtype": "float32", "clip_sample": None if clip_sample == "model" else clip_sample == "on", "eta": eta}
+    if ref.kind == "pixel":
+        if prompt is not None:
+            raise RunError(f"--prompt: {ref.id} takes no text (an unconditional pixel model)")
+        return cfg
+    if prompt is None:
+        raise RunError(f"{ref.id} is text-conditioned: give --prompt TEXT ('' on purpose: unconditional)")
+    return cfg | {"prompts": [prompt], "guidance_scale": guidance_scale, "edit_branch": "both"}
+
+
+def load_edit_model(ref, cfg: dict, device: str):
+    """(unet, scheduler, text setup or None) for ``ref`` sampled as ``cfg`` says (a run's
+    config or ``model_config``); the text setup knows the model's image size."""
+    from hspace.data import models
+
+    run_meta = {"model": ref.to_dict(), "config": cfg}
+    unet, scheduler = models.load_for_run(run_meta, device=device)
+    text = models.text_for_run(run_meta, device=device) if ref.kind != "pixel" else None
+    if text is not None and text.image_size is None:
+        text.image_size = models.image_size(ref, unet.config)
+    return unet, scheduler, text
+
+
 def save_cells(images: np.ndarray, rows: list[str], cols: list[str], folder: Path, stem: str) -> None:
     """Every cell of a grid (rows, cols, 3, R, R) as its own PNG, STEM__ROW__COLUMN.png."""
     import re
@@ -236,8 +266,6 @@ def edit_sample(
         raise RunError("give at least one --direction FILE[:gamma]")
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
-    if clip_sample not in ("off", "on", "model"):
-        raise RunError(f"--clip-sample must be off, on or model, got {clip_sample!r}")
     if (run_dir is None) == (model is None):
         raise RunError("give either RUN --sample I or --model M --seed S")
     if run_dir is not None:
@@ -259,19 +287,8 @@ def edit_sample(
     else:
         ref = models.resolve(model)
         spec = SampleSpec(seed, 0, steps, eta, "output")
-        # "model": no override, load_for_run keeps the scheduler's own setting (one load, not two)
-        cfg = {"dtype": "float32", "clip_sample": None if clip_sample == "model" else clip_sample == "on", "eta": eta}
-        if ref.kind == "pixel" and prompt is not None:
-            raise RunError(f"--prompt: {model} takes no text (an unconditional pixel model)")
-        if ref.kind != "pixel":
-            if prompt is None:
-                raise RunError(f"{model} is text-conditioned: give --prompt TEXT ('' on purpose: unconditional)")
-            cfg |= {"prompts": [prompt], "guidance_scale": guidance_scale, "edit_branch": "both"}
-    run_meta = {"model": ref.to_dict(), "config": cfg}
-    unet, scheduler = models.load_for_run(run_meta, device=device)
-    text = models.text_for_run(run_meta, device=device) if ref.kind != "pixel" else None
-    if text is not None and text.image_size is None:
-        text.image_size = models.image_size(ref, unet.config)
+        cfg = model_config(ref, eta, clip_sample, prompt, guidance_scale)
+    unet, scheduler, text = load_edit_model(ref, cfg, device)
     specs = [parse_direction(d) for d in directions]
     vectors = load_directions(
         specs,

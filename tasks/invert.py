@@ -171,10 +171,9 @@ def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False
 
     names, scores = list_images(section.images, section.labels, section.attribute)
 
-    def extra(unet) -> dict:
+    def extra(unet, ref) -> dict:
         from hspace.data import models
 
-        ref = models.resolve(section.model)
         _, notes = load_images(section.images, names, models.image_size(ref, unet.config))
         if not dry:
             for note in notes:

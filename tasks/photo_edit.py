@@ -23,6 +23,8 @@ from hspace.data.photos import IMAGE_SUFFIXES, psnr, read_photos, ssim
 from hspace.tasks.edit import (
     SampleSpec,
     load_directions,
+    load_edit_model,
+    model_config,
     parse_direction,
     parse_window,
     plan_grid,
@@ -94,18 +96,11 @@ def edit_photos(
         raise RunError(f"--sdedit {sdedit}: give the number of denoising steps to run, in [1, {steps}]")
     ref = models.resolve(model)
     run_eta = 0.0 if method == "ddim" and sdedit is None else eta
-    cfg = {"dtype": "float32", "clip_sample": None if clip_sample == "model" else clip_sample == "on", "eta": run_eta}
-    if ref.kind == "pixel" and prompt is not None:
-        raise RunError(f"--prompt: {model} takes no text (an unconditional pixel model)")
     if ref.kind != "pixel":  # the source prompt, empty by default; no guidance unless asked for
-        scale = 1.0 if guidance_scale is None else guidance_scale
-        cfg |= {"prompts": [prompt or ""], "guidance_scale": scale, "edit_branch": "both"}
-    run_meta = {"model": ref.to_dict(), "config": cfg}
-    unet, scheduler = models.load_for_run(run_meta, device=device)
-    text = models.text_for_run(run_meta, device=device) if ref.kind != "pixel" else None
+        prompt, guidance_scale = prompt or "", 1.0 if guidance_scale is None else guidance_scale
+    cfg = model_config(ref, run_eta, clip_sample, prompt, guidance_scale)
+    unet, scheduler, text = load_edit_model(ref, cfg, device)
     size = models.image_size(ref, unet.config)
-    if text is not None:
-        text.image_size = size
     vectors = load_directions(
         specs,
         model_fingerprint=ref.fingerprint,

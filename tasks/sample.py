@@ -257,7 +257,7 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
 def create_run(run: RunFolder, section, device: str, allow_download=False, extra=None, dry=False) -> dict | None:
     """Resolve and check the model of a sample or invert section, then create (or re-check)
     the run folder's run.json: its config is the section without the model, plus
-    ``extra(unet)`` (checks that need the model run there, before anything is written).
+    ``extra(unet, ref)`` (checks that need the model run there, before anything is written).
     ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
     from hspace.hcore.hooks import NoMidBlockError, h_shape
 
@@ -271,7 +271,7 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     if section.steps > train_steps:
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
-    config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet) if extra else {})
+    config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet, ref) if extra else {})
     config |= text_config(section, ref, unet)
     config["eta"] = resolve_eta(config["eta"], section.steps)
     config["clip_sample"] = resolve_clip(section.clip_sample, scheduler)

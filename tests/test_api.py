@@ -22,15 +22,10 @@ from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import SampleStore
 from hspace.flows.cli import app
 from hspace.hcore.sampler import make_generators
+from tests.test_toy_pipeline import hspace as ok  # runs a command, asserts exit 0
 
 runner = CliRunner()
 STEPS = 10
-
-
-def ok(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

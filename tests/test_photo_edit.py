@@ -19,6 +19,7 @@ from hspace.data.stores import SampleStore
 from hspace.flows.cli import app
 from hspace.hcore.sampler import to_unit
 from tests.test_toy_pipeline import _write_renders
+from tests.test_toy_pipeline import hspace as ok  # runs a command, asserts exit 0
 
 runner = CliRunner()
 STEPS = 10
@@ -26,12 +27,6 @@ STEPS = 10
 
 def hspace(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(*args):
-    result = hspace(*args)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
