@@ -314,12 +314,15 @@ def test_a_direction_of_another_edit_branch_is_refused(sd_dirs, sd_runs, model_d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "method"), [("sd1", "ddpm"), ("sd2", "ddim"), ("sdxl", "ddpm")])
-def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "method", "dtype"), [("sd1", "ddpm", "float32"), ("sd2", "ddim", "float32"), ("sdxl", "ddpm", "bfloat16")]
+)
+def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, dtype, tmp_path):
     """`hspace invert` of an SD model: VAE encode, then the inversion of the latent with the
     source prompt (guidance 1); the VAE and inversion errors stored apart. DDPM inversion
     regenerates the VAE's reconstruction exactly; DDIM inversion (here on SD 2.x,
-    v-prediction) runs and reports its error (its accuracy: tests/test_inversion.py).
+    v-prediction) runs and reports its error (its accuracy: tests/test_inversion.py); SDXL
+    inverts in bfloat16, exactly as in float32.
     `hspace edit RUN --sample I` and `hspace edit --image` work with a direction of the sampled run."""
     from PIL import Image
 
@@ -332,7 +335,7 @@ def test_invert_and_edit_photos_on_sd(sd_dirs, sd_runs, kind, method, tmp_path):
             Image.fromarray(pixels).save(images / sub / f"p{i}.png")
     out = tmp_path / "inv"
     args = ("--images", images, "--model", sd_dirs[kind], "--steps", "4", "--method", method, "--prompt", "a photo")
-    result = hspace("invert", *args, "--batch-size", "2", "--device", "cpu", "--out", out)
+    result = hspace("invert", *args, "--batch-size", "2", "--dtype", dtype, "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.output
     assert "VAE alone" in result.output
     group = SampleStore(out / "samples.zarr").group
