@@ -1,4 +1,4 @@
-"""Where models come from: ``toy`` (shipped in data/), a local diffusers folder, or a
+"""Where models come from: ``toy`` and ``toy-sd`` (shipped in data/), a local diffusers folder, or a
 Hugging Face id resolved through the local HF cache (downloaded only when allowed).
 
 A model folder is either a pipeline folder (``unet/`` + ``scheduler/``, as
@@ -16,6 +16,8 @@ from pathlib import Path
 from hspace.data.catalog import RunError
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
+TOY_SD_MODEL_DIR = Path(__file__).resolve().parent / "toy_sd_model"  # data/toy_sd.py: SD-shaped, captions
+SHIPPED = {"toy": TOY_MODEL_DIR, "toy-sd": TOY_SD_MODEL_DIR}
 # google/ddpm-ema-celebahq-256's unet/config.json (the paper's main model): six levels,
 # attention at 16x16 and in the mid block, h = 512x8x8. No weights ship here; the real-shape
 # tests and bench_gpu.py build it (or a channel-cut copy) with random weights.
@@ -86,19 +88,23 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def resolve(spec: str, allow_download: bool = False) -> ModelRef:
-    """Turn ``toy``, a folder path or an HF id into a ModelRef; RunError if none fits."""
-    if spec == "toy":
-        if _unet_dir(TOY_MODEL_DIR) is None:
+    """Turn ``toy`` / ``toy-sd``, a folder path or an HF id into a ModelRef; RunError if none fits."""
+    if spec in SHIPPED:
+        if _unet_dir(SHIPPED[spec]) is None:
+            recipe = " --recipe toy-sd" if spec == "toy-sd" else ""
             raise RunError(
-                f"the toy model is not in {TOY_MODEL_DIR}; train it with `hspace train-toy` or reinstall hspace"
+                f"the {spec} model is not in {SHIPPED[spec]}; "
+                f"train it with `hspace train-toy{recipe}` or reinstall hspace"
             )
-        folder, revision = TOY_MODEL_DIR, None
+        folder, revision = SHIPPED[spec], None
     elif Path(spec).expanduser().exists():
         folder, revision = Path(spec).expanduser().resolve(), None
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         folder, revision = _from_hub(spec, allow_download)
     else:
-        raise RunError(f"model {spec!r} is neither 'toy', an existing folder, nor a Hugging Face id (owner/name)")
+        raise RunError(
+            f"model {spec!r} is neither 'toy', 'toy-sd', an existing folder, nor a Hugging Face id (owner/name)"
+        )
     from hspace.data.text_models import pipeline_kind
 
     kind = pipeline_kind(folder)  # a model without a U-Net is refused here, in one line

@@ -281,11 +281,12 @@ def config_cmd(
     example: Annotated[bool, typer.Option(help="print a documented example config")] = True,
     celeba: Annotated[bool, typer.Option(help="the example for google/ddpm-ema-celebahq-256 instead")] = False,
     sd: Annotated[bool, typer.Option(help="the example for a Stable Diffusion model instead")] = False,
+    toy_sd: Annotated[bool, typer.Option(help="the example for the shipped toy-sd model (data/toy_sd.py)")] = False,
 ) -> None:
     """Print a documented example config for `hspace run --config`."""
     from hspace.tasks.config import example_config
 
-    typer.echo(example_config("sd" if sd else "celeba" if celeba else "toy"), nl=False)
+    typer.echo(example_config("toy_sd" if toy_sd else "sd" if sd else "celeba" if celeba else "toy"), nl=False)
 
 
 @app.command("train-toy")
@@ -297,7 +298,7 @@ def train_toy(
         "runs/toy-train/model"
     ),
     recipe_name: Annotated[
-        str | None, typer.Option("--recipe", help="v1 or v2; default: the checkpoint's, else v2")
+        str | None, typer.Option("--recipe", help="v1, v2 or toy-sd; default: the checkpoint's, else v2")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
@@ -314,6 +315,10 @@ def train_toy(
     if not 0.0 <= oracle_blur <= 1.0:
         fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     try:
+        if recipe_name == "toy-sd":  # data/toy_sd.py: VAE, then U-Net + text encoder; --steps: the U-Net's
+            from hspace.tasks.train_toy_sd import train_sd_command
+
+            return train_sd_command(checkpoint, out, steps, checkpoint_every, console)
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
         from hspace.tasks.prefect_server import prefect_api

@@ -67,8 +67,9 @@ class SkipDropout:
     sample, the skips read by the ``levels`` deepest up blocks are zeroed during training,
     so that what those levels decide must come through h.
 
-    Forward pre-hooks on ``unet.up_blocks[:levels]`` (diffusers passes an up block its
-    skips as the second positional argument); inactive in eval mode and until ``draw`` is
+    Forward pre-hooks on ``unet.up_blocks[:levels]`` (UNet2DModel passes an up block its
+    skips as the second positional argument, UNet2DConditionModel as
+    ``res_hidden_states_tuple``); inactive in eval mode and until ``draw`` is
     called: sampling and saved weights are those of a plain UNet2DModel.
     """
 
@@ -79,22 +80,30 @@ class SkipDropout:
             raise ValueError(f"skip dropout levels must be in [1, {len(unet.up_blocks) - 1}], got {levels}")
         self.p = p
         self.keep: torch.Tensor | None = None
-        self.handles = [block.register_forward_pre_hook(self._hook) for block in unet.up_blocks[:levels]]
+        self.handles = [
+            block.register_forward_pre_hook(self._hook, with_kwargs=True) for block in unet.up_blocks[:levels]
+        ]
 
     def draw(self, batch: int, generator: torch.Generator) -> None:
         """The per-sample keep mask of the next training forward pass (all levels share it)."""
         self.keep = (torch.rand(batch, generator=generator) >= self.p).float()
 
-    def _hook(self, module: torch.nn.Module, args: tuple):
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         if not module.training or self.keep is None or self.p == 0.0:
             return None
-        if len(args) < 2 or not isinstance(args[1], tuple):
+        # UNet2DModel passes an up block its skips positionally, UNet2DConditionModel by keyword
+        skips = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
+        if not isinstance(skips, tuple):
             raise RuntimeError(
-                "this diffusers version does not pass the skip connections to up blocks positionally; "
+                "this diffusers version passes the skip connections to up blocks in a way hspace does not know; "
                 "skip dropout cannot be applied (train with skip_dropout 0)"
             )
-        keep = self.keep.to(args[0].device, args[0].dtype).view(-1, 1, 1, 1)
-        return (args[0], tuple(r * keep for r in args[1]), *args[2:])
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        keep = self.keep.to(hidden.device, hidden.dtype).view(-1, 1, 1, 1)
+        dropped = tuple(r * keep for r in skips)
+        if "res_hidden_states_tuple" in kwargs:
+            return args, {**kwargs, "res_hidden_states_tuple": dropped}
+        return (args[0], dropped, *args[2:]), kwargs
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -39,8 +39,11 @@ class Facts:
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:
-    """The attribute (row) of every direction evaluate scores (pcNN/randomNN keep their name)."""
-    return list(cfg.evaluate.directions or cfg.directions.attributes)
+    """The attribute (row) of every direction evaluate scores (pcNN/randomNN keep their name;
+    ATTRIBUTE_prompt, from directions.prompt_pairs, scores ATTRIBUTE)."""
+    d = cfg.directions
+    names = cfg.evaluate.directions or list(d.attributes) + [f"{a}_prompt" for a in d.prompt_pairs]
+    return [n.removesuffix("_prompt") if n.removesuffix("_prompt") in d.prompt_pairs else n for n in names]
 
 
 def _static_problems(cfg: RunConfig) -> list[str]:
@@ -86,7 +89,7 @@ def _static_problems(cfg: RunConfig) -> list[str]:
             if m and (not cfg.pca.enabled or int(m.group(2)) >= cfg.pca.components):
                 k = cfg.pca.components
                 p.append(f"evaluate.directions: {name} is not made by the pca stage (pca.components {k})")
-            elif not m and name not in d.attributes:
+            elif not m and name not in d.attributes and name not in d.prompt_pairs:
                 p.append(
                     f"evaluate.directions: {name!r} is not among directions.attributes ({', '.join(d.attributes)}); "
                     "add it there or drop it"
@@ -174,6 +177,10 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         if cfg.sample.steps > train_steps:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
         p += _text_problems(cfg, ref, facts)
+        if ref.kind == "pixel" and (cfg.directions.prompt_pairs or cfg.directions.prompt_pair):
+            p.append(
+                "directions.prompt_pairs: prompt pairs need a text-conditioned model (Stable Diffusion); drop them"
+            )
     except (RunError, NoMidBlockError) as e:
         p.append(f"sample.model: {e}")
     for spec in cfg.annotate.annotators:

@@ -86,7 +86,7 @@ class Section(BaseModel):
 
 
 class SampleSection(Section):
-    model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    model: str = option("toy", "'toy', 'toy-sd', a local diffusers folder, or a Hugging Face id (local cache)")
     n: int = option(256, "number of samples", gt=0)
     steps: int = option(20, "DDIM steps; directions only apply to runs with the same steps", gt=0)
     eta: Eta = option(
@@ -120,7 +120,7 @@ class InvertSection(Section):
     images: Path = option(None, "folder with positive/ and negative/, or any folder with --labels")
     labels: Path | None = option(None, "CSV with a 'file' column and one column per attribute")
     attribute: str = option("label", "attribute name of positive/ vs negative/")
-    model: str = option("toy", "'toy', a local diffusers folder, or a Hugging Face id (local cache)")
+    model: str = option("toy", "'toy', 'toy-sd', a local diffusers folder, or a Hugging Face id (local cache)")
     method: Literal["ddpm", "ddim"] = option(
         "ddpm", "ddpm: edit-friendly DDPM inversion (exact; noise maps stored); ddim: DDIM inversion (eta 0)"
     )
@@ -198,6 +198,12 @@ class DirectionsSection(Section):
     name: str | None = option(None, "file name in RUN/directions (one attribute only; default: the attribute)")
     prompt_pair: tuple[str, str] | None = option(
         None, "SD runs: instead of attributes, v = mean(h_B - h_A) over the run's seeds sampled under texts A and B"
+    )
+    prompt_pairs: dict[str, tuple[str, str]] = option(
+        dict, "SD runs: also ATTRIBUTE_prompt per attribute -> [text A, text B], as --prompt-pair", hidden=True
+    )
+    pair_samples: int | None = option(
+        None, "prompt pairs: the first N samples drawn again under A and B (default: all but the held-out)", gt=0
     )
 
     def held_out_of(self, run_config: dict) -> int:

@@ -194,7 +194,7 @@ def evaluate_stage(run: RunFolder, e, disentangle, directions, device, ctx: Cont
         job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
         summary = run_evaluation(
             str(run.root),
-            e.directions or list(directions.attributes),
+            e.directions or list(directions.attributes) + [f"{a}_prompt" for a in directions.prompt_pairs],
             disentangled=e.disentangled and disentangle.enabled,
             evaluator=e.evaluator,
             n=e.n,

@@ -103,7 +103,14 @@ def build_direction(
 
 
 def build_prompt_pair(
-    run: RunFolder, a: str, b: str, first: int, name: str | None = None, device: str = "cpu", batch_size: int = 16
+    run: RunFolder,
+    a: str,
+    b: str,
+    first: int,
+    name: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    attribute: str | None = None,
 ) -> dict:
     """A supervised direction with the prompt as the label (eq. (10) with q = h_{T:1}): the
     run's samples 0..first-1 drawn again from their own seeds under text A and under text
@@ -153,7 +160,7 @@ def build_prompt_pair(
         method="prompt pair (eq. 10 with the prompt as the label): mean(h_B - h_A)",
         source=f"{run.root}: samples 0..{first - 1} under A={a!r} and B={b!r}",
         scale_unit="gamma = 1 moves h from text A's to text B's, on average",
-        attribute=out_name,
+        attribute=attribute or out_name,
         prompt_a=a,
         prompt_b=b,
         samples_ranked=first,  # samples 0..first-1 were used; the rest stay held out
@@ -178,6 +185,10 @@ def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
     files = [
         build_direction(str(run.root), a, d.top, d.latent, d.name, first=n - held_out)["path"] for a in d.attributes
     ]
+    first = min(n - held_out, d.pair_samples or n)
+    for attribute, (a, b) in d.prompt_pairs.items():  # attribute-named, so evaluate calibrates and scores them
+        r = build_prompt_pair(run, a, b, first, f"{attribute}_prompt", ctx.device, attribute=attribute)
+        files.append(r["path"])
     return {"outputs": outputs(run, files), "top": d.top, "held_out": held_out}
 
 
