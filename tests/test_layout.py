@@ -80,6 +80,9 @@ def test_wheel_installs_only_the_hspace_namespace(tmp_path):
         "hspace/data/toy_model/unet/config.json",
         "hspace/data/oracle/config.json",
         "hspace/data/examples/toy.yaml",
+        "hspace/data/toy_sd_model/unet/config.json",
+        "hspace/data/toy_sd_model/tokenizer/merges.txt",
+        "hspace/data/examples/toy_sd.yaml",
     ):
         assert expected in names
     assert not any("toy_checkpoint" in n or n.endswith(".pt") for n in names)  # no training state in the package

@@ -177,7 +177,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("flag", [[], ["--celeba"]])
+@pytest.mark.parametrize("flag", [[], ["--celeba"], ["--toy-sd"]])
 def test_example_configs_are_valid(tmp_path, flag):
     result = hspace("config", "--example", *flag)
     assert result.exit_code == 0

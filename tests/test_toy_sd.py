@@ -23,8 +23,8 @@ needs_model = pytest.mark.skipif(
 # the margins below were measured on the shipped model (docs/toy_sd.md) and set below them
 PROMPT_MARGIN = 0.5  # P(smiling | "a smiling person") - P(smiling | "a serious person"), oracle
 PAIR_MARGIN = 0.3  # mean oracle change of Smiling at gamma 1 of the prompt-pair direction
-VAE_PSNR = 24.0  # dB on held-out renders
-VAE_AGREE = 0.95  # the oracle reads each binary attribute the same from render and reconstruction
+VAE_PSNR = 23.0  # dB on held-out renders (measured 24.5)
+VAE_AGREE = 0.93  # the oracle reads each binary attribute the same from render and reconstruction (>= 0.96)
 
 
 @needs_model

@@ -122,7 +122,7 @@ def studies(run: Path, oracle) -> dict:
     rows = [md["attribute"] for _, md in loaded]
     gammas = [summary["original"]["gamma"][d] for d in names]
     start = summary["held_out_from"]
-    indices = list(range(start, start + 64))
+    indices = list(range(start, start + 32))
     out: dict = {"run_summary": summary}
     out["branch"] = {}
     for branch in ("both", "cond", "uncond"):
