@@ -225,6 +225,10 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: ToySDRe
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp)
+    # SD's classic tokenizer files beside tokenizer.json, for readers of the slow format
+    (tmp / "tokenizer" / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
+    merges = "".join(f"{a} {b}\n" for a, b in bpe_merges(CAPTION_WORDS))
+    (tmp / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + merges)
     (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     if quality is not None:
         (tmp / "quality.json").write_text(json.dumps(quality, indent=2))

@@ -58,8 +58,9 @@ class TextSetup:
         return [self.prompts[int(i) % len(self.prompts)] for i in indices]
 
     def conditioning(self, prompts: Sequence[str]) -> Conditioning:
-        """The guided conditioning of one batch, one prompt per row (encoded once per set)."""
-        key = tuple(prompts)
+        """The guided conditioning of one batch, one prompt per row (encoded once per set and
+        setting: a changed guidance scale or negative prompt is encoded anew)."""
+        key = (tuple(prompts), self.guidance_scale, self.negative_prompt, self.image_size)
         if key not in self._cache:
             size = (self.image_size, self.image_size) if self.image_size else None
             with torch.no_grad():

@@ -59,6 +59,7 @@ RULES = [  # (section, changes, the key the line must name, a word of the fix)
     ("sample", {"steps": 101}, "sample.steps:", "training timesteps"),
     ("annotate", {"annotators": ["celeba40:WEIGHTS"]}, "annotate.annotators: celeba40:", "not a PyTorch checkpoint"),
     ("evaluate", {"evaluator": "hopenet:/no/such.pkl"}, "evaluate.evaluator:", "does not exist"),
+    ("directions", {"prompt_pairs": {"Smiling": ["a", "b"]}}, "directions.prompt_pairs:", "text-conditioned"),
 ]
 
 

@@ -113,7 +113,7 @@ def studies(run: Path, oracle) -> dict:
     rf = RunFolder(run)
     meta = rf.read()
     cfg = meta["config"]
-    summary = EvalFolder(rf.eval).read_summary()
+    summary = EvalFolder(rf.eval).summary()
     unet, scheduler = models.load_for_run(meta)
     text = models.text_for_run(meta)
     names = summary["directions"]
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--write-quality", action="store_true")
+    ap.add_argument("--quality-only", action="store_true")
     ap.add_argument("--json", default="docs/toy_sd_results.json")
     args = ap.parse_args()
     oracle = load_oracle()
@@ -172,6 +173,9 @@ def main() -> None:
             keep = {k: results["quality"][k] for k in ("vae", "adherence", "probe")}
             keep["measured"] = "bench_toy_sd.py, 2-core CPU, " + time.strftime("%Y-%m-%d")
             (folder / "quality.json").write_text(json.dumps(keep, indent=2))
+    if args.quality_only:
+        Path(args.json).with_suffix(".quality.json").write_text(json.dumps(results, indent=2, default=float))
+        return
     run = Path(args.run)
     seconds = run_example(run)
     if seconds is not None:
