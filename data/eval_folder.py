@@ -27,6 +27,19 @@ def leakage_change(summary: dict, label: str = "disentangled") -> dict | None:
     before, after = summary.get("original") or {}, summary.get(label) or {}
     off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
     off_after, diag_after = after.get("mean_offdiagonal"), after.get("mean_diagonal")
+    rows = [d for d in after.get("per_direction_own") or {} if d in (before.get("per_direction_own") or {})]
+    if rows and len(rows) < len(before.get("per_direction_own")):  # fewer rows projected (prompt pairs are not):
+        pick = lambda table, key: [table[key][d] for d in rows if table[key][d] is not None]  # noqa: E731
+        means = [
+            sum(v) / len(v) if v else None
+            for v in (
+                pick(before, "per_direction"),
+                pick(before, "per_direction_own"),
+                pick(after, "per_direction"),
+                pick(after, "per_direction_own"),
+            )
+        ]
+        off, diag, off_after, diag_after = means  # the same directions before and after
     if off_after is None or diag_after is None or not off or not diag:
         return None
     return {"before": off, "after": off_after, "change": off_after / off - 1, "kept": diag_after / diag}

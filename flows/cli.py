@@ -316,9 +316,10 @@ def train_toy(
         fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     try:
         if recipe_name == "toy-sd":  # data/toy_sd.py: VAE, then U-Net + text encoder; --steps: the U-Net's
+            from hspace.flows.train_toy import train_toy_sd_flow
             from hspace.tasks.train_toy_sd import train_sd_command
 
-            return train_sd_command(checkpoint, out, steps, checkpoint_every, console)
+            return train_sd_command(checkpoint, out, steps, checkpoint_every, console, train_toy_sd_flow)
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
         from hspace.tasks.prefect_server import prefect_api

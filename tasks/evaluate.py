@@ -180,6 +180,10 @@ def run_evaluation(
             d: metrics.leakage_means(matrix[i : i + 1], [r], columns, probabilities)["mean_offdiagonal"]
             for i, (d, r) in enumerate(zip(table_names, table_rows, strict=True))
         }
+        summary[label]["per_direction_own"] = {  # and its own change: tables of other rows compare on common ones
+            d: metrics.leakage_means(matrix[i : i + 1], [r], columns, probabilities)["mean_diagonal"]
+            for i, (d, r) in enumerate(zip(table_names, table_rows, strict=True))
+        }
     out.write_summary(summary)
     return summary
 

@@ -292,8 +292,9 @@ def train_toy_sd(checkpoint: str, out: str, recipe: dict) -> dict:
     return train_toy_sd_model(Path(checkpoint), toy_sd.recipe_from_dict(recipe), Path(out), report=logger.info)
 
 
-def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
-    """The body of `hspace train-toy --recipe toy-sd` (a Prefect flow, resumable)."""
+def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, console, flow) -> None:
+    """The body of `hspace train-toy --recipe toy-sd`: ``flow`` (flows/train_toy.py's
+    train_toy_sd_flow) on the local Prefect server; resumable."""
     if checkpoint == Path("runs/toy-train/checkpoint"):  # the toy DDPM's defaults: keep the two apart
         checkpoint = Path("runs/toy-sd-train/checkpoint")
     if out == Path("runs/toy-train/model"):
@@ -302,7 +303,5 @@ def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, conso
     from hspace.tasks.prefect_server import prefect_api
 
     with prefect_api(console):
-        from hspace.flows.train_toy import train_toy_sd_flow
-
-        state = train_toy_sd_flow(str(checkpoint), str(out), asdict(recipe))
+        state = flow(str(checkpoint), str(out), asdict(recipe))
     console.print(f"toy-sd at U-Net step {state['unet_step']}: [bold]{out}[/] (checkpoint {checkpoint})")

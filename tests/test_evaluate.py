@@ -250,3 +250,29 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     assert summary["original"]["gamma"]["Young"] == 1.0
     assert any(x.startswith("warning: original Young: --gamma auto failed") for x in lines)
     assert "gamma auto missed its target for Young" in leakage({"summary": summary})
+
+
+def test_leakage_change_compares_the_same_directions_before_and_after():
+    """A run whose original table holds directions without an eq. (11) file (prompt pairs)
+    compares the projected table with the original rows it shares, not with all of them."""
+    from hspace.data.eval_folder import leakage_change
+
+    summary = {
+        "original": {
+            "mean_offdiagonal": 0.2,
+            "mean_diagonal": 0.3,
+            "per_direction": {"Smiling": 0.10, "Male": 0.30, "Smiling_prompt": 0.20},
+            "per_direction_own": {"Smiling": 0.4, "Male": 0.2, "Smiling_prompt": 0.3},
+        },
+        "disentangled": {
+            "mean_offdiagonal": 0.1,
+            "mean_diagonal": 0.27,
+            "per_direction": {"Smiling": 0.05, "Male": 0.15},
+            "per_direction_own": {"Smiling": 0.3, "Male": 0.24},
+        },
+    }
+    change = leakage_change(summary)
+    assert change["before"] == pytest.approx(0.2) and change["after"] == pytest.approx(0.1)
+    assert change["kept"] == pytest.approx(0.27 / 0.3)
+    summary["original"]["per_direction"]["Male"] = 0.50  # now the common rows' mean is 0.3, not 0.2
+    assert leakage_change(summary)["before"] == pytest.approx(0.3)
