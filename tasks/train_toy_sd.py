@@ -226,6 +226,11 @@ def train_toy_sd_model(checkpoint: Path, recipe: toy_sd.ToySDRecipe, out: Path |
     """Run (or resume) all phases; with ``out``, export the EMA weights there as a
     StableDiffusionPipeline folder. Returns the checkpoint's state."""
     ck = Checkpoint(checkpoint)
+    if not ck.exists() and ck.path.is_dir() and any(ck.path.iterdir()):  # never overwrite another folder
+        raise RunError(
+            f"{ck.path} is not a toy-sd checkpoint (no state.json) and not empty; "
+            "point --checkpoint at a new folder or at a toy-sd checkpoint"
+        )
     if ck.exists():
         saved = ck.recipe()
         differ = [

@@ -182,6 +182,11 @@ def test_toy_sd_training_resumes_exactly_and_exports_a_pipeline(tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
     with pytest.raises(RunError, match="another recipe"):
         train_toy_sd_model(tmp_path / "a", dataclasses.replace(TINY, lr=1e-3))
+    other = tmp_path / "toy-ddpm-checkpoint"  # e.g. the toy DDPM's: refused, left as it was
+    (other / "unet").mkdir(parents=True)
+    with pytest.raises(RunError, match="not a toy-sd checkpoint"):
+        train_toy_sd_model(other, TINY)
+    assert [p.name for p in other.iterdir()] == ["unet"]
     # the command: a finished checkpoint resumes to its end (nothing left) and exports
     r = hspace("train-toy", "--recipe", "toy-sd", "--checkpoint", tmp_path / "a", "--out", tmp_path / "cli")
     assert r.exit_code == 0, r.output
