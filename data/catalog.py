@@ -26,6 +26,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,6 +76,17 @@ def example_path(name: str) -> Path:
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Swap a finished folder ``tmp`` in at ``path``: the previous one is moved aside to
+    ``path.old`` and removed only once the new one is in place, so a kill leaves one of them."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from hspace.data.catalog import RunError
+from hspace.data.catalog import RunError, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -280,18 +280,13 @@ class PCAStore:
 
     def write(self, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".partial")
-        old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(tmp, mode="w")
         for name, value in arrays.items():
             chunks = (1, *value.shape[1:]) if value.ndim > 1 else value.shape
             group.create_array(name, data=value, chunks=chunks, compressors=[Crc32cCodec()])
         group.attrs.update(attrs)
-        if self.path.exists():  # keep the previous result until the new one is in place
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-        os.replace(tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, self.path)  # the previous result stays until the new one is in place
 
     def read(self) -> tuple[dict[str, np.ndarray], dict]:
         if not self.path.exists():

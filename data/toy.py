@@ -9,7 +9,6 @@ format, and ``trainer.pt`` (optimizer state, step, recipe), replaced atomically.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from hspace.data import toyfaces
-from hspace.data.catalog import RunError
+from hspace.data.catalog import RunError, replace_folder
 from hspace.data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
 from hspace.hcore.sampler import to_unit
 
@@ -69,16 +68,32 @@ RECIPES = {
 RESUMABLE_FIELDS = ("steps", "checkpoint_every", "decay_from")  # may change when a checkpoint resumes
 
 
-def recipe_from_dict(raw: dict) -> ToyRecipe:
-    """A recipe from its JSON form (lists back to tuples; missing later fields read as v1)."""
+def recipe_from_json(cls, raw: dict, tuples: tuple[str, ...], what: str = "toy"):
+    """A recipe dataclass ``cls`` from its JSON form: the ``tuples`` fields back from lists to
+    tuples; a field ``cls`` does not know is refused (a newer hspace wrote it)."""
     raw = dict(raw)
-    for key in ("block_out_channels", "attention_levels"):
+    for key in tuples:
         if key in raw:
             raw[key] = tuple(raw[key])
-    unknown = set(raw) - set(ToyRecipe.__dataclass_fields__)
+    unknown = set(raw) - set(cls.__dataclass_fields__)
     if unknown:
-        raise RunError(f"unknown toy recipe field(s) {', '.join(sorted(unknown))}: written by a newer hspace?")
-    return ToyRecipe(**raw)
+        raise RunError(f"unknown {what} recipe field(s) {', '.join(sorted(unknown))}: written by a newer hspace?")
+    return cls(**raw)
+
+
+def recipe_changes(saved, recipe, resumable: tuple[str, ...]) -> list[str]:
+    """The fields (other than ``resumable``) in which ``recipe`` differs from the ``saved``
+    recipe of a checkpoint, as "field old -> new": a resume with any of them is refused."""
+    return [
+        f"{k} {getattr(saved, k)!r} -> {getattr(recipe, k)!r}"
+        for k in saved.__dataclass_fields__
+        if k not in resumable and getattr(saved, k) != getattr(recipe, k)
+    ]
+
+
+def recipe_from_dict(raw: dict) -> ToyRecipe:
+    """A recipe from its JSON form (lists back to tuples; missing later fields read as v1)."""
+    return recipe_from_json(ToyRecipe, raw, ("block_out_channels", "attention_levels"))
 
 
 def build_unet(recipe: ToyRecipe) -> UNet2DModel:
@@ -130,17 +145,12 @@ def save_checkpoint(path: Path, unet, ema_model, optimizer, step: int, recipe: T
     """Write a checkpoint folder atomically: build ``path.tmp`` then swap it in."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     unet.save_pretrained(tmp / "unet")
     ema_model.save_pretrained(tmp / "ema")
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer.pt")
     (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, path)
 
 
 def load_checkpoint(path: Path) -> tuple[UNet2DModel, UNet2DModel, dict, int, ToyRecipe]:
@@ -171,13 +181,9 @@ def model_recipe(folder: Path) -> ToyRecipe | None:
 def export_model(ema_model: UNet2DModel, recipe: ToyRecipe, out: Path) -> None:
     """Write the shipped diffusers folder: EMA ``unet/`` plus a DDIM ``scheduler/``."""
     out = Path(out)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ema_model.save_pretrained(tmp / "unet")
     DDIMScheduler.from_config(build_scheduler(recipe).config).save_pretrained(tmp / "scheduler")
     (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    if out.exists():  # keep the previous model until the new one is complete
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)  # the previous model stays until the new one is complete

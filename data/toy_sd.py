@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from hspace.data.catalog import RunError
+from hspace.data.catalog import replace_folder
 
 TOY_SD_DIR = Path(__file__).resolve().parent / "toy_sd_model"
 CAPTION_WORDS = (
@@ -73,14 +73,9 @@ RESUMABLE_FIELDS = ("unet_steps", "checkpoint_every")
 
 
 def recipe_from_dict(raw: dict) -> ToySDRecipe:
-    raw = dict(raw)
-    for key in ("vae_channels", "unet_channels"):
-        if key in raw:
-            raw[key] = tuple(raw[key])
-    unknown = set(raw) - set(ToySDRecipe.__dataclass_fields__)
-    if unknown:
-        raise RunError(f"unknown toy-sd recipe field(s) {', '.join(sorted(unknown))}: written by a newer hspace?")
-    return ToySDRecipe(**raw)
+    from hspace.data.toy import recipe_from_json
+
+    return recipe_from_json(ToySDRecipe, raw, ("vae_channels", "unet_channels"), "toy-sd")
 
 
 def latent_size(recipe: ToySDRecipe) -> int:
@@ -206,13 +201,12 @@ def build_scheduler():
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: ToySDRecipe, quality: dict | None = None):
     """Write ``out`` as a StableDiffusionPipeline folder (atomically: ``out.tmp`` swapped in),
     with recipe.json (and quality.json: the measured VAE error, adherence, probe)."""
-    import os
     import shutil
 
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -232,11 +226,7 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, recipe: ToySDRe
     (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     if quality is not None:
         (tmp / "quality.json").write_text(json.dumps(quality, indent=2))
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
     return out
 
 

@@ -26,11 +26,7 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     checkpoint = Path(checkpoint)
     if checkpoint.exists() or checkpoint.with_name(checkpoint.name + ".old").exists():
         unet, ema_model, opt_state, step, saved = toy.load_checkpoint(checkpoint)
-        differ = [
-            f"{k} {getattr(saved, k)!r} -> {getattr(recipe, k)!r}"
-            for k in saved.__dataclass_fields__
-            if k not in toy.RESUMABLE_FIELDS and getattr(saved, k) != getattr(recipe, k)
-        ]
+        differ = toy.recipe_changes(saved, recipe, toy.RESUMABLE_FIELDS)
         if differ:
             raise ValueError(
                 f"checkpoint {checkpoint} was trained with another recipe ({'; '.join(differ)}): "

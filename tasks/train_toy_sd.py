@@ -27,7 +27,8 @@ import torch
 from prefect import task
 
 from hspace.data import toy_sd
-from hspace.data.catalog import RunError
+from hspace.data.catalog import RunError, replace_folder
+from hspace.data.toy import recipe_changes
 from hspace.hcore import training
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Checkpoint:
         return toy_sd.recipe_from_dict(json.loads((self.path / "recipe.json").read_text()))
 
     def save(self, recipe, state: dict, modules: dict, optim: dict) -> None:
-        tmp, old = self.path.with_name(self.path.name + ".tmp"), self.path.with_name(self.path.name + ".old")
+        tmp = self.path.with_name(self.path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
@@ -68,11 +69,7 @@ class Checkpoint:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if (self.path / "latents.pt").exists():
             os.link(self.path / "latents.pt", tmp / "latents.pt")
-        if self.path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.path, old)
-        os.replace(tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, self.path)
 
 
 def _lr(optimizer, lr: float) -> None:
@@ -232,15 +229,10 @@ def train_toy_sd_model(checkpoint: Path, recipe: toy_sd.ToySDRecipe, out: Path |
             "point --checkpoint at a new folder or at a toy-sd checkpoint"
         )
     if ck.exists():
-        saved = ck.recipe()
-        differ = [
-            k
-            for k in saved.__dataclass_fields__
-            if k not in toy_sd.RESUMABLE_FIELDS and getattr(saved, k) != getattr(recipe, k)
-        ]
+        differ = recipe_changes(ck.recipe(), recipe, toy_sd.RESUMABLE_FIELDS)
         if differ:
             raise RunError(
-                f"checkpoint {ck.path} was trained with another recipe ({', '.join(differ)} differ): "
+                f"checkpoint {ck.path} was trained with another recipe ({'; '.join(differ)}): "
                 "resume it with its own recipe or use a new checkpoint folder"
             )
         state = ck.state()
