@@ -250,7 +250,7 @@ def schedule(
     """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
     stops serving and pauses the schedule). Needs a standing Prefect server (its scheduler
     service): the one PREFECT_API_URL names, else hspace's own (`hspace server start`)."""
-    from hspace.flows.schedule import make_deployment, serve_until_stopped
+    from hspace.flows.schedule import make_deployment, serve_into, serve_until_stopped
     from hspace.tasks.check import check_config
     from hspace.tasks.config import load_config
     from hspace.tasks.prefect_server import prefect_api
@@ -268,6 +268,7 @@ def schedule(
         f"serving deployment [bold]hspace-scheduled-run/{name}[/] on {every} (at most {concurrency} at "
         f"once" + (f", keeping the newest {keep} complete runs" if keep else "") + f"); runs land in {out_root}/"
     )
+    serve_into(out_root)  # the runs it serves write there and nowhere else
     try:
         with prefect_api(console):
             serve_until_stopped(deployment)

@@ -13,6 +13,44 @@ from prefect import flow
 from hspace.data.catalog import RunError, RunFolder
 from hspace.tasks.config import RunConfig
 
+SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` for the runs it serves
+
+
+def serve_into(out_root: Path) -> None:
+    """Record, for the flow runs this process serves (they inherit its environment), the one
+    folder they may write into."""
+    import os
+
+    os.environ[SERVED_ROOT] = str(Path(out_root).resolve())
+
+
+def check_scheduled(config, out_root, keep) -> RunConfig:
+    """A scheduled run's parameters checked as the CLI checks them, before anything is
+    written: the config by its model and the whole-config check, ``out_root`` the folder the
+    deployment is served with, ``keep`` None or a positive integer. A run created through
+    the API with other values is refused here (RunError)."""
+    import os
+
+    from pydantic import ValidationError
+
+    from hspace.tasks.check import check_config
+
+    served = os.environ.get(SERVED_ROOT)
+    if not served:
+        raise RunError(f"this deployment runs only under `hspace schedule` (which sets {SERVED_ROOT}); nothing written")
+    if not isinstance(out_root, str) or Path(out_root).resolve() != Path(served):
+        raise RunError(f"out_root {out_root!r} is not the folder this schedule serves ({served}); nothing written")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise RunError(f"keep must be a positive integer or null, got {keep!r}; nothing written")
+    try:
+        cfg = RunConfig.model_validate(config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunError(f"config: {where}: {first['msg']} ({e.error_count()} problem(s)); nothing written") from None
+    check_config(cfg, "the scheduled run's config")
+    return cfg
+
 
 def validate_cron(cron: str) -> str:
     from prefect.client.schemas.schedules import CronSchedule
@@ -112,22 +150,30 @@ def serve_until_stopped(deployment) -> None:
 def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     """One scheduled pipeline run into OUT_ROOT/<scheduled time>-<flow run name> (module
     level, so a Prefect runner can load it by its entrypoint); then, with ``keep``, the
-    oldest complete runs beyond ``keep`` are deleted (logged, and a Prefect artifact)."""
+    oldest complete runs beyond ``keep`` are deleted (logged, and a Prefect artifact).
+    Parameters that `hspace schedule` would not have served (``check_scheduled``) fail the
+    run at once with one logged line; nothing is written and the schedule goes on."""
     from datetime import datetime
 
     from prefect.artifacts import create_markdown_artifact
     from prefect.logging import get_run_logger
     from prefect.runtime import flow_run
+    from prefect.states import Failed
 
     from hspace.data.runs import prune_runs
 
+    try:
+        cfg = check_scheduled(config, out_root, keep)
+    except RunError as e:
+        message = " ".join(str(e).split())  # one line, also for the whole-config check's list
+        get_run_logger().error("refused: %s", message)
+        return Failed(message=f"refused: {message}")
     start = flow_run.scheduled_start_time or datetime.now(UTC)
     out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
     from hspace.flows.runner import console, run_pipeline
     from hspace.tasks.sample import resolve_device
     from hspace.tasks.stages import Context
 
-    cfg = RunConfig.model_validate(config)
     run = RunFolder(out)
     with run.lock(f"hspace schedule run {flow_run.name}"):
         ctx = Context(device=resolve_device(cfg.device), dask_address=cfg.dask_address, log=console.print)

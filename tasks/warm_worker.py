@@ -3,7 +3,10 @@ and hspace once, so a short stage command costs its work plus Prefect's flow eng
 three seconds of imports (issue 25, item 8; like a build tool's daemon).
 
 `hspace server start` starts it beside the standing Prefect server; `hspace server stop` ends
-both. The worker listens on a Unix socket in PREFECT_HOME. For each command the client (the
+both. The worker serves only its owner: it listens on a Unix socket of mode 0600 in a folder
+of mode 0700 (``$PREFECT_HOME/hspace-worker.d``, whatever the umask), checks every peer's uid
+(SO_PEERCRED) and refuses any other with one line in its log; a client checks the same of
+the worker before it sends anything. For each command the client (the
 `hspace` console script) sends its argv, working folder and environment, and passes its own
 stdin, stdout and stderr (SCM_RIGHTS), so output, progress bars and colours reach the user's
 terminal as they would from a local process; the worker forks, the child runs the command
@@ -14,6 +17,8 @@ The worker is used only when it is exactly what the client would run: the same c
 hspace source file's size and mtime, and the interpreter) and the same environment for
 everything that configures it (PREFECT_*, HSPACE_*, HF_*, CUDA_*, TORCH*, OMP_*, MKL_*,
 PYTHON*). Otherwise the command runs in its own process as always, with one line saying why.
+A command runs in the worker's own environment; of the request's, only those configuring
+variables (not PYTHON*, LD_* or PATH) and the terminal's (TERM, COLUMNS, ...) are taken.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import json
 import os
 import signal
 import socket
+import stat
+import struct
 import sys
 import threading
 import time
@@ -31,6 +38,10 @@ from pathlib import Path
 
 STATE = "hspace-worker.json"
 ENV_PREFIXES = ("PREFECT_", "HSPACE_", "HF_", "CUDA_", "TORCH", "OMP_", "MKL_", "PYTHON")
+# what a request's environment may set in the command's (PYTHON* paths, LD_*, PATH never: the
+# worker's own, which the fingerprint says equal the client's where it is honest)
+REQUEST_PREFIXES = ("PREFECT_", "HSPACE_", "HF_", "CUDA_", "TORCH", "OMP_", "MKL_")
+TERMINAL = ("TERM", "COLORTERM", "COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 PACKAGES = ("hspace", "hspace.hcore", "hspace.data", "hspace.tasks", "hspace.flows")
 
 
@@ -40,6 +51,42 @@ def _home() -> Path:
 
 def state_path() -> Path:
     return _home() / STATE
+
+
+def socket_dir() -> Path:
+    """The 0700 folder of the worker's socket (created, or checked to be this user's and private)."""
+    folder = _home() / "hspace-worker.d"
+    try:
+        folder.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} is not a folder of yours: delete it (PREFECT_HOME is shared?) and rerun")
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _owned(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+
+
+def command_env(own: dict, requested: dict) -> dict:
+    """The environment a command runs in: the worker's own (``own``, as started) with the
+    request's configuring and terminal variables in place of the worker's."""
+    env = {k: v for k, v in own.items() if not k.startswith(REQUEST_PREFIXES) and k not in TERMINAL}
+    env |= {k: str(v) for k, v in requested.items() if k.startswith(REQUEST_PREFIXES) or k in TERMINAL}
+    return env
 
 
 def code_fingerprint() -> str:
@@ -61,6 +108,10 @@ def env_key(env) -> dict:
 
 
 def status() -> dict | None:
+    """The recorded worker ({pid, socket, code, env, log, started, alive}) or None (also where
+    the record is not this user's file: another user cannot point commands at their socket)."""
+    if not _owned(state_path()):
+        return None
     try:
         state = json.loads(state_path().read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -77,12 +128,19 @@ def serve(preload: Callable[[], None], run: Callable[[list[str]], int], log_path
     """The worker's loop: import everything once (``preload``), then fork one child per
     request, which runs ``run(argv)`` with the client's terminal, folder and environment."""
     env = env_key(os.environ)  # as started: importing torch sets TORCHINDUCTOR_CACHE_DIR
+    own = dict(os.environ)
     preload()
-    path = _home() / f"hspace-worker-{os.getpid()}.sock"
+    path = socket_dir() / f"{os.getpid()}.sock"
     path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
+    umask = os.umask(0o177)  # the socket is born 0600, whatever the user's umask
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(umask)
+    os.chmod(path, 0o600)
     server.listen(16)
+    me = os.getuid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children report their exit code themselves
     state = {"pid": os.getpid(), "socket": str(path), "code": code_fingerprint(), "env": env}
     state |= {"log": str(log_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -101,6 +159,17 @@ def serve(preload: Callable[[], None], run: Callable[[list[str]], int], log_path
     while True:
         conn, _ = server.accept()
         try:
+            uid = peer_uid(conn)
+        except OSError:
+            conn.close()
+            continue
+        if uid != me:  # nothing is read from another user, let alone run
+            with open(log_path, "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} refused a connection from uid {uid}: this worker serves "
+                          f"only uid {me}\n")  # fmt: skip
+            conn.close()
+            continue
+        try:
             message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
             request = json.loads(message.decode())
         except (OSError, ValueError):
@@ -108,13 +177,13 @@ def serve(preload: Callable[[], None], run: Callable[[list[str]], int], log_path
             continue
         if os.fork() == 0:
             server.close()
-            _child(conn, fds, request, run, log_path)
+            _child(conn, fds, request, run, log_path, own)
         conn.close()
         for fd in fds:
             os.close(fd)
 
 
-def _child(conn: socket.socket, fds: list[int], request: dict, run, log_path: Path) -> None:
+def _child(conn: socket.socket, fds: list[int], request: dict, run, log_path: Path, own: dict) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -123,8 +192,9 @@ def _child(conn: socket.socket, fds: list[int], request: dict, run, log_path: Pa
         os.dup2(fd, i)
         os.close(fd)
     os.chdir(request["cwd"])
+    env = command_env(own, request["env"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update(env)
     sys.argv = ["hspace", *request["argv"]]
     conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
 
@@ -186,6 +256,10 @@ def run_remote(argv: list[str]) -> int | None:
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         client.connect(state["socket"])
+        if peer_uid(client) != os.getuid():  # the terminal and environment go to our own worker only
+            print(f"hspace: the warm worker's socket {state['socket']} is not served by you; running here",
+                  file=sys.stderr)  # fmt: skip
+            return None
         request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
         socket.send_fds(client, [json.dumps(request).encode()], [0, 1, 2])
     except OSError:
@@ -220,7 +294,10 @@ def start_worker(timeout: float = 120.0) -> dict:
     current = status()
     if current and current["alive"]:
         return current
-    state_path().parent.mkdir(parents=True, exist_ok=True)
+    from hspace.tasks.prefect_server import private_home
+
+    private_home()
+    socket_dir()  # a folder that is not ours is refused here, before anything starts
     log = _home() / "hspace-worker.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(

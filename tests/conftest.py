@@ -93,12 +93,12 @@ def prefect_server():
     """The standing local Prefect server hspace starts on first need (tasks/prefect_server.py),
     in this session's PREFECT_HOME, for in-process flow runs; subprocess commands find the
     same one through PREFECT_HOME. Stopped when the session ends (``_stop_prefect_server``)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from hspace.tasks import prefect_server as server
 
     url = server.start()["url"]
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates=server.client_settings(url)):  # its URL and credential
         yield url
 
 

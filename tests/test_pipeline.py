@@ -189,17 +189,19 @@ def test_example_configs_are_valid(tmp_path, flag):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, oracle_dir, tmp_path):
+def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.flow_engine import run_flow
 
-    from hspace.flows.schedule import make_deployment, scheduled_run
+    from hspace.flows.schedule import make_deployment, scheduled_run, serve_into
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     deployment_id = make_deployment(cfg, "0 3 * * *", "nightly-test", tmp_path / "scheduled").apply()
+    monkeypatch.delenv("HSPACE_SCHEDULE_OUT_ROOT", raising=False)
+    serve_into(tmp_path / "scheduled")  # as `hspace schedule` does before it serves
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment(deployment_id)
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
@@ -210,6 +212,26 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
         assert client.read_flow_run(flow_run.id).state.is_completed()
     out = Path(state.result())
     assert out.parent == (tmp_path / "scheduled").resolve() and (out / "report.html").exists()
+    # runs created through the API with values `hspace schedule` would not serve: refused at
+    # once with one line, nothing written, and the deployment still runs good ones
+    before = sorted(p.name for p in (tmp_path / "scheduled").iterdir())
+    good = dict(flow_run.parameters)
+    bad_config = {**good["config"], "sample": {**good["config"]["sample"], "n": -5}}
+    for parameters, expected in [
+        ({**good, "out_root": str(tmp_path / "elsewhere")}, "is not the folder this schedule serves"),
+        ({**good, "keep": -1}, "keep must be a positive integer"),
+        ({**good, "config": bad_config}, "config: sample.n"),
+        ({**good, "config": {**good["config"], "nope": 1}}, "config: nope"),
+    ]:
+        refused = run_deployment("hspace-scheduled-run/nightly-test", parameters=parameters, timeout=0)
+        state = run_flow(scheduled_run, flow_run=refused, parameters=refused.parameters, return_type="state")
+        assert state.is_failed() and expected in state.message and "\n" not in state.message, state.message
+    assert not (tmp_path / "elsewhere").exists()
+    assert sorted(p.name for p in (tmp_path / "scheduled").iterdir()) == before
+    monkeypatch.delenv("HSPACE_SCHEDULE_OUT_ROOT")
+    unserved = run_deployment("hspace-scheduled-run/nightly-test", timeout=0)
+    state = run_flow(scheduled_run, flow_run=unserved, parameters=unserved.parameters, return_type="state")
+    assert state.is_failed() and "runs only under `hspace schedule`" in state.message
     assert_refused(hspace("schedule", "--cron", "every day at 3"), "is not a cron expression")
     assert_refused(hspace("schedule", "--cron", "0 3 * * *", "--interval", "60"), "either --cron or --interval")
     assert_refused(hspace("schedule", "--interval", "0"), "--interval must be a positive number")
