@@ -24,8 +24,8 @@ import json
 import os
 import secrets
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -277,7 +277,8 @@ def use_standing_server(console=None) -> str | None:
     if not (current and current["healthy"]):
         if console is not None:
             if current and current["alive"] and not current.get("auth"):
-                console.print(f"restarting the Prefect server (pid {current['pid']}): it was started without a credential")
+                pid = current["pid"]
+                console.print(f"restarting the Prefect server (pid {pid}): it was started without a credential")
             console.print("starting a local Prefect server for hspace (once; `hspace server stop` stops it) ...")
         current = start()
         if console is not None:
