@@ -145,7 +145,10 @@ def serve(preload: Callable[[], None], run: Callable[[list[str]], int], log_path
     state = {"pid": os.getpid(), "socket": str(path), "code": code_fingerprint(), "env": env}
     state |= {"log": str(log_path), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = state_path().with_suffix(".partial")
-    tmp.write_text(json.dumps(state))
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)  # it lists the environment
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
     os.replace(tmp, state_path())
 
     def stop(*_):
