@@ -41,11 +41,12 @@ def run_pipeline(config=None, out: str | Path = "runs/pipeline", device: str | N
     """`hspace run`: the whole config checked first, then every stage (cached ones skipped)
     into ``out``; returns the path of its report."""
     from hspace.flows.runner import execute_pipeline
-    from hspace.tasks.check import check_config
+    from hspace.tasks.check import check_config, check_disk
     from hspace.tasks.stages import Context, creating_stage
 
     cfg = _config(config, device)
     facts = check_config(cfg, "the config")
     creating_stage().make_run(RunFolder(Path(out)), cfg, Context(device=facts.device), dry=True)
+    check_disk(cfg, Path(out), facts)  # before any work, as `hspace run`
     execute_pipeline(cfg, Path(out))
     return RunFolder(Path(out)).report

@@ -59,6 +59,58 @@ class RunError(Exception):
     """A problem with a run folder that the user must act on; the message says how."""
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: Path) -> tuple[int, Path]:
+    """Free bytes of the file system ``path`` is (or will be) on, and the existing folder
+    asked (its nearest existing ancestor)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return shutil.disk_usage(where).free, where
+
+
+def require_space(path: Path, needed: int, what: str) -> None:
+    """RunError (one line: needed, free, where) when ``needed`` bytes do not fit on the file
+    system of ``path``; called before a stage that writes large arrays starts."""
+    free, where = free_bytes(path)
+    if needed > free:
+        raise RunError(
+            f"{what} needs {human_bytes(needed)} on disk but {where} has {human_bytes(free)} free; nothing was "
+            "started: free space or choose a folder on a larger disk (`hspace run --plan` lists the bytes)"
+        )
+
+
+def disk_full_message(e: OSError, path: Path, what: str) -> str:
+    """The one line for a disk that filled during work (another writer took the space)."""
+    free, where = free_bytes(path)
+    return (
+        f"the disk filled while {what} ({e.strerror}; {human_bytes(free)} free at {where}); everything "
+        f"finished before is kept (`hspace verify {path}` lists what is not): free space and rerun to resume"
+    )
+
+
+DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
+
+
+@contextmanager
+def _unless_disk_full():
+    """Bookkeeping after a stage stopped: on a full disk run.json keeps its previous record
+    (written atomically, so whole) and the error that stopped the stage, which already says
+    the disk filled, is the one reported."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+
+
 def fingerprint(*parts) -> str:
     """The one fingerprint of hspace: sha256 of the parts as canonical JSON, 16 hex digits.
     A stage's fingerprint is its Prefect cache key and its run.json record; a shard's the
@@ -255,18 +307,20 @@ class RunFolder:
         try:
             yield
         except RunError as e:
-            if not restore_on_refusal:
-                self.set_stage(stage, state="failed", error=str(e)[:500])
-                raise
-            meta = self.read()
-            if before is None:
-                meta["stages"].pop(stage, None)
-            else:
-                meta["stages"][stage] = before
-            self.write(meta)
+            with _unless_disk_full():
+                if not restore_on_refusal:
+                    self.set_stage(stage, state="failed", error=str(e)[:500])
+                    raise
+                meta = self.read()
+                if before is None:
+                    meta["stages"].pop(stage, None)
+                else:
+                    meta["stages"][stage] = before
+                self.write(meta)
             raise
         except BaseException as e:
-            self.set_stage(stage, state="failed", error=f"{type(e).__name__}: {e}"[:500])
+            with _unless_disk_full():
+                self.set_stage(stage, state="failed", error=f"{type(e).__name__}: {e}"[:500])
             raise
 
     # ------------------------------------------------------------------------- locking

@@ -153,6 +153,21 @@ class SampleStore:
     def done_shards(self) -> np.ndarray:
         return np.flatnonzero(self.done[:] == 1)
 
+    def bytes_per_sample(self) -> int:
+        """Uncompressed bytes one sample adds to the store (h, x0, seeds and any extra
+        per-sample array): what an unfinished shard still needs on disk, per row."""
+        n = self.layout.n
+        return sum(
+            int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+            for _, a in self.group.arrays()
+            if a.shape and a.shape[0] == n and a.name.rsplit("/", 1)[-1] != "done"
+        )
+
+    def pending_bytes(self) -> int:
+        """Bytes the pending shards will write (uncompressed: fp16 activations barely compress)."""
+        rows = sum(len(self.layout.shard_rows(k)) for k in self.pending_shards())
+        return rows * self.bytes_per_sample()
+
     def pending_shards(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(self.done[:] != 1)]
 

@@ -213,7 +213,7 @@ def run_pipeline(
     directions, disentangle, evaluate, figures, report. Rerun to resume; change a section
     and rerun to redo that stage and those after it. The whole config is checked first
     (every section against every other, every weight file loaded): all problems at once."""
-    from hspace.tasks.check import check_config, make_plan
+    from hspace.tasks.check import check_config, check_disk, make_plan
     from hspace.tasks.config import load_config
 
     try:
@@ -227,6 +227,7 @@ def run_pipeline(
         if plan:
             views.show_plan(make_plan(cfg, out, facts), console)
             return
+        check_disk(cfg, out, facts)  # what --plan counts, against the free space: before any work
         from hspace.flows.runner import execute_pipeline
 
         execute_pipeline(cfg, out, break_lock, console)

@@ -24,11 +24,12 @@ def serve_into(out_root: Path) -> None:
     os.environ[SERVED_ROOT] = str(Path(out_root).resolve())
 
 
-def check_scheduled(config, out_root, keep) -> RunConfig:
+def check_scheduled(config, out_root, keep):
     """A scheduled run's parameters checked as the CLI checks them, before anything is
     written: the config by its model and the whole-config check, ``out_root`` the folder the
     deployment is served with, ``keep`` None or a positive integer. A run created through
-    the API with other values is refused here (RunError)."""
+    the API with other values is refused here (RunError). Returns the config and what the
+    whole-config check learnt (tasks.check.Facts)."""
     import os
 
     from pydantic import ValidationError
@@ -48,8 +49,7 @@ def check_scheduled(config, out_root, keep) -> RunConfig:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise RunError(f"config: {where}: {first['msg']} ({e.error_count()} problem(s)); nothing written") from None
-    check_config(cfg, "the scheduled run's config")
-    return cfg
+    return cfg, check_config(cfg, "the scheduled run's config")
 
 
 def validate_cron(cron: str) -> str:
@@ -163,13 +163,20 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     from hspace.data.runs import prune_runs
 
     try:
-        cfg = check_scheduled(config, out_root, keep)
+        cfg, facts = check_scheduled(config, out_root, keep)
     except RunError as e:
         message = " ".join(str(e).split())  # one line, also for the whole-config check's list
         get_run_logger().error("refused: %s", message)
         return Failed(message=f"refused: {message}")
     start = flow_run.scheduled_start_time or datetime.now(UTC)
     out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
+    from hspace.tasks.check import check_disk
+
+    try:
+        check_disk(cfg, out, facts)  # the plan's bytes against the free space, before anything starts
+    except RunError as e:
+        get_run_logger().error("refused: %s", e)
+        return Failed(message=f"refused: {e}")
     from hspace.flows.runner import console, run_pipeline
     from hspace.tasks.sample import resolve_device
     from hspace.tasks.stages import Context

@@ -16,11 +16,12 @@ model on the chosen device.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
 
-from hspace.data.catalog import RunError, RunFolder
+from hspace.data.catalog import RunError, RunFolder, free_bytes, require_space
 from hspace.tasks.config import RunConfig
 
 
@@ -279,6 +280,49 @@ def unet_passes(cfg: RunConfig) -> dict[str, int]:
     return passes
 
 
+def disk_needs(cfg: RunConfig, h_shape, image_shape) -> dict[str, tuple[str, int]]:
+    """The large arrays a run writes, label -> (stage, bytes), uncompressed (fp16
+    activations barely compress): the plan's disk table and what `hspace run` checks
+    against the free space before it starts (h: n x T x C x H x W x 2 bytes)."""
+    n, steps = cfg.sample.n, cfg.sample.steps
+    d = math.prod(h_shape)
+    k = cfg.pca.components
+    return {
+        "h (samples.zarr)": ("sample", n * steps * d * 2),
+        "x0 (samples.zarr)": ("sample", n * math.prod(image_shape)),
+        "pca.zarr + directions": ("pca", (steps * (k + 1) * d * 4 + 2 * k * steps * d * 4) * cfg.pca.enabled),
+        "attribute directions": ("directions", 3 * len(cfg.directions.attributes) * steps * d * 4),
+    }
+
+
+def run_disk_needs(run: RunFolder, cfg: RunConfig) -> dict[str, int]:
+    """stage -> bytes it will write on an existing run (shapes from its samples.zarr), for the
+    check before each stage that follows sampling; sampling checks its pending shards itself."""
+    from hspace.data.stores import SampleStore
+
+    if not run.samples.exists():
+        return {}
+    layout = SampleStore(run.samples).layout
+    d = math.prod(layout.h_shape)
+    needs: dict[str, int] = {}
+    for _, (stage, b) in disk_needs(cfg, layout.h_shape, layout.image_shape).items():
+        needs[stage] = needs.get(stage, 0) + b
+    needs.pop("sample", None)
+    j = cfg.jacobian
+    needs["jacobian"] = j.k * d * 4 + math.prod(layout.image_shape) * 4  # vectors + the point x_t
+    return needs
+
+
+def check_disk(cfg: RunConfig, out, facts: Facts) -> dict:
+    """`hspace run` before any work: the bytes of the stages that would run (the plan's)
+    against the free space of OUT's file system; RunError (one line) when they do not fit."""
+    plan = make_plan(cfg, out, facts, probe=False)
+    require_space(
+        out, plan["disk_needed"], f"this run ({', '.join(s['stage'] for s in plan['stages'] if s['state'] == 'run')})"
+    )
+    return plan
+
+
 def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 3) -> float:
     """Seconds per sample-pass of the UNet on the chosen device and dtype (a short timed probe)."""
     import torch
@@ -327,15 +371,21 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     passes = unet_passes(cfg)
     seconds = probe_seconds(facts, cfg) if probe else None
     n, steps = cfg.sample.n, cfg.sample.steps
-    c, hh, ww = facts.h_shape
-    d = c * hh * ww
-    disk = {
-        "h (samples.zarr)": n * steps * d * 2,
-        "x0 (samples.zarr)": n * facts.image_shape[0] * facts.image_shape[1] * facts.image_shape[2],
-        "pca.zarr + directions": (steps * (cfg.pca.components + 1) * d * 4 + 2 * cfg.pca.components * steps * d * 4)
-        * cfg.pca.enabled
-        + 3 * len(cfg.directions.attributes) * steps * d * 4,
-    }
+    needs = disk_needs(cfg, facts.h_shape, facts.image_shape)
+    disk = {label: b for label, (_, b) in needs.items()}
+    if run.samples.exists() and states.get("sample") == "run":  # resuming: only the unfinished shards
+        from hspace.data.stores import SampleStore
+
+        try:
+            left = SampleStore(run.samples).pending_bytes()
+        except RunError:
+            left = None
+        if left is not None:
+            for label in ("h (samples.zarr)", "x0 (samples.zarr)"):
+                needs[label] = ("sample", 0)
+            needs["unfinished shards (samples.zarr)"] = ("sample", left)
+    needed = sum(b for stage, b in needs.values() if states.get(stage) == "run")
+    free, where = free_bytes(out)
     stages = [
         {
             "stage": name,
@@ -356,5 +406,8 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
         "seconds_per_sample_pass": seconds,
         "stages": stages,
         "disk_bytes": disk,
+        "disk_needed": needed,  # by the stages that would run
+        "disk_free": free,
+        "disk_where": str(where),
         "total_seconds": None if seconds is None else sum(s["seconds"] or 0 for s in stages),
     }

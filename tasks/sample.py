@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hspace.data import models
-from hspace.data.catalog import RunError, RunFolder
+from hspace.data.catalog import DISK_FULL, RunError, RunFolder, disk_full_message, require_space
 from hspace.data.stores import SampleLayout, SampleStore
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -189,12 +189,19 @@ def run_shard(run_dir: str, shard: int) -> dict:
 
 
 def _shard(run_dir: str, shard: int) -> dict:
-    """One sampling or inversion batch (its done marker says whether it must run)."""
-    if RunFolder(Path(run_dir)).read()["config"].get("kind") == "inversion":
-        from hspace.tasks.invert import run_invert_shard
+    """One sampling or inversion batch (its done marker says whether it must run). A disk
+    that fills while it writes comes back as ``{"error": one line}``, not as a failed
+    Prefect task (whose logs would repeat the cause): the shard stays pending."""
+    try:
+        if RunFolder(Path(run_dir)).read()["config"].get("kind") == "inversion":
+            from hspace.tasks.invert import run_invert_shard
 
-        return run_invert_shard(run_dir, shard)
-    return run_shard(run_dir, shard)
+            return run_invert_shard(run_dir, shard)
+        return run_shard(run_dir, shard)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        return {"shard": shard, "error": disk_full_message(e, Path(run_dir), f"writing shard {shard}")}
 
 
 @functools.cache
@@ -220,7 +227,13 @@ def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) ->
         futures = [client.submit(run_shard, run_dir, k, key=f"hspace-shard-{k}-{run_dir}", pure=False) for k in pending]
         done = []
         for future in as_completed(futures):
-            result = future.result()
+            try:
+                result = future.result()
+            except OSError as e:
+                if e.errno not in DISK_FULL:
+                    raise
+                client.cancel(futures)
+                raise RunError(disk_full_message(e, Path(run_dir), "a Dask worker wrote a shard")) from None
             done.append(result["shard"])
             bar.advance(job, len(store.layout.shard_rows(result["shard"])))
         return sorted(done)
@@ -236,8 +249,10 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
 
     store = prepare_store(run)
     pending = set(store.pending_shards())
-    rows = lambda k: len(store.layout.shard_rows(k))  # noqa: E731
     inverting = run.read()["config"].get("kind") == "inversion"
+    what = f"{'inverting' if inverting else 'sampling'} {len(pending)} pending shard(s)"
+    require_space(run.samples, store.pending_bytes(), what)  # before the first one starts
+    rows = lambda k: len(store.layout.shard_rows(k))  # noqa: E731
     with progress_bar(disable=not show_progress) as bar:
         job = bar.add_task("inverting" if inverting else "sampling", total=store.layout.n, rate="")
         bar.advance(job, sum(rows(k) for k in range(store.layout.n_shards) if k not in pending))
@@ -245,7 +260,9 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
             return _on_dask(str(run.root), sorted(pending), dask_address, store, bar, job)
         done_new, computed = 0, []
         for k in sorted(pending):
-            shard_task()(str(run.root), k)
+            result = shard_task()(str(run.root), k)
+            if "error" in result:
+                raise RunError(result["error"])
             computed.append(k)
             done_new += rows(k)
             elapsed = bar.get_time() - bar.tasks[job].start_time
@@ -280,8 +297,27 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
             from hspace.data.directions import scheduler_name
 
             run.refuse_other_run(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)})
+        require_space(run.root, _bytes_to_write(run, config, unet), f"sampling {section.n} samples")
         return None
     return init_run(run, config, ref, scheduler, device)
+
+
+def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
+    """samples.zarr's bytes still to write: its pending shards, or h and x0 of every sample
+    of a new run (the plan's count; run_shards checks the exact figure again)."""
+    import math
+
+    from hspace.hcore.hooks import h_shape
+
+    if run.samples.exists():
+        try:
+            return SampleStore(run.samples).pending_bytes()
+        except RunError:
+            pass  # recreated by prepare_store
+    size = config.get("image_size") or unet.config.sample_size
+    channels = 3 if config.get("image_size") else unet.config.out_channels
+    per_sample = config["steps"] * math.prod(h_shape(unet)) * 2 + channels * size * size
+    return config["n"] * per_sample
 
 
 def resolve_eta(eta, steps: int) -> float | list[float]:

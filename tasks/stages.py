@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hspace.data.catalog import ARTIFACTS, RunError, RunFolder, fingerprint
+from hspace.data.catalog import ARTIFACTS, DISK_FULL, RunError, RunFolder, disk_full_message, fingerprint
 from hspace.tasks.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,10 @@ def run_stage_body(run_dir: str, stage: str, key: str, config: dict, ctx: Contex
         return registry()[stage].run_body(RunFolder(run_dir), RunConfig.model_validate(config), ctx)
     except RunError as e:
         return {"error": str(e)}
+    except OSError as e:  # the disk filled (another writer): one line, like bad input, not a traceback
+        if e.errno not in DISK_FULL:
+            raise
+        return {"error": disk_full_message(e, Path(run_dir), f"the {stage} stage wrote its outputs")}
 
 
 @functools.cache

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -130,7 +129,12 @@ def shared_home():
 def test_another_user_is_refused_by_server_and_worker(shared_home, monkeypatch):
     home, private, env = shared_home
     started = subprocess.run(
-        [HSPACE, "server", "start"], env=env, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0)
+        [HSPACE, "server", "start"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0),
     )
     assert started.returncode == 0, started.stdout + started.stderr
     monkeypatch.setenv("PREFECT_HOME", str(home))
