@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from hspace.data.catalog import RunError
-from hspace.flows.stage_commands import console, fail
+from hspace.flows.stage_commands import console, err, fail
 
 server_app = typer.Typer(
     no_args_is_help=True,
@@ -31,6 +31,14 @@ def server_start(
     except (RunError, RuntimeError) as e:
         fail(str(e))
     console.print(f"Prefect server at {state['url'].removesuffix('/api')} (pid {state['pid']}, log {state['log']})")
+    home = prefect_server.prefect_home()
+    console.print(f"it asks for a credential: its UI's login takes the line in {home / prefect_server.AUTH} (yours only)")
+    mode = home.stat().st_mode & 0o777
+    if mode & 0o022:  # others may create and replace files beside the server's database and state
+        err.print(
+            f"warning: {home} has mode {mode:04o}: other users may write into it; hspace refuses their files, but "
+            "keep PREFECT_HOME on a private path (chmod 700 it, or point PREFECT_HOME elsewhere)"
+        )
     if w:
         console.print(f"warm worker (pid {w['pid']}, log {w['log']}): commands run without re-importing")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hspace.data.catalog import RunError, free_bytes, require_space
+from hspace.data.catalog import RunError, RunFolder, free_bytes, require_space
 from hspace.data.stores import SampleStore
 
 HSPACE = str(Path(sys.executable).with_name("hspace"))
@@ -127,3 +127,9 @@ def test_refused_before_work_and_a_disk_filled_mid_run_resumes(small_disk, tmp_p
         np.testing.assert_array_equal(resumed.group[name][:], expected.group[name][:], err_msg=name)
     for k, h in kept.items():  # what was finished before the disk filled is what it was
         np.testing.assert_array_equal(resumed.h[k * 4 : (k + 1) * 4], h)
+    # a later stage is checked before it starts too: PCA's arrays do not fit in what is left
+    pca = hspace("pca", run, "--components", "10", "--device", "cpu")
+    assert pca.returncode == 2, pca.stdout + pca.stderr
+    [line] = error_lines(pca.stderr)
+    assert "the pca stage needs" in line and "MB free" in line, line
+    assert not (run / "pca.zarr").exists() and "pca" not in RunFolder(run).read()["stages"]
