@@ -141,38 +141,62 @@ class JacobianSVD:
     converged: bool
 
 
-IterationCallback = Callable[[int, float], None]  # (iteration, relative change of the singular values)
+IterationCallback = Callable[[int, float], None]  # (iteration, relative residual: the stop rule's measure)
+
+
+def ritz_residual(phi: torch.Tensor, phi_hat: torch.Tensor) -> torch.Tensor:
+    """The relative residuals of the Ritz pairs of A = J^T J on span(phi): with phi (d, b)
+    orthonormal and phi_hat = A phi, the Rayleigh-Ritz pairs (theta_i, y_i = phi w_i) of
+    H = phi^T A phi = W diag(theta) W^T have residuals r_i = A y_i - theta_i y_i =
+    phi_hat w_i - theta_i phi w_i; returns ||r_i|| / theta_i (b,). For symmetric A an
+    eigenvalue lies within ||r_i|| of theta_i, so a relative residual below tol bounds the
+    relative error of sigma_i^2 by tol (of sigma_i by tol / 2), however close two singular
+    values are; a vector's angle to its singular vector is at most ||r_i|| / gap_i."""
+    h = phi.T @ phi_hat
+    theta, w = torch.linalg.eigh((h + h.T) / 2)
+    r = phi_hat @ w - (phi @ w) * theta
+    return r.norm(dim=0) / theta.abs().clamp_min(torch.finfo(theta.dtype).tiny)
 
 
 def _iterate(f, h0, phi, found, tol, max_iters, on_iteration=None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """Subspace iteration on J^T J for the block phi (d, b), kept orthogonal to ``found``
-    (d, m). Returns (phi, sigma, iterations, converged); on_iteration(it, change) reports
-    progress."""
+    (d, m). Stops when every Ritz pair's relative residual ||J^T J y - theta y|| / theta
+    is below ``tol`` (``ritz_residual``): unlike the change of the singular values between
+    iterations, which stalls long before they are accurate where two are close, the
+    residual bounds the error it promises. Returns (phi, sigma, iterations, converged);
+    on_iteration(it, residual) reports progress."""
     shape = h0.shape
-    sigma_old = None
     for it in range(1, max_iters + 1):
         if found is not None:  # Phi <- [I - V (V^T V)^-1 V^T] Phi, by a solve (Alg. 2)
             coef = torch.linalg.solve(found.T @ found, found.T @ phi)
             phi, _ = torch.linalg.qr(phi - found @ coef)
         psi = jvp(f, h0, phi.T.reshape(-1, *shape))  # (b, d_out) = (J Phi)^T
         phi_hat = vjp(f, h0, psi).reshape(psi.shape[0], -1).T  # (d, b) = J^T J Phi
+        deflated = phi_hat  # Alg. 2: the operator restricted to the complement of ``found``
+        if found is not None:
+            deflated = phi_hat - found @ torch.linalg.solve(found.T @ found, found.T @ phi_hat)
+        residual = float(ritz_residual(phi, deflated).max())
         new_phi, s2, _ = torch.linalg.svd(phi_hat, full_matrices=False)
         sigma = s2.clamp_min(0).sqrt()
-        subspace_change = 1 - torch.linalg.svdvals(phi.T @ new_phi).min()
+        if on_iteration is not None:
+            on_iteration(it, residual)
+        if residual < tol:
+            # the Ritz vectors of the span whose residual was measured (``new_phi`` is one
+            # more power step, and its residual was not)
+            h = phi.T @ deflated
+            _, w = torch.linalg.eigh((h + h.T) / 2)
+            return phi @ w.flip(1), sigma, it, True
         phi = new_phi
-        if sigma_old is not None:
-            value_change = ((sigma - sigma_old).abs() / sigma.clamp_min(1e-12)).max()
-            if on_iteration is not None:
-                on_iteration(it, float(max(value_change, subspace_change)))
-            if value_change < tol and subspace_change < tol:
-                return phi, sigma, it, True
-        sigma_old = sigma
     return phi, sigma, max_iters, False
 
 
 def _finish(f, h0, v: torch.Tensor, iterations: int, converged: bool, max_iters: int) -> JacobianSVD:
     """U <- J V, singular values = |J v_i|, each column of U normalised (end of Alg. 1;
-    at convergence the columns are orthogonal, as left singular vectors are)."""
+    at convergence the columns are orthogonal, as left singular vectors are). A singular
+    vector's sign is arbitrary: each is turned so that its largest entry is positive, the
+    same whatever the LAPACK build or the number of iterations."""
+    peak = v.gather(0, v.abs().argmax(0, keepdim=True))
+    v = v * torch.where(peak < 0, -1.0, 1.0).to(v.dtype)
     u = jvp(f, h0, v.T.reshape(-1, *h0.shape))
     sigma = u.norm(dim=1)
     order = torch.argsort(sigma, descending=True)

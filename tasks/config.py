@@ -179,7 +179,7 @@ class JacobianSection(Section):
     block: int | None = option(None, "SM Alg. 2 in blocks of b vectors (memory bound)", gt=0)
     roi: str | None = option(None, "x0,y0,x1,y1: region of interest in pixels")
     mask: Path | None = option(None, "PNG mask (white = region of interest)")
-    tol: FiniteFloat = option(1e-4, "stop when singular values and subspace change less", gt=0)
+    tol: FiniteFloat = option(1e-4, "stop when each singular pair's residual |JᵀJv - σ²v| / σ² is below this", gt=0)
     max_iters: int = option(100, "iteration cap (a warning says when it is hit)", gt=0)
     localize: int | None = option(
         None, "with --roi/--mask: the K directions of the top-R subspace whose change stays most inside", gt=0

@@ -191,7 +191,7 @@ def run_jacobian(
 def jacobian_stage(run: RunFolder, j, ctx: Context) -> dict:
     with progress_bar(disable=not ctx.show_progress) as bar:
         job = bar.add_task("jacobian (subspace iterations)", total=j.max_iters, rate="")
-        status = lambda it, change, tol: bar.update(job, completed=it, rate=f"change {change:.1e} (tol {tol:.0e})")  # noqa: E731
+        status = lambda it, change, tol: bar.update(job, completed=it, rate=f"residual {change:.1e} (tol {tol:.0e})")  # noqa: E731
         r = run_jacobian(
             str(run.root),
             j.sample,
