@@ -23,6 +23,7 @@ typed by ``RunRecord`` (pydantic): ``RunFolder.record()`` reads it once per comm
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -59,46 +60,6 @@ class RunError(Exception):
     """A problem with a run folder that the user must act on; the message says how."""
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def free_bytes(path: Path) -> tuple[int, Path]:
-    """Free bytes of the file system ``path`` is (or will be) on, and the existing folder
-    asked (its nearest existing ancestor)."""
-    where = Path(path).absolute()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    return shutil.disk_usage(where).free, where
-
-
-def require_space(path: Path, needed: int, what: str) -> None:
-    """RunError (one line: needed, free, where) when ``needed`` bytes do not fit on the file
-    system of ``path``; called before a stage that writes large arrays starts."""
-    free, where = free_bytes(path)
-    if needed > free:
-        raise RunError(
-            f"{what} needs {human_bytes(needed)} on disk but {where} has {human_bytes(free)} free; nothing was "
-            "started: free space or choose a folder on a larger disk (`hspace run --plan` lists the bytes)"
-        )
-
-
-def disk_full_message(e: OSError, path: Path, what: str) -> str:
-    """The one line for a disk that filled during work (another writer took the space)."""
-    free, where = free_bytes(path)
-    return (
-        f"the disk filled while {what} ({e.strerror}; {human_bytes(free)} free at {where}); everything "
-        f"finished before is kept (`hspace verify {path}` lists what is not): free space and rerun to resume"
-    )
-
-
-DISK_FULL = (28, 122)  # ENOSPC, EDQUOT
-
-
 @contextmanager
 def _unless_disk_full():
     """Bookkeeping after a stage stopped: on a full disk run.json keeps its previous record
@@ -107,7 +68,7 @@ def _unless_disk_full():
     try:
         yield
     except OSError as e:
-        if e.errno not in DISK_FULL:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
 
 

@@ -13,43 +13,15 @@ from prefect import flow
 from hspace.data.catalog import RunError, RunFolder
 from hspace.tasks.config import RunConfig
 
-SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` for the runs it serves
-
 
 def serve_into(out_root: Path) -> None:
     """Record, for the flow runs this process serves (they inherit its environment), the one
-    folder they may write into."""
+    folder they may write into (tasks.check.check_scheduled)."""
     import os
+
+    from hspace.tasks.check import SERVED_ROOT
 
     os.environ[SERVED_ROOT] = str(Path(out_root).resolve())
-
-
-def check_scheduled(config, out_root, keep):
-    """A scheduled run's parameters checked as the CLI checks them, before anything is
-    written: the config by its model and the whole-config check, ``out_root`` the folder the
-    deployment is served with, ``keep`` None or a positive integer. A run created through
-    the API with other values is refused here (RunError). Returns the config and what the
-    whole-config check learnt (tasks.check.Facts)."""
-    import os
-
-    from pydantic import ValidationError
-
-    from hspace.tasks.check import check_config
-
-    served = os.environ.get(SERVED_ROOT)
-    if not served:
-        raise RunError(f"this deployment runs only under `hspace schedule` (which sets {SERVED_ROOT}); nothing written")
-    if not isinstance(out_root, str) or Path(out_root).resolve() != Path(served):
-        raise RunError(f"out_root {out_root!r} is not the folder this schedule serves ({served}); nothing written")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise RunError(f"keep must be a positive integer or null, got {keep!r}; nothing written")
-    try:
-        cfg = RunConfig.model_validate(config)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RunError(f"config: {where}: {first['msg']} ({e.error_count()} problem(s)); nothing written") from None
-    return cfg, check_config(cfg, "the scheduled run's config")
 
 
 def validate_cron(cron: str) -> str:
@@ -161,6 +133,7 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     from prefect.states import Failed
 
     from hspace.data.runs import prune_runs
+    from hspace.tasks.check import check_disk, check_scheduled
 
     try:
         cfg, facts = check_scheduled(config, out_root, keep)
@@ -170,8 +143,6 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
         return Failed(message=f"refused: {message}")
     start = flow_run.scheduled_start_time or datetime.now(UTC)
     out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
-    from hspace.tasks.check import check_disk
-
     try:
         check_disk(cfg, out, facts)  # the plan's bytes against the free space, before anything starts
     except RunError as e:

@@ -32,7 +32,7 @@ def server_start(
         fail(str(e))
     console.print(f"Prefect server at {state['url'].removesuffix('/api')} (pid {state['pid']}, log {state['log']})")
     home = prefect_server.prefect_home()
-    console.print(f"it asks for a credential: its UI's login takes the line in {home / prefect_server.AUTH} (yours only)")
+    console.print(f"it asks for a credential: its UI's login takes the line in {home / prefect_server.AUTH} (yours)")
     mode = home.stat().st_mode & 0o777
     if mode & 0o022:  # others may create and replace files beside the server's database and state
         err.print(

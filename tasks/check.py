@@ -16,12 +16,14 @@ model on the chosen device.
 
 from __future__ import annotations
 
-import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from hspace.data.catalog import RunError, RunFolder, free_bytes, require_space
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.disk import disk_needs, free_bytes, pending_sample_bytes, require_space
 from hspace.tasks.config import RunConfig
 
 
@@ -280,47 +282,39 @@ def unet_passes(cfg: RunConfig) -> dict[str, int]:
     return passes
 
 
-def disk_needs(cfg: RunConfig, h_shape, image_shape) -> dict[str, tuple[str, int]]:
-    """The large arrays a run writes, label -> (stage, bytes), uncompressed (fp16
-    activations barely compress): the plan's disk table and what `hspace run` checks
-    against the free space before it starts (h: n x T x C x H x W x 2 bytes)."""
-    n, steps = cfg.sample.n, cfg.sample.steps
-    d = math.prod(h_shape)
-    k = cfg.pca.components
-    return {
-        "h (samples.zarr)": ("sample", n * steps * d * 2),
-        "x0 (samples.zarr)": ("sample", n * math.prod(image_shape)),
-        "pca.zarr + directions": ("pca", (steps * (k + 1) * d * 4 + 2 * k * steps * d * 4) * cfg.pca.enabled),
-        "attribute directions": ("directions", 3 * len(cfg.directions.attributes) * steps * d * 4),
-    }
-
-
-def run_disk_needs(run: RunFolder, cfg: RunConfig) -> dict[str, int]:
-    """stage -> bytes it will write on an existing run (shapes from its samples.zarr), for the
-    check before each stage that follows sampling; sampling checks its pending shards itself."""
-    from hspace.data.stores import SampleStore
-
-    if not run.samples.exists():
-        return {}
-    layout = SampleStore(run.samples).layout
-    d = math.prod(layout.h_shape)
-    needs: dict[str, int] = {}
-    for _, (stage, b) in disk_needs(cfg, layout.h_shape, layout.image_shape).items():
-        needs[stage] = needs.get(stage, 0) + b
-    needs.pop("sample", None)
-    j = cfg.jacobian
-    needs["jacobian"] = j.k * d * 4 + math.prod(layout.image_shape) * 4  # vectors + the point x_t
-    return needs
-
-
 def check_disk(cfg: RunConfig, out, facts: Facts) -> dict:
     """`hspace run` before any work: the bytes of the stages that would run (the plan's)
     against the free space of OUT's file system; RunError (one line) when they do not fit."""
     plan = make_plan(cfg, out, facts, probe=False)
-    require_space(
-        out, plan["disk_needed"], f"this run ({', '.join(s['stage'] for s in plan['stages'] if s['state'] == 'run')})"
-    )
+    stages = ", ".join(s["stage"] for s in plan["stages"] if s["state"] == "run")
+    require_space(out, plan["disk_needed"], f"this run ({stages})")
     return plan
+
+
+SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` (flows.schedule.serve_into)
+
+
+def check_scheduled(config, out_root, keep) -> tuple[RunConfig, Facts]:
+    """A scheduled run's parameters checked as the CLI checks them, before anything is
+    written: ``out_root`` the folder `hspace schedule` serves, ``keep`` None or a positive
+    integer, the config by its model and the whole-config check. RunError otherwise (a run
+    created through the API with other values)."""
+    from pydantic import ValidationError
+
+    from hspace.tasks.config import validation_message
+
+    served = os.environ.get(SERVED_ROOT)
+    if not served:
+        raise RunError(f"this deployment runs only under `hspace schedule` (which sets {SERVED_ROOT}); nothing written")
+    if not isinstance(out_root, str) or Path(out_root).resolve() != Path(served):
+        raise RunError(f"out_root {out_root!r} is not the folder this schedule serves ({served}); nothing written")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise RunError(f"keep must be a positive integer or null, got {keep!r}; nothing written")
+    try:
+        cfg = RunConfig.model_validate(config)
+    except ValidationError as e:
+        raise RunError(validation_message(e, "config: ") + "; nothing written") from None
+    return cfg, check_config(cfg, "the scheduled run's config")
 
 
 def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 3) -> float:
@@ -373,17 +367,9 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     n, steps = cfg.sample.n, cfg.sample.steps
     needs = disk_needs(cfg, facts.h_shape, facts.image_shape)
     disk = {label: b for label, (_, b) in needs.items()}
-    if run.samples.exists() and states.get("sample") == "run":  # resuming: only the unfinished shards
-        from hspace.data.stores import SampleStore
-
-        try:
-            left = SampleStore(run.samples).pending_bytes()
-        except RunError:
-            left = None
-        if left is not None:
-            for label in ("h (samples.zarr)", "x0 (samples.zarr)"):
-                needs[label] = ("sample", 0)
-            needs["unfinished shards (samples.zarr)"] = ("sample", left)
+    left = pending_sample_bytes(run) if states.get("sample") == "run" else None
+    if left is not None:  # resuming: only the unfinished shards
+        needs = {k: v for k, v in needs.items() if v[0] != "sample"} | {"unfinished shards": ("sample", left)}
     needed = sum(b for stage, b in needs.values() if states.get(stage) == "run")
     free, where = free_bytes(out)
     stages = [

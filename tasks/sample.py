@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from hspace.data import models
-from hspace.data.catalog import DISK_FULL, RunError, RunFolder, disk_full_message, require_space
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.disk import DISK_FULL, disk_full_message, pending_sample_bytes, require_space
 from hspace.data.stores import SampleLayout, SampleStore
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -303,17 +304,15 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
 
 
 def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
-    """samples.zarr's bytes still to write: its pending shards, or h and x0 of every sample
+    """The sample store's bytes still to write: its pending shards, or h and x0 of every sample
     of a new run (the plan's count; run_shards checks the exact figure again)."""
     import math
 
     from hspace.hcore.hooks import h_shape
 
-    if run.samples.exists():
-        try:
-            return SampleStore(run.samples).pending_bytes()
-        except RunError:
-            pass  # recreated by prepare_store
+    left = pending_sample_bytes(run)
+    if left is not None:
+        return left
     size = config.get("image_size") or unet.config.sample_size
     channels = 3 if config.get("image_size") else unet.config.out_channels
     per_sample = config["steps"] * math.prod(h_shape(unet)) * 2 + channels * size * size

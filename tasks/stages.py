@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hspace.data.catalog import ARTIFACTS, DISK_FULL, RunError, RunFolder, disk_full_message, fingerprint
+from hspace.data.catalog import ARTIFACTS, RunError, RunFolder, fingerprint
+from hspace.data.disk import DISK_FULL, disk_full_message
 from hspace.tasks.config import RunConfig
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hspace.data.catalog import RunError, RunFolder, free_bytes, require_space
+from hspace.data.catalog import RunError, RunFolder
+from hspace.data.disk import free_bytes, require_space
 from hspace.data.stores import SampleStore
 
 HSPACE = str(Path(sys.executable).with_name("hspace"))

@@ -1,5 +1,5 @@
-"""The architecture's rules, checked on the code (issue 16): the catalog builds every path
-inside a run folder, the flows only wire, no module is long, installing the distribution
+"""The architecture's rules, checked on the code: the catalog builds every path inside a run
+folder, each layer imports only the layers below it, no module is long, installing the distribution
 claims the name `hspace` only, and every stage command's options are its config section's."""
 
 from __future__ import annotations
@@ -45,13 +45,9 @@ def test_the_check_itself_catches_a_path_built_by_hand():
     assert not RUN_PATH.search("out = run.eval")
 
 
-def test_modules_are_short_and_flows_only_wire():
+def test_modules_are_short():
     lengths = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in package_files()}
     assert max(lengths.values()) <= 400, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
-    flows = sum(n for p, n in lengths.items() if p.parts[0] == "flows")
-    # the CLI (stage commands, read-only commands, edit and export, pipeline and server), the entry
-    # point with the warm worker's client, runner, schedule
-    assert flows <= 925, f"flows/ holds {flows} lines"
 
 
 @pytest.mark.slow
@@ -228,13 +224,14 @@ def test_the_benchmark_import_check_sees_a_moved_name(tmp_path):
 
 
 # which layers each layer may import (DESIGN.md): imports point one way, hcore -> data -> tasks -> flows
-# -> api (the package `hspace` itself, whose own modules are hspace._name)
+# -> api (the package `hspace` itself, whose own modules are hspace._name); flows only wire: they call
+# tasks, never the maths in hcore (this rule replaced a line budget on flows/)
 API_MODULES = {p.stem for p in (ROOT / "api").glob("_*.py") if p.stem != "__init__"}
 MAY_IMPORT = {
     "hcore": {"hcore"},
     "data": {"hcore", "data"},
     "tasks": {"hcore", "data", "tasks"},
-    "flows": {"hcore", "data", "tasks", "flows"},
+    "flows": {"data", "tasks", "flows"},
     "api": {"hcore", "data", "tasks", "flows"} | API_MODULES,
 }
 
