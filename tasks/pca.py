@@ -164,9 +164,11 @@ def run_pca(
         where = "; ".join(
             f"pc{j:02d} at step {','.join(map(str, at[:6]))}{'...' if len(at) > 6 else ''}" for j, at in weak.items()
         )
-        log.warning(
-            f"PCA signs uncertain where a component's |cos| with its neighbouring step's is < {hpca.WEAK_ALIGNMENT} "
-            f"(components reorder there): {where}; see pca.zarr 'sign_alignment'"
+        # not a warning: past the leading PCs, components reorder between steps in every run; the
+        # stage's summary line (terminal, inspect, report) says what it means
+        log.info(
+            f"PCA signs chained through a weak match where a component's |cos| with its neighbouring step's is < "
+            f"{hpca.WEAK_ALIGNMENT} (components reorder there): {where}; see pca.zarr 'sign_alignment'"
         )
     ev = np.stack([results[t].explained_variance for t in range(steps)])
     ratio = np.stack([results[t].explained_variance_ratio for t in range(steps)]).astype(np.float32)

@@ -145,7 +145,7 @@ def _folded(meta: dict) -> list[str]:
     if pipeline:
         parts.append(
             "<details><summary>Stages (fingerprints, timings, outputs)</summary><table><tr><th>stage</th>"
-            "<th>state</th><th>fingerprint</th><th>seconds</th><th>outputs</th></tr>"
+            "<th>state</th><th>fingerprint</th><th>seconds</th><th>summary</th><th>outputs</th></tr>"
         )
         # in the registry's order; the report stage itself is this page, still being written
         for stage in [s for s in registry() if s in pipeline and s != STAGE.name]:
@@ -154,12 +154,24 @@ def _folded(meta: dict) -> list[str]:
             parts.append(
                 f"<tr><th>{html.escape(stage)}</th><td>{html.escape(str(rec.get('state')))}</td>"
                 f"<td><code>{html.escape(str(rec.get('key')))}</code></td><td>{rec.get('seconds', '')}</td>"
+                f"<td style='text-align:left'>{html.escape(_summary(stage, rec))}</td>"
                 f"<td style='text-align:left'>{html.escape(outputs)}</td></tr>"
             )
         parts.append("</table></details>")
     config = meta.get("pipeline_config", meta["config"])
     parts.append(f"<details><summary>Config</summary><pre>{html.escape(json.dumps(config, indent=2))}</pre></details>")
     return parts
+
+
+def _summary(stage: str, record: dict) -> str:
+    """The stage's one line (its declaration's ``summary``), as the terminal showed it; empty
+    for a record that does not carry what the line needs (an older run)."""
+    if record.get("state") != "done":
+        return ""
+    try:
+        return registry()[stage].summary(record)
+    except (KeyError, TypeError, ValueError):
+        return ""
 
 
 def write_report(run: RunFolder) -> Path:

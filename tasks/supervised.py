@@ -176,7 +176,11 @@ def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
     run_config = run.read()["config"]
     n, held_out = run_config["n"], d.held_out_of(run_config)
     if held_out >= n - 1:
-        raise RunError(f"--held-out {held_out} leaves no samples of this run's {n} to build directions from")
+        given = "" if d.held_out is not None else " (the default, which `hspace run` keeps for evaluate)"
+        raise RunError(
+            f"--held-out {held_out}{given} leaves no samples of this run's {n} to build directions from: pass "
+            f"--held-out N with N at most {max(n - 2, 0)} (e.g. --held-out {n // 4}), or --held-out 0 to use them all"
+        )
     if d.prompt_pair:
         r = build_prompt_pair(run, *d.prompt_pair, first=n - held_out, name=d.name, device=ctx.device)
         return {"outputs": outputs(run, [r["path"]]), "prompt_pair": list(d.prompt_pair), "held_out": held_out}

@@ -193,7 +193,12 @@ def jac(r: dict) -> str:
 def pca_line(r: dict) -> str:
     ratios = ", ".join(f"{x:.3f}" for x in r["variance_ratio"])
     weak = r.get("weak_sign_alignment") or {}
-    signs = f"; sign uncertain at some steps for {', '.join(weak)}" if weak else ""
+    signs = (
+        f"; {', '.join(weak)}: at some steps the component reorders with a neighbour's (|cos| < 0.5), so its sign "
+        "there is a weaker guess (normal past the leading PCs; pca.zarr 'sign_alignment' has every step)"
+        if weak
+        else ""
+    )
     return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}{signs}"
 
 

@@ -131,3 +131,13 @@ def test_nan_in_h_is_caught_at_write_time_and_named(prefect_server, model_dir, t
     store = SampleStore(out / "samples.zarr")
     assert store.done[0] == 0  # the poisoned shard is pending, not done
     assert torch.isnan(torch.from_numpy(store.h[0:4].astype("float32"))).all()  # never written
+
+
+def test_too_few_samples_for_the_default_held_out_says_what_to_pass(copy_of):
+    """A run of 10 samples with the default --held-out 64 (what `hspace run` keeps for evaluate):
+    the refusal names a --held-out that works, and nothing is written."""
+    before = tree_digest(copy_of)
+    result = hspace("directions", copy_of, "--attribute", "Smiling", "--device", "cpu")
+    assert_refused(result, "--held-out 64 (the default", "of this run's 10", "--held-out N with N at most 8")
+    assert "--held-out 2" in result.output and "--held-out 0 to use them all" in result.output
+    assert tree_digest(copy_of) == before
