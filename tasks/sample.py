@@ -298,7 +298,8 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
             from hspace.data.directions import scheduler_name
 
             run.refuse_other_run(config, {**ref.to_dict(), "scheduler": scheduler_name(scheduler)})
-        require_space(run.root, _bytes_to_write(run, config, unet), f"sampling {section.n} samples")
+        what = f"{'inverting' if config.get('kind') == 'inversion' else 'sampling'} {config['n']} samples"
+        require_space(run.root, _bytes_to_write(run, config, unet), what)
         return None
     return init_run(run, config, ref, scheduler, device)
 
@@ -316,6 +317,9 @@ def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
     size = config.get("image_size") or unet.config.sample_size
     channels = 3 if config.get("image_size") else unet.config.out_channels
     per_sample = config["steps"] * math.prod(h_shape(unet)) * 2 + channels * size * size
+    if config.get("kind") == "inversion":  # x_T, and a DDPM inversion's noise maps, in float32
+        latent = unet.config.in_channels * unet.config.sample_size**2 * 4
+        per_sample += latent * (1 + config["steps"] * (config.get("method") == "ddpm"))
     return config["n"] * per_sample
 
 
