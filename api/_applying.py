@@ -10,6 +10,12 @@ Refused with ``DirectionMismatch`` (one message naming the fix): another model (
 pipeline's U-Net was loaded from a folder whose fingerprint differs), another noise schedule,
 another h shape, and, at a U-Net call, a pipeline whose scheduler runs other timesteps
 than DDIM at the direction's step count (PNDM, Euler, another ``num_inference_steps``).
+
+Any registered editing method (hcore.edits) that needs no direction is applied the same way,
+``with hspace.apply(pipe, method="NAME", gamma=...)``: its h delta through the same hooks, a
+change of x_t (or x_T) at a step through the U-Net's pre-hook and a wrapper around the
+pipeline scheduler's ``step`` (so both the U-Net and the update see the changed latent), and
+its session (attention processors, weights) around the block.
 """
 
 from __future__ import annotations
@@ -33,29 +39,49 @@ class DirectionMismatch(ValueError):
 @contextmanager
 def apply(
     pipe,
-    directions: Direction | str | Sequence[Direction | str],
+    directions: Direction | str | Sequence[Direction | str] | None = None,
     gamma: float | Sequence[float] = 1.0,
     window: tuple[int, int] | None = None,
     scheduler=None,
     guided: bool | None = None,
+    method=None,
 ):
-    """Apply one or several directions (each with its gamma) while the block runs.
+    """Apply one or several directions (each with its gamma), or an editing method, while the
+    block runs.
 
     pipe: a DDPMPipeline / DDIMPipeline / StableDiffusionPipeline / StableDiffusionXLPipeline,
     or a bare U-Net (then give ``scheduler`` for the timestep check, and ``guided`` for an
     [uncond; cond] batch). window: (first, stop) step indices where the edit applies (step 0
     = the first denoising step). The pipeline must sample with a DDIMScheduler of the model's
-    betas at the direction's step count; eta is yours (the direction's is in its metadata)."""
-    from hspace.hcore.hooks import HSpaceHook, h_shape
+    betas at the direction's step count; eta is yours (the direction's is in its metadata).
+    method: a registered editing method (its name, or an hcore.edits.EditMethod) that needs
+    no direction, at strength ``gamma``; its steps are the pipeline scheduler's."""
+    from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import Edit, ddim_scheduler
 
+    unet = getattr(pipe, "unet", pipe)
+    scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
+    if scheduler is None:
+        raise DirectionMismatch("give scheduler= to hspace.apply for a bare U-Net: a timestep's step needs it")
+    if directions is None:
+        if method is None:
+            raise DirectionMismatch("give directions, or method= (an editing method that needs none)")
+        action = _method(method).action(float(gamma))
+        with _attached(pipe, unet, scheduler, action, None, "output", "both", guided) as hs:
+            yield hs
+        return
+    if method is not None and method not in ("h", "asyrp") and getattr(method, "name", None) != "h":
+        raise DirectionMismatch(f"method={method!r} with directions: only the h method applies direction files here")
+    if method == "asyrp":
+        raise DirectionMismatch(
+            "asyrp edits P_t only, which needs a second U-Net pass per step that a plain pipeline does not make: "
+            "use `hspace edit --edit-method asyrp`"
+        )
     items = [directions] if isinstance(directions, (Direction, str)) or hasattr(directions, "is_file") else directions
     dirs = [d if isinstance(d, Direction) else load_direction(d) for d in items]
     gammas = [float(gamma)] * len(dirs) if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not dirs or len(gammas) != len(dirs):
         raise DirectionMismatch(f"{len(dirs)} direction(s) and {len(gammas)} gamma(s): give one gamma per direction")
-    unet = getattr(pipe, "unet", pipe)
-    scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
     first = dirs[0]
     for d in dirs:
         _check_fits(d, first, unet, scheduler)
@@ -65,38 +91,110 @@ def apply(
             raise DirectionMismatch(
                 f"direction {d.name} has shape {tuple(d.v.shape)}, this U-Net's h over {first.steps} steps is {want}"
             )
-    if scheduler is None:
-        raise DirectionMismatch("give scheduler= to hspace.apply for a bare U-Net: a timestep's step needs it")
     ddim = ddim_scheduler(scheduler)
     ddim.set_timesteps(first.steps)
-    expected = [int(t) for t in ddim.timesteps]
+    expected = ([int(t) for t in ddim.timesteps], first)
     param = next(unet.parameters())
     edit = Edit(directions=[d.v.to(param.device) for d in dirs], gammas=gammas, window=window)
-    nonzero = any(g != 0 for g in gammas)
+    action = edit if any(g != 0 for g in gammas) else None  # gamma 0: nothing is added, bit for bit
+    with _attached(pipe, unet, scheduler, action, expected, first.h_point, first.edit_branch, guided) as hs:
+        yield hs
+
+
+def _method(method):
+    from hspace.hcore.edits import EditMethod, get
+
+    if isinstance(method, EditMethod):
+        made = method
+    else:
+        try:
+            cls = get(method)
+        except ValueError as e:
+            raise DirectionMismatch(str(e)) from None
+        if cls.needs:
+            raise DirectionMismatch(f"editing method {method!r} needs {', '.join(cls.needs)}: give directions=")
+        made = cls()
+    if made.needs:
+        raise DirectionMismatch(f"editing method {made.name!r} needs {', '.join(made.needs)}: give directions=")
+    return made
+
+
+@contextmanager
+def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch: str, guided):
+    """The action's hooks on a pipeline while the block runs: the step of each U-Net call from
+    its timestep (``expected``: (the direction's DDIM timesteps, the direction) checked at every
+    call; None: the pipeline scheduler's own), h deltas at the hook point, x_t changes in the
+    U-Net's input and in the scheduler step's latent, the action's session."""
+    import contextlib
+
+    from hspace.hcore.hooks import HSpaceHook
+
+    if action is not None and action.asyrp:
+        raise DirectionMismatch("an Asyrp action needs a second U-Net pass per step: use `hspace edit`")
+
+    def step_of(t) -> int:
+        t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
+        running = [int(x) for x in getattr(scheduler, "timesteps", [])]  # every call: a second pipe() too
+        if expected is not None:
+            timesteps, first = expected
+            if running and running != timesteps:
+                raise DirectionMismatch(
+                    f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
+                    f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
+                    f"{timesteps[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
+                    f"num_inference_steps={first.steps}"
+                )
+            if t not in timesteps:
+                raise DirectionMismatch(f"timestep {t} is not one of the direction's {first.steps} DDIM timesteps")
+            return timesteps.index(t)
+        if t not in running:
+            raise DirectionMismatch(f"timestep {t} is not one of the pipeline scheduler's timesteps {running[:4]}...")
+        if action is not None:
+            action.check(len(running), bool(is_guided()))
+        return running.index(t)
+
+    def is_guided() -> bool:
+        return bool(getattr(pipe, "do_classifier_free_guidance", False)) if guided is None else guided
+
+    def moved(step: int, x: torch.Tensor, halves: bool) -> torch.Tensor:
+        """x at ``step`` as the action changes it (x_T first, at step 0), per half of a guided batch."""
+        if halves:
+            return torch.cat([moved(step, h, False) for h in x.chunk(2)])
+        if step == 0:
+            x = action.start(x)
+        return action.x_t(step, x)
+
+    acts_on_x = action is not None and action.acts_on_x()
 
     def before_unet(module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
-        running = [int(x) for x in getattr(scheduler, "timesteps", [])]  # every call: a second pipe() too
-        if running and running != expected:
-            raise DirectionMismatch(
-                f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
-                f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
-                f"{expected[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
-                f"num_inference_steps={first.steps}"
-            )
-        if t not in expected:
-            raise DirectionMismatch(f"timestep {t} is not one of the direction's {first.steps} DDIM timesteps")
-        step = expected.index(t)
-        hs.guided = bool(getattr(pipe, "do_classifier_free_guidance", False)) if guided is None else guided
-        hs.delta = edit.delta(step) if nonzero else None  # gamma 0: nothing is added, bit for bit
+        step = step_of(t)
+        hs.guided = is_guided()
+        hs.delta = None if action is None else action.delta(step)
+        if not acts_on_x:
+            return None
+        if "sample" in kwargs:
+            kwargs = {**kwargs, "sample": moved(step, kwargs["sample"], hs.guided)}
+        else:
+            args = (moved(step, args[0], hs.guided), *args[1:])
+        return args, kwargs
 
-    with HSpaceHook(unet, point=first.h_point, edit_branch=first.edit_branch) as hs:
+    original_step = scheduler.step
+
+    def step_with_action(model_output, timestep, sample, *args, **kwargs):
+        return original_step(model_output, timestep, moved(step_of(timestep), sample, False), *args, **kwargs)
+
+    session = action.session(unet) if action is not None else contextlib.nullcontext()
+    with HSpaceHook(unet, point=h_point, edit_branch=edit_branch) as hs, session:
         handle = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
+        if acts_on_x:
+            scheduler.step = step_with_action  # an instance attribute over the class's method
         try:
             yield hs
         finally:
             handle.remove()
+            if acts_on_x:
+                del scheduler.step
 
 
 def _check_fits(d: Direction, first: Direction, unet, scheduler) -> None:

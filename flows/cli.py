@@ -124,6 +124,9 @@ def edit(
     scales: Annotated[str, typer.Option(help="comma-separated gammas (columns)")] = "-2,-1,0,1,2",
     window: Annotated[str | None, typer.Option(help="S0:S1, steps where the edit is applied")] = None,
     asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
+    edit_method: Annotated[
+        str | None, typer.Option(help="a registered editing method (h, asyrp, xT, ...; docs/ARCHITECTURE.md)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
     prompt: Annotated[
@@ -154,6 +157,7 @@ def edit(
             from hspace.tasks.photo_edit import edit_photos
 
             how = {"method": method, "sdedit": sdedit, "eta": eta, "seed": seed, "refine": refine, "window": window}
+            how["edit_method"] = edit_method
             how |= {"asyrp": asyrp, "clip_sample": clip_sample, "prompt": prompt, "guidance_scale": guidance_scale}
             result = edit_photos(image, direction, values, out, model, **how, device=resolve_device(device))
             for line in result["lines"]:
@@ -163,7 +167,7 @@ def edit(
         if method != "ddpm" or sdedit is not None:
             raise RunError("--method and --sdedit are for --image PHOTO")
         where = {"run_dir": run_dir, "sample_index": sample_index, "model": model, "seed": seed, "steps": steps}
-        how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample}
+        how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample, "edit_method": edit_method}
         how |= {"prompt": prompt, "guidance_scale": 7.5 if guidance_scale is None else guidance_scale}
         path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:

@@ -13,13 +13,39 @@ from prefect import flow
 from hspace.data.catalog import RunError, RunFolder
 from hspace.tasks.config import RunConfig
 
+SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` (serve_into)
+
+
+def check_scheduled(config, out_root, keep):
+    """A scheduled run's parameters checked as the CLI checks them, before anything is
+    written: ``out_root`` the folder `hspace schedule` serves, ``keep`` None or a positive
+    integer, the config by its model and the whole-config check. RunError otherwise (a run
+    created through the API with other values)."""
+    import os
+
+    from pydantic import ValidationError
+
+    from hspace.tasks.check import check_config
+    from hspace.tasks.config import validation_message
+
+    served = os.environ.get(SERVED_ROOT)
+    if not served:
+        raise RunError(f"this deployment runs only under `hspace schedule` (which sets {SERVED_ROOT}); nothing written")
+    if not isinstance(out_root, str) or Path(out_root).resolve() != Path(served):
+        raise RunError(f"out_root {out_root!r} is not the folder this schedule serves ({served}); nothing written")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise RunError(f"keep must be a positive integer or null, got {keep!r}; nothing written")
+    try:
+        cfg = RunConfig.model_validate(config)
+    except ValidationError as e:
+        raise RunError(validation_message(e, "config: ") + "; nothing written") from None
+    return cfg, check_config(cfg, "the scheduled run's config")
+
 
 def serve_into(out_root: Path) -> None:
     """Record, for the flow runs this process serves (they inherit its environment), the one
-    folder they may write into (tasks.check.check_scheduled)."""
+    folder they may write into (``check_scheduled``)."""
     import os
-
-    from hspace.tasks.check import SERVED_ROOT
 
     os.environ[SERVED_ROOT] = str(Path(out_root).resolve())
 
@@ -133,7 +159,7 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     from prefect.states import Failed
 
     from hspace.data.runs import prune_runs
-    from hspace.tasks.check import check_disk, check_scheduled
+    from hspace.tasks.check import check_disk
 
     try:
         cfg, facts = check_scheduled(config, out_root, keep)

@@ -13,7 +13,7 @@ with them applied: ``generate(unet, scheduler, generators, ..., text=None)`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -121,9 +121,7 @@ def generate(
     if len(prompts) != len(generators):
         raise ValueError(f"{len(prompts)} prompts for {len(generators)} samples")
     edit = kwargs.get("edit")
-    if edit is not None and text.guided:
-        kwargs["edit"] = replace(edit, branch=text.edit_branch)
-    elif edit is not None:
-        kwargs["edit"] = replace(edit, branch="both")
+    if edit is not None:  # an h edit goes to the text setup's branch of the guided batch
+        kwargs["edit"] = edit.with_branch(text.edit_branch if text.guided else "both")
     z = sample(unet, scheduler, generators, num_inference_steps, eta, conditioning=text.conditioning(prompts), **kwargs)
     return z if kwargs.get("stop_before") is not None else text.decode(z)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hspace.hcore.calibrate import calibrate_gamma
+from hspace.hcore.edits import EditMethod
 from hspace.hcore.generator import generate
 from hspace.hcore.sampler import Edit, make_generators
 
@@ -57,18 +58,24 @@ def edit_scores(
     annotator,
     sample_cfg: dict,
     indices: list[int],
-    v: torch.Tensor | None,
+    v: torch.Tensor | EditMethod | None,
     gamma: float,
     batch_size: int = 64,
     text=None,
 ) -> np.ndarray:
     """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited).
+    ``v``: an h direction (T, C, H, W), or any editing method (hcore.edits) at strength gamma.
     ``text``: a text-conditioned model's setup (hcore.generator.TextSetup): each sample is
     replayed with its own prompt and decoded by the VAE before it is scored."""
     out = []
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
-        edit = None if v is None else Edit([v], [gamma])
+        if v is None:
+            edit = None
+        elif isinstance(v, EditMethod):
+            edit = v.action(gamma)
+        else:
+            edit = Edit([v], [gamma])
         x0 = generate(
             unet,
             scheduler,

@@ -9,7 +9,10 @@ x_T and z_{T:1} exactly.
 Editing: h_t^edit = h_t + sum_k gamma_k v_t^(k) (sec. 3). By default the edited eps feeds
 both P_t and D_t of eq. (2) (one U-Net pass per step, as in the paper); with
 ``asyrp=True`` the edited eps feeds only P_t and a second, unedited pass gives D_t
-(Kwon et al.'s asymmetric reverse process).
+(Kwon et al.'s asymmetric reverse process). Any editing method (hcore.edits) hands the sampler
+an ``Action``: it may change x_T before the first step, x_t before each step's U-Net pass, add
+to h_t at the hook point, and hold a context (attention processors, weights) around the whole
+generation; ``Edit`` is the h-direction's.
 
 Text-conditioned latent models (Stable Diffusion 1.x / 2.x, SDXL): ``conditioning`` (see
 hcore.conditioning) gives the U-Net its text; with classifier-free guidance each step is
@@ -22,14 +25,16 @@ with the VAE).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
 from hspace.hcore.conditioning import Conditioning, unet_output
+from hspace.hcore.edits import Action
 from hspace.hcore.hooks import EDIT_BRANCHES, HSpaceHook
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
@@ -176,8 +181,9 @@ def ddim_step(
 
 
 @dataclass
-class Edit:
-    """An h-space edit: h_t + sum_k gamma_k v_t^(k) at steps in ``window``.
+class Edit(Action):
+    """An h-space edit (the action of hcore.edits.directions): h_t + sum_k gamma_k v_t^(k) at
+    steps in ``window``.
 
     directions: tensors (T, C, H, W), one per direction, T = number of sampling steps.
     gammas: one per direction, each a float or a (B,) tensor (a strength per sample, so
@@ -196,6 +202,17 @@ class Edit:
     asyrp: bool = False
     branch: str = "both"
 
+    def check(self, steps: int, guided: bool) -> None:
+        for v in self.directions:
+            if v.shape[0] != steps:
+                raise ValueError(f"direction has {v.shape[0]} timesteps, sampling uses {steps}")
+        if self.branch not in EDIT_BRANCHES:
+            raise ValueError(f"edit branch must be one of {EDIT_BRANCHES}, got {self.branch!r}")
+        if self.branch == "uncond" and not guided:
+            raise ValueError(
+                "edit branch 'uncond' needs classifier-free guidance (a conditioning with an uncond branch)"
+            )
+
     def delta(self, step: int) -> torch.Tensor | None:
         if not self.directions:
             return None
@@ -206,6 +223,9 @@ class Edit:
             for v, g in zip(self.directions, self.gammas, strict=True)
         )
 
+    def with_branch(self, branch: str) -> Edit:
+        return replace(self, branch=branch)
+
 
 def sample(
     unet: torch.nn.Module,
@@ -213,7 +233,7 @@ def sample(
     generators: Sequence[torch.Generator],
     num_inference_steps: int,
     eta: float | str | Sequence[float] = 1.0,
-    edit: Edit | None = None,
+    edit: Action | None = None,
     on_step: StepCallback | None = None,
     h_point: str = "output",
     x_T: torch.Tensor | None = None,
@@ -256,27 +276,22 @@ def sample(
     if capture != "cond" and not guided:
         raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
     if edit is not None:
-        for v in edit.directions:
-            if v.shape[0] != num_inference_steps:
-                raise ValueError(f"direction has {v.shape[0]} timesteps, sampling uses {num_inference_steps}")
-        if edit.branch not in EDIT_BRANCHES:
-            raise ValueError(f"edit branch must be one of {EDIT_BRANCHES}, got {edit.branch!r}")
-        if edit.branch == "uncond" and not guided:
-            raise ValueError(
-                "edit branch 'uncond' needs classifier-free guidance (a conditioning with an uncond branch)"
-            )
+        edit.check(num_inference_steps, guided)
     param = next(unet.parameters())
     device = param.device
     cfg = unet.config
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
     x = draw_noise(generators, shape)  # drawn even when x_T is given, so z_t stay in place
     x = (x if x_T is None else x_T.cpu().float()).to(device)
+    if edit is not None:
+        x = edit.start(x)  # a method acting on x_T (hcore.edits)
     batch = len(generators)
     if noise is not None and tuple(noise.shape) != (batch, num_inference_steps, *shape):
         raise ValueError(f"noise maps have shape {tuple(noise.shape)}, need {(batch, num_inference_steps, *shape)}")
     if not 0 <= start_at < num_inference_steps:
         raise ValueError(f"start_at must be a step in [0, {num_inference_steps}), got {start_at}")
-    with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs:
+    session = edit.session(unet) if edit is not None else contextlib.nullcontext()
+    with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs, session:
         hs.guided = guided
         hs.edit_branch = "both" if edit is None else edit.branch
         for step, t in enumerate(sched.timesteps):
@@ -288,6 +303,8 @@ def sample(
                 continue
             if noise is not None:
                 z = noise[:, step].to(device, torch.float32)
+            if edit is not None:
+                x = edit.x_t(step, x)  # a method acting on the latent x_t (hcore.edits)
             delta = edit.delta(step) if edit is not None else None
             hs.delta = None if delta is None else delta.to(device)
             eps = unet_output(unet, x, t_int, conditioning)  # eps, or v (see ddim_step)

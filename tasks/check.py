@@ -16,11 +16,9 @@ model on the chosen device.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.disk import disk_needs, free_bytes, pending_sample_bytes, require_space
@@ -60,6 +58,13 @@ def _static_problems(cfg: RunConfig) -> list[str]:
         resolve_eta(s.eta, steps)
     except RunError as e:
         p.append(f"sample.eta: {str(e).removeprefix('--')}")
+    if ev.methods:
+        from hspace.tasks.evaluate import scored_methods
+
+        try:
+            scored_methods(ev.methods)
+        except RunError as e:
+            p.append(str(e))
     held = d.held_out_of({})
     ranked = n - held
     if held >= n - 1:
@@ -289,32 +294,6 @@ def check_disk(cfg: RunConfig, out, facts: Facts) -> dict:
     stages = ", ".join(s["stage"] for s in plan["stages"] if s["state"] == "run")
     require_space(out, plan["disk_needed"], f"this run ({stages})")
     return plan
-
-
-SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` (flows.schedule.serve_into)
-
-
-def check_scheduled(config, out_root, keep) -> tuple[RunConfig, Facts]:
-    """A scheduled run's parameters checked as the CLI checks them, before anything is
-    written: ``out_root`` the folder `hspace schedule` serves, ``keep`` None or a positive
-    integer, the config by its model and the whole-config check. RunError otherwise (a run
-    created through the API with other values)."""
-    from pydantic import ValidationError
-
-    from hspace.tasks.config import validation_message
-
-    served = os.environ.get(SERVED_ROOT)
-    if not served:
-        raise RunError(f"this deployment runs only under `hspace schedule` (which sets {SERVED_ROOT}); nothing written")
-    if not isinstance(out_root, str) or Path(out_root).resolve() != Path(served):
-        raise RunError(f"out_root {out_root!r} is not the folder this schedule serves ({served}); nothing written")
-    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
-        raise RunError(f"keep must be a positive integer or null, got {keep!r}; nothing written")
-    try:
-        cfg = RunConfig.model_validate(config)
-    except ValidationError as e:
-        raise RunError(validation_message(e, "config: ") + "; nothing written") from None
-    return cfg, check_config(cfg, "the scheduled run's config")
 
 
 def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 3) -> float:

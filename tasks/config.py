@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError, model_serializer
 
 from hspace.data.catalog import RunError
 
@@ -226,6 +226,7 @@ class DisentangleSection(Section):
 class EvaluateSection(Section):
     enabled: bool = option(True, "run the evaluate stage", hidden=True)
     directions: Names = option(list, "direction names in RUN/directions (default: directions.attributes)")
+    methods: Names = option(list, "registered editing methods that need no direction, scored as rows too")
     disentangled: bool = option(True, "also each direction projected against the others (eq. 11)")
     evaluator: str = option("oracle", "oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
     n: int | None = option(None, "held-out samples edited per direction (default: 1000 or all)", gt=0)
@@ -235,6 +236,15 @@ class EvaluateSection(Section):
     prompts: dict[str, tuple[str, str]] | None = option(
         None, "clip: YAML file mapping attribute -> [positive prompt, negative prompt]", yaml_file=True
     )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_methods(self, handler):
+        """No methods: the dump (and so the stage's fingerprint) is what it was before methods
+        existed, so upgrading does not redo the evaluation of every run."""
+        data = handler(self)
+        if not data.get("methods"):
+            data.pop("methods", None)
+        return data
 
 
 class FiguresSection(Section):

@@ -24,7 +24,7 @@ from hspace.data.catalog import RunError
 @dataclass(frozen=True)
 class DirectionSpec:
     name: str
-    path: Path
+    path: Path | None  # None: a method row that needs no file (--edit-method)
     gamma: float | None
 
 
@@ -79,7 +79,7 @@ def render_edits(
     unet,
     scheduler,
     sample: SampleSpec,
-    vectors: list[torch.Tensor],
+    vectors: list,
     cells: list[list[list[tuple[int, float]]]],
     window: tuple[int, int] | None = None,
     asyrp: bool = False,
@@ -87,11 +87,14 @@ def render_edits(
 ) -> np.ndarray:
     """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
 
-    A vector of shape (1, C, R, R) is an x_T direction (``--latent xT``, eq. (10) with
-    q = x_T): it moves the initial noise, x_T + gamma v, instead of h. ``text``: a
-    text-conditioned model's setup (hcore.generator.TextSetup): the sample's own prompt."""
+    ``vectors``: editing methods (hcore.edits) or direction tensors, each made into its
+    method: a (T, C, H, W) h direction acts on h (``asyrp``: Kwon et al.'s P_t-only edit;
+    ``window``: its steps), a (1, C, R, R) one on the initial noise (``--latent xT``, eq. (10)
+    with q = x_T: x_T + gamma v). A cell's (index, gamma) pairs set each method's strength.
+    ``text``: a text-conditioned model's setup (hcore.generator.TextSetup): the sample's own prompt."""
+    from hspace.hcore.edits import compose
     from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import Edit, draw_noise, make_generators, to_uint8
+    from hspace.hcore.sampler import make_generators, to_uint8
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -100,19 +103,11 @@ def render_edits(
         for i, g in cell:
             gammas[i, b] += g
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    is_xt = [tuple(v.shape) == (1, *image_shape) for v in vectors]
-    h_idx = [i for i, x in enumerate(is_xt) if not x]
-    edit = (
-        Edit(directions=[vectors[i] for i in h_idx], gammas=[gammas[i] for i in h_idx], window=window, asyrp=asyrp)
-        if h_idx
-        else None
-    )
+    methods = [edit_method(v, image_shape, window, asyrp) for v in vectors]
+    # h actions first, then the x_T ones (the order of the sums of eq. (6) as before)
+    order = sorted(range(len(methods)), key=lambda i: methods[i].acts_on == "x_T")
+    edit = compose([methods[i].action(gammas[i]) for i in order])
     x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
-    if any(is_xt):
-        if x_T is None:
-            x_T = draw_noise(make_generators(sample.run_seed, [sample.index] * len(flat)), image_shape)
-        for i in (i for i, x in enumerate(is_xt) if x):
-            x_T = x_T + gammas[i].view(-1, 1, 1, 1) * vectors[i]
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
     noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
     x0 = generate(
@@ -131,6 +126,18 @@ def render_edits(
     )
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
+
+
+def edit_method(v, image_shape, window=None, asyrp: bool = False):
+    """An editing method as given, or the direction method a tensor is: x_T-shaped (1, C, R, R)
+    -> ``xT``, else an h direction -> ``h`` (``asyrp``) with its ``window``."""
+    from hspace.hcore.edits import EditMethod, get
+
+    if isinstance(v, EditMethod):
+        return v
+    if tuple(v.shape) == (1, *image_shape):
+        return get("xT").from_direction(v)
+    return get("asyrp" if asyrp else "h").from_direction(v, window)
 
 
 def load_directions(
@@ -212,6 +219,39 @@ def save_cells(images: np.ndarray, rows: list[str], cols: list[str], folder: Pat
             Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{name}.png")
 
 
+def resolve_method(name: str | None, asyrp: bool = False):
+    """The editing method ``--edit-method NAME`` names (hcore.edits), checked before any work:
+    it must be registered, and one that needs a prompt pair, a source image or trained weights
+    is not run by `hspace edit` from direction files and --scales alone."""
+    from hspace.hcore.edits import get
+
+    if name is None:
+        return None
+    try:
+        method = get(name)
+    except ValueError as e:
+        raise RunError(f"--edit-method: {e}") from None
+    if asyrp and name != "asyrp":
+        raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
+    other = [n for n in method.needs if n != "direction"]
+    if other:
+        raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
+    return method
+
+
+def with_method(method, specs: list[DirectionSpec], vectors: list, window=None) -> tuple[list, list]:
+    """The grid's rows under ``--edit-method``: a method that needs a direction (other than
+    the direction methods h, asyrp and xT, which ``render_edits`` makes from the files) acts
+    with each file; one that needs nothing is a row of its own, swept over the scales."""
+    if method is None:
+        return specs, vectors
+    if "direction" not in method.needs:
+        return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, method()]
+    if method.name not in ("h", "asyrp", "xT"):
+        return specs, [method.from_direction(v, window) for v in vectors]
+    return specs, vectors
+
+
 def parse_scales(text: str) -> list[float]:
     """--scales '-2,-1,0,1,2' -> the gammas of the grid's columns."""
     try:
@@ -252,18 +292,22 @@ def edit_sample(
     clip_sample: str = "off",
     prompt: str | None = None,
     guidance_scale: float = 7.5,
+    edit_method: str | None = None,
 ) -> Path:
     """`hspace edit`: sample ``sample_index`` of a run (an inverted run's starts from its
     stored x_T), or sample 0 of ``model`` at ``seed``, rendered under the edits of
-    ``plan_grid`` into the PNG ``out``."""
+    ``plan_grid`` into the PNG ``out``. ``edit_method``: a registered editing method
+    (hcore.edits) by name: one that needs a direction acts with the given files, one that
+    needs nothing is a row of its own, swept over ``scales``."""
     from hspace.data import models
     from hspace.data.catalog import RunFolder
     from hspace.data.figures import grid_image, save_grid
     from hspace.data.stores import SampleStore
     from hspace.hcore.hooks import h_shape
 
-    if not directions:
-        raise RunError("give at least one --direction FILE[:gamma]")
+    method = resolve_method(edit_method, asyrp)
+    if not directions and (method is None or "direction" in method.needs):
+        raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
     if (run_dir is None) == (model is None):
@@ -290,7 +334,7 @@ def edit_sample(
         cfg = model_config(ref, eta, clip_sample, prompt, guidance_scale)
     unet, scheduler, text = load_edit_model(ref, cfg, device)
     specs = [parse_direction(d) for d in directions]
-    vectors = load_directions(
+    vectors: list = load_directions(
         specs,
         model_fingerprint=ref.fingerprint,
         steps=spec.steps,
@@ -300,8 +344,9 @@ def edit_sample(
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},
         edit_branch=text.edit_branch if text is not None else None,
     )
+    how = {"window": parse_window(window, spec.steps), "asyrp": asyrp or edit_method == "asyrp", "text": text}
+    specs, vectors = with_method(method, specs, vectors, how["window"])
     cells, rows, cols = plan_grid(specs, scales)
-    how = {"window": parse_window(window, spec.steps), "asyrp": asyrp, "text": text}
     images = render_edits(unet, scheduler, spec, vectors, cells, **how)
     save_cells(images, rows, cols, Path(out).with_suffix(""), f"sample{spec.index}")
     title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "")

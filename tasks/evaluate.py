@@ -17,6 +17,27 @@ def held_out_start(metas: list[dict]) -> int:
     return max([int(md.get("samples_ranked", 0)) for md in metas] + [0])
 
 
+def scored_methods(names: list[str]) -> list:
+    """The editing methods of ``evaluate.methods`` (hcore.edits), made to be scored as Table 1
+    rows; RunError for a name that is not registered or a method that needs something (a
+    direction is scored by listing it in evaluate.directions)."""
+    from hspace.hcore.edits import get
+
+    made = []
+    for name in names:
+        try:
+            method = get(name)
+        except ValueError as e:
+            raise RunError(f"evaluate.methods: {e}") from None
+        if method.needs:
+            raise RunError(
+                f"evaluate.methods: {name!r} needs {', '.join(method.needs)}; a direction's method is scored by "
+                "listing the direction in evaluate.directions"
+            )
+        made.append(method())
+    return made
+
+
 def run_evaluation(
     run_dir: str,
     names: list[str],
@@ -30,6 +51,7 @@ def run_evaluation(
     device: str = "cpu",
     log=print,
     progress=None,
+    methods: list[str] | None = None,
 ) -> dict:
     """Table 1 (paper sec. 5): the mean change of every attribute the ``evaluator`` scores
     when held-out samples are edited along each direction, written to RUN/eval/
@@ -38,7 +60,8 @@ def run_evaluation(
     (``NAME_disentangled``) and, with a fixed gamma, of eq. (11) as written
     (``NAME_disentangled_as_written``, where that stage kept the norm); a direction with
     no such file is left out of that table, named in the log and in the summary.
-    gamma None: calibrate per direction (``--gamma auto``) to reach ``target``.
+    gamma None: calibrate per direction (``--gamma auto``) to reach ``target``. ``methods``:
+    registered editing methods that need no direction, rows of the original table too.
     progress(done, total): called as the edit-and-score passes of the tables finish."""
     from hspace.data import directions as dirfile
     from hspace.data import models
@@ -59,6 +82,10 @@ def run_evaluation(
     vectors = [v for v, _ in loaded]
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])
+    made = scored_methods(methods or [])
+    names, directions = names + [m.name for m in made], names
+    vectors += made
+    rows += [m.attribute or m.name for m in made]
     available = cfg["n"] - start
     if available <= 0:
         raise RunError(
@@ -94,6 +121,7 @@ def run_evaluation(
     out = EvalFolder(run.eval)
     summary: dict = {"n": n, "held_out_from": start, "evaluator": evaluator, "directions": names}
     variants = [("original", names, vectors)]
+    names = directions  # the eq. (11) tables: directions only
     if disentangled:
         have = {p.stem for p in run.direction_files()}
         tables = [("disentangled", "")] + ([("as_written", AS_WRITTEN)] if gamma is not None else [])
@@ -131,7 +159,7 @@ def run_evaluation(
     base = metrics.edit_scores(unet, scheduler, net, cfg, indices, None, 0.0, text=text)
     tick()
     cal_base = metrics.edit_scores(unet, scheduler, net, cfg, cal_idx, None, 0.0, text=text) if gamma is None else None
-    row_of = dict(zip(names, rows, strict=True))
+    row_of = dict(zip(variants[0][1], rows, strict=True))
     for label, table_names, vs in variants:
         table_rows = [row_of[d] for d in table_names]
         if gamma is not None:
@@ -199,6 +227,7 @@ def evaluate_stage(run: RunFolder, e, disentangle, directions, device, ctx: Cont
         summary = run_evaluation(
             str(run.root),
             e.directions or list(directions.attributes) + [f"{a}_prompt" for a in directions.prompt_pairs],
+            methods=e.methods,
             disentangled=e.disentangled and disentangle.enabled,
             evaluator=e.evaluator,
             n=e.n,

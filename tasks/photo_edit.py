@@ -29,7 +29,9 @@ from hspace.tasks.edit import (
     parse_window,
     plan_grid,
     render_edits,
+    resolve_method,
     save_cells,
+    with_method,
 )
 
 
@@ -67,6 +69,7 @@ def edit_photos(
     clip_sample: str = "off",
     prompt: str | None = None,
     guidance_scale: float | None = None,
+    edit_method: str | None = None,
 ) -> dict:
     """Invert (or SDEdit) every photo and render the edit grid of ``plan_grid`` for each, with
     the photo and its reconstruction as the first two columns. Writes the grid PNG ``out``
@@ -78,8 +81,10 @@ def edit_photos(
     from hspace.hcore.sampler import make_generators, to_uint8, to_unit
     from hspace.tasks.invert import invert_images
 
-    if not directions:
-        raise RunError("give at least one --direction FILE[:gamma]")
+    edit = resolve_method(edit_method, asyrp)
+    if not directions and (edit is None or "direction" in edit.needs):
+        raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
+    asyrp = asyrp or edit_method == "asyrp"
     if method not in INVERSION_METHODS:
         raise RunError(f"--method must be one of {', '.join(INVERSION_METHODS)}, got {method!r}")
     if not (0 <= eta <= 1):
@@ -111,8 +116,9 @@ def edit_photos(
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": run_eta},
         edit_branch=text.edit_branch if text is not None else None,
     )
-    cells, row_names, col_names = plan_grid(specs, scales)
     how = {"window": parse_window(window, steps), "asyrp": asyrp, "text": text}
+    specs, vectors = with_method(edit, specs, vectors, how["window"])
+    cells, row_names, col_names = plan_grid(specs, scales)
     photos, notes = read_photos(paths, size)
     x_img = to_unit(photos)
     lines = list(notes)

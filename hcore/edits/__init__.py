@@ -1,0 +1,186 @@
+"""Editing methods: one module each in this package, one contract, one registry.
+
+An editing method changes a generation toward an attribute. It says what it needs (a direction
+file, a prompt pair, a source image, weights it trained: ``needs``), the name and unit of its
+strength (``strength``, ``unit``), and where it acts (``acts_on``: the h-space activation at the
+hook point, the latent x_t, the initial noise x_T, attention processors, other weights). For one
+batch at given strengths it returns an :class:`Action`, which the sampler
+(:func:`hspace.hcore.sampler.sample`) consults at every step:
+
+- ``start(x_T)``: the initial noise, before the first step;
+- ``x_t(step, x)``: the latent before the step's U-Net pass;
+- ``delta(step)``: h_t + delta at the hook point (eq. (6), in P_t and D_t; with ``asyrp`` the
+  unedited eps feeds D_t, Kwon et al.'s P_t-only edit);
+- ``session(unet)``: a context around the whole generation (attention processors, weights).
+
+Every front takes a registered method by name: `hspace edit --edit-method NAME`,
+``hspace.apply(pipe, method=NAME)``, the evaluate stage's Table 1 (``evaluate.methods``).
+A new method is a module here that defines a subclass of :class:`EditMethod` decorated with
+:func:`register` (modules in this package are found by themselves), its test and a docs row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import pkgutil
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+NEEDS = ("direction", "prompt_pair", "source", "weights")
+ACTS_ON = ("h", "x_t", "x_T", "attention", "weights")
+
+
+class Action:
+    """What a method does to one generation (a batch at its strengths); the defaults do nothing.
+    ``branch``: under classifier-free guidance, the half of the [uncond; cond] batch an h edit
+    goes to ("both", "cond", "uncond"); ``asyrp``: the edited eps feeds P_t only."""
+
+    asyrp: bool = False
+    branch: str = "both"
+
+    def check(self, steps: int, guided: bool) -> None:
+        """ValueError where the action cannot run with ``steps`` sampling steps (or guidance)."""
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """x_T (B, C, R, R), before the first step."""
+        return x
+
+    def x_t(self, step: int, x: torch.Tensor) -> torch.Tensor:
+        """x_t (B, C, R, R) before the U-Net pass of ``step`` (0 = the first denoising step)."""
+        return x
+
+    def delta(self, step: int) -> torch.Tensor | None:
+        """What is added to h_t at ``step`` ((B, C, H, W) or broadcastable), None: nothing."""
+        return None
+
+    def session(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """A context around the generation (attention processors, swapped weights)."""
+        return contextlib.nullcontext()
+
+    def acts_on_x(self) -> bool:
+        """Whether ``start`` or ``x_t`` change the latent (a plain pipeline then needs both hooks)."""
+        return type(self).start is not Action.start or type(self).x_t is not Action.x_t
+
+    def with_branch(self, branch: str) -> Action:
+        twin = copy.copy(self)
+        twin.branch = branch
+        return twin
+
+
+class Compose(Action):
+    """Several actions in one generation: x modifications in order, h deltas summed (several
+    directions at once, eq. (6) with a sum over k), sessions nested."""
+
+    def __init__(self, actions: Sequence[Action]):
+        self.actions = list(actions)
+        asyrp = {a.asyrp for a in self.actions if type(a).delta is not Action.delta}
+        if len(asyrp) > 1:
+            raise ValueError("h edits with and without Asyrp cannot share one generation: render them apart")
+        self.asyrp = asyrp.pop() if asyrp else False
+        branches = {a.branch for a in self.actions}
+        if len(branches) > 1:
+            raise ValueError(f"actions edit different guidance branches {sorted(branches)}")
+        self.branch = branches.pop() if branches else "both"
+
+    def check(self, steps: int, guided: bool) -> None:
+        for a in self.actions:
+            a.check(steps, guided)
+
+    def start(self, x):
+        for a in self.actions:
+            x = a.start(x)
+        return x
+
+    def x_t(self, step, x):
+        for a in self.actions:
+            x = a.x_t(step, x)
+        return x
+
+    def delta(self, step):
+        deltas = [d for d in (a.delta(step) for a in self.actions) if d is not None]
+        return sum(deltas) if deltas else None
+
+    @contextlib.contextmanager
+    def session(self, unet):
+        with contextlib.ExitStack() as stack:
+            for a in self.actions:
+                stack.enter_context(a.session(unet))
+            yield
+
+    def acts_on_x(self) -> bool:
+        return any(a.acts_on_x() for a in self.actions)
+
+    def with_branch(self, branch: str) -> Compose:
+        return Compose([a.with_branch(branch) for a in self.actions])
+
+
+def compose(actions: Sequence[Action]) -> Action | None:
+    """None for no action, the action itself for one, else their :class:`Compose`."""
+    actions = [a for a in actions if a is not None]
+    if not actions:
+        return None
+    return actions[0] if len(actions) == 1 else Compose(actions)
+
+
+class EditMethod:
+    """The contract of an editing method (one per module of this package).
+
+    Class attributes: ``name`` (what every front calls it), ``needs`` (of NEEDS: what a user
+    must give it), ``strength`` and ``unit`` (the name and unit of the number that sets how
+    far it edits), ``acts_on`` (of ACTS_ON), ``reference`` (the paper equation or section it
+    implements). ``attribute``: the attribute it edits, where known (Table 1's diagonal).
+    A method needing a direction is made from one with ``from_direction``; one needing
+    nothing is made with no arguments."""
+
+    name: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ()
+    strength: ClassVar[str] = "gamma"
+    unit: ClassVar[str] = ""
+    acts_on: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    attribute: str | None = None
+
+    @classmethod
+    def from_direction(cls, v: torch.Tensor, window: tuple[int, int] | None = None) -> EditMethod:
+        raise TypeError(f"editing method {cls.name!r} takes no direction")
+
+    def action(self, strength: float | torch.Tensor) -> Action:
+        """The action at ``strength`` (a number, or a (B,) tensor: one per sample of the batch)."""
+        raise NotImplementedError
+
+
+_METHODS: dict[str, type[EditMethod]] = {}
+_found = False
+
+
+def register(cls: type[EditMethod]) -> type[EditMethod]:
+    """Class decorator: make ``cls`` available to every front by ``cls.name``."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__} has no name")
+    bad = [n for n in cls.needs if n not in NEEDS]
+    if bad or cls.acts_on not in ACTS_ON:
+        raise ValueError(f"editing method {cls.name!r}: needs {bad} not in {NEEDS} or acts_on {cls.acts_on!r}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def methods() -> dict[str, type[EditMethod]]:
+    """Every registered method by name: this package's modules, and any registered since."""
+    global _found
+    if not _found:
+        for info in pkgutil.iter_modules(__path__):
+            importlib.import_module(f"{__name__}.{info.name}")
+        _found = True
+    return dict(_METHODS)
+
+
+def get(name: str) -> type[EditMethod]:
+    """The method registered as ``name``; ValueError naming the registered ones."""
+    known = methods()
+    if name not in known:
+        raise ValueError(f"no editing method {name!r}; registered: {', '.join(sorted(known))}")
+    return known[name]
