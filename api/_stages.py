@@ -27,7 +27,7 @@ def run_stage(stage: str, run_dir: str | Path, config=None, device: str = "auto"
     (``{"pca": {"components": 5}}``; missing keys take their defaults). A stage that creates
     its run folder (sample, invert) writes ``run_dir``. Returns the stage's summary;
     RunError (one line) for bad input."""
-    from hspace.flows.stage_commands import execute_stage
+    from hspace.flows.runner import execute_stage
     from hspace.tasks.stages import registry
 
     stages = registry()

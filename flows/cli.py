@@ -22,7 +22,7 @@ import typer
 from rich.markup import escape
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.flows.entry import apply_defaults
+from hspace.flows import apply_defaults
 from hspace.flows.stage_commands import console, declared_outputs, fail, stage_command, write_error
 from hspace.tasks import views
 from hspace.tasks.stages import Context, registry

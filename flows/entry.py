@@ -7,16 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
+from hspace.flows import apply_defaults
+
 LOCAL = {"server", "schedule"}  # managing the worker, or serving for hours: always here
-
-
-def apply_defaults() -> None:
-    """Defaults that make Prefect usable offline and quiet (STACK_NOTES.md), set before
-    anything imports prefect; the user's environment wins. The CLI and the worker's client
-    both apply them, so a worker started by one command fits the next."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def main() -> None:

@@ -1,4 +1,6 @@
-"""The one stage runner: `hspace <stage>` and `hspace run` both go through ``execute``.
+"""The one stage runner, the service both fronts call: `hspace <stage>`, `hspace run` and
+``import hspace`` (``run_stage``, ``run_pipeline``) go through ``execute_stage`` and
+``execute_pipeline``, which go through ``execute``.
 
 One prologue for every stage: the lock (held by the caller), the fingerprint
 (tasks.stages.stage_key), one state record per stage in run.json (``stages``: state, key,
@@ -118,3 +120,38 @@ def execute_pipeline(cfg, out: Path, break_lock: bool = False, console=None) -> 
         fingerprint = models.resolve(cfg.sample.model).fingerprint
         with prefect_api(console):
             in_prefect(pipeline_flow, out, "run", fingerprint)(cfg.model_dump(mode="json"), str(out), context)
+
+
+def execute_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> dict:
+    """One stage on a run folder, as `hspace STAGE` runs it (checks, lock, Prefect flow);
+    RunError for bad input. The CLI's stage commands and the Python API (hspace.run_stage)
+    both call it."""
+    from hspace.data import models
+    from hspace.tasks.prefect_server import prefect_api
+    from hspace.tasks.sample import resolve_device
+
+    run = RunFolder(run_dir)
+    context = {
+        "device": resolve_device(cfg.device),
+        "dask_address": runtime.get("dask_address"),
+        "allow_download": bool(runtime.get("allow_download")),
+    }
+    ctx = Context(**context)
+    if declared.create is None:
+        run.record()  # a clear error for a folder that is not a run, before any lock
+    if declared.check is not None:  # bad input refused before the lock and Prefect
+        declared.check(run, cfg, ctx)
+    if declared.create is not None:
+        declared.make_run(run, cfg, ctx, dry=True)
+    with run.lock(f"hspace {declared.name} {run_dir}", break_stale=runtime.get("break_lock", False)):
+        if declared.create is not None:  # the flow run is tagged with the model's fingerprint
+            spec = declared.section_values(cfg)[0].model
+            tag = models.resolve(spec, allow_download=context["allow_download"]).fingerprint
+        else:
+            tag = run.record().model.fingerprint
+        with prefect_api(console):  # the standing local server (PREFECT_API_URL, when set, wins)
+            flow = in_prefect(stage_flow, run_dir, declared.name, tag)
+            result = flow(str(run_dir), declared.name, cfg.model_dump(mode="json"), context)
+        if "error" in result:
+            raise RunError(result["error"])
+    return result

@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hspace.data.catalog import RunError, RunFolder
+from hspace.data.catalog import RunError
 from hspace.tasks import views
-from hspace.tasks.stages import Context, Stage, registry
+from hspace.tasks.stages import Stage, registry
 
 console = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True)
@@ -85,6 +85,8 @@ def stage_command(app: typer.Typer, declared: Stage) -> None:
 
 
 def _run_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> None:
+    from hspace.flows.runner import execute_stage
+
     try:
         result = execute_stage(declared, run_dir, cfg, runtime)
     except RunError as e:
@@ -94,42 +96,6 @@ def _run_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> None:
     outputs = result.get("outputs", [])
     shown = ", ".join(outputs[:4]) + (f" +{len(outputs) - 4} more" if len(outputs) > 4 else "")
     console.print(f"{declared.name} outputs in [bold]{run_dir}[/]: {shown or '(none)'}; see `hspace inspect {run_dir}`")
-
-
-def execute_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> dict:
-    """One stage on a run folder, as `hspace STAGE` runs it (checks, lock, Prefect flow);
-    RunError for bad input. The Python API (hspace.run_stage) calls it too."""
-    from hspace.data import models
-    from hspace.tasks.prefect_server import prefect_api
-    from hspace.tasks.sample import resolve_device
-
-    run = RunFolder(run_dir)
-    context = {
-        "device": resolve_device(cfg.device),
-        "dask_address": runtime.get("dask_address"),
-        "allow_download": bool(runtime.get("allow_download")),
-    }
-    ctx = Context(**context)
-    if declared.create is None:
-        run.record()  # a clear error for a folder that is not a run, before any lock
-    if declared.check is not None:  # bad input refused before the lock and Prefect
-        declared.check(run, cfg, ctx)
-    if declared.create is not None:
-        declared.make_run(run, cfg, ctx, dry=True)
-    with run.lock(f"hspace {declared.name} {run_dir}", break_stale=runtime.get("break_lock", False)):
-        if declared.create is not None:  # the flow run is tagged with the model's fingerprint
-            spec = declared.section_values(cfg)[0].model
-            tag = models.resolve(spec, allow_download=context["allow_download"]).fingerprint
-        else:
-            tag = run.record().model.fingerprint
-        with prefect_api(console):  # the standing local server (PREFECT_API_URL, when set, wins)
-            from hspace.flows.runner import in_prefect, stage_flow
-
-            flow = in_prefect(stage_flow, run_dir, declared.name, tag)
-            result = flow(str(run_dir), declared.name, cfg.model_dump(mode="json"), context)
-        if "error" in result:
-            raise RunError(result["error"])
-    return result
 
 
 def declared_outputs() -> dict[str, list[str]]:

@@ -189,30 +189,33 @@ def run_shard(run_dir: str, shard: int) -> dict:
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
-def _shard(run_dir: str, shard: int) -> dict:
-    """One sampling or inversion batch (its done marker says whether it must run). A disk
-    that fills while it writes comes back as ``{"error": one line}``, not as a failed
-    Prefect task (whose logs would repeat the cause): the shard stays pending."""
-    try:
-        if RunFolder(Path(run_dir)).read()["config"].get("kind") == "inversion":
-            from hspace.tasks.invert import run_invert_shard
+def _disk_safe(run_one):
+    """``run_one(run_dir, shard)`` where a disk that fills while it writes comes back as
+    ``{"error": one line}``, not as a failed Prefect task (whose logs would repeat the cause):
+    the shard stays pending."""
 
-            return run_invert_shard(run_dir, shard)
-        return run_shard(run_dir, shard)
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        return {"shard": shard, "error": disk_full_message(e, Path(run_dir), f"writing shard {shard}")}
+    @functools.wraps(run_one)
+    def one(run_dir: str, shard: int) -> dict:
+        try:
+            return run_one(run_dir, shard)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            return {"shard": shard, "error": disk_full_message(e, Path(run_dir), f"writing shard {shard}")}
+
+    return one
 
 
 @functools.cache
-def shard_task():
-    """``_shard`` as a Prefect task: recorded (state, timing) with no cache key; made on
-    first use so that declaring the stage does not import Prefect."""
+def shard_task(run_one=None):
+    """One batch, ``run_one(run_dir, shard)`` (``run_shard`` by default; inversion brings its
+    own), as a Prefect task: recorded (state, timing) with no cache key; made on first use so
+    that declaring the stage does not import Prefect. Its done marker says whether it must run."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
-    return task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="shard-{shard}")(_shard)
+    named = task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="shard-{shard}")
+    return named(_disk_safe(run_one or run_shard))
 
 
 def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) -> list[int]:
@@ -242,10 +245,11 @@ def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) ->
         client.close()
 
 
-def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: bool = True) -> list[int]:
-    """Every pending shard of the run (sampled, or inverted for an inversion run), one
-    Prefect task each, or on the Dask cluster at ``dask_address``; returns the shards
-    computed. Only pending shards run: a shard's done marker says whether its files exist."""
+def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: bool = True, run_one=None) -> list[int]:
+    """Every pending shard of the run, one Prefect task each running ``run_one(run_dir, shard)``
+    (``run_shard``: sampling; the invert stage passes its own), or on the Dask cluster at
+    ``dask_address``; returns the shards computed. Only pending shards run: a shard's done
+    marker says whether its files exist."""
     from hspace.tasks.progress import progress_bar
 
     store = prepare_store(run)
@@ -261,7 +265,7 @@ def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: b
             return _on_dask(str(run.root), sorted(pending), dask_address, store, bar, job)
         done_new, computed = 0, []
         for k in sorted(pending):
-            result = shard_task()(str(run.root), k)
+            result = shard_task(run_one)(str(run.root), k)
             if "error" in result:
                 raise RunError(result["error"])
             computed.append(k)

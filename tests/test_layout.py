@@ -337,3 +337,77 @@ def test_run_record_is_typed_and_reads_a_folder_made_by_the_current_code(tmp_pat
     run.run_json.write_text(json.dumps(before))
     with pytest.raises(Exception, match="model"):
         run.record()
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """hspace module -> the hspace modules it imports, at any depth (inside functions too)."""
+    prefixes = {"api": "hspace", "hcore": "hspace.hcore", "data": "hspace.data", "tasks": "hspace.tasks"}
+    prefixes["flows"] = "hspace.flows"
+    modules = {}
+    for folder, prefix in prefixes.items():
+        for path in (root / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(root / folder).with_suffix("").parts if p != "__init__"]
+            modules[".".join([prefix, *parts])] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for _, module in imports_of(path):
+            found |= {m for m in (module, *(module + "." + a for a in _imported_names(path, module))) if m in modules}
+        graph[name] = found - {name}
+    return graph
+
+
+def _imported_names(path: Path, module: str) -> list[str]:
+    import ast
+
+    nodes = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module == module]
+    return [a.name for n in nodes for a in n.names]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or round a loop, at any depth (a registry
+    that finds modules by name, as the stage and method registries do, is not an import)."""
+    graph = module_graph()
+    assert "hspace.tasks.sample" in graph and "hspace.hcore.edits" in graph
+    assert cycles(graph) == [], cycles(graph)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_api_never_imports_the_cli():
+    """The API calls the service (flows/runner.py) that the CLI calls, never the CLI's modules."""
+    cli = {"hspace.flows.cli", "hspace.flows.stage_commands", "hspace.flows.server_commands", "hspace.flows.entry"}
+    graph = module_graph()
+    api = {m for m in graph if m == "hspace" or (m.startswith("hspace._"))}
+    assert api and not {(m, c) for m in api for c in graph[m] & cli}
