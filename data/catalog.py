@@ -1,4 +1,4 @@
-"""The catalog: the one place that knows a run folder's layout (../DESIGN.md). Every path
+"""The catalog: the one place that knows a run folder's layout. Every path
 inside a run folder is built here (``RunFolder``'s accessors; ``ARTIFACTS`` lists them for
 `inspect` and `verify`); the Zarr stores are typed in data/stores.py.
 

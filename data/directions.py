@@ -1,5 +1,5 @@
 """Direction files: ``NAME.safetensors`` holding one tensor ``v`` of shape (T, C, H, W)
-and string metadata (DESIGN.md): model, revision, h_point, scheduler, eta, steps, method,
+and string metadata: model, revision, h_point, scheduler, eta, steps, method,
 source, scale_unit. Never pickles.
 
 ``check`` refuses a direction that does not fit the model/schedule it is applied to,

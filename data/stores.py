@@ -7,7 +7,7 @@
     pca.zarr/          per-timestep components
     jacobian.zarr/     sample_{I}/step_{S}/ singular vectors
 
-Zarr rules this module keeps (STACK_NOTES.md): the whole array is allocated up front
+Zarr rules this module keeps (measured on zarr 3.1): the whole array is allocated up front
 (resize rewrites metadata); a shard is written whole by exactly one writer (partial shard
 writes race and silently lose data); its ``done`` marker is written only after the shard,
 so a crash mid-write leaves the shard pending and it is redone on resume; every chunk
@@ -285,7 +285,7 @@ def timestep_batches(store: SampleStore, t: int, batch: int, rows: np.ndarray | 
 
 
 class PCAStore:
-    """pca.zarr (DESIGN.md): mean (T, D), components (T, K, D), explained_variance (T, K),
+    """pca.zarr: mean (T, D), components (T, K, D), explained_variance (T, K),
     explained_variance_ratio (T, K), std (T, K), sign_flips (T, K), sign_alignment (T, K)
     (|cos| of each sign choice, hcore.pca.align_signs); attrs: method,
     n_samples, reference_step, h_shape. Written whole by one process."""

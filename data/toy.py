@@ -51,7 +51,7 @@ class ToyRecipe:
 
 RECIPES = {
     "v1": ToyRecipe(steps=20000),
-    # v2 (issue 15): shaped like google/ddpm-ema-celebahq-256, scaled down: the 4x4 bottleneck
+    # v2: shaped like google/ddpm-ema-celebahq-256, scaled down: the 4x4 bottleneck
     # after three downsamplings, attention at 8x8 and in the mid block, multi-head; v2 renders;
     # skip dropout on the three deepest up blocks, without which the decoder ignores h.
     "v2": ToyRecipe(

@@ -34,7 +34,7 @@ corr(Male, Young) = -0.22 (phi coefficient). ``tests/test_toyfaces.py`` checks t
 Render styles (``STYLES``; the factors and their joint distribution are the same in each):
 
 - ``v1``: the renders the shipped v1 toy model and oracle were trained on.
-- ``v2``: for the toy world v2 (issue 15). At 32x32 the v1 mouth spans 5-8 px and opens by
+- ``v2``: for the toy world v2. At 32x32 the v1 mouth spans 5-8 px and opens by
   at most 2 px, and the glasses' rims are under 1 px thick, so a small DDPM decides them
   late and locally (a linear probe cannot read Smiling or Eyeglasses from its h). v2 makes
   them larger and higher in contrast: the mouth 1.4x wider and 1.6x further open

@@ -5,7 +5,8 @@ import os
 
 
 def apply_defaults() -> None:
-    """Defaults that make Prefect usable offline and quiet (STACK_NOTES.md), set before
+    """Defaults that make Prefect usable offline and quiet (a fresh server's database needs
+    more than the default 20 s to start; no analytics), set before
     anything imports prefect; the user's environment wins. The CLI and the worker's client
     both apply them, so a worker started by one command fits the next."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -63,7 +63,7 @@ class SkipDropout:
     skip connections of its own resolution. A small model trained for hours rather than
     weeks decodes from the skips and ignores h: on a four-level toy (32x32 -> 4x4),
     zeroing h changed the predicted noise by 0.1-0.4% and an eq. (10) edit did nothing even
-    at gamma = 50 (issue 15; the three-level v1 model: 2.4-14%). With probability ``p`` per
+    at gamma = 50 (the three-level v1 model: 2.4-14%). With probability ``p`` per
     sample, the skips read by the ``levels`` deepest up blocks are zeroed during training,
     so that what those levels decide must come through h.
 

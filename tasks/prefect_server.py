@@ -1,7 +1,7 @@
 """A standing local Prefect server that every `hspace` command finds and reuses.
 
 Without one, each command that runs a flow starts Prefect's ephemeral API server (a uvicorn
-subprocess): 9-25 s before a stage whose work may take one (STACK_NOTES.md). hspace keeps
+subprocess): 9-25 s before a stage whose work may take one. hspace keeps
 one `prefect server start` per PREFECT_HOME instead, on a free loopback port, recorded in
 ``$PREFECT_HOME/hspace-server.json``; `hspace server start|status|stop` manage it and the
 first command that needs Prefect starts it (one line says so). Flow and task runs are

@@ -3,7 +3,7 @@
 A shard task replays its samples from their own seeds, buffers h for all timesteps and
 writes the shard whole, then marks it done (data.catalog). The done marker is the truth
 and the only cache: a Prefect cache hit would not know whether the files it stands for
-still exist (STACK_NOTES.md), so shard tasks are recorded by Prefect and cache nothing.
+still exist, so shard tasks are recorded by Prefect and cache nothing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The stage registry (DVC/Dagster style, ../STYLE.md): a stage is one ``STAGE = Stage(...)``
-declaration at the end of its own module in tasks/, next to its logic.
+"""The stage registry (DVC and Dagster style: a stage declares what it reads and writes): a
+stage is one ``STAGE = Stage(...)`` declaration at the end of its own module in tasks/, next
+to its logic.
 
 A declaration names the stage, its config sections (tasks/config.py), the stages whose
 outputs it reads, the run-folder artifacts it writes (catalog keys, known before it runs)

@@ -1,4 +1,4 @@
-"""What toy-sd is worth as a yardstick, measured by the toy world's oracle (issue 30):
+"""What toy-sd is worth as a yardstick, measured by the toy world's oracle:
 
 - ``vae_quality``: reconstruction error of the VAE on held-out renders, and whether the
   oracle still reads every attribute from the reconstruction as from the render;

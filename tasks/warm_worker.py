@@ -1,6 +1,6 @@
 """A warm worker: `hspace` commands in a process that has imported torch, diffusers, Prefect
 and hspace once, so a short stage command costs its work plus Prefect's flow engine, not
-three seconds of imports (issue 25, item 8; like a build tool's daemon).
+three seconds of imports (like a build tool's daemon).
 
 `hspace server start` starts it beside the standing Prefect server; `hspace server stop` ends
 both. The worker serves only its owner: it listens on a Unix socket of mode 0600 in a folder

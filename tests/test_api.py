@@ -1,4 +1,4 @@
-"""The Python API (issue 28), as a notebook uses it: open a run lazily without Prefect, apply
+"""The Python API, as a notebook uses it: open a run lazily without Prefect, apply
 a direction inside diffusers' own DDIMPipeline (the same image as `hspace edit`; bit-identical
 at gamma 0; hooks gone after an exception; mismatched schedules refused), run a stage from
 Python, and direction packs (`hspace export`) usable by `hspace edit` and the API."""

@@ -1,4 +1,4 @@
-"""The whole-config check and `hspace run --plan` (issue: a config that cannot die late).
+"""The whole-config check and `hspace run --plan` (a config that cannot die late).
 
 Each rule gets a config that breaks only it: `hspace run` must refuse it in seconds, with
 one line naming the key, exit 2, and nothing written. A config with several problems lists

@@ -223,7 +223,7 @@ def test_the_benchmark_import_check_sees_a_moved_name(tmp_path):
     assert not hasattr(catalog, "SampleStore")
 
 
-# which layers each layer may import (DESIGN.md): imports point one way, hcore -> data -> tasks -> flows
+# which layers each layer may import (docs/ARCHITECTURE.md): imports point one way, hcore -> data -> tasks -> flows
 # -> api (the package `hspace` itself, whose own modules are hspace._name); flows only wire: they call
 # tasks, never the maths in hcore (this rule replaced a line budget on flows/)
 API_MODULES = {p.stem for p in (ROOT / "api").glob("_*.py") if p.stem != "__init__"}
@@ -411,3 +411,17 @@ def test_the_api_never_imports_the_cli():
     graph = module_graph()
     api = {m for m in graph if m == "hspace" or (m.startswith("hspace._"))}
     assert api and not {(m, c) for m in api for c in graph[m] & cli}
+
+
+def test_code_cites_no_issue_numbers_and_no_files_outside_the_repository():
+    """Lab notes stay out of the code: no issue numbers, no notes that are not in the repository."""
+    pattern = re.compile(r"\(issue|issue \d|issue #|DESIGN\.md|STYLE\.md|STACK_NOTES\.md|SD_NOTES\.md|\.\./shared/")
+    files = package_files() + sorted((ROOT / "tests").rglob("*.py"))
+    bad = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in files
+        if p.name != "test_layout.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not bad, bad

@@ -1,4 +1,4 @@
-"""Editing real photos (issue 27) on the shipped toy world, the way users run it: toy renders
+"""Editing real photos on the shipped toy world, the way users run it: toy renders
 stand in for photos. Edit-friendly DDPM inversion regenerates them exactly; a Smiling
 direction (eq. (10) from the toy model's own samples) applied to inverted neutral faces
 moves the oracle's Smiling while the head pose stays; SDEdit; the photo bad inputs."""

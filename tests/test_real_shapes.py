@@ -1,4 +1,4 @@
-"""Every command on the shapes and precisions of real diffusion models (issue: the toy UNet
+"""Every command on the shapes and precisions of real diffusion models (why: the toy UNet
 has no attention and a shallow bottleneck, so the suite passed while real shapes crashed).
 
 Three random-weight UNets: the CelebA-HQ layout in float32, the one with attention at two

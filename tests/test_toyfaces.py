@@ -243,7 +243,7 @@ def test_shipped_toy_model_loads_like_a_user_folder():
     ref = models.resolve("toy")
     assert ref.path == str(models.TOY_MODEL_DIR) and len(ref.fingerprint) == 64
     unet, scheduler = models.load(ref)
-    # v2 (issue 15) ships: shaped like a real DDPM, scaled down
+    # v2 ships: shaped like a real DDPM, scaled down
     assert h_shape(unet) == (128, 4, 4) and scheduler.config.num_train_timesteps == 1000
     assert unet.mid_block.attentions[0] is not None
     assert [type(b).__name__ for b in unet.down_blocks].count("AttnDownBlock2D") == 1

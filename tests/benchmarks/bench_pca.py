@@ -1,4 +1,4 @@
-"""PCA stage benchmarks (issue: unsupervised global directions). Prints figures:
+"""PCA stage benchmarks (unsupervised global directions). Prints figures:
 
 1. peak RSS of one timestep's fit for n = 2k and 8k samples of the toy shape (64, 8, 8)
    (target: within 10%: memory must not grow with n),

@@ -1,4 +1,4 @@
-"""Editing real photos on the toy world (issue 27), the numbers of README "Editing a real
+"""Editing real photos on the toy world, the numbers of README "Editing a real
 photo": toy renders of neutral faces (no smile, no glasses) stand in for photos; eq. (10)
 directions (Smiling, Eyeglasses) come from a sampled, oracle-annotated toy run; each photo
 is edited through `hspace edit --image` with edit-friendly DDPM inversion, DDIM inversion

@@ -63,7 +63,7 @@ def main() -> None:
 
 
 def verdict(result: dict) -> str:
-    """The target of issue 15 on one attribute's result (needs n = 10 and 100)."""
+    """The sample-efficiency target (docs/toy_world.md) on one attribute's result (needs n = 10 and 100)."""
     c, m, ns = result["change"], result["moved"], result["ns"]
     if 10 not in ns or 100 not in ns:
         return f"target not measurable: n = 10 and 100 pairs need {2 * 100 + result['held_out']}+ samples"

@@ -1,4 +1,4 @@
-"""Cheap design metric for a toy DDPM candidate (issue 15; ../shared/TOY_V2_NOTES.md).
+"""Cheap design metric for a toy DDPM candidate (docs/toy_v2_design).
 
 An attribute that a linear probe cannot read from h_t cannot be edited through h. For a
 training checkpoint (its EMA weights) or a model folder this samples N faces with the
@@ -10,7 +10,7 @@ same render style, and prints per binary attribute:
   predicts the attribute from h_t at four steps, beside the majority rate;
 - the edit itself: eq. (10) from the top/bottom 32 of the first N - 32 samples (all 20
   steps of h), applied at gamma = 1 to the last 32: mean change of the attribute, and the
-  RMS pixel change (the real test; issue 15 asks >= +0.30 on the shipped model).
+  RMS pixel change (the real test; the toy world's target is >= +0.30 on the shipped model).
 And once per model, how much the U-Net's output depends on h at all: the relative change
 of the predicted noise when h (the mid-block output) is zeroed, on noised renders at
 t = 900, 500, 100. A decoder that reads its skip connections and ignores h cannot be

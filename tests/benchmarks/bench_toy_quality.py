@@ -1,8 +1,8 @@
-"""Quality of the toy DDPM, judged by the oracle (issue: toy world).
+"""Quality of the toy DDPM, judged by the oracle (the toy world).
 
 Generates N samples with the sampler defaults of `hspace run` (DDIM, eta = 0, 20 steps),
 scores them with an oracle of the model's render style, and compares with the renderer's
-own distribution in that style (issue 15, item 3):
+own distribution in that style:
 - every binary attribute's frequency (target: within +-0.08 of the renderer's),
 - mean oracle confidence max(p, 1-p) on binary attributes (target >= 0.95),
 - pose angle means (target: within 2 degrees) and stds (target: within 20%).

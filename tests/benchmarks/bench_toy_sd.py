@@ -1,4 +1,4 @@
-"""toy-sd judged against the truth (issue 30): the model's quality and the five studies of
+"""toy-sd judged against the truth: the model's quality and the five studies of
 SD-family directions, every number from the oracle.
 
     python tests/benchmarks/bench_toy_sd.py [--model toy-sd] [--run runs/toy-sd] [--n 512]

@@ -1,4 +1,4 @@
-"""Crash-and-resume torture test for `hspace sample` and `hspace run` (issue: reliability).
+"""Crash-and-resume torture test for `hspace sample` and `hspace run` (reliability).
 
 Runs an uninterrupted reference, then TRIALS times: start `hspace sample` as a subprocess
 (its own process group, so its ephemeral Prefect server dies with it), SIGKILL it at a
