@@ -189,6 +189,9 @@ STAGE = Stage(
     sections=("figures", "directions", "annotate"),
     inputs=("pca", "directions", "disentangle", "annotate"),
     outputs=("figures",),
+    # Fig. 7 runs the Jacobian (jacobian.zarr, directions/jac_*), the PCA grid names its rows
+    # (eval/figure_pc_names.*): declared here until they are stages of their own
+    also_writes=("jacobian", "directions", "eval"),
     body=figures_stage,
     summary=lambda r: f"{len(r['outputs'])} files",
     command=False,

@@ -360,3 +360,42 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
     assert time.time() - in_process < 1.0  # the listing itself; the process above also imports torch-free CLI code
     assert "prefect" not in proc.stderr.lower(), proc.stderr
     print(f"hspace list of 100 runs: {in_process - start:.2f} s as a process")
+
+
+def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path):
+    """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
+    one at a time through the runner: every file it creates or changes lies inside an artifact
+    its declaration names (``outputs``, or ``also_writes`` for what its config may add); the
+    runner's own run.json is the only exception. A stage that writes somewhere else fails here."""
+    import hashlib
+
+    from hspace.data.catalog import ARTIFACTS, RunFolder
+    from hspace.flows.runner import execute
+    from hspace.tasks.config import load_config
+    from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
+
+    cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
+    run = RunFolder(tmp_path / "run")
+    ctx = Context(device="cpu", show_progress=False)
+
+    def files() -> dict[str, str]:
+        return {
+            str(p.relative_to(run.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in run.root.rglob("*")
+            if p.is_file()
+        }
+
+    creating_stage().make_run(run, cfg, ctx)
+    seen = {}
+    for name in pipeline_stages():
+        stage = registry()[name]
+        before = files()
+        execute(run, stage, cfg, ctx, force=True)
+        after = files()
+        written = sorted(f for f in after if before.get(f) != after[f] and f != ARTIFACTS["run_json"][0])
+        allowed = [ARTIFACTS[a][0] for a in (*stage.outputs, *stage.also_writes)]
+        stray = [f for f in written if not any(f == a or f.startswith(a + "/") for a in allowed)]
+        assert not stray, f"stage {name} wrote outside its declaration {allowed}: {stray}"
+        seen[name] = written
+    assert any(f.startswith("jacobian.zarr/") for f in seen["figures"])  # Fig. 7 ran: the check saw it
+    assert all(seen[s] for s in ("sample", "annotate", "pca", "directions", "evaluate", "figures", "report"))
