@@ -21,16 +21,20 @@ from hspace.data.disk import free_bytes, require_space
 from hspace.data.stores import SampleStore
 
 HSPACE = str(Path(sys.executable).with_name("hspace"))
-ARGS = ("--model", "toy", "--steps", "20", "--batch-size", "4", "--device", "cpu")  # 86 KB per sample
+ARGS = ("--model", "toy", "--steps", "10", "--batch-size", "4", "--device", "cpu")  # 44 KB per sample
 
 
-def hspace(*args, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HSPACE_NO_WORKER": "1"}
-    return subprocess.run([HSPACE, *map(str, args)], capture_output=True, text=True, timeout=600, env=env, **kw)
+def hspace(*args):
+    """A command in this process (what the user's shell would print is ``output``)."""
+    from typer.testing import CliRunner
+
+    from hspace.flows.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture
@@ -59,28 +63,28 @@ def test_require_space_names_needed_free_and_where(tmp_path):
 
 @pytest.mark.slow
 def test_refused_before_work_and_a_disk_filled_mid_run_resumes(small_disk, tmp_path, prefect_server):
-    # 64 samples need 5.4 MB: refused before anything is written, one line with needed and free
-    too_big = hspace("sample", *ARGS, "--n", "64", "--out", small_disk / "big")
-    assert too_big.returncode == 2, too_big.stdout + too_big.stderr
-    [line] = error_lines(too_big.stderr)
-    assert "sampling 64 samples needs 5.4 MB on disk" in line and "MB free" in line and str(small_disk) in line
+    # 96 samples need 4.2 MB: refused before anything is written, one line with needed and free
+    too_big = hspace("sample", *ARGS, "--n", "96", "--out", small_disk / "big")
+    assert too_big.exit_code == 2, too_big.output
+    [line] = error_lines(too_big.output)
+    assert "sampling 96 samples needs 4.2 MB on disk" in line and "MB free" in line and str(small_disk) in line
     assert os.listdir(small_disk) == []
     run_too_big = tmp_path / "run.yaml"
-    run_too_big.write_text(  # its samples fit (2.0 MB); with PCA and directions it does not
-        "device: cpu\nsample: {model: toy, n: 24, steps: 20, batch_size: 4}\npca: {components: 10}\n"
+    run_too_big.write_text(  # its samples fit (1.1 MB); with PCA and directions it does not
+        "device: cpu\nsample: {model: toy, n: 24, steps: 10, batch_size: 4}\npca: {components: 10}\n"
         "directions: {held_out: 8, top: 4}\n"
     )
     refused = hspace("run", "--config", run_too_big, "--out", small_disk / "pipeline")
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    [line] = error_lines(refused.stderr)
+    assert refused.exit_code == 2, refused.output
+    [line] = error_lines(refused.output)
     assert "this run (sample, annotate" in line and "MB on disk but" in line and "MB free" in line, line
     assert os.listdir(small_disk) == []
 
     # the reference: the same 24 samples, uninterrupted, on a roomy disk
     reference = tmp_path / "reference"
-    assert hspace("sample", *ARGS, "--n", "24", "--out", reference).returncode == 0
+    assert hspace("sample", *ARGS, "--n", "24", "--out", reference).exit_code == 0
 
-    # 24 samples fit (2.0 MB); once the first shard is written another writer takes the rest
+    # 24 samples fit (1.1 MB); once the first shard is written another writer takes the rest
     run = small_disk / "run"
     proc = subprocess.Popen(
         [HSPACE, "sample", *ARGS, "--n", "24", "--out", str(run)],
@@ -115,13 +119,13 @@ def test_refused_before_work_and_a_disk_filled_mid_run_resumes(small_disk, tmp_p
     assert 0 in done and pending, (done, pending)
     verify = hspace("verify", run)
     for k in pending:
-        assert f"samples shard {k}" in verify.stdout, verify.stdout
+        assert f"samples shard {k}" in verify.output, verify.output
     kept = {k: store.h[k * 4 : (k + 1) * 4] for k in done}
 
     filler.unlink()
     again = hspace("sample", *ARGS, "--n", "24", "--out", run)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"{len(pending)} shards computed" in again.stdout
+    assert again.exit_code == 0, again.output
+    assert f"{len(pending)} shards computed" in again.output
     resumed, expected = SampleStore(run / "samples.zarr"), SampleStore(reference / "samples.zarr")
     assert resumed.complete()
     for name in ("h", "x0", "seeds"):
@@ -130,7 +134,7 @@ def test_refused_before_work_and_a_disk_filled_mid_run_resumes(small_disk, tmp_p
         np.testing.assert_array_equal(resumed.h[k * 4 : (k + 1) * 4], h)
     # a later stage is checked before it starts too: PCA's arrays do not fit in what is left
     pca = hspace("pca", run, "--components", "10", "--device", "cpu")
-    assert pca.returncode == 2, pca.stdout + pca.stderr
-    [line] = error_lines(pca.stderr)
+    assert pca.exit_code == 2, pca.output
+    [line] = error_lines(pca.output)
     assert "the pca stage needs" in line and "MB free" in line, line
     assert not (run / "pca.zarr").exists() and "pca" not in RunFolder(run).read()["stages"]

@@ -74,6 +74,7 @@ def test_the_builtin_methods_say_what_they_need_and_do():
         edits.get("nope")
 
 
+@pytest.mark.slow
 def test_the_sampler_applies_an_x_t_action_as_an_explicit_restart_would(toy):
     """Independent reference: stop before step 3, add c, and restart there (the SDEdit path:
     the same generator, the steps before skipped): the action gives the same image."""
@@ -88,6 +89,7 @@ def test_the_sampler_applies_an_x_t_action_as_an_explicit_restart_would(toy):
     assert (acted - generate(unet, scheduler, gens(), STEPS, cfg["eta"], indices=[4])).abs().mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_new_method_runs_through_edit_apply_and_table_1(toy, tmp_path):
     # `hspace edit`: a row of the grid, swept over --scales, no direction file
     grid = tmp_path / "grid.png"
@@ -141,6 +143,7 @@ def test_a_new_method_runs_through_edit_apply_and_table_1(toy, tmp_path):
     assert result["outputs"]
 
 
+@pytest.mark.slow
 def test_unknown_or_unfit_methods_are_refused_before_work(toy, tmp_path):
     from typer.testing import CliRunner
 

@@ -4,6 +4,7 @@ claims the name `hspace` only, and every stage command's options are its config 
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -339,6 +340,7 @@ def test_run_record_is_typed_and_reads_a_folder_made_by_the_current_code(tmp_pat
         run.record()
 
 
+@functools.cache
 def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """hspace module -> the hspace modules it imports, at any depth (inside functions too)."""
     prefixes = {"api": "hspace", "hcore": "hspace.hcore", "data": "hspace.data", "tasks": "hspace.tasks"}

@@ -189,6 +189,7 @@ def test_example_configs_are_valid(tmp_path, flag):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
@@ -228,6 +229,8 @@ def test_schedule_deployment_and_a_triggered_run(prefect_server, model_dir, orac
         assert state.is_failed() and expected in state.message and "\n" not in state.message, state.message
     assert not (tmp_path / "elsewhere").exists()
     assert sorted(p.name for p in (tmp_path / "scheduled").iterdir()) == before
+    again = run_deployment("hspace-scheduled-run/nightly-test", timeout=0)  # the schedule goes on
+    assert run_flow(scheduled_run, flow_run=again, parameters=again.parameters, return_type="state").is_completed()
     monkeypatch.delenv("HSPACE_SCHEDULE_OUT_ROOT")
     unserved = run_deployment("hspace-scheduled-run/nightly-test", timeout=0)
     state = run_flow(scheduled_run, flow_run=unserved, parameters=unserved.parameters, return_type="state")
@@ -362,6 +365,7 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
     print(f"hspace list of 100 runs: {in_process - start:.2f} s as a process")
 
 
+@pytest.mark.slow
 def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path):
     """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
     one at a time through the runner: every file it creates or changes lies inside an artifact
