@@ -102,21 +102,12 @@ def apply(
 
 
 def _method(method):
-    from hspace.hcore.edits import EditMethod, get
+    from hspace.hcore.edits import standalone
 
-    if isinstance(method, EditMethod):
-        made = method
-    else:
-        try:
-            cls = get(method)
-        except ValueError as e:
-            raise DirectionMismatch(str(e)) from None
-        if cls.needs:
-            raise DirectionMismatch(f"editing method {method!r} needs {', '.join(cls.needs)}: give directions=")
-        made = cls()
-    if made.needs:
-        raise DirectionMismatch(f"editing method {made.name!r} needs {', '.join(made.needs)}: give directions=")
-    return made
+    try:
+        return standalone(method)
+    except ValueError as e:
+        raise DirectionMismatch(str(e)) from None
 
 
 @contextmanager

@@ -67,6 +67,11 @@ def pending_sample_bytes(run) -> int | None:
         return None
 
 
+def sample_bytes(steps: int, h_shape, image_shape) -> tuple[int, int]:
+    """What one sample takes in samples.zarr, (h_{T:1} in float16, x0 in uint8)."""
+    return steps * math.prod(h_shape) * 2, math.prod(image_shape)
+
+
 def disk_needs(cfg, h_shape, image_shape) -> dict[str, tuple[str, int]]:
     """The large arrays a run writes, label -> (stage, bytes), uncompressed (fp16
     activations barely compress): the plan's disk table and what `hspace run` checks
@@ -74,9 +79,10 @@ def disk_needs(cfg, h_shape, image_shape) -> dict[str, tuple[str, int]]:
     n, steps = cfg.sample.n, cfg.sample.steps
     d = math.prod(h_shape)
     k = cfg.pca.components
+    h, x0 = sample_bytes(steps, h_shape, image_shape)
     return {
-        "h (samples.zarr)": ("sample", n * steps * d * 2),
-        "x0 (samples.zarr)": ("sample", n * math.prod(image_shape)),
+        "h (samples.zarr)": ("sample", n * h),
+        "x0 (samples.zarr)": ("sample", n * x0),
         "pca.zarr + directions": ("pca", (steps * (k + 1) * d * 4 + 2 * k * steps * d * 4) * cfg.pca.enabled),
         "attribute directions": ("directions", 3 * len(cfg.directions.attributes) * steps * d * 4),
     }
@@ -92,7 +98,7 @@ def run_disk_needs(run, cfg) -> dict[str, int]:
     layout = SampleStore(run.samples).layout
     d = math.prod(layout.h_shape)
     needs: dict[str, int] = {}
-    for _, (stage, b) in disk_needs(cfg, layout.h_shape, layout.image_shape).items():
+    for stage, b in disk_needs(cfg, layout.h_shape, layout.image_shape).values():
         needs[stage] = needs.get(stage, 0) + b
     needs.pop("sample", None)
     j = cfg.jacobian

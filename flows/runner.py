@@ -21,7 +21,7 @@ from prefect import flow
 from rich.console import Console
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.data.disk import require_space
+from hspace.data.disk import require_space, run_disk_needs
 from hspace.tasks.config import RunConfig
 from hspace.tasks.report import publish_artifacts
 from hspace.tasks.stages import Context, Stage, creating_stage, pipeline_stages, registry, stage_key, stage_task
@@ -37,8 +37,6 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
     if not force and stage.is_fresh(run, previous, key):
         ctx.log(f"{stage.name}: cached ({key})")
         return {**previous, "cached": True}
-    from hspace.data.disk import run_disk_needs
-
     needed = run_disk_needs(run, cfg).get(stage.name, 0)  # sampling checks its pending shards itself
     require_space(run.root, needed, f"the {stage.name} stage")
     t0 = time.perf_counter()

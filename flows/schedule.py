@@ -161,19 +161,15 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
     from hspace.data.runs import prune_runs
     from hspace.tasks.check import check_disk
 
+    start = flow_run.scheduled_start_time or datetime.now(UTC)
     try:
         cfg, facts = check_scheduled(config, out_root, keep)
+        out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
+        check_disk(cfg, out, facts)  # the plan's bytes against the free space, before anything starts
     except RunError as e:
         message = " ".join(str(e).split())  # one line, also for the whole-config check's list
         get_run_logger().error("refused: %s", message)
         return Failed(message=f"refused: {message}")
-    start = flow_run.scheduled_start_time or datetime.now(UTC)
-    out = Path(out_root) / f"{start.strftime('%Y%m%dT%H%M%S')}-{flow_run.name}"
-    try:
-        check_disk(cfg, out, facts)  # the plan's bytes against the free space, before anything starts
-    except RunError as e:
-        get_run_logger().error("refused: %s", e)
-        return Failed(message=f"refused: {e}")
     from hspace.flows.runner import console, run_pipeline
     from hspace.tasks.sample import resolve_device
     from hspace.tasks.stages import Context

@@ -144,18 +144,18 @@ class JacobianSVD:
 IterationCallback = Callable[[int, float], None]  # (iteration, relative residual: the stop rule's measure)
 
 
-def ritz_residual(phi: torch.Tensor, phi_hat: torch.Tensor) -> torch.Tensor:
+def ritz_residual(phi: torch.Tensor, phi_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The relative residuals of the Ritz pairs of A = J^T J on span(phi): with phi (d, b)
     orthonormal and phi_hat = A phi, the Rayleigh-Ritz pairs (theta_i, y_i = phi w_i) of
     H = phi^T A phi = W diag(theta) W^T have residuals r_i = A y_i - theta_i y_i =
-    phi_hat w_i - theta_i phi w_i; returns ||r_i|| / theta_i (b,). For symmetric A an
+    phi_hat w_i - theta_i phi w_i; returns (||r_i|| / theta_i (b,), W in ascending theta). For symmetric A an
     eigenvalue lies within ||r_i|| of theta_i, so a relative residual below tol bounds the
     relative error of sigma_i^2 by tol (of sigma_i by tol / 2), however close two singular
     values are; a vector's angle to its singular vector is at most ||r_i|| / gap_i."""
     h = phi.T @ phi_hat
     theta, w = torch.linalg.eigh((h + h.T) / 2)
     r = phi_hat @ w - (phi @ w) * theta
-    return r.norm(dim=0) / theta.abs().clamp_min(torch.finfo(theta.dtype).tiny)
+    return r.norm(dim=0) / theta.abs().clamp_min(torch.finfo(theta.dtype).tiny), w
 
 
 def _iterate(f, h0, phi, found, tol, max_iters, on_iteration=None) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
@@ -175,7 +175,8 @@ def _iterate(f, h0, phi, found, tol, max_iters, on_iteration=None) -> tuple[torc
         deflated = phi_hat  # Alg. 2: the operator restricted to the complement of ``found``
         if found is not None:
             deflated = phi_hat - found @ torch.linalg.solve(found.T @ found, found.T @ phi_hat)
-        residual = float(ritz_residual(phi, deflated).max())
+        residuals, w = ritz_residual(phi, deflated)
+        residual = float(residuals.max())
         new_phi, s2, _ = torch.linalg.svd(phi_hat, full_matrices=False)
         sigma = s2.clamp_min(0).sqrt()
         if on_iteration is not None:
@@ -183,8 +184,6 @@ def _iterate(f, h0, phi, found, tol, max_iters, on_iteration=None) -> tuple[torc
         if residual < tol:
             # the Ritz vectors of the span whose residual was measured (``new_phi`` is one
             # more power step, and its residual was not)
-            h = phi.T @ deflated
-            _, w = torch.linalg.eigh((h + h.T) / 2)
             return phi @ w.flip(1), sigma, it, True
         phi = new_phi
     return phi, sigma, max_iters, False

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.data.disk import disk_needs, free_bytes, pending_sample_bytes, require_space
+from hspace.data.disk import disk_needs, pending_sample_bytes, require_space
 from hspace.tasks.config import RunConfig
 
 
@@ -350,7 +350,6 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     if left is not None:  # resuming: only the unfinished shards
         needs = {k: v for k, v in needs.items() if v[0] != "sample"} | {"unfinished shards": ("sample", left)}
     needed = sum(b for stage, b in needs.values() if states.get(stage) == "run")
-    free, where = free_bytes(out)
     stages = [
         {
             "stage": name,
@@ -372,7 +371,5 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
         "stages": stages,
         "disk_bytes": disk,
         "disk_needed": needed,  # by the stages that would run
-        "disk_free": free,
-        "disk_where": str(where),
         "total_seconds": None if seconds is None else sum(s["seconds"] or 0 for s in stages),
     }

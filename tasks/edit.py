@@ -104,9 +104,7 @@ def render_edits(
             gammas[i, b] += g
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     methods = [edit_method(v, image_shape, window, asyrp) for v in vectors]
-    # h actions first, then the x_T ones (the order of the sums of eq. (6) as before)
-    order = sorted(range(len(methods)), key=lambda i: methods[i].acts_on == "x_T")
-    edit = compose([methods[i].action(gammas[i]) for i in order])
+    edit = compose([m.action(gammas[i]) for i, m in enumerate(methods)])
     x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
     generators = make_generators(sample.run_seed, [sample.index] * len(flat))
     noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
@@ -219,23 +217,26 @@ def save_cells(images: np.ndarray, rows: list[str], cols: list[str], folder: Pat
             Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{name}.png")
 
 
-def resolve_method(name: str | None, asyrp: bool = False):
-    """The editing method ``--edit-method NAME`` names (hcore.edits), checked before any work:
-    it must be registered, and one that needs a prompt pair, a source image or trained weights
-    is not run by `hspace edit` from direction files and --scales alone."""
+def resolve_method(name: str | None, asyrp: bool, directions: list[str]):
+    """The editing method ``--edit-method NAME`` names (hcore.edits; None: none named),
+    checked before any work: it must be registered, the grid needs a --direction unless the
+    method needs none, and one that needs a prompt pair, a source image or trained weights is
+    not run by `hspace edit` from direction files and --scales alone."""
     from hspace.hcore.edits import get
 
-    if name is None:
-        return None
-    try:
-        method = get(name)
-    except ValueError as e:
-        raise RunError(f"--edit-method: {e}") from None
-    if asyrp and name != "asyrp":
-        raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
-    other = [n for n in method.needs if n != "direction"]
-    if other:
-        raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
+    method = None
+    if name is not None:
+        try:
+            method = get(name)
+        except ValueError as e:
+            raise RunError(f"--edit-method: {e}") from None
+        if asyrp and name != "asyrp":
+            raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
+        other = [n for n in method.needs if n != "direction"]
+        if other:
+            raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
+    if not directions and (method is None or "direction" in method.needs):
+        raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
     return method
 
 
@@ -305,9 +306,7 @@ def edit_sample(
     from hspace.data.stores import SampleStore
     from hspace.hcore.hooks import h_shape
 
-    method = resolve_method(edit_method, asyrp)
-    if not directions and (method is None or "direction" in method.needs):
-        raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
+    method = resolve_method(edit_method, asyrp, directions)
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
     if (run_dir is None) == (model is None):

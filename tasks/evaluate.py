@@ -21,21 +21,12 @@ def scored_methods(names: list[str]) -> list:
     """The editing methods of ``evaluate.methods`` (hcore.edits), made to be scored as Table 1
     rows; RunError for a name that is not registered or a method that needs something (a
     direction is scored by listing it in evaluate.directions)."""
-    from hspace.hcore.edits import get
+    from hspace.hcore.edits import standalone
 
-    made = []
-    for name in names:
-        try:
-            method = get(name)
-        except ValueError as e:
-            raise RunError(f"evaluate.methods: {e}") from None
-        if method.needs:
-            raise RunError(
-                f"evaluate.methods: {name!r} needs {', '.join(method.needs)}; a direction's method is scored by "
-                "listing the direction in evaluate.directions"
-            )
-        made.append(method())
-    return made
+    try:
+        return [standalone(name) for name in names]
+    except ValueError as e:
+        raise RunError(f"evaluate.methods: {e}; directions are scored through evaluate.directions") from None
 
 
 def run_evaluation(

@@ -81,9 +81,7 @@ def edit_photos(
     from hspace.hcore.sampler import make_generators, to_uint8, to_unit
     from hspace.tasks.invert import invert_images
 
-    edit = resolve_method(edit_method, asyrp)
-    if not directions and (edit is None or "direction" in edit.needs):
-        raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
+    edit = resolve_method(edit_method, asyrp, directions)
     asyrp = asyrp or edit_method == "asyrp"
     if method not in INVERSION_METHODS:
         raise RunError(f"--method must be one of {', '.join(INVERSION_METHODS)}, got {method!r}")

@@ -16,7 +16,7 @@ import numpy as np
 
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder
-from hspace.data.disk import DISK_FULL, disk_full_message, pending_sample_bytes, require_space
+from hspace.data.disk import DISK_FULL, disk_full_message, pending_sample_bytes, require_space, sample_bytes
 from hspace.data.stores import SampleLayout, SampleStore
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -311,8 +311,6 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
 def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
     """The sample store's bytes still to write: its pending shards, or h and x0 of every sample
     of a new run (the plan's count; run_shards checks the exact figure again)."""
-    import math
-
     from hspace.hcore.hooks import h_shape
 
     left = pending_sample_bytes(run)
@@ -320,7 +318,7 @@ def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
         return left
     size = config.get("image_size") or unet.config.sample_size
     channels = 3 if config.get("image_size") else unet.config.out_channels
-    per_sample = config["steps"] * math.prod(h_shape(unet)) * 2 + channels * size * size
+    per_sample = sum(sample_bytes(config["steps"], h_shape(unet), (channels, size, size)))
     if config.get("kind") == "inversion":  # x_T, and a DDPM inversion's noise maps, in float32
         latent = unet.config.in_channels * unet.config.sample_size**2 * 4
         per_sample += latent * (1 + config["steps"] * (config.get("method") == "ddpm"))

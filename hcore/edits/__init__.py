@@ -146,7 +146,10 @@ class EditMethod:
 
     @classmethod
     def from_direction(cls, v: torch.Tensor, window: tuple[int, int] | None = None) -> EditMethod:
-        raise TypeError(f"editing method {cls.name!r} takes no direction")
+        """The method acting with direction ``v`` (its steps limited to ``window``)."""
+        if "direction" not in cls.needs:
+            raise TypeError(f"editing method {cls.name!r} takes no direction")
+        return cls(v, window)
 
     def action(self, strength: float | torch.Tensor) -> Action:
         """The action at ``strength`` (a number, or a (B,) tensor: one per sample of the batch)."""
@@ -184,3 +187,13 @@ def get(name: str) -> type[EditMethod]:
     if name not in known:
         raise ValueError(f"no editing method {name!r}; registered: {', '.join(sorted(known))}")
     return known[name]
+
+
+def standalone(method: str | EditMethod) -> EditMethod:
+    """A method that runs on its own (it needs nothing), made from its name (or given made):
+    what Table 1 and a plain pipeline can take without a direction. ValueError otherwise."""
+    made = method if isinstance(method, EditMethod) else None
+    cls = type(made) if made is not None else get(method)
+    if cls.needs:
+        raise ValueError(f"editing method {cls.name!r} needs {', '.join(cls.needs)}: it does not run on its own")
+    return made if made is not None else cls()

@@ -24,10 +24,6 @@ class HDirection(EditMethod):
     def __init__(self, v: torch.Tensor, window: tuple[int, int] | None = None):
         self.v, self.window = v, window
 
-    @classmethod
-    def from_direction(cls, v, window=None):
-        return cls(v, window)
-
     def action(self, strength):
         return Edit(directions=[self.v], gammas=[strength], window=self.window, asyrp=self.asyrp)
 
@@ -61,11 +57,7 @@ class XTDirection(EditMethod):
     reference = "Haas et al. sec. 5, eq. (10) with q = x_T (the Fig. 8 baseline)"
 
     def __init__(self, v: torch.Tensor, window: tuple[int, int] | None = None):
-        self.v = v
-
-    @classmethod
-    def from_direction(cls, v, window=None):
-        return cls(v)
+        self.v = v  # the initial noise has no steps: a window does not apply
 
     def action(self, strength):
         return XTShift(self.v, strength)
