@@ -70,13 +70,14 @@ def apply(
         with _attached(pipe, unet, scheduler, action, None, "output", "both", guided) as hs:
             yield hs
         return
-    if method is not None and method not in ("h", "asyrp") and getattr(method, "name", None) != "h":
-        raise DirectionMismatch(f"method={method!r} with directions: only the h method applies direction files here")
-    if method == "asyrp":
+    name = getattr(method, "name", method)
+    if name == "asyrp":
         raise DirectionMismatch(
             "asyrp edits P_t only, which needs a second U-Net pass per step that a plain pipeline does not make: "
             "use `hspace edit --edit-method asyrp`"
         )
+    if name not in (None, "h"):
+        raise DirectionMismatch(f"method={method!r} with directions: only the h method applies direction files here")
     items = [directions] if isinstance(directions, (Direction, str)) or hasattr(directions, "is_file") else directions
     dirs = [d if isinstance(d, Direction) else load_direction(d) for d in items]
     gammas = [float(gamma)] * len(dirs) if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
