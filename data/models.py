@@ -210,6 +210,20 @@ def text_for_run(run_meta: dict, device: str = "cpu"):
     )
 
 
+def replay_for_run(run_meta: dict, text=None, device: str | None = None):
+    """How this run's samples are rendered again (hcore.generator.Replay): its seed, steps,
+    eta and h point, and ``text`` (a text-conditioned model's setup; with ``device`` and no
+    ``text`` it is loaded here, ``text_for_run``). The one place that reads those settings
+    from a run record for a replay."""
+    from hspace.hcore.generator import Replay
+
+    cfg = run_meta["config"]
+    if text is None and device is not None:
+        text = text_for_run(run_meta, device)
+    eta = tuple(cfg["eta"]) if isinstance(cfg["eta"], list) else cfg["eta"]
+    return Replay(int(cfg["seed"]), int(cfg["steps"]), eta, cfg.get("h_point", "output"), text)
+
+
 def load(ref: ModelRef, device: str = "cpu", dtype=None):
     """Load (unet, scheduler) for a resolved model, in eval mode on ``device``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel

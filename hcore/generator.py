@@ -13,12 +13,12 @@ with them applied: ``generate(unet, scheduler, generators, ..., text=None)`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from hspace.hcore.conditioning import Conditioning, encode_prompt
-from hspace.hcore.sampler import sample
+from hspace.hcore.sampler import draw_noise, make_generators, sample
 
 EDIT_BRANCHES = ("both", "cond", "uncond")
 
@@ -125,3 +125,40 @@ def generate(
         kwargs["edit"] = edit.with_branch(text.edit_branch if text.guided else "both")
     z = sample(unet, scheduler, generators, num_inference_steps, eta, conditioning=text.conditioning(prompts), **kwargs)
     return z if kwargs.get("stop_before") is not None else text.decode(z)
+
+
+@dataclass(frozen=True, eq=False)
+class Replay:
+    """Everything that regenerates a run's samples exactly (paper sec. 3: x_T and z_{T:1} fix a
+    sample, and both come from its own generator, seeded from the run seed and its index by
+    ``hcore.sampler.sample_seed``): the run seed, the steps, eta, the hook point of h and, for a
+    text-conditioned model, its setup (sample i's prompt, guidance, the VAE). Every stage and
+    command that renders a run's sample again (edits, Table 1, Fig. 8, the Jacobian's x_t,
+    inversion, supervision) goes through one of these."""
+
+    seed: int
+    steps: int
+    eta: float | str | tuple = 1.0
+    h_point: str = "output"
+    text: TextSetup | None = None
+
+    def with_text(self, text: TextSetup | None) -> Replay:
+        """The same replay with a text setup (loaded after the settings were read)."""
+        return replace(self, text=text)
+
+    def generators(self, indices: Sequence[int]) -> list[torch.Generator]:
+        """Sample i's own generator, for each i of ``indices`` (repeats allowed)."""
+        return make_generators(self.seed, indices)
+
+    def x_T(self, indices: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        """The samples' initial noise x_T (B, *shape): the first draw of each generator."""
+        return draw_noise(self.generators(indices), shape)
+
+    def render(self, unet: torch.nn.Module, scheduler, indices: Sequence[int], eta=None, **kwargs) -> torch.Tensor:
+        """``generate`` for samples ``indices``: their generators, prompts, the steps and h
+        point; ``eta`` other than the run's (e.g. 0: DDIM from the same x_T); ``kwargs`` as for
+        ``hcore.sampler.sample`` (edit, on_step, x_T, noise, stop_before, start_at)."""
+        indices = [int(i) for i in indices]
+        eta = self.eta if eta is None else eta
+        how = {"text": self.text, "indices": indices, "h_point": self.h_point, **kwargs}
+        return generate(unet, scheduler, self.generators(indices), self.steps, eta, **how)

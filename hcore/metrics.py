@@ -13,20 +13,18 @@ import torch
 
 from hspace.hcore.calibrate import calibrate_gamma
 from hspace.hcore.edits import EditMethod
-from hspace.hcore.generator import generate
-from hspace.hcore.sampler import Edit, make_generators
+from hspace.hcore.generator import Replay
+from hspace.hcore.sampler import Edit
 
 
-def attribute_changes(
-    unet, scheduler, annotator, sample_cfg: dict, indices: list, vectors: list, gamma: float, text=None
-):
+def attribute_changes(unet, scheduler, annotator, replay: Replay, indices: list, vectors: list, gamma: float):
     """Mean over samples of score(+gamma) - score(-gamma), halved: (len(vectors), A).
 
     Every edited sample replays its own x_T and z_{T:1} (same generator), so the only
     difference between the two renders is the edit."""
     zero = np.zeros((len(indices), len(annotator.names)))
-    up = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, gamma, base=zero, text=text)
-    down = leakage_matrix(unet, scheduler, annotator, sample_cfg, indices, vectors, -gamma, base=zero, text=text)
+    up = leakage_matrix(unet, scheduler, annotator, replay, indices, vectors, gamma, base=zero)
+    down = leakage_matrix(unet, scheduler, annotator, replay, indices, vectors, -gamma, base=zero)
     return (up - down) / 2
 
 
@@ -56,17 +54,16 @@ def edit_scores(
     unet,
     scheduler,
     annotator,
-    sample_cfg: dict,
+    replay: Replay,
     indices: list[int],
     v: torch.Tensor | EditMethod | None,
     gamma: float,
     batch_size: int = 64,
-    text=None,
 ) -> np.ndarray:
     """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited).
     ``v``: an h direction (T, C, H, W), or any editing method (hcore.edits) at strength gamma.
-    ``text``: a text-conditioned model's setup (hcore.generator.TextSetup): each sample is
-    replayed with its own prompt and decoded by the VAE before it is scored."""
+    Each sample is replayed as it was drawn (``replay``: its generator, and for a
+    text-conditioned model its prompt, with the VAE decoding it before it is scored)."""
     out = []
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
@@ -76,17 +73,7 @@ def edit_scores(
             edit = v.action(gamma)
         else:
             edit = Edit([v], [gamma])
-        x0 = generate(
-            unet,
-            scheduler,
-            make_generators(sample_cfg["seed"], part),
-            sample_cfg["steps"],
-            sample_cfg["eta"],
-            text=text,
-            indices=part,
-            edit=edit,
-            h_point=sample_cfg["h_point"],
-        )
+        x0 = replay.render(unet, scheduler, part, edit=edit)
         out.append(annotator.score(x0).numpy())
     return np.concatenate(out)
 
@@ -95,13 +82,12 @@ def leakage_matrix(
     unet,
     scheduler,
     annotator,
-    sample_cfg: dict,
+    replay: Replay,
     indices: list[int],
     vectors: list[torch.Tensor],
     gamma: float | list[float],
     base: np.ndarray | None = None,
     on_row=None,
-    text=None,
 ) -> np.ndarray:
     """Table 1: mean change of every attribute (columns) when editing with each direction
     (rows): mean over samples of score(edited) - score(original). (len(vectors), A).
@@ -109,10 +95,10 @@ def leakage_matrix(
     on_row(): called after each row (progress)."""
     gammas = [gamma] * len(vectors) if isinstance(gamma, int | float) else list(gamma)
     if base is None:
-        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0, text=text)
+        base = edit_scores(unet, scheduler, annotator, replay, indices, None, 0.0)
     rows = []
     for v, g in zip(vectors, gammas, strict=True):
-        rows.append((edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g, text=text) - base).mean(0))
+        rows.append((edit_scores(unet, scheduler, annotator, replay, indices, v, g) - base).mean(0))
         if on_row is not None:
             on_row()
     return np.stack(rows)
@@ -122,21 +108,20 @@ def calibrate_edit(
     unet,
     scheduler,
     annotator,
-    sample_cfg: dict,
+    replay: Replay,
     indices: list[int],
     v: torch.Tensor,
     column: int,
     target: float,
     base: np.ndarray | None = None,
-    text=None,
 ):
     """``--gamma auto``: the gamma at which the mean change of annotator column ``column``
     over ``indices`` reaches ``target`` (hcore.calibrate, bisection)."""
     if base is None:
-        base = edit_scores(unet, scheduler, annotator, sample_cfg, indices, None, 0.0, text=text)
+        base = edit_scores(unet, scheduler, annotator, replay, indices, None, 0.0)
 
     def effect(g: float) -> float:
-        scores = edit_scores(unet, scheduler, annotator, sample_cfg, indices, v, g, text=text)
+        scores = edit_scores(unet, scheduler, annotator, replay, indices, v, g)
         return float((scores[:, column] - base[:, column]).mean())
 
     return calibrate_gamma(effect, target)

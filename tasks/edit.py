@@ -19,6 +19,7 @@ import torch
 
 from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError
+from hspace.hcore.generator import Replay
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,12 @@ def parse_direction(text: str) -> DirectionSpec:
 
 @dataclass
 class SampleSpec:
-    """Which sample to replay: its run seed and index, and how it was sampled."""
+    """Which sample to replay: how its run renders samples (hcore.generator.Replay: seed,
+    steps, eta, h point, text setup) and its index; where it does not start from its seed's
+    noise, what it starts from."""
 
-    run_seed: int
+    replay: Replay
     index: int
-    steps: int
-    eta: float
-    h_point: str
     x_T: object = None  # (C, R, R) tensor: start here (an inverted real image) instead of the seed's noise
     noise: object = None  # (S, C, R, R) tensor: a DDPM-inverted image's noise maps, replayed at every step
     start_at: int = 0  # SDEdit: x_T is the photo noised to this step; the steps before it are skipped
@@ -83,7 +83,6 @@ def render_edits(
     cells: list[list[list[tuple[int, float]]]],
     window: tuple[int, int] | None = None,
     asyrp: bool = False,
-    text=None,
 ) -> np.ndarray:
     """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
 
@@ -91,10 +90,9 @@ def render_edits(
     method: a (T, C, H, W) h direction acts on h (``asyrp``: Kwon et al.'s P_t-only edit;
     ``window``: its steps), a (1, C, R, R) one on the initial noise (``--latent xT``, eq. (10)
     with q = x_T: x_T + gamma v). A cell's (index, gamma) pairs set each method's strength.
-    ``text``: a text-conditioned model's setup (hcore.generator.TextSetup): the sample's own prompt."""
+    A text-conditioned sample is rendered with its own prompt (its replay's text setup)."""
     from hspace.hcore.edits import compose
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import make_generators, to_uint8
+    from hspace.hcore.sampler import to_uint8
 
     rows, cols = len(cells), len(cells[0])
     flat = [cell for row in cells for cell in row]
@@ -106,22 +104,9 @@ def render_edits(
     methods = [edit_method(v, image_shape, window, asyrp) for v in vectors]
     edit = compose([m.action(gammas[i]) for i, m in enumerate(methods)])
     x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
-    generators = make_generators(sample.run_seed, [sample.index] * len(flat))
     noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
-    x0 = generate(
-        unet,
-        scheduler,
-        generators,
-        sample.steps,
-        sample.eta,
-        text=text,
-        indices=[sample.index] * len(flat),
-        edit=edit,
-        h_point=sample.h_point,
-        x_T=x_T,
-        noise=noise,
-        start_at=sample.start_at,
-    )
+    at = [sample.index] * len(flat)
+    x0 = sample.replay.render(unet, scheduler, at, edit=edit, x_T=x_T, noise=noise, start_at=sample.start_at)
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
 
@@ -321,32 +306,33 @@ def edit_sample(
         ref = models.ModelRef(
             **{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=models.model_kind(meta)
         )
-        spec = SampleSpec(cfg["seed"], sample_index, cfg["steps"], cfg["eta"], cfg["h_point"])
+        spec = SampleSpec(models.replay_for_run(meta), sample_index)
         if cfg.get("kind") == "inversion":  # a real image: its inverted x_T (and noise maps, DDPM inversion)
             group = SampleStore(RunFolder(run_dir).samples).group
-            x_T = torch.from_numpy(np.asarray(group["xT"][sample_index]))
-            noise = torch.from_numpy(np.asarray(group["noise_maps"][sample_index])) if "noise_maps" in group else None
-            spec = SampleSpec(**{**spec.__dict__, "x_T": x_T, "noise": noise})
+            spec.x_T = torch.from_numpy(np.asarray(group["xT"][sample_index]))
+            if "noise_maps" in group:
+                spec.noise = torch.from_numpy(np.asarray(group["noise_maps"][sample_index]))
     else:
         ref = models.resolve(model)
-        spec = SampleSpec(seed, 0, steps, eta, "output")
+        spec = SampleSpec(Replay(seed, steps, eta), 0)
         cfg = model_config(ref, eta, clip_sample, prompt, guidance_scale)
     unet, scheduler, text = load_edit_model(ref, cfg, device)
+    spec.replay = spec.replay.with_text(text)
     specs = [parse_direction(d) for d in directions]
     vectors: list = load_directions(
         specs,
         model_fingerprint=ref.fingerprint,
-        steps=spec.steps,
+        steps=spec.replay.steps,
         h_shape=h_shape(unet),
-        h_point=spec.h_point,
+        h_point=spec.replay.h_point,
         scheduler=scheduler,
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},
         edit_branch=text.edit_branch if text is not None else None,
     )
-    how = {"window": parse_window(window, spec.steps), "asyrp": asyrp or edit_method == "asyrp", "text": text}
+    how = {"window": parse_window(window, spec.replay.steps), "asyrp": asyrp or edit_method == "asyrp"}
     specs, vectors = with_method(method, specs, vectors, how["window"])
     cells, rows, cols = plan_grid(specs, scales)
     images = render_edits(unet, scheduler, spec, vectors, cells, **how)
     save_cells(images, rows, cols, Path(out).with_suffix(""), f"sample{spec.index}")
-    title = f"sample {spec.index} (seed {spec.run_seed})" + (", Asyrp" if asyrp else "")
+    title = f"sample {spec.index} (seed {spec.replay.seed})" + (", Asyrp" if asyrp else "")
     return save_grid(out, grid_image(images, rows, cols, title=title + (f", window {window}" if window else "")))

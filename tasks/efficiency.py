@@ -37,8 +37,7 @@ def sample_efficiency(
     annotations; a run at another eta (the paper's synthesis default is 1) has its first
     ``pool`` samples redrawn with DDIM (eta = 0, the same seeds, so the same x_T) and
     scored by ``annotator``, in memory."""
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import Edit, draw_noise, make_generators
+    from hspace.hcore.sampler import Edit
     from hspace.tasks.supervised import mean_difference
 
     run = RunFolder(Path(run_dir))
@@ -50,7 +49,7 @@ def sample_efficiency(
         raise RunError(f"held_out {held_out} leaves {first} samples to build directions from")
     held = list(range(first, cfg["n"]))[:max_samples]
     unet, scheduler = models.load_for_run(meta, device=device)
-    text = models.text_for_run(meta, device=device)  # SD: each sample's prompt, the VAE decoder
+    replay = models.replay_for_run(meta, device=device)  # SD: each sample's prompt, the VAE decoder
     net = load_annotator(annotator, device)
     if attribute not in net.names:
         raise RunError(f"{annotator} does not score {attribute!r}; it scores {', '.join(net.names)}")
@@ -63,30 +62,28 @@ def sample_efficiency(
             return mean_difference(run, attribute, n, latent, first=first)[0]  # built, never saved
     else:
         ranked = min(first, pool)
-        h_pool, scores = ddim_pool(unet, scheduler, net, cfg, list(range(ranked)), col, text=text)
+        h_pool, scores = ddim_pool(unet, scheduler, net, replay, list(range(ranked)), col)
 
         def direction(n: int, latent: str) -> torch.Tensor:
             pos, neg = (torch.from_numpy(i) for i in top_bottom(scores, n))
             if latent == "h":
                 return h_pool[pos].float().mean(0) - h_pool[neg].float().mean(0)
             shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-            x_T = [draw_noise(make_generators(cfg["seed"], idx.tolist()), shape) for idx in (pos, neg)]
+            x_T = [replay.x_T(idx.tolist(), shape) for idx in (pos, neg)]
             return (x_T[0].mean(0) - x_T[1].mean(0))[None]
 
-    how = {"text": text, "indices": held, "h_point": cfg["h_point"]}
-    base_x0 = generate(unet, scheduler, make_generators(cfg["seed"], held), cfg["steps"], 0.0, **how)
+    base_x0 = replay.render(unet, scheduler, held, eta=0.0)
     base = net.score(base_x0)[:, col]
     ns = [n for n in ns if n <= ranked // 2]
     change, moved = {}, {}
     for latent in ("h", "xT"):
         for n in ns:
             v = direction(n, latent)
-            gens = make_generators(cfg["seed"], held)
             if latent == "h":
-                x0 = generate(unet, scheduler, gens, cfg["steps"], 0.0, edit=Edit([v], [gamma]), **how)
+                x0 = replay.render(unet, scheduler, held, eta=0.0, edit=Edit([v], [gamma]))
             else:
-                x_T = draw_noise(make_generators(cfg["seed"], held), v.shape[1:]) + gamma * v
-                x0 = generate(unet, scheduler, gens, cfg["steps"], 0.0, x_T=x_T, **how)
+                x_T = replay.x_T(held, v.shape[1:]) + gamma * v
+                x0 = replay.render(unet, scheduler, held, eta=0.0, x_T=x_T)
             x0 = x0.cpu()
             change[f"{latent}:{n}"] = float((net.score(x0)[:, col] - base).mean())
             # on the images as stored (clamped to [-1, 1]): without clipping of P_t an x_T "edit" from
@@ -104,13 +101,10 @@ def sample_efficiency(
     }
 
 
-def ddim_pool(unet, scheduler, net, cfg: dict, indices: list[int], column: int, batch_size: int = 64, text=None):
+def ddim_pool(unet, scheduler, net, replay, indices: list[int], column: int, batch_size: int = 64):
     """Samples ``indices`` redrawn with DDIM (eta = 0) from their seeds (and prompts, for a
-    text-conditioned run): (h_{T:1} as float16 (n, T, C, H, W), the annotator's score of
-    ``column`` (n,))."""
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import make_generators
-
+    text-conditioned run; ``replay``: hcore.generator.Replay): (h_{T:1} as float16
+    (n, T, C, H, W), the annotator's score of ``column`` (n,))."""
     hs, scores = [], []
     for start in range(0, len(indices), batch_size):
         part, per_step = indices[start : start + batch_size], []
@@ -118,10 +112,7 @@ def ddim_pool(unet, scheduler, net, cfg: dict, indices: list[int], column: int, 
         def keep(step: int, t: int, h: torch.Tensor, into: list = per_step) -> None:
             into.append(h.detach().float().cpu().half())
 
-        gens = make_generators(cfg["seed"], part)
-        x0 = generate(
-            unet, scheduler, gens, cfg["steps"], 0.0, text=text, indices=part, on_step=keep, h_point=cfg["h_point"]
-        )
+        x0 = replay.render(unet, scheduler, part, eta=0.0, on_step=keep)
         hs.append(torch.stack(per_step, 1))
         scores.append(net.score(x0)[:, column].cpu().numpy())
     return torch.cat(hs), np.concatenate(scores)

@@ -67,7 +67,7 @@ def run_evaluation(
     require_sampled(meta, "hspace evaluate")
     cfg = meta["config"]
     unet, scheduler = models.load_for_run(meta, device=device)
-    text = models.text_for_run(meta, device=device)  # SD: prompts, guidance and the VAE decoder
+    replay = models.replay_for_run(meta, device=device)  # SD: prompts, guidance and the VAE decoder
     net = load_annotator(evaluator, device, prompts=prompts)
     loaded = dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)
     vectors = [v for v, _ in loaded]
@@ -147,9 +147,9 @@ def run_evaluation(
         if progress is not None:
             progress(done, total)
 
-    base = metrics.edit_scores(unet, scheduler, net, cfg, indices, None, 0.0, text=text)
+    base = metrics.edit_scores(unet, scheduler, net, replay, indices, None, 0.0)
     tick()
-    cal_base = metrics.edit_scores(unet, scheduler, net, cfg, cal_idx, None, 0.0, text=text) if gamma is None else None
+    cal_base = metrics.edit_scores(unet, scheduler, net, replay, cal_idx, None, 0.0) if gamma is None else None
     row_of = dict(zip(variants[0][1], rows, strict=True))
     for label, table_names, vs in variants:
         table_rows = [row_of[d] for d in table_names]
@@ -161,7 +161,7 @@ def run_evaluation(
                 j = columns.index(row)
                 goal = target if target is not None else (10.0 if row in degrees else 0.5)
                 try:
-                    c = metrics.calibrate_edit(unet, scheduler, net, cfg, cal_idx, v, j, goal, cal_base, text=text)
+                    c = metrics.calibrate_edit(unet, scheduler, net, replay, cal_idx, v, j, goal, cal_base)
                 except CalibrationError as e:
                     # one direction out of reach must not throw away a night of sampling: it is
                     # scored at the strength of its largest effect (1 if none), flagged as such
@@ -184,9 +184,7 @@ def run_evaluation(
                     f"(target {goal}, {c.evaluations} passes)"
                 )
             summary.setdefault("calibration", {})[label] = calibration
-        matrix = metrics.leakage_matrix(
-            unet, scheduler, net, cfg, indices, vs, gammas, base=base, on_row=tick, text=text
-        )
+        matrix = metrics.leakage_matrix(unet, scheduler, net, replay, indices, vs, gammas, base=base, on_row=tick)
         out.write_leakage(label, matrix, table_rows, columns, degrees)
         # probabilities and degrees do not average together: the top-level means are over the
         # probability columns, ``degrees`` holds the same means over the pose columns

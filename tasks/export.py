@@ -64,9 +64,9 @@ def export_pack(run_dir: Path, names: list[str] | None, out: Path, device: str =
     }
     gammas = [float(entries[n]["gamma"] or 1.0) for n in names]
     cells = [[[(i, s * g)] for s in (-1.0, 0.0, 1.0)] for i, g in enumerate(gammas)]
-    spec = SampleSpec(cfg["seed"], 0, cfg["steps"], cfg["eta"], cfg["h_point"])
+    spec = SampleSpec(models.replay_for_run(meta, run_text(meta)), 0)
     with torch.no_grad():
-        images = render_edits(unet, scheduler, spec, [v for v, _ in loaded], cells, text=run_text(meta))
+        images = render_edits(unet, scheduler, spec, [v for v, _ in loaded], cells)
     from hspace.data.figures import grid_image, save_grid
 
     rows = [f"{n} (γ={g:.2g})" for n, g in zip(names, gammas, strict=True)]

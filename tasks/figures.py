@@ -22,7 +22,7 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
     from hspace.tasks import edit as edit_tasks
 
     cfg = meta["config"]
-    spec = edit_tasks.SampleSpec(cfg["seed"], sample, cfg["steps"], cfg["eta"], cfg["h_point"])
+    spec = edit_tasks.SampleSpec(models.replay_for_run(meta, text), sample)
     specs = [edit_tasks.DirectionSpec(p.stem, p, None if gammas is None else gammas[i]) for i, p in enumerate(paths)]
     vectors = edit_tasks.load_directions(
         specs,
@@ -34,7 +34,7 @@ def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scal
         edit_branch=cfg.get("edit_branch"),
     )
     cells, rows, cols = edit_tasks.plan_grid(specs, list(scales))
-    return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells, text=text), rows, cols
+    return edit_tasks.render_edits(unet, scheduler, spec, vectors, cells), rows, cols
 
 
 def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) -> list[Path]:

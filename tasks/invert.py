@@ -85,32 +85,31 @@ def load_images(images: Path, names: list[str], size: int) -> tuple[np.ndarray, 
     return read_photos([Path(images) / name for name in names], size, where=f" in {images}")
 
 
-def invert_images(unet, scheduler, x_img, cfg: dict, rows, text=None, on_step=None) -> dict:
-    """Invert images (B, 3, R, R) in [-1, 1] as the run's config says (method ddpm: edit-
-    friendly DDPM inversion with the run's eta and per-image generators; ddim: DDIM
-    inversion with ``refine``), a latent model's through its VAE with the source prompt.
+def invert_images(unet, scheduler, x_img, replay, method: str, refine: int, rows, on_step=None) -> dict:
+    """Invert images (B, 3, R, R) in [-1, 1] (``method`` ddpm: edit-friendly DDPM inversion
+    with the replay's eta and image i's generator for each row i of ``rows``; ddim: DDIM
+    inversion with ``refine``), a latent model's through its VAE with the replay's source prompt.
     Returns x_T, the noise maps (None for ddim), the regenerated images and both errors:
     recon_mse (regenerated vs what the diffusion model was given: the photo, or for a latent
     model its VAE reconstruction) and vae_mse (VAE reconstruction vs photo; None for pixels)."""
     import torch
 
     from hspace.hcore.inversion import ddim_invert, ddpm_invert, reconstruct
-    from hspace.hcore.sampler import make_generators
 
+    text = replay.text
     conditioning, x, target, vae_mse = None, x_img, x_img, None
     if text is not None:
         conditioning = text.conditioning(text.prompts_for(rows))
         x = text.encode(x_img)
         target = text.decode(x).cpu()
         vae_mse = ((target - x_img) ** 2).flatten(1).mean(1).numpy().astype(np.float32)
-    steps, h_point = cfg["steps"], cfg["h_point"]
-    if cfg.get("method", "ddim") == "ddpm":
-        gens = make_generators(cfg["seed"], rows)
+    steps, h_point, eta = replay.steps, replay.h_point, replay.eta
+    if method == "ddpm":
         how = {"conditioning": conditioning, "on_step": on_step}
-        x_T, noise = ddpm_invert(unet, scheduler, x, steps, gens, cfg["eta"], h_point, **how)
-        regenerated = reconstruct(unet, scheduler, x_T, steps, h_point, cfg["eta"], noise, conditioning)
+        x_T, noise = ddpm_invert(unet, scheduler, x, steps, replay.generators(rows), eta, h_point, **how)
+        regenerated = reconstruct(unet, scheduler, x_T, steps, h_point, eta, noise, conditioning)
     else:
-        x_T, noise = ddim_invert(unet, scheduler, x, steps, h_point, cfg["refine"], on_step, conditioning), None
+        x_T, noise = ddim_invert(unet, scheduler, x, steps, h_point, refine, on_step, conditioning), None
         regenerated = reconstruct(unet, scheduler, x_T, steps, h_point, conditioning=conditioning)
     if not torch.isfinite(x_T).all() or (noise is not None and not torch.isfinite(noise).all()):
         raise RunError("the inversion produced NaN/Inf (fp16 overflow? try --dtype float32)")
@@ -124,14 +123,15 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
     maps (DDPM inversion), recon_mse (and vae_mse for a latent model)."""
     import torch
 
+    from hspace.data import models
     from hspace.hcore.sampler import to_unit
     from hspace.tasks.sample import run_text
 
     opened = open_shard(run_dir, shard)
     if opened is None:
         return {"shard": shard, "recomputed": False}
-    cfg, store, rows, unet, scheduler = opened
-    text = run_text(RunFolder(Path(run_dir)).read())
+    meta, store, rows, unet, scheduler = opened
+    cfg, text = meta["config"], run_text(meta)
     names = cfg["images"][rows.start : rows.stop]
     images, _ = load_images(Path(cfg["images_dir"]), names, store.layout.image_shape[-1])
     h = np.empty((len(rows), cfg["steps"], *store.layout.h_shape), np.float16)
@@ -139,7 +139,9 @@ def run_invert_shard(run_dir: str, shard: int) -> dict:
     def on_step(step: int, t: int, h_t: torch.Tensor) -> None:
         h[:, step] = h_t.detach().to("cpu", torch.float16).numpy()
 
-    result = invert_images(unet, scheduler, to_unit(images), cfg, rows, text, on_step)
+    replay = models.replay_for_run(meta, text)
+    how = (cfg.get("method", "ddim"), cfg.get("refine", 0))
+    result = invert_images(unet, scheduler, to_unit(images), replay, *how, rows, on_step)
     if not np.isfinite(h).all():
         raise RunError(f"shard {shard}: the inversion produced NaN/Inf in h (fp16 overflow? try --dtype float32)")
     extra = {"xT": result["x_T"].cpu().numpy().astype(np.float32), "recon_mse": result["recon_mse"]}

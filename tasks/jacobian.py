@@ -74,8 +74,7 @@ def run_jacobian(
 
     from hspace.data import directions as dirfile
     from hspace.hcore import jacobian as jac
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import ddim_scheduler, make_generators
+    from hspace.hcore.sampler import ddim_scheduler
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
@@ -90,7 +89,8 @@ def run_jacobian(
     if localize is not None and not (roi or mask_path):
         raise RunError("--localize needs a region: give --roi or --mask")
     unet, scheduler = models.load_for_run(meta, device=device)
-    text = models.text_for_run(meta, device=device)  # SD: the guided prediction of this sample's prompt
+    replay = models.replay_for_run(meta, device=device)  # SD: the guided prediction of this sample's prompt
+    text = replay.text
     conditioning = None if text is None else text.conditioning(text.prompts_for([sample]))
     d = int(np.prod(SampleStore(run.samples).layout.h_shape))
     if not (1 <= k <= d):
@@ -105,9 +105,7 @@ def run_jacobian(
         mask = jac.roi_mask((size, size), parse_roi(roi, size))
     elif mask_path:
         mask = load_mask(Path(mask_path), size)
-    gens = make_generators(cfg["seed"], [sample])
-    how = {"text": text, "indices": [sample], "h_point": cfg["h_point"], "stop_before": step}
-    x_t = generate(unet, scheduler, gens, cfg["steps"], cfg["eta"], **how)[0]  # a latent for SD: ROI in latent cells
+    x_t = replay.render(unet, scheduler, [sample], stop_before=step)[0]  # a latent for SD: ROI in latent cells
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(cfg["steps"])
     t = int(sched.timesteps[step])

@@ -25,13 +25,15 @@ def name_run_directions(
     on the run's first ``n`` samples, each attribute measured in units of its spread over
     them; writes RUN/eval/STEM.{json,md}. Returns (table, path of the .md)."""
     from hspace.data import directions as dirfile
+    from hspace.data import models
     from hspace.data.stores import SampleStore
     from hspace.hcore import metrics
     from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import to_unit
 
     vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
-    changes = metrics.attribute_changes(unet, scheduler, net, meta["config"], list(range(n)), vectors, gamma, text=text)
+    replay = models.replay_for_run(meta, text)
+    changes = metrics.attribute_changes(unet, scheduler, net, replay, list(range(n)), vectors, gamma)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)
     table = metrics.name_by_spread(changes, list(net.names), names, scale)
     return table, EvalFolder(run.eval).write_naming(table, list(net.names), gamma, stem)

@@ -76,9 +76,10 @@ def edit_photos(
     and every edited image under ``out`` without its suffix; returns {path, folder, lines}."""
     from hspace.data import models
     from hspace.data.figures import grid_image, save_grid
+    from hspace.hcore.generator import Replay
     from hspace.hcore.hooks import h_shape
     from hspace.hcore.inversion import INVERSION_METHODS, noise_to_step
-    from hspace.hcore.sampler import make_generators, to_uint8, to_unit
+    from hspace.hcore.sampler import to_uint8, to_unit
     from hspace.tasks.invert import invert_images
 
     edit = resolve_method(edit_method, asyrp, directions)
@@ -114,7 +115,8 @@ def edit_photos(
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": run_eta},
         edit_branch=text.edit_branch if text is not None else None,
     )
-    how = {"window": parse_window(window, steps), "asyrp": asyrp, "text": text}
+    how = {"window": parse_window(window, steps), "asyrp": asyrp}
+    replay = Replay(seed, steps, run_eta, h_point, text)
     specs, vectors = with_method(edit, specs, vectors, how["window"])
     cells, row_names, col_names = plan_grid(specs, scales)
     photos, notes = read_photos(paths, size)
@@ -123,27 +125,16 @@ def edit_photos(
     if sdedit is not None:
         start = steps - sdedit
         x = text.encode(x_img) if text is not None else x_img
-        x_start = noise_to_step(scheduler, x, steps, start, make_generators(seed, range(len(paths))))
-        sample_specs = [
-            SampleSpec(seed, i, steps, run_eta, h_point, x_T=x_start[i], start_at=start) for i in range(len(paths))
-        ]
+        x_start = noise_to_step(scheduler, x, steps, start, replay.generators(range(len(paths))))
+        sample_specs = [SampleSpec(replay, i, x_T=x_start[i], start_at=start) for i in range(len(paths))]
         recon = np.stack([render_edits(unet, scheduler, s, [], [[[]]], **how)[0, 0] for s in sample_specs])
         what = f"SDEdit from step {start} of {steps} (t = {int(_timesteps(scheduler, steps)[start])}), eta {run_eta:g}"
         vae = [None] * len(paths)
     else:
-        cfg_inv = {"steps": steps, "h_point": h_point, "method": method, "seed": seed, "eta": run_eta, "refine": refine}
-        inv = invert_images(unet, scheduler, x_img, cfg_inv, range(len(paths)), text)
+        inv = invert_images(unet, scheduler, x_img, replay, method, refine, range(len(paths)))
         noise = inv["noise"]
         sample_specs = [
-            SampleSpec(
-                seed,
-                i,
-                steps,
-                run_eta,
-                h_point,
-                x_T=inv["x_T"][i].cpu(),
-                noise=None if noise is None else noise[i].cpu(),
-            )
+            SampleSpec(replay, i, x_T=inv["x_T"][i].cpu(), noise=None if noise is None else noise[i].cpu())
             for i in range(len(paths))
         ]
         recon = to_uint8(inv["regenerated"]).numpy()

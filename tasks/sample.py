@@ -140,30 +140,30 @@ def prepare_store(run: RunFolder) -> SampleStore:
 
 
 def open_shard(run_dir: str, shard: int):
-    """What a shard task needs: (cfg, store, rows, unet, scheduler), or None when the
-    shard is already done (its marker, not Prefect's cache, is the truth)."""
+    """What a shard task needs: (the run record, store, rows, unet, scheduler), or None when
+    the shard is already done (its marker, not Prefect's cache, is the truth). run.json is
+    read once here and handed down."""
     run = RunFolder(Path(run_dir))
     meta = run.read()
-    cfg = meta["config"]
     store = SampleStore(run.samples, mode="r+")
     if store.done[shard] == 1:
         return None
     unet, scheduler = run_model(meta)
-    return cfg, store, store.layout.shard_rows(shard), unet, scheduler
+    return meta, store, store.layout.shard_rows(shard), unet, scheduler
 
 
 def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import make_generators, to_uint8
+    from hspace.hcore.sampler import to_uint8
 
     opened = open_shard(run_dir, shard)
     if opened is None:
         return {"shard": shard, "recomputed": False}
-    cfg, store, rows, unet, scheduler = opened
-    steps = cfg["steps"]
+    meta, store, rows, unet, scheduler = opened
+    replay = models.replay_for_run(meta, run_text(meta))
+    text, steps = replay.text, replay.steps
     h = np.empty((len(rows), steps, *store.layout.h_shape), np.float16)
     bad: list[str] = []
 
@@ -174,11 +174,7 @@ def run_shard(run_dir: str, shard: int) -> dict:
             bad.append(f"h of sample {rows[i]} at step {step} (t={t}) is NaN/Inf")
         h[:, step] = h16
 
-    text = run_text(RunFolder(Path(run_dir)).read())
-    gens = make_generators(cfg["seed"], rows)
-    x0 = generate(
-        unet, scheduler, gens, steps, cfg["eta"], text=text, indices=rows, on_step=on_step, h_point=cfg["h_point"]
-    )
+    x0 = replay.render(unet, scheduler, rows, on_step=on_step)
     if not torch.isfinite(x0).all():
         i = int((~torch.isfinite(x0)).flatten(1).any(1).nonzero()[0])
         bad.append(f"x0 of sample {rows[i]} is NaN/Inf")

@@ -54,11 +54,9 @@ def mean_difference(
             elif "xT" in store.group:  # inverted real images: their x_T is stored
                 q = store.group["xT"].get_orthogonal_selection((part,)).astype(np.float32)
             else:
-                from hspace.data.models import noise_shape
-                from hspace.hcore.sampler import draw_noise, make_generators
+                from hspace.data.models import noise_shape, replay_for_run
 
-                gens = make_generators(meta["config"]["seed"], part.tolist())
-                q = draw_noise(gens, noise_shape(meta) or store.layout.image_shape).numpy()
+                q = replay_for_run(meta).x_T(part.tolist(), noise_shape(meta) or store.layout.image_shape).numpy()
             acc.add(q, positive)
     v = acc.direction()
     if not np.isfinite(v).all():
@@ -120,34 +118,22 @@ def build_prompt_pair(
 
     from hspace.data import directions as dirfile
     from hspace.data import models
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import make_generators
 
     meta = run.read()
     if models.model_kind(meta) == "pixel":
         raise RunError(
             "--prompt-pair needs a run of a text-conditioned model (Stable Diffusion); this one takes no text"
         )
-    cfg = meta["config"]
     unet, scheduler = models.load_for_run(meta, device=device)
-    text = models.text_for_run(meta, device=device)
+    replay = models.replay_for_run(meta, device=device)
     total = None
     for start in range(0, first, batch_size):
         rows = list(range(start, min(first, start + batch_size)))
         per_prompt = []
         for p in (a, b):
             steps: list = []
-            generate(
-                unet,
-                scheduler,
-                make_generators(cfg["seed"], rows),
-                cfg["steps"],
-                cfg["eta"],
-                text=text,
-                prompts=[p] * len(rows),
-                on_step=lambda s, t, h, steps=steps: steps.append(h.detach().to("cpu", torch.float64)),
-                h_point=cfg["h_point"],
-            )
+            keep = lambda s, t, h, steps=steps: steps.append(h.detach().to("cpu", torch.float64))  # noqa: E731
+            replay.render(unet, scheduler, rows, prompts=[p] * len(rows), on_step=keep)
             per_prompt.append(torch.stack(steps, 1))  # (B, T, C, H, W)
         diff = (per_prompt[1] - per_prompt[0]).sum(0)
         total = diff if total is None else total + diff

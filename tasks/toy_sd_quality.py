@@ -78,9 +78,9 @@ def caption_samples(
 ) -> dict:
     """Sample one image per prompt (seeds from ``seed``; DDIM eta 0), score it with the
     oracle; with ``h_steps``, also h of the conditional branch at those steps (N, S, D)."""
-    from hspace.hcore.generator import generate
-    from hspace.hcore.sampler import make_generators
+    from hspace.hcore.generator import Replay
 
+    replay = Replay(seed, steps, 0.0, text=text)
     scores, hs = [], []
     for start in range(0, len(prompts), batch):
         rows = list(range(start, min(len(prompts), start + batch)))
@@ -90,16 +90,7 @@ def caption_samples(
             if s in h_steps:
                 got[s] = h.detach().float().flatten(1).cpu()
 
-        x0 = generate(
-            unet,
-            scheduler,
-            make_generators(seed, rows),
-            steps,
-            0.0,
-            text=text,
-            prompts=[prompts[i] for i in rows],
-            on_step=keep,
-        )
+        x0 = replay.render(unet, scheduler, rows, prompts=[prompts[i] for i in rows], on_step=keep)
         scores.append(oracle.score(x0).numpy())
         if h_steps:
             hs.append(torch.stack([got[s] for s in h_steps], 1).numpy())

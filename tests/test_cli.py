@@ -16,6 +16,7 @@ import zarr
 from typer.testing import CliRunner
 
 from hspace.data import directions as dirfile
+from hspace.data import models
 from hspace.data.catalog import RunFolder
 from hspace.data.stores import SampleStore
 from hspace.flows.cli import app
@@ -149,13 +150,14 @@ def test_edit_grid_png(run_dir, tmp_path):
 
 
 def test_edit_gamma_zero_column_is_the_stored_sample(run_dir, loaded_model):
+    from hspace.hcore.generator import Replay
     from hspace.tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
 
     unet, scheduler = loaded_model
     spec = parse_direction(str(write_direction(run_dir, "rand2")))
     v, _ = dirfile.load(spec.path)
     cells, rows, cols = plan_grid([spec], [-1.0, 0.0, 1.0])
-    images = render_edits(unet, scheduler, SampleSpec(0, 2, 5, 0.0, "output"), [v], cells)
+    images = render_edits(unet, scheduler, SampleSpec(Replay(0, 5, 0.0), 2), [v], cells)
     stored = SampleStore(run_dir / "samples.zarr").x0[2]
     np.testing.assert_array_equal(images[0, 1], stored)
     assert np.abs(images[0, 0].astype(int) - stored).max() > 0
@@ -469,9 +471,9 @@ def test_attribute_changes_against_separate_renders(run_dir, loaded_model, rando
 
     unet, scheduler = loaded_model
     net = load_annotator(f"oracle:{random_oracle}")
-    cfg = RunFolder(run_dir).read()["config"]
+    replay = models.replay_for_run(RunFolder(run_dir).read())
     v, _ = dirfile.load(write_direction(run_dir, "probe", scale=30.0))
-    got = attribute_changes(unet, scheduler, net, cfg, [0, 3], [v, torch.zeros_like(v)], gamma=2.0)
+    got = attribute_changes(unet, scheduler, net, replay, [0, 3], [v, torch.zeros_like(v)], gamma=2.0)
     plus = sample(unet, scheduler, make_generators(0, [0, 3]), 5, 0.0, edit=Edit([v], [2.0]))
     minus = sample(unet, scheduler, make_generators(0, [0, 3]), 5, 0.0, edit=Edit([v], [-2.0]))
     ref = ((net.score(plus) - net.score(minus)) / 2).mean(0).numpy()
@@ -612,6 +614,7 @@ def test_jacobian_localize_command(run_dir, loaded_model):
 
 
 def test_xT_direction_edit_moves_the_initial_noise(run_dir, loaded_model):
+    from hspace.hcore.generator import Replay
     from hspace.hcore.sampler import draw_noise
     from hspace.tasks.edit import SampleSpec, parse_direction, plan_grid, render_edits
 
@@ -623,7 +626,7 @@ def test_xT_direction_edit_moves_the_initial_noise(run_dir, loaded_model):
     path = dirfile.save(run_dir / "directions" / "noise_xT.safetensors", v, md)
     spec = parse_direction(str(path))
     cells, _, _ = plan_grid([spec], [0.0, 0.5])
-    images = render_edits(unet, scheduler, SampleSpec(0, 4, 5, 0.0, "output"), [dirfile.load(path)[0]], cells)
+    images = render_edits(unet, scheduler, SampleSpec(Replay(0, 5, 0.0), 4), [dirfile.load(path)[0]], cells)
     np.testing.assert_array_equal(images[0, 0], SampleStore(run_dir / "samples.zarr").x0[4])
     x_T = draw_noise(make_generators(0, [4]), (3, 16, 16)) + 0.5 * v
     ref = to_uint8(sample(unet, scheduler, make_generators(0, [4]), 5, 0.0, x_T=x_T)).numpy()[0]

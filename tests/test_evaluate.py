@@ -89,7 +89,7 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
     a, b = torch.zeros(2), torch.ones(2)
     base = np.array([[0.2, 0.5, 10.0], [0.4, 0.1, -4.0]])
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
+    def fake_scores(unet, scheduler, annotator, replay, indices, v, gamma, batch_size=64):
         out = base[: len(indices)].copy()
         if v is a:
             out[:, 0] += 0.3 * gamma
@@ -98,7 +98,7 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
         return out
 
     monkeypatch.setattr(metrics, "edit_scores", fake_scores)
-    m = metrics.leakage_matrix(None, None, None, {}, [0, 1], [a, b], [2.0, 1.0])
+    m = metrics.leakage_matrix(None, None, None, None, [0, 1], [a, b], [2.0, 1.0])
     np.testing.assert_allclose(m, [[0.6, 0, 0], [0, 0, -5.0]], atol=1e-12)
     columns = ["Smiling", "Male", "yaw"]
     EvalFolder(tmp_path).write_leakage("original", m, ["Smiling", "yaw"], columns, degrees=("yaw",))
@@ -110,7 +110,7 @@ def test_leakage_matrix_of_directions_that_move_one_attribute_each(monkeypatch, 
     }
     back = np.loadtxt(tmp_path / "leakage_original.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
     np.testing.assert_allclose(back, m, atol=1e-6)
-    c = metrics.calibrate_edit(None, None, None, {}, [0, 1], a, 0, 0.45)
+    c = metrics.calibrate_edit(None, None, None, None, [0, 1], a, 0, 0.45)
     assert c.converged and c.gamma == pytest.approx(1.5, rel=0.05)
 
 
@@ -132,13 +132,14 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     w = rng.standard_normal((3, d))
     vs = [torch.from_numpy(rng.standard_normal(d).astype(np.float32)) for _ in names]
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
+    def fake_scores(unet, scheduler, annotator, replay, indices, v, gamma, batch_size=64):
         change = np.zeros(3) if v is None else gamma * (w @ v.numpy().astype(np.float64).ravel())
         return np.tile(0.5 + change, (len(indices), 1))
 
     net = type("Net", (), {"names": tuple(names)})()
     monkeypatch.setattr(metrics, "edit_scores", fake_scores)
     monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
+    monkeypatch.setattr(models, "replay_for_run", lambda meta, text=None, device=None: None)
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: net)
     monkeypatch.setattr(hs, "h_shape", lambda unet: (d,))
     run = RunFolder(tmp_path / "run")
@@ -227,12 +228,13 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     names = ["Smiling", "Male", "Young"]
     vs = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, -1.0])]  # Young lowers Young
 
-    def fake_scores(unet, scheduler, annotator, cfg, indices, v, gamma, batch_size=64, text=None):
+    def fake_scores(unet, scheduler, annotator, replay, indices, v, gamma, batch_size=64):
         change = np.zeros(3) if v is None else 0.25 * gamma * v.numpy().astype(np.float64)
         return np.tile(0.5 + change, (len(indices), 1))
 
     monkeypatch.setattr(metrics, "edit_scores", fake_scores)
     monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
+    monkeypatch.setattr(models, "replay_for_run", lambda meta, text=None, device=None: None)
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: type("N", (), {"names": tuple(names)})())
     monkeypatch.setattr(hs, "h_shape", lambda unet: (3,))
     monkeypatch.setattr(

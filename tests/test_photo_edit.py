@@ -104,6 +104,7 @@ def test_sdedit_changes_the_attribute_and_stays_near_the_photo(smiling, tmp_path
 def test_hspace_invert_ddpm_run_replays_exactly(smiling, tmp_path):
     """`hspace invert --method ddpm` stores x_T and the noise maps; `hspace edit RUN --sample I`
     replays them: at gamma 0 the input image, pixel for pixel."""
+    from hspace.hcore.generator import Replay
     from hspace.tasks.edit import SampleSpec, render_edits
 
     out = tmp_path / "inv"
@@ -120,7 +121,7 @@ def test_hspace_invert_ddpm_run_replays_exactly(smiling, tmp_path):
     unet, scheduler = models.load_for_run(meta)
     group = store.group
     spec = SampleSpec(
-        meta["config"]["seed"], 2, STEPS, 1.0, "output",
+        Replay(meta["config"]["seed"], STEPS, 1.0, "output"), 2,
         x_T=torch.from_numpy(np.asarray(group["xT"][2])), noise=torch.from_numpy(np.asarray(group["noise_maps"][2])),
     )  # fmt: skip
     (cell,) = render_edits(unet, scheduler, spec, [], [[[]]])[0]

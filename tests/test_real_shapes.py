@@ -126,12 +126,13 @@ def pointed_at(shipped: dict, model: Path, annotators: dict[str, str]) -> dict:
 def test_celeba_example_passes_the_check_as_shipped_and_runs_scaled_in_n(prefect_server, annotators, tmp_path):
     """The shipped CelebA-HQ example (`hspace config --example --celeba`), pointed at the
     stand-ins, passes the whole-config check with every number unchanged, on the CelebA-HQ
-    layout. Then it runs to its report scaled down in n only: n, evaluate n, calibration
-    samples and top-k divided by 200 (10,000 -> 50; at least 1), held-out their sum, everything else as shipped
-    (50 steps, eta 1, no clipping, gamma auto, CLIP prompts, the disentangle conditions,
-    figures), on the attention UNet in float32 so that 50 steps fit a CPU."""
+    layout. Then it runs to its report scaled down in numbers of samples only: n, evaluate n,
+    calibration samples, top-k and the samples that name the PCs divided by 200 (10,000 -> 50;
+    at least 1), held-out their sum, everything else as shipped (50 steps, eta 1, no clipping,
+    gamma auto, CLIP prompts, the disentangle conditions, figures), on the attention UNet in
+    float32 so that 50 steps fit a CPU."""
     from hspace.tasks.check import config_problems
-    from hspace.tasks.config import RunConfig
+    from hspace.tasks.config import FiguresSection, RunConfig
 
     shipped = yaml.safe_load(hspace("config", "--example", "--celeba").output)
     cfg = pointed_at(shipped, save_model(tmp_path / "celebahq", CELEBAHQ), annotators)
@@ -148,6 +149,7 @@ def test_celeba_example_passes_the_check_as_shipped_and_runs_scaled_in_n(prefect
     cfg["directions"].update(
         held_out=scale(e["n"]) + scale(e["calibration_n"]), top=scale(shipped["directions"]["top"])
     )
+    cfg["figures"]["name_samples"] = scale(shipped["figures"].get("name_samples", FiguresSection().name_samples))
     config = tmp_path / "celeba-scaled.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"

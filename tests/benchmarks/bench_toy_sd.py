@@ -90,9 +90,11 @@ def run_example(run: Path) -> float | None:
 
 
 def table(unet, scheduler, text, oracle, cfg, indices, vectors, gammas, rows) -> dict:
+    from hspace.data.models import replay_for_run
     from hspace.hcore import metrics
 
-    m = metrics.leakage_matrix(unet, scheduler, oracle, cfg, indices, vectors, gammas, text=text)
+    replay = replay_for_run({"config": cfg}, text)
+    m = metrics.leakage_matrix(unet, scheduler, oracle, replay, indices, vectors, gammas)
     cols = list(oracle.names)
     keep = set(ATTRS)
     out = {}
