@@ -85,13 +85,7 @@ def apply(
         raise DirectionMismatch(f"{len(dirs)} direction(s) and {len(gammas)} gamma(s): give one gamma per direction")
     first = dirs[0]
     for d in dirs:
-        _check_fits(d, first, unet, scheduler)
-    want = (first.steps, *h_shape(unet))
-    for d in dirs:
-        if tuple(d.v.shape) != want:
-            raise DirectionMismatch(
-                f"direction {d.name} has shape {tuple(d.v.shape)}, this U-Net's h over {first.steps} steps is {want}"
-            )
+        _check_fits(d, first, unet, scheduler, tuple(h_shape(unet)))
     ddim = ddim_scheduler(scheduler)
     ddim.set_timesteps(first.steps)
     expected = ([int(t) for t in ddim.timesteps], first)
@@ -189,25 +183,19 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
                 del scheduler.step
 
 
-def _check_fits(d: Direction, first: Direction, unet, scheduler) -> None:
-    from hspace.data import directions as dirfile
-
+def _check_fits(d: Direction, first: Direction, unet, scheduler, h_shape: tuple) -> None:
+    """The directions applied together share their schedule, h point and model; each fits this
+    U-Net and scheduler (Direction.fits, the check of the CLI and the stages too)."""
     for key in ("steps", "h_point", "scheduler", "model"):
         if d.meta.get(key) != first.meta.get(key):
             raise DirectionMismatch(f"directions {first.name} and {d.name} differ in {key}: apply them separately")
-    if scheduler is not None and dirfile.scheduler_name(scheduler) != d.meta.get("scheduler"):
-        raise DirectionMismatch(
-            f"direction {d.name} was found under the noise schedule {d.meta.get('scheduler')}, the pipeline's is "
-            f"{dirfile.scheduler_name(scheduler)}: use a direction of this model"
-        )
     fingerprint = _fingerprint(unet)
     if fingerprint is None:
         log.warning("cannot check the model of direction %s: the U-Net was not loaded from a local folder", d.name)
-    elif fingerprint != d.model:
-        raise DirectionMismatch(
-            f"direction {d.name} was made for another model (fingerprint {d.model[:12]}, this U-Net's folder has "
-            f"{fingerprint[:12]}): use a direction of this model"
-        )
+    try:
+        d.fits(fingerprint, scheduler, h_shape=h_shape)
+    except RunError as e:
+        raise DirectionMismatch(str(e)) from None
 
 
 def _fingerprint(unet) -> str | None:

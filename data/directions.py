@@ -2,15 +2,18 @@
 and string metadata: model, revision, h_point, scheduler, eta, steps, method,
 source, scale_unit. Never pickles.
 
-``check`` refuses a direction that does not fit the model/schedule it is applied to,
-naming the field that differs; ``warn_setting`` warns when it was made under another
-sampler setting (eta, clipping of P_t): it still applies, but edits another process.
+``Direction`` is a direction file read (``read``): v, its metadata and one check,
+``Direction.fits(model, scheduler, ...)``, that refuses it where it does not fit the model,
+schedule, steps, h point or edit branch it is applied to, naming the field that differs: the
+CLI, the stages and ``hspace.apply`` all call it. ``warn_setting`` warns when it was made under
+another sampler setting (eta, clipping of P_t): it still applies, but edits another process.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,7 +84,7 @@ def scheduler_name(scheduler) -> str:
 
 
 def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, **extra) -> dict:
-    """The metadata of a direction made from a run's samples (the fields ``check`` reads)."""
+    """The metadata of a direction made from a run's samples (the fields ``Direction.fits`` reads)."""
     cfg, model = run_meta["config"], run_meta["model"]
     return {
         "model": model["fingerprint"],
@@ -100,44 +103,108 @@ def metadata_for_run(run_meta: dict, method: str, source: str, scale_unit: str, 
     }
 
 
-def check(
-    path: Path,
-    v: torch.Tensor,
-    meta: dict,
-    *,
-    model_fingerprint: str,
-    steps: int,
-    h_shape: tuple[int, int, int],
-    h_point: str,
-    scheduler: str,
-    edit_branch: str | None = None,
-) -> None:
-    """Raise RunError if the direction was made for another model, schedule or h point, or
-    (text-conditioned models) for another edit branch under guidance."""
-    expected = {"model": model_fingerprint, "steps": str(steps), "h_point": h_point, "scheduler": scheduler}
-    made = meta.get("edit_branch")
-    if edit_branch is not None and made is not None and made != edit_branch:
-        raise RunError(
-            f"direction {path} was made with its edits on the {made!r} branch of the guided batch, this sampling "
-            f"edits {edit_branch!r}; sample with --edit-branch {made} (or rebuild the direction)"
+MISFIT = {
+    "model": "another model",
+    "steps": "another number of steps",
+    "h_point": "another h point",
+    "scheduler": "another noise schedule",
+}
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One direction file, read: ``v`` (T, C, H, W) float32 (an x_T direction: (1, C, R, R)) and
+    the metadata hspace wrote with it (model fingerprint, steps, scheduler, eta, clipping,
+    h point, edit branch, method)."""
+
+    name: str
+    v: torch.Tensor
+    meta: dict
+    path: Path
+
+    @property
+    def steps(self) -> int:
+        return int(self.meta["steps"])
+
+    @property
+    def h_point(self) -> str:
+        return self.meta.get("h_point", "output")
+
+    @property
+    def model(self) -> str:
+        """The sha256 fingerprint of the U-Net it was found on."""
+        return self.meta["model"]
+
+    @property
+    def eta(self):
+        return json.loads(self.meta["eta"]) if "eta" in self.meta else None
+
+    @property
+    def edit_branch(self) -> str:
+        return self.meta.get("edit_branch", "both")
+
+    def __repr__(self) -> str:
+        return (
+            f"Direction({self.name!r}, shape={tuple(self.v.shape)}, steps={self.meta.get('steps')}, "
+            f"method={self.meta.get('method')!r}, model={str(self.meta.get('model'))[:12]})"
         )
-    for key, want in expected.items():
-        got = meta.get(key)
-        if got is None:
-            raise RunError(f"direction {path} has no {key!r} metadata; re-create it with hspace")
-        if got != want:
-            what = {
-                "model": "another model",
-                "steps": "another number of steps",
-                "h_point": "another h point",
-                "scheduler": "another noise schedule",
-            }[key]
+
+    @property
+    def on_x_T(self) -> bool:
+        """An x_T direction (eq. (10) with q = x_T): it moves the initial noise, not h."""
+        return self.meta.get("h_point") == "xT"
+
+    def fits(
+        self,
+        model: str | None,
+        scheduler,
+        *,
+        steps: int | None = None,
+        h_shape: tuple | None = None,
+        h_point: str | None = None,
+        edit_branch: str | None = None,
+    ) -> None:
+        """Raise RunError (one line, naming the field) unless this direction fits: ``model``
+        the U-Net's fingerprint (None: not known, not judged), ``scheduler`` the sampling's
+        scheduler (its betas; None: not judged), ``steps`` and ``h_point`` the sampling's
+        (None: the direction's own), ``h_shape`` the U-Net's h, ``edit_branch`` the guided
+        batch's half that edits go to (text-conditioned models; None: not judged). An x_T
+        direction is judged on its model only."""
+        if self.on_x_T:
+            if model is not None and self.meta.get("model") != model:
+                raise RunError(f"direction {self.path} was made for another model; use one from this model")
+            return
+        made = self.meta.get("edit_branch")
+        if edit_branch is not None and made is not None and made != edit_branch:
             raise RunError(
-                f"direction {path} was made for {what} ({key}={got[:16]!r}, this run has {want[:16]!r}); "
-                "use a direction from this model and schedule"
+                f"direction {self.path} was made with its edits on the {made!r} branch of the guided batch, this "
+                f"sampling edits {edit_branch!r}; sample with --edit-branch {made} (or rebuild the direction)"
             )
-    if tuple(v.shape) != (steps, *h_shape):
-        raise RunError(f"direction {path} has shape {tuple(v.shape)}, this model needs {(steps, *h_shape)}")
+        expected = {
+            "model": model,
+            "steps": None if steps is None else str(steps),
+            "h_point": h_point,
+            "scheduler": None if scheduler is None else scheduler_name(scheduler),
+        }
+        for key, want in expected.items():
+            got = self.meta.get(key)
+            if got is None:
+                raise RunError(f"direction {self.path} has no {key!r} metadata; re-create it with hspace")
+            if want is not None and got != want:
+                raise RunError(
+                    f"direction {self.path} was made for {MISFIT[key]} ({key}={got[:16]!r}, this run has "
+                    f"{want[:16]!r}); use a direction from this model and schedule"
+                )
+        if h_shape is not None and tuple(self.v.shape) != (steps or self.steps, *h_shape):
+            want_shape = (steps or self.steps, *h_shape)
+            raise RunError(f"direction {self.path} has shape {tuple(self.v.shape)}, this model needs {want_shape}")
+
+
+def read(where: str | Path) -> Direction:
+    """A direction file (a path, ``RUN/NAME`` or ``PACK/NAME``: ``resolve_path``), read."""
+    path = resolve_path(where)
+    v, meta = load(path)
+    return Direction(path.stem, v, meta, path)
 
 
 def warn_setting(path: Path, meta: dict, sampling: dict) -> list[str]:
@@ -169,18 +236,15 @@ def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, sched
         )
     cfg, out = meta["config"], []
     for name in names:
-        v, md = load(run.direction(name))
-        check(
-            run.direction(name),
-            v,
-            md,
-            model_fingerprint=meta["model"]["fingerprint"],
+        d = read(run.direction(name))
+        d.fits(
+            meta["model"]["fingerprint"],
+            scheduler,
             steps=cfg["steps"],
             h_shape=h_shape,
             h_point=cfg["h_point"],
-            scheduler=scheduler_name(scheduler),
             edit_branch=cfg.get("edit_branch"),
         )
-        warn_setting(run.direction(name), md, {"clip_sample": cfg.get("clip_sample"), "eta": cfg.get("eta")})
-        out.append((v, md))
+        warn_setting(d.path, d.meta, {"clip_sample": cfg.get("clip_sample"), "eta": cfg.get("eta")})
+        out.append((d.v, d.meta))
     return out

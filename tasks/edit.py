@@ -138,24 +138,12 @@ def load_directions(
     h point; ``sampling`` ({clip_sample, eta} of the edit) warns about other settings."""
     vectors = []
     for spec in specs:
-        v, meta = dirfile.load(spec.path)
-        if meta.get("h_point") == "xT":  # an x_T direction: model and image shape must fit
-            if meta.get("model") != model_fingerprint:
-                raise RunError(f"direction {spec.path} was made for another model; use one from this model")
-        else:
-            dirfile.check(
-                spec.path,
-                v,
-                meta,
-                model_fingerprint=model_fingerprint,
-                steps=steps,
-                h_shape=tuple(h_shape),
-                h_point=h_point,
-                scheduler=dirfile.scheduler_name(scheduler),
-                edit_branch=edit_branch,
-            )
-            dirfile.warn_setting(spec.path, meta, sampling or {})
-        vectors.append(v)
+        d = dirfile.read(spec.path)
+        fit = {"steps": steps, "h_shape": tuple(h_shape), "h_point": h_point, "edit_branch": edit_branch}
+        d.fits(model_fingerprint, scheduler, **fit)
+        if not d.on_x_T:
+            dirfile.warn_setting(spec.path, d.meta, sampling or {})
+        vectors.append(d.v)
     return vectors
 
 
