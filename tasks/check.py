@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.disk import disk_needs, pending_sample_bytes, require_space
-from hspace.tasks.config import RunConfig
+from hspace.tasks.config import RunConfig, evaluated_rows
 
 
 @dataclass
@@ -37,14 +37,6 @@ class Facts:
     conditioning: object = None  # a text-conditioned model's guided conditioning of one prompt (the probe)
     annotator_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     evaluator_names: tuple[str, ...] | None = None
-
-
-def evaluated_rows(cfg: RunConfig) -> list[str]:
-    """The attribute (row) of every direction evaluate scores (pcNN/randomNN keep their name;
-    ATTRIBUTE_prompt, from directions.prompt_pairs, scores ATTRIBUTE)."""
-    d = cfg.directions
-    names = cfg.evaluate.directions or list(d.attributes) + [f"{a}_prompt" for a in d.prompt_pairs]
-    return [n.removesuffix("_prompt") if n.removesuffix("_prompt") in d.prompt_pairs else n for n in names]
 
 
 def _static_problems(cfg: RunConfig) -> list[str]:
@@ -258,33 +250,12 @@ def check_config(cfg: RunConfig, where: str = "the config", load: bool = True) -
 
 
 def unet_passes(cfg: RunConfig) -> dict[str, int]:
-    """Sample-passes of the UNet (one sample through the UNet at one step) per stage, as
-    the stages' loops make them; --gamma auto counts its bisection's cap (16 per direction)."""
-    s, ev, f, d = cfg.sample, cfg.evaluate, cfg.figures, cfg.directions
-    steps, held = s.steps, d.held_out_of({})
-    from hspace.tasks.stages import pipeline_stages
+    """Sample-passes of the UNet (one sample through the UNet at one step) per stage of the
+    pipeline, as each stage declares them (``Stage.cost``)."""
+    from hspace.tasks.stages import pipeline_stages, registry
 
-    passes = dict.fromkeys(pipeline_stages(), 0)
-    passes["sample"] = s.n * steps
-    rows = len(evaluated_rows(cfg))
-    if ev.enabled and d.latent == "h":
-        reserved = ev.calibration_n if ev.gamma == "auto" else 0
-        n_eval = ev.n or min(1000, held - reserved)
-        variants = 1 + (ev.disentangled and cfg.disentangle.enabled) * (
-            1 + (cfg.disentangle.keep_norm and ev.gamma != "auto")
-        )
-        passes["evaluate"] = (1 + variants * rows) * n_eval * steps
-        if reserved:
-            passes["evaluate"] += (1 + variants * rows * 16) * reserved * steps
-    attrs = len(d.attributes) if d.latent == "h" else 0
-    grids = 0
-    if cfg.pca.enabled:
-        grids += 2 * f.pcs * len(f.scales) + 2 * f.pcs * f.name_samples
-    grids += 2 * attrs * len(f.scales) + (attrs + 1)
-    if f.efficiency and attrs:
-        grids += min(s.n - held, 128) + 32 * (1 + 2 * 4)
-    passes["figures"] = grids * steps + (f.jacobian and (s.n > 0)) * 4 * steps  # Jacobian: its replays
-    return passes
+    stages = registry()
+    return {name: stages[name].cost(cfg) if stages[name].cost else 0 for name in pipeline_stages()}
 
 
 def check_disk(cfg: RunConfig, out, facts: Facts) -> dict:

@@ -273,6 +273,14 @@ class RunConfig(Section):
     figures: FiguresSection = Field(default_factory=FiguresSection)
 
 
+def evaluated_rows(cfg: RunConfig) -> list[str]:
+    """The attribute (row) of every direction evaluate scores (pcNN/randomNN keep their name;
+    ATTRIBUTE_prompt, from directions.prompt_pairs, scores ATTRIBUTE)."""
+    d = cfg.directions
+    names = cfg.evaluate.directions or list(d.attributes) + [f"{a}_prompt" for a in d.prompt_pairs]
+    return [n.removesuffix("_prompt") if n.removesuffix("_prompt") in d.prompt_pairs else n for n in names]
+
+
 def validation_message(e: ValidationError, where: str, options: bool = False) -> str:
     """One line for the first problem: the key (or --option) and what is wrong with it."""
     first = e.errors()[0]

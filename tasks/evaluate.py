@@ -251,6 +251,27 @@ def _publish(run: RunFolder, slug: str) -> None:
             )
 
 
+def evaluate_cost(cfg) -> int:
+    """U-Net sample-passes of Table 1 under ``cfg`` (a RunConfig): the unedited renders and one
+    per row and variant on the evaluated samples; --gamma auto adds its bisection's cap (16
+    renders per row) on the calibration samples."""
+    from hspace.tasks.config import evaluated_rows
+
+    s, ev, d = cfg.sample, cfg.evaluate, cfg.directions
+    if not (ev.enabled and d.latent == "h"):
+        return 0
+    held, rows = d.held_out_of({}), len(evaluated_rows(cfg))
+    reserved = ev.calibration_n if ev.gamma == "auto" else 0
+    n_eval = ev.n or min(1000, held - reserved)
+    variants = 1 + (ev.disentangled and cfg.disentangle.enabled) * (
+        1 + (cfg.disentangle.keep_norm and ev.gamma != "auto")
+    )
+    passes = (1 + variants * rows) * n_eval * s.steps
+    if reserved:
+        passes += (1 + variants * rows * 16) * reserved * s.steps
+    return passes
+
+
 STAGE = Stage(
     "evaluate",
     order=70,
@@ -260,6 +281,7 @@ STAGE = Stage(
     body=evaluate_stage,
     summary=views.leakage,
     publish=_publish,
+    cost=evaluate_cost,
     cli_sections={"evaluate": None},
     doc="Table 1: mean change of every attribute per direction, original and disentangled (the eq. (11) "
     "files of `hspace disentangle`), on held-out samples.",

@@ -16,6 +16,10 @@ from hspace.data.stores import SampleStore
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
+# Fig. 8 in the figures: the pairs n it is built from, the held-out samples it edits, and the
+# pool redrawn at eta 0 when the run was sampled stochastically
+EFFICIENCY_NS, EFFICIENCY_HELD, EFFICIENCY_POOL = (1, 3, 10, 30), 32, 128
+
 
 def _edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scales, gammas=None, text=None):
     from hspace.hcore.hooks import h_shape
@@ -138,10 +142,10 @@ def pipeline_figures(run: RunFolder, cfg, device: str = "cpu", progress=None) ->
             cfg.directions.held_out_of(meta["config"]),
             1.0,
             cfg.annotate.annotators[0],
-            (1, 3, 10, 30),
+            EFFICIENCY_NS,
             device,
-            max_samples=32,
-            pool=128,
+            max_samples=EFFICIENCY_HELD,
+            pool=EFFICIENCY_POOL,
         )
         run.figure("sample_efficiency.json").write_text(json.dumps(result, indent=2))
         add(run.figure("sample_efficiency.json"), efficiency_plot(result, run.figure("sample_efficiency.png")))
@@ -183,6 +187,22 @@ def figures_stage(run: RunFolder, figures, directions, annotate, ctx: Context) -
     return {"outputs": outputs(run, files)}
 
 
+def figures_cost(cfg) -> int:
+    """U-Net sample-passes of the figures under ``cfg`` (a RunConfig): the PCA and random
+    grids and the PC naming (2 renders per PC and sample), the supervised, disentangled and
+    sequential grids, Fig. 8 (its pool redrawn at eta 0, then the held-out samples unedited and
+    edited along h and x_T for each n) and Fig. 7's replays."""
+    s, f, d = cfg.sample, cfg.figures, cfg.directions
+    attrs = len(d.attributes) if d.latent == "h" else 0
+    grids = 0
+    if cfg.pca.enabled:
+        grids += 2 * f.pcs * len(f.scales) + 2 * f.pcs * f.name_samples
+    grids += 2 * attrs * len(f.scales) + (attrs + 1)
+    if f.efficiency and attrs:
+        grids += min(s.n - d.held_out_of({}), EFFICIENCY_POOL) + EFFICIENCY_HELD * (1 + 2 * len(EFFICIENCY_NS))
+    return grids * s.steps + (f.jacobian and (s.n > 0)) * 4 * s.steps  # Jacobian: its replays
+
+
 STAGE = Stage(
     "figures",
     order=80,
@@ -193,6 +213,7 @@ STAGE = Stage(
     # (eval/figure_pc_names.*): declared here until they are stages of their own
     also_writes=("jacobian", "directions", "eval"),
     body=figures_stage,
+    cost=figures_cost,
     summary=lambda r: f"{len(r['outputs'])} files",
     command=False,
 )

@@ -361,6 +361,7 @@ STAGE = Stage(
     create=_create,
     out_default="runs/toy",
     runtime=("dask_address", "allow_download"),
+    cost=lambda cfg: cfg.sample.n * cfg.sample.steps,
     doc="Mass-sample a model (paper sec. 3), storing h at every step, x0 and seeds in OUT/samples.zarr.",
 )
 
