@@ -188,19 +188,36 @@ def figures_stage(run: RunFolder, figures, directions, annotate, ctx: Context) -
 
 
 def figures_cost(cfg) -> int:
-    """U-Net sample-passes of the figures under ``cfg`` (a RunConfig): the PCA and random
-    grids and the PC naming (2 renders per PC and sample), the supervised, disentangled and
-    sequential grids, Fig. 8 (its pool redrawn at eta 0, then the held-out samples unedited and
-    edited along h and x_T for each n) and Fig. 7's replays."""
+    """U-Net sample-passes of the figures under ``cfg`` (a RunConfig), as ``pipeline_figures``
+    renders them: the PCA and random grids and the naming of the PCs (one render up and one
+    down per PC and sample), the supervised and disentangled grids (gammas |g| <= 2) and the
+    sequential edit, Fig. 8 (at eta 0: a stochastic run's first samples redrawn, then the
+    held-out ones unedited and edited along h and x_T for each n) and Fig. 7's rows (4 samples,
+    5 gammas). The Jacobian itself is the jacobian command's work: its iterations stop at a
+    tolerance and are not counted."""
+    from hspace.hcore.sampler import eta_schedule
+
     s, f, d = cfg.sample, cfg.figures, cfg.directions
     attrs = len(d.attributes) if d.latent == "h" else 0
-    grids = 0
-    if cfg.pca.enabled:
-        grids += 2 * f.pcs * len(f.scales) + 2 * f.pcs * f.name_samples
-    grids += 2 * attrs * len(f.scales) + (attrs + 1)
-    if f.efficiency and attrs:
-        grids += min(s.n - d.held_out_of({}), EFFICIENCY_POOL) + EFFICIENCY_HELD * (1 + 2 * len(EFFICIENCY_NS))
-    return grids * s.steps + (f.jacobian and (s.n > 0)) * 4 * s.steps  # Jacobian: its replays
+    scored = bool(cfg.annotate.annotators)
+    renders = 0
+    if cfg.pca.enabled and f.pcs:
+        pcs = min(f.pcs, cfg.pca.components)
+        renders += 2 * pcs * len(f.scales) + 2 * pcs * min(f.name_samples, s.n) * scored
+    near = len([g for g in f.scales if abs(g) <= 2] or f.scales)
+    renders += attrs * near * (1 + cfg.disentangle.enabled) + (attrs + 1) * (attrs > 1)
+    if f.efficiency and attrs and scored:
+        held = d.held_out_of({})
+        ranked = s.n - held
+        deterministic = not any(eta_schedule(s.eta, s.steps))
+        if not deterministic:
+            ranked = min(ranked, EFFICIENCY_POOL)
+            renders += ranked
+        ns = [k for k in EFFICIENCY_NS if k <= ranked // 2]
+        renders += min(EFFICIENCY_HELD, held) * (1 + 2 * len(ns))
+    if f.jacobian and s.n > 0:
+        renders += min(4, s.n) * 5
+    return renders * s.steps
 
 
 STAGE = Stage(

@@ -366,15 +366,21 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
 
 
 @pytest.mark.slow
-def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path):
+def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
     """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
     one at a time through the runner: every file it creates or changes lies inside an artifact
     its declaration names (``outputs``, or ``also_writes`` for what its config may add); the
-    runner's own run.json is the only exception. A stage that writes somewhere else fails here."""
+    runner's own run.json is the only exception. A stage that writes somewhere else fails here.
+    And the U-Net passes each stage makes (rows through the U-Net's forward, counted) are the
+    cost its declaration gives `--plan`, the Jacobian's iterations (which stop at a tolerance)
+    aside."""
     import hashlib
+
+    from diffusers import UNet2DModel
 
     from hspace.data.catalog import ARTIFACTS, RunFolder
     from hspace.flows.runner import execute
+    from hspace.tasks.check import unet_passes
     from hspace.tasks.config import load_config
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
@@ -389,12 +395,32 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
             if p.is_file()
         }
 
+    passes, forward = {"rows": 0}, UNet2DModel.forward
+
+    def counted(self, sample, *args, **kwargs):
+        passes["rows"] += int(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    from hspace.tasks import jacobian
+
+    def jacobian_alone(*args, run=jacobian.run_jacobian, **kwargs):
+        before = passes["rows"]
+        result = run(*args, **kwargs)
+        passes["iterations"] = passes["rows"] - before  # the Jacobian's own: it stops at a tolerance
+        return result
+
+    monkeypatch.setattr(jacobian, "run_jacobian", jacobian_alone)
+
     creating_stage().make_run(run, cfg, ctx)
-    seen = {}
+    seen, made = {}, {}
     for name in pipeline_stages():
         stage = registry()[name]
         before = files()
+        passes |= {"rows": 0, "iterations": 0}
+        monkeypatch.setattr(UNet2DModel, "forward", counted)
         execute(run, stage, cfg, ctx, force=True)
+        monkeypatch.setattr(UNet2DModel, "forward", forward)
+        made[name] = passes["rows"] - passes["iterations"]
         after = files()
         written = sorted(f for f in after if before.get(f) != after[f] and f != ARTIFACTS["run_json"][0])
         allowed = [ARTIFACTS[a][0] for a in (*stage.outputs, *stage.also_writes)]
@@ -403,3 +429,4 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
         seen[name] = written
     assert any(f.startswith("jacobian.zarr/") for f in seen["figures"])  # Fig. 7 ran: the check saw it
     assert all(seen[s] for s in ("sample", "annotate", "pca", "directions", "evaluate", "figures", "report"))
+    assert made == unet_passes(cfg) and made["sample"] and made["evaluate"] and made["figures"]
