@@ -22,9 +22,8 @@ import typer
 from rich.markup import escape
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.flows import apply_defaults
+from hspace.flows import apply_defaults, views
 from hspace.flows.stage_commands import console, declared_outputs, fail, stage_command, write_error
-from hspace.tasks import views
 from hspace.tasks.stages import Context, registry
 
 apply_defaults()  # Prefect offline and quiet, before anything imports it (flows/entry.py)
@@ -255,10 +254,10 @@ def schedule(
     """Serve a Prefect deployment of `hspace run` on a schedule (blocks; Ctrl-C or SIGTERM
     stops serving and pauses the schedule). Needs a standing Prefect server (its scheduler
     service): the one PREFECT_API_URL names, else hspace's own (`hspace server start`)."""
+    from hspace.flows.prefect_server import prefect_api
     from hspace.flows.schedule import make_deployment, serve_into, serve_until_stopped
     from hspace.tasks.check import check_config
     from hspace.tasks.config import load_config
-    from hspace.tasks.prefect_server import prefect_api
 
     if cron is None and interval is None:
         cron = "0 3 * * *"
@@ -322,13 +321,12 @@ def train_toy(
         fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     try:
         if recipe_name == "toy-sd":  # data/toy_sd.py: VAE, then U-Net + text encoder; --steps: the U-Net's
-            from hspace.flows.train_toy import train_toy_sd_flow
-            from hspace.tasks.train_toy_sd import train_sd_command
+            from hspace.flows.train_toy import train_sd_command
 
-            return train_sd_command(checkpoint, out, steps, checkpoint_every, console, train_toy_sd_flow)
+            return train_sd_command(checkpoint, out, steps, checkpoint_every, console)
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
-        from hspace.tasks.prefect_server import prefect_api
+        from hspace.flows.prefect_server import prefect_api
 
         with prefect_api(console):
             from hspace.flows.train_toy import train_toy_flow

@@ -1,5 +1,5 @@
 """The `hspace` console script: a command goes to the warm worker where one runs and fits
-(tasks/warm_worker.py), else it runs in this process. Kept tiny: it decides before typer,
+(flows/warm_worker.py), else it runs in this process. Kept tiny: it decides before typer,
 rich, torch or Prefect are imported."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main() -> None:
         return warm_worker()
     apply_defaults()
     if argv and argv[0] not in LOCAL and not argv[0].startswith("-") and os.environ.get("HSPACE_NO_WORKER") != "1":
-        from hspace.tasks.warm_worker import run_remote
+        from hspace.flows.warm_worker import run_remote
 
         code = run_remote(argv)
         if code is not None:
@@ -31,7 +31,7 @@ def main() -> None:
 def warm_worker() -> None:
     from pathlib import Path
 
-    from hspace.tasks import warm_worker as worker
+    from hspace.flows import warm_worker as worker
 
     def preload() -> None:
         import diffusers  # noqa: F401

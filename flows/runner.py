@@ -110,7 +110,7 @@ def execute_pipeline(cfg, out: Path, break_lock: bool = False, console=None) -> 
     local Prefect server (or PREFECT_API_URL); `hspace run` and hspace.run_pipeline call it
     after checking the config."""
     from hspace.data import models
-    from hspace.tasks.prefect_server import prefect_api
+    from hspace.flows.prefect_server import prefect_api
     from hspace.tasks.sample import resolve_device
 
     context = {"device": resolve_device(cfg.device), "dask_address": cfg.dask_address}
@@ -125,7 +125,7 @@ def execute_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> dict:
     RunError for bad input. The CLI's stage commands and the Python API (hspace.run_stage)
     both call it."""
     from hspace.data import models
-    from hspace.tasks.prefect_server import prefect_api
+    from hspace.flows.prefect_server import prefect_api
     from hspace.tasks.sample import resolve_device
 
     run = RunFolder(run_dir)

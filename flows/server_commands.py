@@ -1,5 +1,5 @@
 """`hspace server start|status|stop`: the standing local Prefect server that hspace commands
-reuse (tasks/prefect_server.py) and the warm worker that runs them (tasks/warm_worker.py)."""
+reuse (flows/prefect_server.py) and the warm worker that runs them (flows/warm_worker.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def server_start(
     worker: Annotated[bool, typer.Option(help="also start the warm worker (commands skip their imports)")] = True,
 ) -> None:
     """Start it (in $PREFECT_HOME, on a free loopback port) and wait until it answers."""
-    from hspace.tasks import prefect_server, warm_worker
+    from hspace.flows import prefect_server, warm_worker
 
     try:
         state = prefect_server.start()
@@ -46,7 +46,7 @@ def server_start(
 @server_app.command("status")
 def server_status() -> None:
     """Say whether it runs, where, and which API the next command will use."""
-    from hspace.tasks import prefect_server
+    from hspace.flows import prefect_server
 
     if os.environ.get("PREFECT_API_URL"):
         console.print(f"PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): hspace uses that server")
@@ -57,7 +57,7 @@ def server_status() -> None:
     word = "answering" if state["healthy"] else ("starting or stuck" if state["alive"] else "dead")
     where = state["url"].removesuffix("/api")
     console.print(f"Prefect server at {where}: {word} (pid {state['pid']}, log {state['log']})")
-    from hspace.tasks import warm_worker
+    from hspace.flows import warm_worker
 
     w = warm_worker.status()
     console.print(f"warm worker: pid {w['pid']}" if w and w["alive"] else "warm worker: not running")
@@ -68,7 +68,7 @@ def server_status() -> None:
 @server_app.command("stop")
 def server_stop() -> None:
     """Stop it (its whole process group) and the warm worker."""
-    from hspace.tasks import prefect_server, warm_worker
+    from hspace.flows import prefect_server, warm_worker
 
     w = warm_worker.stop_worker()
     if w:

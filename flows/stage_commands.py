@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from hspace.data.catalog import RunError
-from hspace.tasks import views
+from hspace.flows import views
 from hspace.tasks.stages import Stage, registry
 
 console = Console(highlight=False, soft_wrap=True)

@@ -3,10 +3,14 @@ export its EMA weights as a diffusers folder, and train the oracle annotator."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 from prefect import flow
 
+from hspace.flows.prefect_server import prefect_api
 from hspace.tasks.train_toy import export_toy, train_oracle, train_toy
-from hspace.tasks.train_toy_sd import train_toy_sd
+from hspace.tasks.train_toy_sd import resolve_recipe, train_toy_sd
 
 
 @flow(name="hspace-train-toy")
@@ -28,3 +32,16 @@ def train_toy_flow(
 @flow(name="hspace-train-toy-sd")
 def train_toy_sd_flow(checkpoint: str, out: str, recipe: dict) -> dict:
     return train_toy_sd(checkpoint, out, recipe)
+
+
+def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
+    """The body of `hspace train-toy --recipe toy-sd`: ``train_toy_sd_flow`` on the local
+    Prefect server; resumable."""
+    if checkpoint == Path("runs/toy-train/checkpoint"):  # the toy DDPM's defaults: keep the two apart
+        checkpoint = Path("runs/toy-sd-train/checkpoint")
+    if out == Path("runs/toy-train/model"):
+        out = Path("runs/toy-sd-train/model")
+    recipe = resolve_recipe(checkpoint, steps, checkpoint_every)
+    with prefect_api(console):
+        state = train_toy_sd_flow(str(checkpoint), str(out), asdict(recipe))
+    console.print(f"toy-sd at U-Net step {state['unet_step']}: [bold]{out}[/] (checkpoint {checkpoint})")

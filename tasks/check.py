@@ -293,7 +293,7 @@ def probe_seconds(facts: Facts, cfg: RunConfig, batch: int = 16, repeats: int = 
 
 def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     """What `hspace run --config cfg --out OUT` would do (nothing is written)."""
-    from hspace.tasks.stages import pipeline_stages, registry, stage_key
+    from hspace.tasks.stages import creating_stage, pipeline_stages, registry, stage_key
 
     run = RunFolder(out)
     record = None
@@ -317,9 +317,10 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     n, steps = cfg.sample.n, cfg.sample.steps
     needs = disk_needs(cfg, facts.h_shape, facts.image_shape)
     disk = {label: b for label, (_, b) in needs.items()}
-    left = pending_sample_bytes(run) if states.get("sample") == "run" else None
+    sampling = creating_stage().name  # the stage that makes samples.zarr
+    left = pending_sample_bytes(run) if states.get(sampling) == "run" else None
     if left is not None:  # resuming: only the unfinished shards
-        needs = {k: v for k, v in needs.items() if v[0] != "sample"} | {"unfinished shards": ("sample", left)}
+        needs = {k: v for k, v in needs.items() if v[0] != sampling} | {"unfinished shards": (sampling, left)}
     needed = sum(b for stage, b in needs.values() if states.get(stage) == "run")
     stages = [
         {

@@ -5,8 +5,7 @@ the disentangle stage) through the catalog, edit held-out samples along each
 from __future__ import annotations
 
 from hspace.data.catalog import RunError, RunFolder, require_sampled
-from hspace.data.eval_folder import EvalFolder
-from hspace.tasks import views
+from hspace.data.eval_folder import TABLES, EvalFolder, calibration_misses, leakage_change, leaked_more, table_title
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -272,6 +271,33 @@ def evaluate_cost(cfg) -> int:
     return passes
 
 
+def leakage_line(result: dict) -> str:
+    """The evaluate stage's line: Table 1's mean |off-diagonal|, and how eq. (11) changes it
+    (norm kept, then as written where that table was made)."""
+    summary = result.get("summary", {})
+    before = summary.get("original", {})
+    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
+    if off is None or diag is None:
+        return ""
+    changes = [(label, leakage_change(summary, label)) for label in TABLES[1:]]
+    text = [
+        ("as written " if label == "as_written" else "")
+        + f"{c['after']:.3g} ({c['change']:+.0%}), diagonal kept {c['kept']:.0%}"
+        for label, c in changes
+        if c
+    ]
+    failed = calibration_misses(summary)
+    miss = f"; gamma auto missed its target for {', '.join(sorted(failed))}" if failed else ""
+    if not text:
+        return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}{miss}"
+    worse = leaked_more(summary)
+    worse_text = [
+        f"{w['direction']} {w['before']:.3g} -> {w['after']:.3g} ({table_title(w['table'], summary)})" for w in worse
+    ]
+    warn = "; leaks MORE after the projection: " + ", ".join(worse_text) if worse else ""
+    return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text) + warn + miss
+
+
 STAGE = Stage(
     "evaluate",
     order=70,
@@ -279,7 +305,7 @@ STAGE = Stage(
     inputs=("directions", "disentangle", "annotate"),
     outputs=("eval",),
     body=evaluate_stage,
-    summary=views.leakage,
+    summary=leakage_line,
     publish=_publish,
     cost=evaluate_cost,
     cli_sections={"evaluate": None},

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.tasks import views
 from hspace.tasks.sample import open_shard, run_shards
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -223,6 +223,20 @@ def invert_stage(run: RunFolder, section, ctx: Context) -> dict:
     return summary
 
 
+def psnr_of_mse(mse: float) -> str:
+    """PSNR of an MSE of images in [-1, 1] (peak-to-peak 2), as text."""
+    return "inf dB (exact)" if mse <= 1e-20 else f"{10 * math.log10(4 / mse):.1f} dB"
+
+
+def recon_line(r: dict) -> str:
+    how = {"ddpm": "edit-friendly DDPM inversion", "ddim": "DDIM inversion"}.get(r.get("method", "ddim"))
+    vae = f"; VAE alone: PSNR {psnr_of_mse(r['vae_mse'])}" if "vae_mse" in r else ""
+    return (
+        f"{r['n']} images inverted ({how}); regenerated vs input: MSE {r['recon_mse']:.3g}, PSNR "
+        f"{psnr_of_mse(r['recon_mse'])} (images in [-1, 1]){vae}; labels: {', '.join(r['labels'])}"
+    )
+
+
 STAGE = Stage(
     "invert",
     order=10,
@@ -230,7 +244,7 @@ STAGE = Stage(
     inputs=(),
     outputs=("samples", "annotations"),
     body=invert_stage,
-    summary=views.recon,
+    summary=recon_line,
     create=_create,
     pipeline=False,
     doc="Invert real images into a run folder (edit-friendly DDPM inversion, or DDIM with --method ddim), "

@@ -18,7 +18,6 @@ import numpy as np
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.stores import JacobianStore, SampleStore
-from hspace.tasks import views
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -207,6 +206,15 @@ def jacobian_stage(run: RunFolder, j, ctx: Context) -> dict:
     return {"outputs": outputs(run, [run.jacobian, *r.pop("directions")]), **r}
 
 
+def jacobian_line(r: dict) -> str:
+    values = ", ".join(f"{s:.3g}" for s in r["singular_values"])
+    inside = "; inside the region: " + ", ".join(f"{x:.0%}" for x in r["share_inside"]) if r.get("share_inside") else ""
+    return (
+        f"t={r['t']}, {r['iterations']} iterations{'' if r['converged'] else ', NOT converged'}; "
+        f"{'gains |J v|' if r.get('share_inside') else 'singular values'} {values}{inside}"
+    )
+
+
 STAGE = Stage(
     "jacobian",
     order=40,
@@ -214,7 +222,7 @@ STAGE = Stage(
     inputs=("sample",),
     outputs=("jacobian", "directions"),
     body=jacobian_stage,
-    summary=views.jac,
+    summary=jacobian_line,
     pipeline=False,
     doc="Image-specific directions (paper sec. 4.2, Alg. 1 and 2): top-K right singular vectors of d eps/d h.",
 )

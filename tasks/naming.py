@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.eval_folder import EvalFolder
-from hspace.tasks import views
 from hspace.tasks.stages import Context, Stage, outputs
 
 
@@ -59,6 +58,10 @@ def name_stage(run: RunFolder, s, ctx: Context) -> dict:
     return {"outputs": outputs(run, [path, path.with_suffix(".json")]), "names": names, "gamma": s.gamma}
 
 
+def names_line(r: dict) -> str:
+    return "; ".join(f"{x['direction']} ≈ {x['name']} ({x['change']:+.3f})" for x in r["names"])
+
+
 STAGE = Stage(
     "name",
     order=35,
@@ -66,7 +69,7 @@ STAGE = Stage(
     inputs=("pca", "sample"),
     outputs=("eval",),
     body=name_stage,
-    summary=views.names_line,
+    summary=names_line,
     pipeline=False,
     doc="Measure how much each direction moves every attribute and name it (pc02 ~ yaw).",
 )

@@ -21,7 +21,6 @@ import numpy as np
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import PCAStore, SampleStore, timestep_batches
 from hspace.hcore import pca as hpca
-from hspace.tasks import views
 from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
@@ -270,6 +269,18 @@ def pca_stage(run: RunFolder, p, ctx: Context) -> dict:
     }
 
 
+def pca_line(r: dict) -> str:
+    ratios = ", ".join(f"{x:.3f}" for x in r["variance_ratio"])
+    weak = r.get("weak_sign_alignment") or {}
+    signs = (
+        f"; {', '.join(weak)}: at some steps the component reorders with a neighbour's (|cos| < 0.5), so its sign "
+        "there is a weaker guess (normal past the leading PCs; pca.zarr 'sign_alignment' has every step)"
+        if weak
+        else ""
+    )
+    return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}{signs}"
+
+
 STAGE = Stage(
     "pca",
     order=30,
@@ -277,7 +288,7 @@ STAGE = Stage(
     inputs=("sample",),
     outputs=("pca", "directions"),
     body=pca_stage,
-    summary=views.pca_line,
+    summary=pca_line,
     runtime=("dask_address",),
     doc="Per-timestep PCA of h (paper sec. 4.1): RUN/pca.zarr and directions pcNN + randomNN.",
 )

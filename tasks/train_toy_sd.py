@@ -287,18 +287,3 @@ def train_toy_sd(checkpoint: str, out: str, recipe: dict) -> dict:
 
     logger = get_run_logger()
     return train_toy_sd_model(Path(checkpoint), toy_sd.recipe_from_dict(recipe), Path(out), report=logger.info)
-
-
-def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, console, flow) -> None:
-    """The body of `hspace train-toy --recipe toy-sd`: ``flow`` (flows/train_toy.py's
-    train_toy_sd_flow) on the local Prefect server; resumable."""
-    if checkpoint == Path("runs/toy-train/checkpoint"):  # the toy DDPM's defaults: keep the two apart
-        checkpoint = Path("runs/toy-sd-train/checkpoint")
-    if out == Path("runs/toy-train/model"):
-        out = Path("runs/toy-sd-train/model")
-    recipe = resolve_recipe(checkpoint, steps, checkpoint_every)
-    from hspace.tasks.prefect_server import prefect_api
-
-    with prefect_api(console):
-        state = flow(str(checkpoint), str(out), asdict(recipe))
-    console.print(f"toy-sd at U-Net step {state['unet_step']}: [bold]{out}[/] (checkpoint {checkpoint})")

@@ -90,12 +90,12 @@ def oracle_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """The standing local Prefect server hspace starts on first need (tasks/prefect_server.py),
+    """The standing local Prefect server hspace starts on first need (flows/prefect_server.py),
     in this session's PREFECT_HOME, for in-process flow runs; subprocess commands find the
     same one through PREFECT_HOME. Stopped when the session ends (``_stop_prefect_server``)."""
     from prefect.settings import temporary_settings
 
-    from hspace.tasks import prefect_server as server
+    from hspace.flows import prefect_server as server
 
     url = server.start()["url"]
     with temporary_settings(updates=server.client_settings(url)):  # its URL and credential
@@ -107,8 +107,8 @@ def _stop_prefect_server():
     """No Prefect server or warm worker outlives the suite, and none is ever started in the
     user's home."""
     yield
-    from hspace.tasks import prefect_server as server
-    from hspace.tasks import warm_worker
+    from hspace.flows import prefect_server as server
+    from hspace.flows import warm_worker
 
     warm_worker.stop_worker()
     server.stop()

@@ -124,8 +124,8 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     from hspace.data.catalog import RunFolder
     from hspace.data.eval_folder import leakage_change
     from hspace.hcore import hooks as hs
+    from hspace.tasks.evaluate import leakage_line as leakage
     from hspace.tasks.evaluate import run_evaluation
-    from hspace.tasks.views import leakage
 
     rng = np.random.default_rng(0)
     names, d = ["Smiling", "Male", "Young"], 12
@@ -222,8 +222,8 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     from hspace.data import directions as dirfile
     from hspace.data.catalog import RunFolder
     from hspace.hcore import hooks as hs
+    from hspace.tasks.evaluate import leakage_line as leakage
     from hspace.tasks.evaluate import run_evaluation
-    from hspace.tasks.views import leakage
 
     names = ["Smiling", "Male", "Young"]
     vs = [torch.tensor([1.0, 0, 0]), torch.tensor([0, 1.0, 0]), torch.tensor([0, 0, -1.0])]  # Young lowers Young

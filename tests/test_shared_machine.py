@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from hspace.tasks import prefect_server, warm_worker
+from hspace.flows import prefect_server, warm_worker
 
 pytestmark = pytest.mark.slow
 HSPACE = str(Path(sys.executable).with_name("hspace"))

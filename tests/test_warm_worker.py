@@ -1,4 +1,4 @@
-"""The warm worker (tasks/warm_worker.py) as users meet it: `hspace server start` starts it,
+"""The warm worker (flows/warm_worker.py) as users meet it: `hspace server start` starts it,
 the `hspace` console script hands it a stage command, which runs with the client's terminal,
 folder and environment and is recorded in Prefect like any other; bad input still gives one
 line and exit 2; another environment runs in its own process and says so; a killed client
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hspace.flows import warm_worker
 from hspace.flows.cli import app
-from hspace.tasks import warm_worker
 
 runner = CliRunner()
 HSPACE = str(Path(sys.executable).with_name("hspace"))

@@ -129,9 +129,9 @@ def main() -> None:
 
     from hspace.data import models
     from hspace.data.catalog import RunFolder
+    from hspace.flows.prefect_server import prefect_api
     from hspace.hcore.sampler import draw_noise, make_generators
     from hspace.tasks.config import SampleSection
-    from hspace.tasks.prefect_server import prefect_api
     from hspace.tasks.sample import create_run, run_shards
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--small dry run: not a measurement)"

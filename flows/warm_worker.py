@@ -297,7 +297,7 @@ def start_worker(timeout: float = 120.0) -> dict:
     current = status()
     if current and current["alive"]:
         return current
-    from hspace.tasks.prefect_server import private_home
+    from hspace.flows.prefect_server import private_home
 
     private_home()
     socket_dir()  # a folder that is not ours is refused here, before anything starts

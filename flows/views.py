@@ -4,15 +4,12 @@ tables). Read-only; no torch, no Prefect."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-from hspace.data.eval_folder import TABLES, calibration_misses, leakage_change, leaked_more, table_title
 
 
 def human(nbytes: float | None) -> str:
@@ -135,75 +132,6 @@ def show_runs(entries: list[dict], root: Path, console: Console) -> None:
         "✓ done, ✗ failed, … running, · pending; leakage: mean |off-diagonal| of Table 1, original -> "
         "disentangled (change, share of the diagonal kept). Per stage: --json"
     )
-
-
-# ------------------------------------------------------------ one-line summaries of stages
-
-
-def leakage(result: dict) -> str:
-    """The evaluate stage's line: Table 1's mean |off-diagonal|, and how eq. (11) changes it
-    (norm kept, then as written where that table was made)."""
-    summary = result.get("summary", {})
-    before = summary.get("original", {})
-    off, diag = before.get("mean_offdiagonal"), before.get("mean_diagonal")
-    if off is None or diag is None:
-        return ""
-    changes = [(label, leakage_change(summary, label)) for label in TABLES[1:]]
-    text = [
-        ("as written " if label == "as_written" else "")
-        + f"{c['after']:.3g} ({c['change']:+.0%}), diagonal kept {c['kept']:.0%}"
-        for label, c in changes
-        if c
-    ]
-    failed = calibration_misses(summary)
-    miss = f"; gamma auto missed its target for {', '.join(sorted(failed))}" if failed else ""
-    if not text:
-        return f"leakage off-diagonal {off:.3g}, diagonal {diag:.3g}{miss}"
-    worse = leaked_more(summary)
-    worse_text = [
-        f"{w['direction']} {w['before']:.3g} -> {w['after']:.3g} ({table_title(w['table'], summary)})" for w in worse
-    ]
-    warn = "; leaks MORE after the projection: " + ", ".join(worse_text) if worse else ""
-    return f"leakage off-diagonal {off:.3g} -> " + "; ".join(text) + warn + miss
-
-
-def psnr_of_mse(mse: float) -> str:
-    """PSNR of an MSE of images in [-1, 1] (peak-to-peak 2), as text."""
-    return "inf dB (exact)" if mse <= 1e-20 else f"{10 * math.log10(4 / mse):.1f} dB"
-
-
-def recon(r: dict) -> str:
-    how = {"ddpm": "edit-friendly DDPM inversion", "ddim": "DDIM inversion"}.get(r.get("method", "ddim"))
-    vae = f"; VAE alone: PSNR {psnr_of_mse(r['vae_mse'])}" if "vae_mse" in r else ""
-    return (
-        f"{r['n']} images inverted ({how}); regenerated vs input: MSE {r['recon_mse']:.3g}, PSNR "
-        f"{psnr_of_mse(r['recon_mse'])} (images in [-1, 1]){vae}; labels: {', '.join(r['labels'])}"
-    )
-
-
-def jac(r: dict) -> str:
-    values = ", ".join(f"{s:.3g}" for s in r["singular_values"])
-    inside = "; inside the region: " + ", ".join(f"{x:.0%}" for x in r["share_inside"]) if r.get("share_inside") else ""
-    return (
-        f"t={r['t']}, {r['iterations']} iterations{'' if r['converged'] else ', NOT converged'}; "
-        f"{'gains |J v|' if r.get('share_inside') else 'singular values'} {values}{inside}"
-    )
-
-
-def pca_line(r: dict) -> str:
-    ratios = ", ".join(f"{x:.3f}" for x in r["variance_ratio"])
-    weak = r.get("weak_sign_alignment") or {}
-    signs = (
-        f"; {', '.join(weak)}: at some steps the component reorders with a neighbour's (|cos| < 0.5), so its sign "
-        "there is a weaker guess (normal past the leading PCs; pca.zarr 'sign_alignment' has every step)"
-        if weak
-        else ""
-    )
-    return f"{r['method']}, n={r['n_samples']}; explained variance ratio of PC0-4 {ratios}{signs}"
-
-
-def names_line(r: dict) -> str:
-    return "; ".join(f"{x['direction']} ≈ {x['name']} ({x['change']:+.3f})" for x in r["names"])
 
 
 # ------------------------------------------------------------------------- log lines
