@@ -10,13 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hspace.data import models
-from hspace.data.annotators import load_annotator
 from hspace.data.catalog import RunError, RunFolder, require_sampled
-from hspace.hcore.sampler import eta_schedule
-from hspace.hcore.supervised import top_bottom
+from hspace.tasks.progress import progress_bar
+from hspace.tasks.stages import Context, Stage, outputs
 
 
 def sample_efficiency(
@@ -37,7 +35,11 @@ def sample_efficiency(
     annotations; a run at another eta (the paper's synthesis default is 1) has its first
     ``pool`` samples redrawn with DDIM (eta = 0, the same seeds, so the same x_T) and
     scored by ``annotator``, in memory."""
-    from hspace.hcore.sampler import Edit
+    import torch
+
+    from hspace.data.annotators import load_annotator
+    from hspace.hcore.sampler import Edit, eta_schedule
+    from hspace.hcore.supervised import top_bottom
     from hspace.tasks.supervised import mean_difference
 
     run = RunFolder(Path(run_dir))
@@ -58,13 +60,13 @@ def sample_efficiency(
     if deterministic:
         ranked = first
 
-        def direction(n: int, latent: str) -> torch.Tensor:
+        def direction(n: int, latent: str):
             return mean_difference(run, attribute, n, latent, first=first)[0]  # built, never saved
     else:
         ranked = min(first, pool)
         h_pool, scores = ddim_pool(unet, scheduler, net, replay, list(range(ranked)), col)
 
-        def direction(n: int, latent: str) -> torch.Tensor:
+        def direction(n: int, latent: str):
             pos, neg = (torch.from_numpy(i) for i in top_bottom(scores, n))
             if latent == "h":
                 return h_pool[pos].float().mean(0) - h_pool[neg].float().mean(0)
@@ -105,11 +107,13 @@ def ddim_pool(unet, scheduler, net, replay, indices: list[int], column: int, bat
     """Samples ``indices`` redrawn with DDIM (eta = 0) from their seeds (and prompts, for a
     text-conditioned run; ``replay``: hcore.generator.Replay): (h_{T:1} as float16
     (n, T, C, H, W), the annotator's score of ``column`` (n,))."""
+    import torch
+
     hs, scores = [], []
     for start in range(0, len(indices), batch_size):
         part, per_step = indices[start : start + batch_size], []
 
-        def keep(step: int, t: int, h: torch.Tensor, into: list = per_step) -> None:
+        def keep(step: int, t: int, h, into: list = per_step) -> None:
             into.append(h.detach().float().cpu().half())
 
         x0 = replay.render(unet, scheduler, part, eta=0.0, on_step=keep)
@@ -128,3 +132,62 @@ def table_md(result: dict) -> str:
     for n in result["ns"]:
         lines.append(f"| {n} | {c[f'h:{n}']:+.3f} | {m[f'h:{n}']:.3f} | {c[f'xT:{n}']:+.3f} | {m[f'xT:{n}']:.3f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+# Fig. 8 in a pipeline run: the pairs n it is built from, the held-out samples it edits, and
+# the pool redrawn at eta 0 when the run was sampled stochastically
+FIGURE_NS, FIGURE_HELD, FIGURE_POOL = (1, 3, 10, 30), 32, 128
+
+
+def efficiency_stage(run: RunFolder, f, directions, annotate, ctx: Context) -> dict:
+    """Fig. 8 of the first attribute: figures/sample_efficiency.{json,png}."""
+    import json
+
+    from hspace.data.figures import efficiency_plot
+
+    attrs = directions.attributes if directions.latent == "h" else []
+    if not (f.efficiency and attrs and annotate.annotators):
+        return {"outputs": [], "skipped": True}
+    meta = run.read()
+    run.figures.mkdir(exist_ok=True)
+    held = directions.held_out_of(meta["config"])
+    with progress_bar(disable=not ctx.show_progress) as bar:
+        bar.add_task(f"Fig. 8 ({attrs[0]}: h vs x_T)", total=None, rate="")
+        result = sample_efficiency(
+            str(run.root), attrs[0], held, 1.0, annotate.annotators[0], FIGURE_NS, ctx.device, FIGURE_HELD, FIGURE_POOL
+        )
+    run.figure("sample_efficiency.json").write_text(json.dumps(result, indent=2))
+    png = efficiency_plot(result, run.figure("sample_efficiency.png"))
+    return {"outputs": outputs(run, [run.figure("sample_efficiency.json"), png]), "attribute": attrs[0]}
+
+
+def efficiency_cost(cfg) -> int:
+    """U-Net sample-passes of Fig. 8, at eta 0: a stochastic run's first samples redrawn (at
+    most the pool), then the held-out samples unedited and edited along h and x_T for each n."""
+    from hspace.hcore.sampler import eta_schedule
+
+    s, f, d = cfg.sample, cfg.figures, cfg.directions
+    if not (f.efficiency and d.latent == "h" and d.attributes and cfg.annotate.annotators):
+        return 0
+    held = d.held_out_of({})
+    ranked, renders = s.n - held, 0
+    if any(eta_schedule(s.eta, s.steps)):
+        ranked = min(ranked, FIGURE_POOL)
+        renders += ranked
+    ns = [k for k in FIGURE_NS if k <= ranked // 2]
+    return (renders + min(FIGURE_HELD, held) * (1 + 2 * len(ns))) * s.steps
+
+
+STAGE = Stage(
+    "efficiency",
+    order=77,
+    sections=("figures", "directions", "annotate"),
+    inputs=("sample", "annotate"),
+    outputs=("figures",),
+    body=efficiency_stage,
+    cost=efficiency_cost,
+    summary=lambda r: "" if r.get("skipped") else f"Fig. 8 of {r['attribute']}",
+    command=False,
+)

@@ -242,7 +242,7 @@ def publish_artifacts(run: RunFolder, stage: Stage, key: str, result: dict) -> N
     listed = "\n".join(f"- `{run.root}/{o}`" for o in result.get("outputs", [])) or "- (none)"
     create_markdown_artifact(
         f"### {stage.name}\n\nrun folder `{run.root}`, fingerprint `{key}`\n\noutputs:\n{listed}\n",
-        key=f"hspace-{slug}-{stage.name}",
+        key=f"hspace-{slug}-{stage.name.replace('_', '-')}",  # Prefect: lowercase, digits, dashes
         description=f"hspace stage {stage.name}",
     )
     if stage.publish is not None:

@@ -63,11 +63,10 @@ class Stage:
     out_default: str | None = None  # a creating stage's --out default (None: --out is required)
     cli_sections: dict | None = None  # sections (-> fields or None for all) as options; default its own
     runtime: tuple[str, ...] = ()  # runtime options of its command besides device, break_lock, verbose
-    also_writes: tuple[str, ...] = ()  # artifacts it writes into where its config asks (not needed to be fresh)
     cost: Callable | None = None  # (RunConfig) -> U-Net sample-passes its body makes, for --plan (None: none)
 
     def __post_init__(self):
-        unknown = [o for o in (*self.outputs, *self.also_writes) if o not in ARTIFACTS]
+        unknown = [o for o in self.outputs if o not in ARTIFACTS]
         if unknown:
             raise ValueError(f"stage {self.name}: outputs {unknown} are not catalog artifacts ({sorted(ARTIFACTS)})")
 

@@ -151,11 +151,12 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
     cfg["directions"]["top"] = 2
     changed.write_text(yaml.safe_dump(cfg))
     plan = hspace("run", "--config", changed, "--out", out, "--plan").output
-    # directions and everything downstream of it would run; sample, annotate and pca stay cached
+    # directions and everything downstream of it, or reading its section (Fig. 8's held-out
+    # samples), would run; sample, annotate, pca, the PC names and Fig. 7 stay cached
     states = dict(re.findall(r"│ (\w+)\s+│ (run|skip \(cached\))", plan))
     assert states == {
-        **dict.fromkeys(["sample", "annotate", "pca"], "skip (cached)"),
-        **dict.fromkeys(["directions", "disentangle", "evaluate", "figures", "report"], "run"),
+        **dict.fromkeys(["sample", "annotate", "pca", "pc_names", "jacobian_figure"], "skip (cached)"),
+        **dict.fromkeys(["directions", "disentangle", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
 
@@ -369,7 +370,7 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
 def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
     """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
     one at a time through the runner: every file it creates or changes lies inside an artifact
-    its declaration names (``outputs``, or ``also_writes`` for what its config may add); the
+    its declaration names (``outputs``); the
     runner's own run.json is the only exception. A stage that writes somewhere else fails here.
     And the U-Net passes each stage makes (rows through the U-Net's forward, counted) are the
     cost its declaration gives `--plan`, the Jacobian's iterations (which stop at a tolerance)
@@ -423,10 +424,10 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
         made[name] = passes["rows"] - passes["iterations"]
         after = files()
         written = sorted(f for f in after if before.get(f) != after[f] and f != ARTIFACTS["run_json"][0])
-        allowed = [ARTIFACTS[a][0] for a in (*stage.outputs, *stage.also_writes)]
+        allowed = [ARTIFACTS[a][0] for a in stage.outputs]
         stray = [f for f in written if not any(f == a or f.startswith(a + "/") for a in allowed)]
         assert not stray, f"stage {name} wrote outside its declaration {allowed}: {stray}"
         seen[name] = written
-    assert any(f.startswith("jacobian.zarr/") for f in seen["figures"])  # Fig. 7 ran: the check saw it
-    assert all(seen[s] for s in ("sample", "annotate", "pca", "directions", "evaluate", "figures", "report"))
-    assert made == unet_passes(cfg) and made["sample"] and made["evaluate"] and made["figures"]
+    assert any(f.startswith("jacobian.zarr/") for f in seen["jacobian_figure"])  # Fig. 7 ran: the check saw it
+    assert all(seen[s] for s in pipeline_stages())  # every stage wrote something
+    assert made == unet_passes(cfg) and all(made[s] for s in ("sample", "evaluate", "pc_names", "efficiency", "figures"))
