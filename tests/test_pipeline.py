@@ -370,7 +370,8 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
 def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
     """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
     one at a time through the runner: every file it creates or changes lies inside an artifact
-    its declaration names (``outputs``); the runner's own run.json is the only exception. A stage that writes somewhere else fails here.
+    its declaration names (``outputs``); the runner's own run.json is the only exception. A
+    stage that writes somewhere else fails here.
     And the U-Net passes each stage makes (rows through the U-Net's forward, counted) are the
     cost its declaration gives `--plan`, the Jacobian's iterations (which stop at a tolerance)
     aside."""
