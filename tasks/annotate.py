@@ -74,7 +74,6 @@ def annotate_stage(run: RunFolder, section, ctx: Context) -> dict:
 
 STAGE = Stage(
     "annotate",
-    order=20,
     sections=("annotate",),
     inputs=("sample",),
     outputs=("annotations",),

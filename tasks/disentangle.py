@@ -104,7 +104,6 @@ def disentangle_stage(run: RunFolder, s, directions, ctx: Context) -> dict:
 
 STAGE = Stage(
     "disentangle",
-    order=60,
     sections=("disentangle", "directions"),
     inputs=("directions",),
     outputs=("directions",),

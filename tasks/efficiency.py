@@ -182,7 +182,6 @@ def efficiency_cost(cfg) -> int:
 
 STAGE = Stage(
     "efficiency",
-    order=77,
     sections=("figures", "directions", "annotate"),
     inputs=("sample", "annotate"),
     outputs=("figures",),

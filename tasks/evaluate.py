@@ -300,7 +300,6 @@ def leakage_line(result: dict) -> str:
 
 STAGE = Stage(
     "evaluate",
-    order=70,
     sections=("evaluate", "disentangle", "directions", "device"),
     inputs=("directions", "disentangle", "annotate"),
     outputs=("eval",),

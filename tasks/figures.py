@@ -144,7 +144,6 @@ def figures_cost(cfg) -> int:
 
 STAGE = Stage(
     "figures",
-    order=80,
     sections=("figures", "directions", "annotate"),
     inputs=("pca", "directions", "disentangle", "annotate", "pc_names"),
     outputs=("figures",),

@@ -239,7 +239,6 @@ def recon_line(r: dict) -> str:
 
 STAGE = Stage(
     "invert",
-    order=10,
     sections=("invert",),
     inputs=(),
     outputs=("samples", "annotations"),

@@ -217,7 +217,6 @@ def jacobian_line(r: dict) -> str:
 
 STAGE = Stage(
     "jacobian",
-    order=40,
     sections=("jacobian",),
     inputs=("sample",),
     outputs=("jacobian", "directions"),

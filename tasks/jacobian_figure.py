@@ -66,7 +66,6 @@ def jacobian_figure_cost(cfg) -> int:
 
 STAGE = Stage(
     "jacobian_figure",
-    order=76,
     sections=("figures",),
     inputs=("sample",),
     outputs=("jacobian", "directions", "figures"),

@@ -64,7 +64,6 @@ def names_line(r: dict) -> str:
 
 STAGE = Stage(
     "name",
-    order=35,
     sections=("name",),
     inputs=("pca", "sample"),
     outputs=("eval",),

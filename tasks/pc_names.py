@@ -46,7 +46,6 @@ def pc_names_cost(cfg) -> int:
 
 STAGE = Stage(
     "pc_names",
-    order=75,
     sections=("figures", "annotate"),
     inputs=("pca",),
     outputs=("eval",),

@@ -283,7 +283,6 @@ def pca_line(r: dict) -> str:
 
 STAGE = Stage(
     "pca",
-    order=30,
     sections=("pca",),
     inputs=("sample",),
     outputs=("pca", "directions"),

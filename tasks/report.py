@@ -264,7 +264,6 @@ def _publish(run: RunFolder, slug: str) -> None:
 
 STAGE = Stage(
     "report",
-    order=90,
     sections=(),
     inputs=BEFORE,
     outputs=("report",),

@@ -352,7 +352,6 @@ def sample_stage(run: RunFolder, section, ctx: Context) -> dict:
 
 STAGE = Stage(
     "sample",
-    order=10,
     sections=("sample",),
     inputs=(),
     outputs=("samples",),

@@ -48,7 +48,6 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    order: int  # its place in `hspace run` and in listings (sample 10 ... report 90)
     sections: tuple[str, ...]  # config sections (or top-level keys): fingerprinted, handed to the body in order
     inputs: tuple[str, ...] | str  # stages whose outputs it reads (their fingerprints enter its own), or BEFORE
     outputs: tuple[str, ...]  # catalog artifacts (data.catalog.ARTIFACTS keys) it writes
@@ -101,23 +100,51 @@ _DECLARES = re.compile(r"^STAGE = Stage\(", re.MULTILINE)
 @functools.cache
 def registry() -> dict[str, Stage]:
     """Every stage declared in a module of hspace.tasks (``STAGE = Stage(...)`` at module
-    level), ordered by ``order``; the report's ``inputs=BEFORE`` resolved."""
+    level), in an order that follows the inputs: each stage after the stages it reads (ties by
+    name), one with ``inputs=BEFORE`` (the report) after every pipeline stage, which become its
+    inputs."""
     import hspace.tasks as package
 
-    found: list[Stage] = []
+    found: dict[str, Stage] = {}
     for info in pkgutil.iter_modules(package.__path__):
         source = Path(package.__path__[0], f"{info.name}.py")
         if source.exists() and _DECLARES.search(source.read_text()):
-            found.append(importlib.import_module(f"hspace.tasks.{info.name}").STAGE)
-    found.sort(key=lambda s: (s.order, s.name))
+            s = importlib.import_module(f"hspace.tasks.{info.name}").STAGE
+            if s.name in found:
+                raise ValueError(f"two stages are named {s.name!r}")
+            found[s.name] = s
+    depth = _depths(found)
+    ordered = sorted(found.values(), key=lambda s: (depth[s.name], s.name))
     stages: dict[str, Stage] = {}
-    for s in found:
-        if s.name in stages:
-            raise ValueError(f"two stages are named {s.name!r}")
+    for s in ordered:
         if s.inputs == BEFORE:
-            s = _with_inputs(s, tuple(p.name for p in found if p.pipeline and p.order < s.order))
+            s = _with_inputs(s, tuple(p.name for p in ordered if p.pipeline and p.inputs != BEFORE))
         stages[s.name] = s
     return stages
+
+
+def _depths(found: dict[str, Stage]) -> dict[str, float]:
+    """Each stage's distance from the stages that read nothing (a creating stage: 0); a
+    ``BEFORE`` stage comes last. ValueError for an unknown input or a cycle."""
+    depth: dict[str, float] = {}
+
+    def of(name: str, path: tuple[str, ...]) -> float:
+        if name in path:
+            raise ValueError(f"stages read each other in a cycle: {' -> '.join((*path, name))}")
+        if name not in depth:
+            s = found[name]
+            if s.inputs == BEFORE:
+                depth[name] = float("inf")
+            else:
+                unknown = [i for i in s.inputs if i not in found]
+                if unknown:
+                    raise ValueError(f"stage {name} reads {unknown}, which no module declares")
+                depth[name] = 1 + max((of(i, (*path, name)) for i in s.inputs), default=-1)
+        return depth[name]
+
+    for name in found:
+        of(name, ())
+    return depth
 
 
 def _with_inputs(stage: Stage, inputs: tuple[str, ...]) -> Stage:

@@ -184,7 +184,6 @@ def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
 
 STAGE = Stage(
     "directions",
-    order=50,
     sections=("directions",),
     inputs=("annotate", "sample"),
     outputs=("directions",),

@@ -278,6 +278,27 @@ def test_the_import_check_catches_a_wrong_import(tmp_path):
     assert len(bad) == 2 and "hcore/ imports hspace.data" in bad[0] and "data/ imports prefect" in bad[1]
 
 
+def test_the_order_of_stages_comes_from_their_inputs():
+    """No stage declares its place: every stage comes after the stages it reads, the report
+    after every pipeline stage; an input no module declares and a cycle are refused."""
+    from dataclasses import replace
+
+    from hspace.tasks.stages import BEFORE, _depths, registry
+
+    stages = registry()
+    place = {name: i for i, name in enumerate(stages)}
+    assert all(place[i] < place[s.name] for s in stages.values() for i in s.inputs)
+    assert list(stages)[-1] == "report" and set(stages["report"].inputs) == {
+        s.name for s in stages.values() if s.pipeline and s.name != "report"
+    }
+    sample, pca = stages["sample"], stages["pca"]
+    with pytest.raises(ValueError, match="pcaa"):
+        _depths({"sample": sample, "pca": replace(pca, inputs=("pcaa",))})
+    with pytest.raises(ValueError, match="cycle: sample -> pca -> sample"):
+        _depths({"sample": replace(sample, inputs=("pca",)), "pca": pca})
+    assert _depths({"sample": sample, "report": replace(sample, name="report", inputs=BEFORE)})["report"] > 1
+
+
 def test_a_stage_is_one_module_and_nothing_else_names_it():
     """Every stage is declared once, at the end of its own module in tasks/ (one per
     module), with outputs the catalog knows; the CLI, the runner and the report name no
