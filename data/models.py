@@ -132,18 +132,15 @@ def _from_hub(repo_id: str, allow_download: bool) -> tuple[Path, str | None]:
     return path, path.name  # snapshot folders are named by commit hash
 
 
-def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
-    """Load a run's model, refusing weights that are not the ones the run was made with.
-    dtype None: the dtype the run sampled in (its config's ``dtype``; float32 if it has
-    none), so every later command replays samples exactly as they were drawn. The scheduler
-    clips P_t as the run's config ``clip_sample`` says (every stage samples as the run did)."""
-    if dtype is None:
-        import torch
+def ref_of(run_meta: dict) -> ModelRef:
+    """The model a run record names, as a ModelRef."""
+    model = run_meta["model"]
+    return ModelRef(**{k: model[k] for k in ("id", "path", "revision", "fingerprint")}, kind=model_kind(run_meta))
 
-        dtype = getattr(torch, run_meta.get("config", {}).get("dtype", "float32"))
-    ref = ModelRef(
-        **{k: run_meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=model_kind(run_meta)
-    )
+
+def load_checked(ref: ModelRef, device: str = "cpu", dtype=None, clip_sample: bool | None = None):
+    """(unet, scheduler) of ``ref``, refusing weights whose sha256 is not ``ref.fingerprint``;
+    ``clip_sample`` True/False sets the scheduler's clipping of P_t (None: the model's own)."""
     found = weights_sha256(_unet_dir(Path(ref.path)))
     if found != ref.fingerprint:
         raise RunError(
@@ -151,12 +148,30 @@ def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
             f"{ref.fingerprint[:12]}); restore it or start a new run"
         )
     unet, scheduler = load(ref, device=device, dtype=dtype)
-    clip = run_meta.get("config", {}).get("clip_sample")
-    if clip is not None:  # the run's own choice; runs from before it was recorded keep the model's
+    if clip_sample is not None:
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip))
+        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip_sample))
     return unet, scheduler
+
+
+def load_for_run(run_meta: dict, device: str = "cpu", dtype=None):
+    """Load a run's model, refusing weights that are not the ones the run was made with.
+    dtype None: the dtype the run sampled in (its config's ``dtype``; float32 if it has
+    none), so every later command replays samples exactly as they were drawn. The scheduler
+    clips P_t as the run's config ``clip_sample`` says (every stage samples as the run did;
+    runs from before it was recorded keep the model's)."""
+    return model_for(ref_of(run_meta), run_meta.get("config", {}), device, dtype)
+
+
+def model_for(ref: ModelRef, sampling: dict, device: str = "cpu", dtype=None):
+    """``load_checked`` as the sampling settings ``sampling`` say (a run's config, or an edit's
+    settings outside a run): their ``dtype`` unless ``dtype`` is given, their ``clip_sample``."""
+    if dtype is None:
+        import torch
+
+        dtype = getattr(torch, sampling.get("dtype", "float32"))
+    return load_checked(ref, device, dtype, sampling.get("clip_sample"))
 
 
 def model_kind(run_meta: dict) -> str:
@@ -186,27 +201,56 @@ def noise_shape(run_meta: dict) -> tuple[int, int, int] | None:
     return (cfg["in_channels"], size, size)
 
 
-def text_for_run(run_meta: dict, device: str = "cpu"):
-    """The prompts, guidance, VAE and text encoders a text-conditioned run samples with
-    (hcore.generator.TextSetup), or None for a pixel model."""
-    kind = model_kind(run_meta)
-    if kind == "pixel":
+def text_setup(
+    ref: ModelRef,
+    prompts: list[str],
+    negative_prompt: str | None = None,
+    guidance_scale: float = 7.5,
+    edit_branch: str = "both",
+    image_size: int | None = None,
+    device: str = "cpu",
+):
+    """The text setup (hcore.generator.TextSetup) of a text-conditioned model ``ref``: its
+    VAE, tokenizers and text encoders with these prompts and guidance; None for a pixel model."""
+    if ref.kind == "pixel":
         return None
     from hspace.data.text_models import load_text_parts
     from hspace.hcore.generator import TextSetup
 
-    cfg = run_meta["config"]
-    parts = load_text_parts(Path(run_meta["model"]["path"]), kind, device)
+    parts = load_text_parts(Path(ref.path), ref.kind, device)
     return TextSetup(
         parts.vae,
         parts.tokenizers,
         parts.text_encoders,
-        prompts=list(cfg["prompts"]),
-        negative_prompt=cfg.get("negative_prompt"),
-        guidance_scale=float(cfg.get("guidance_scale", 7.5)),
-        edit_branch=cfg.get("edit_branch", "both"),
-        image_size=cfg.get("image_size"),
+        prompts=list(prompts),
+        negative_prompt=negative_prompt,
+        guidance_scale=float(guidance_scale),
+        edit_branch=edit_branch,
+        image_size=image_size,
         force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+    )
+
+
+def text_for_run(run_meta: dict, device: str = "cpu"):
+    """The prompts, guidance, VAE and text encoders a text-conditioned run samples with
+    (hcore.generator.TextSetup), or None for a pixel model."""
+    return text_for(ref_of(run_meta), run_meta["config"], device)
+
+
+def text_for(ref: ModelRef, sampling: dict, device: str = "cpu"):
+    """``text_setup`` as the sampling settings ``sampling`` say (a run's config, or an edit's
+    settings outside a run: prompts, negative prompt, guidance scale, edit branch, image
+    size); None for a pixel model."""
+    if ref.kind == "pixel":
+        return None
+    return text_setup(
+        ref,
+        list(sampling["prompts"]),
+        sampling.get("negative_prompt"),
+        sampling.get("guidance_scale", 7.5),
+        sampling.get("edit_branch", "both"),
+        sampling.get("image_size"),
+        device,
     )
 
 

@@ -146,7 +146,7 @@ def _text_problems(cfg: RunConfig, ref, facts: Facts) -> list[str]:
         return []
     facts.image_shape = (3, text["image_size"], text["image_size"])
     try:
-        setup = models.text_for_run({"model": ref.to_dict(), "config": text})
+        setup = models.text_for(ref, text)
         facts.conditioning = setup.conditioning(setup.prompts[:1])
     except RunError as e:
         return [f"sample.model: {e}"]

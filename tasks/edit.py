@@ -169,9 +169,8 @@ def load_edit_model(ref, cfg: dict, device: str):
     config or ``model_config``); the text setup knows the model's image size."""
     from hspace.data import models
 
-    run_meta = {"model": ref.to_dict(), "config": cfg}
-    unet, scheduler = models.load_for_run(run_meta, device=device)
-    text = models.text_for_run(run_meta, device=device) if ref.kind != "pixel" else None
+    unet, scheduler = models.model_for(ref, cfg, device=device)
+    text = models.text_for(ref, cfg, device=device)
     if text is not None and text.image_size is None:
         text.image_size = models.image_size(ref, unet.config)
     return unet, scheduler, text
@@ -291,9 +290,7 @@ def edit_sample(
             raise RunError(f"--sample must be an index in [0, {cfg['n']}) for this run")
         if prompt is not None:
             raise RunError("--prompt is for a fresh sample of --model; a run's sample replays its own prompt")
-        ref = models.ModelRef(
-            **{k: meta["model"][k] for k in ("id", "path", "revision", "fingerprint")}, kind=models.model_kind(meta)
-        )
+        ref = models.ref_of(meta)
         spec = SampleSpec(models.replay_for_run(meta), sample_index)
         if cfg.get("kind") == "inversion":  # a real image: its inverted x_T (and noise maps, DDPM inversion)
             group = SampleStore(RunFolder(run_dir).samples).group

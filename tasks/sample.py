@@ -46,28 +46,29 @@ def resolve_device(device: str) -> str:
 def cached_model(path: str, fingerprint: str, device: str, dtype: str, clip_sample: bool | None = None):
     import torch
 
-    model = {"id": path, "path": path, "revision": None, "fingerprint": fingerprint}
-    meta = {"model": model, "config": {"clip_sample": clip_sample}}
-    return models.load_for_run(meta, device=device, dtype=getattr(torch, dtype))  # never mixes models
+    ref = models.ModelRef(path, path, None, fingerprint)
+    return models.load_checked(ref, device, getattr(torch, dtype), clip_sample)  # never mixes models
+
+
+TEXT_KEYS = ("prompts", "negative_prompt", "guidance_scale", "edit_branch", "image_size")
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_text(meta_json: str, device: str):
+def _cached_text(ref: models.ModelRef, settings: str, device: str):
     import json
 
-    return models.text_for_run(json.loads(meta_json), device)
+    return models.text_for(ref, json.loads(settings), device)
 
 
 def run_text(meta: dict):
     """The run's text setup (prompts, guidance, VAE, text encoders; None for a pixel model),
-    cached per process like the model."""
+    cached per process like the model, keyed on the model and the text settings."""
     import json
 
     if models.model_kind(meta) == "pixel":
         return None
-    keys = ("prompts", "negative_prompt", "guidance_scale", "edit_branch", "image_size")
-    light = {"model": meta["model"], "config": {k: meta["config"].get(k) for k in keys}}
-    return _cached_text(json.dumps(light, sort_keys=True), _device(meta))
+    settings = {k: meta["config"][k] for k in TEXT_KEYS if k in meta["config"]}
+    return _cached_text(models.ref_of(meta), json.dumps(settings, sort_keys=True), _device(meta))
 
 
 def run_model(meta: dict):
