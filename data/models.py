@@ -16,7 +16,7 @@ from pathlib import Path
 from hspace.data.catalog import RunError
 
 TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_model"
-TOY_SD_MODEL_DIR = Path(__file__).resolve().parent / "toy_sd_model"  # data/toy_sd.py: SD-shaped, captions
+TOY_SD_MODEL_DIR = Path(__file__).resolve().parent / "toy_sd_model"  # data/toy/sd.py: SD-shaped, captions
 SHIPPED = {"toy": TOY_MODEL_DIR, "toy-sd": TOY_SD_MODEL_DIR}
 # google/ddpm-ema-celebahq-256's unet/config.json (the paper's main model): six levels,
 # attention at 16x16 and in the mid block, h = 512x8x8. No weights ship here; the real-shape

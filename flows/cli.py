@@ -286,7 +286,7 @@ def config_cmd(
     example: Annotated[bool, typer.Option(help="print a documented example config")] = True,
     celeba: Annotated[bool, typer.Option(help="the example for google/ddpm-ema-celebahq-256 instead")] = False,
     sd: Annotated[bool, typer.Option(help="the example for a Stable Diffusion model instead")] = False,
-    toy_sd: Annotated[bool, typer.Option(help="the example for the shipped toy-sd model (data/toy_sd.py)")] = False,
+    toy_sd: Annotated[bool, typer.Option(help="the example for the shipped toy-sd model (data/toy/sd.py)")] = False,
 ) -> None:
     """Print a documented example config for `hspace run --config`."""
     from hspace.tasks.config import example_config
@@ -315,12 +315,12 @@ def train_toy(
     """Train the toy-faces DDPM (a Prefect flow; kill it any time and rerun to resume)."""
     from dataclasses import asdict
 
-    from hspace.tasks.train_toy import resolve_recipe
+    from hspace.data.toy.train import resolve_recipe
 
     if not 0.0 <= oracle_blur <= 1.0:
         fail(f"--oracle-blur must be in [0, 1] (the largest blend towards the blur), got {oracle_blur}")
     try:
-        if recipe_name == "toy-sd":  # data/toy_sd.py: VAE, then U-Net + text encoder; --steps: the U-Net's
+        if recipe_name == "toy-sd":  # data/toy/sd.py: VAE, then U-Net + text encoder; --steps: the U-Net's
             from hspace.flows.train_toy import train_sd_command
 
             return train_sd_command(checkpoint, out, steps, checkpoint_every, console)

@@ -6,11 +6,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 
+from hspace.data.toy import train, train_sd
+from hspace.data.toy.train_sd import resolve_recipe
 from hspace.flows.prefect_server import prefect_api
-from hspace.tasks.train_toy import export_toy, train_oracle, train_toy
-from hspace.tasks.train_toy_sd import resolve_recipe, train_toy_sd
+
+# the toy world's training as Prefect tasks (not cached: the checkpoint folder is the state)
+train_toy = task(name="train-toy")(train.train_toy)
+export_toy = task(name="export-toy")(train.export_toy)
+train_oracle = task(name="train-oracle")(train.train_oracle)
+
+
+@task(name="train-toy-sd")
+def train_toy_sd(checkpoint: str, out: str, recipe: dict) -> dict:
+    from prefect.logging import get_run_logger
+
+    return train_sd.train_toy_sd(checkpoint, out, recipe, report=get_run_logger().info)
 
 
 @flow(name="hspace-train-toy")

@@ -79,8 +79,8 @@ def loaded_model(model_dir):
 @pytest.fixture(scope="session")
 def oracle_dir(tmp_path_factory) -> Path:
     """A random-weight oracle of the toy world's names, saved as the shipped one is."""
-    from hspace.data import toyfaces
     from hspace.data.annotators import save_oracle
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)

@@ -1,4 +1,4 @@
-"""Toy-world captions (data/captions.py): every stated attribute is true of the render, each
+"""Toy-world captions (data/toy/captions.py): every stated attribute is true of the render, each
 is stated at its rate, unstated ones stay open, the world's correlations survive in what is
 said, and a caption is a function of the face's seed."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hspace.data.captions import BINARY, YAW_SAID, caption, captions_for, parse_caption
-from hspace.data.toyfaces import draw_factors
+from hspace.data.toy.captions import BINARY, YAW_SAID, caption, captions_for, parse_caption
+from hspace.data.toy.faces import draw_factors
 
 SEEDS = list(range(5_000_000, 5_003_000))
 

@@ -342,8 +342,8 @@ def test_zarr_chunks_carry_checksums(run_dir):
 
 @pytest.fixture(scope="module")
 def random_oracle(tmp_path_factory) -> Path:
-    from hspace.data import toyfaces
     from hspace.data.annotators import save_oracle
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(1)

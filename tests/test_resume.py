@@ -109,8 +109,8 @@ def test_kill_9_during_hspace_run_and_a_plain_rerun_finishes(tmp_path, model_dir
 
     import yaml
 
-    from hspace.data import toyfaces
     from hspace.data.annotators import save_oracle
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)

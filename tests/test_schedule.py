@@ -60,8 +60,8 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> tup
 
 @pytest.fixture
 def small_config(tmp_path, model_dir) -> Path:
-    from hspace.data import toyfaces
     from hspace.data.annotators import save_oracle
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(2)

@@ -60,7 +60,8 @@ def test_auto_gamma_reaches_its_target_on_the_toy_model(toy_run):
 def _write_renders(folder, smiling: bool, count: int, first_seed: int):
     from PIL import Image
 
-    from hspace.data import toy, toyfaces
+    from hspace.data.toy import faces as toyfaces
+    from hspace.data.toy import recipe as toy
 
     folder.mkdir(parents=True)
     style = toy.model_recipe(toy.TOY_MODEL_DIR).style  # the renders the shipped model was trained on

@@ -1,4 +1,4 @@
-"""toy-sd (data/toy_sd.py), the shipped Stable Diffusion-shaped toy model, judged by the
+"""toy-sd (data/toy/sd.py), the shipped Stable Diffusion-shaped toy model, judged by the
 oracle that knows the truth: it loads as diffusers' own StableDiffusionPipeline, its VAE
 keeps every attribute, its prompts are obeyed, and a prompt-pair direction found through
 the commands moves its own attribute on held-out samples."""
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hspace.data import toy_sd
 from hspace.data.annotators import load_oracle
 from hspace.data.catalog import RunFolder
 from hspace.data.models import TOY_SD_MODEL_DIR
+from hspace.data.toy import sd as toy_sd
 from tests.test_sd import hspace
 
 needs_model = pytest.mark.skipif(
@@ -83,7 +83,7 @@ def test_toy_sd_ships_as_a_stable_diffusion_pipeline_folder():
 @pytest.mark.slow
 def test_vae_keeps_what_the_oracle_reads():
     from hspace.data.text_models import load_text_parts
-    from hspace.tasks.toy_sd_quality import vae_quality
+    from hspace.data.toy.sd_quality import vae_quality
 
     vae = load_text_parts(TOY_SD_MODEL_DIR, "sd").vae
     q = vae_quality(vae, load_oracle(), n=200)
@@ -97,7 +97,7 @@ def test_vae_keeps_what_the_oracle_reads():
 def test_a_stated_attribute_is_obeyed():
     """The oracle reads a smile on most samples of "a smiling person" and on few of "a
     serious person" (same seeds, default guidance)."""
-    from hspace.tasks.toy_sd_quality import caption_samples, load_toy_sd
+    from hspace.data.toy.sd_quality import caption_samples, load_toy_sd
 
     unet, scheduler, text = load_toy_sd()
     oracle = load_oracle()
@@ -167,7 +167,7 @@ def test_toy_sd_training_resumes_exactly_and_exports_a_pipeline(tmp_path):
 
     from hspace.data import models
     from hspace.data.catalog import RunError
-    from hspace.tasks.train_toy_sd import export_checkpoint, train_toy_sd_model
+    from hspace.data.toy.train_sd import export_checkpoint, train_toy_sd_model
 
     train_toy_sd_model(tmp_path / "a", TINY, tmp_path / "model", report=lambda m: None)
     train_toy_sd_model(tmp_path / "b", dataclasses.replace(TINY, unet_steps=1), report=lambda m: None)
@@ -232,7 +232,7 @@ def test_the_shipped_toy_sd_example_passes_its_check_and_plans(tmp_path):
 def test_changing_the_guidance_of_a_text_setup_encodes_anew():
     """TextSetup caches each prompt set's conditioning; a changed guidance scale or negative
     prompt must not reuse it (it did: a guidance sweep measured guidance 1 four times)."""
-    from hspace.tasks.toy_sd_quality import load_toy_sd
+    from hspace.data.toy.sd_quality import load_toy_sd
 
     _, _, text = load_toy_sd(guidance_scale=4.0)
     assert text.conditioning(["a man"]).guided

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from hspace.data import toy, toyfaces
 from hspace.data.catalog import RunError
+from hspace.data.toy import faces as toyfaces
+from hspace.data.toy import recipe as toy
 
 
 def test_render_is_deterministic_and_batch_independent():
@@ -79,7 +80,7 @@ def test_oracle_interface_roundtrip(tmp_path):
 
 def test_shipped_oracle_accuracy_on_fresh_renders():
     from hspace.data.annotators import ORACLE_DIR, load_annotator
-    from hspace.tasks.train_toy import oracle_accuracy
+    from hspace.data.toy.train import oracle_accuracy
 
     if not (ORACLE_DIR / "oracle.safetensors").exists():
         pytest.fail("the shipped oracle is missing from data/oracle; run `hspace train-toy --oracle-out data/oracle`")
@@ -95,7 +96,7 @@ TINY = dict(block_out_channels=(8, 16), layers_per_block=1, batch_size=4, checkp
 
 
 def test_training_checkpoints_and_resumes_step_for_step(tmp_path):
-    from hspace.tasks.train_toy import train_toy_model
+    from hspace.data.toy.train import train_toy_model
 
     straight = train_toy_model(tmp_path / "a", toy.ToyRecipe(**TINY, steps=4))
     train_toy_model(tmp_path / "b", toy.ToyRecipe(**TINY, steps=2))
@@ -281,7 +282,7 @@ def test_train_toy_bad_inputs(tmp_path):
 
 
 def test_soften_blends_towards_a_blur():
-    from hspace.tasks.train_toy import soften
+    from hspace.data.toy.train import soften
 
     x = torch.zeros(2, 3, 9, 9)
     x[:, :, 4, 4] = 1.0
@@ -297,8 +298,8 @@ def test_train_toy_cli_resumes_with_the_checkpoints_own_recipe(prefect_server, t
     tiny v2-style one), not v1; an unknown --recipe is one line and exit 2."""
     from typer.testing import CliRunner
 
+    from hspace.data.toy.train import train_toy_model
     from hspace.flows.cli import app
-    from hspace.tasks.train_toy import train_toy_model
 
     runner = CliRunner()
     bad = runner.invoke(app, ["train-toy", "--recipe", "v3", "--checkpoint", str(tmp_path / "c")])

@@ -30,9 +30,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hspace.data import directions as dirfile  # noqa: E402
-from hspace.data import models, toy, toyfaces  # noqa: E402
+from hspace.data import models  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
 from hspace.data.catalog import RunFolder  # noqa: E402
+from hspace.data.toy import faces as toyfaces  # noqa: E402
+from hspace.data.toy import recipe as toy  # noqa: E402
 from hspace.hcore.jacobian import roi_mask  # noqa: E402
 from hspace.hcore.sampler import Edit, make_generators, sample  # noqa: E402
 from hspace.tasks.jacobian import parse_roi, run_jacobian  # noqa: E402

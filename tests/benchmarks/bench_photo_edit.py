@@ -35,9 +35,10 @@ def hspace(*args) -> str:
 def main() -> None:
     from PIL import Image
 
-    from hspace.data import toy, toyfaces
     from hspace.data.annotators import load_annotator
     from hspace.data.photos import psnr, read_photos, ssim
+    from hspace.data.toy import faces as toyfaces
+    from hspace.data.toy import recipe as toy
     from hspace.hcore.sampler import to_unit
 
     ap = argparse.ArgumentParser()

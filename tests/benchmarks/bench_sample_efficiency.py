@@ -31,7 +31,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from hspace.data.catalog import RunFolder  # noqa: E402
 from hspace.data.figures import efficiency_plot  # noqa: E402
-from hspace.data.toyfaces import BINARY_ATTRIBUTES  # noqa: E402
+from hspace.data.toy.faces import BINARY_ATTRIBUTES  # noqa: E402
 from hspace.flows.cli import app  # noqa: E402
 from hspace.tasks.efficiency import sample_efficiency, table_md  # noqa: E402
 

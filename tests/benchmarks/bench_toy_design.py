@@ -32,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hspace.data import models, toy, toyfaces  # noqa: E402
+from hspace.data import models  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
+from hspace.data.toy import faces as toyfaces  # noqa: E402
+from hspace.data.toy import recipe as toy  # noqa: E402
 from hspace.hcore.sampler import Edit, make_generators, sample, to_unit  # noqa: E402
 from hspace.hcore.supervised import top_bottom  # noqa: E402
 

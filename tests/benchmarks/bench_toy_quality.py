@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from hspace.data import models, toyfaces  # noqa: E402
+from hspace.data import models  # noqa: E402
 from hspace.data.annotators import load_annotator  # noqa: E402
-from hspace.data.toy import model_recipe  # noqa: E402
+from hspace.data.toy import faces as toyfaces  # noqa: E402
+from hspace.data.toy.recipe import model_recipe  # noqa: E402
 from hspace.hcore.sampler import make_generators, sample, to_uint8  # noqa: E402
 from hspace.tasks.config import SampleSection  # noqa: E402
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from hspace.data.annotators import load_oracle  # noqa: E402
-from hspace.tasks import toy_sd_quality as q  # noqa: E402
+from hspace.data.toy import sd_quality as q  # noqa: E402
 
 H_STEPS = (0, 5, 10, 19)
 TRANSFER_PROMPTS = ["a person", "a man", "a young woman", "a old man wearing a hat", "a serious woman wearing glasses"]

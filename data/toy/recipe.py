@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from hspace.data import toyfaces
 from hspace.data.catalog import RunError, replace_folder
 from hspace.data.models import TOY_MODEL_DIR  # noqa: F401  (re-exported: where the toy model ships)
+from hspace.data.toy import faces as toyfaces
 from hspace.hcore.sampler import to_unit
 
 

@@ -1,4 +1,4 @@
-"""Training of toy-sd (data/toy_sd.py), resumable from one checkpoint folder after a kill.
+"""Training of toy-sd (data/toy/sd.py), resumable from one checkpoint folder after a kill.
 
 Phases, in order, each resumed where its last checkpoint left it:
   1. ``vae``: AutoencoderKL on fresh renders (squared error + kl_weight x KL per image, as
@@ -24,11 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from prefect import task
 
-from hspace.data import toy_sd
 from hspace.data.catalog import RunError, replace_folder
-from hspace.data.toy import recipe_changes
+from hspace.data.toy import sd as toy_sd
+from hspace.data.toy.recipe import recipe_changes
 from hspace.hcore import training
 
 log = logging.getLogger(__name__)
@@ -280,10 +279,7 @@ def resolve_recipe(checkpoint: Path, steps: int | None, checkpoint_every: int | 
     return dataclasses.replace(recipe, **overrides)
 
 
-@task(name="train-toy-sd")
-def train_toy_sd(checkpoint: str, out: str, recipe: dict) -> dict:
-    """Not cached by Prefect: the checkpoint folder is the state (as train-toy)."""
-    from prefect.logging import get_run_logger
-
-    logger = get_run_logger()
-    return train_toy_sd_model(Path(checkpoint), toy_sd.recipe_from_dict(recipe), Path(out), report=logger.info)
+def train_toy_sd(checkpoint: str, out: str, recipe: dict, report=print) -> dict:
+    """Train (or resume) toy-sd; flows/train_toy.py runs it as a Prefect task, not cached by
+    Prefect: the checkpoint folder is the state (as train-toy). ``report``: the progress lines."""
+    return train_toy_sd_model(Path(checkpoint), toy_sd.recipe_from_dict(recipe), Path(out), report=report)

@@ -14,7 +14,7 @@ left unsaid at random, so that a model trained on them also learns what a prompt
 e.g. "a smiling young woman wearing glasses and a hat, head turned left". Each of the five
 binary attributes is stated with probability ``p_state`` (default 0.7), independently, and
 truthfully when stated: the joint distribution of the stated values is the world's (glasses
-with age, hats with men; data/toyfaces.py). Yaw is said only where the turn is clear (|yaw|
+with age, hats with men; data/toy/faces.py). Yaw is said only where the turn is clear (|yaw|
 >= 15 degrees, about a third of the faces) and then with probability ``p_state``; pitch and
 roll are never said. Which attributes are stated comes from the caption's own generator,
 seeded from (seed, CAPTION_VERSION), so a caption is a function of the face's seed.
@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from hspace.data.toyfaces import Factors, draw_factors
+from hspace.data.toy.faces import Factors, draw_factors
 
 CAPTION_VERSION = 1
 BINARY = ("Smiling", "Young", "Male", "Eyeglasses", "Wearing_Hat")

@@ -1,5 +1,5 @@
 """toy-sd: a tiny latent, text-conditioned model shaped like Stable Diffusion, trained on the
-toy world's renders and their captions (data/captions.py), shipped in ``data/toy_sd_model/``
+toy world's renders and their captions (data/toy/captions.py), shipped in ``data/toy_sd_model/``
 as a StableDiffusionPipeline folder (``--model toy-sd``).
 
     vae/           AutoencoderKL, 32 px renders <-> 4x8x8 latents (3 levels: 4 px per cell)
@@ -9,7 +9,7 @@ as a StableDiffusionPipeline folder (``--model toy-sd``).
                    4x4 and in the mid block, whose output h is 128x4x4 (as the toy DDPM's)
     scheduler/     DDIM with SD's betas (scaled_linear 0.00085..0.012, 1000 steps), epsilon
 
-Training (tasks/train_toy_sd.py) runs in two phases from one checkpoint folder: the VAE on
+Training (data/toy/train_sd.py) runs in two phases from one checkpoint folder: the VAE on
 fresh renders, then the U-Net and text encoder on the VAE latents of a fixed set of renders
 with their captions, dropping the caption (the empty text) for ``caption_dropout`` of them
 so classifier-free guidance works, and dropping the skips of the deepest up block for half
@@ -73,7 +73,7 @@ RESUMABLE_FIELDS = ("unet_steps", "checkpoint_every")
 
 
 def recipe_from_dict(raw: dict) -> ToySDRecipe:
-    from hspace.data.toy import recipe_from_json
+    from hspace.data.toy.recipe import recipe_from_json
 
     return recipe_from_json(ToySDRecipe, raw, ("vae_channels", "unet_channels"), "toy-sd")
 
@@ -234,7 +234,8 @@ def renders(first_seed: int, n: int, recipe: ToySDRecipe) -> tuple[torch.Tensor,
     """Renders of seeds first_seed.. as (n, 3, H, W) in [-1, 1], their captions and factors."""
     import numpy as np
 
-    from hspace.data import captions, toyfaces
+    from hspace.data.toy import captions
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.sampler import to_unit
 
     seeds = np.arange(first_seed, first_seed + n)

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import torch
-from prefect import task
 
-from hspace.data import toy
+from hspace.data.toy import recipe as toy
 from hspace.hcore import training
 from hspace.hcore.sampler import to_unit
 
@@ -81,10 +80,10 @@ def train_toy_model(checkpoint: Path, recipe: toy.ToyRecipe, progress=None) -> i
     return step
 
 
-@task(name="train-toy")
 def train_toy(checkpoint: str, recipe: dict) -> int:
-    """Not cached by Prefect: the checkpoint folder is the state, and resuming from it is
-    exactly what a re-run should do."""
+    """Train (or resume) the toy DDPM; flows/train_toy.py runs it as a Prefect task, not
+    cached by Prefect: the checkpoint folder is the state, and resuming from it is exactly
+    what a re-run should do."""
     from rich.progress import Progress
 
     r = toy.recipe_from_dict(recipe)
@@ -93,14 +92,12 @@ def train_toy(checkpoint: str, recipe: dict) -> int:
         return train_toy_model(Path(checkpoint), r, progress=lambda step, loss: bar.update(job, completed=step))
 
 
-@task(name="export-toy")
 def export_toy(checkpoint: str, out: str) -> str:
     _, ema_model, _, _, recipe = toy.load_checkpoint(Path(checkpoint))
     toy.export_model(ema_model, recipe, Path(out))
     return out
 
 
-@task(name="train-oracle")
 def train_oracle(out: str, steps: int, blur: float = 0.0, style: str = "v1") -> dict:
     return train_oracle_model(Path(out), steps=steps, blur=blur, style=style)
 
@@ -129,7 +126,7 @@ def oracle_batch(
     (n, A). ``noise``: Gaussian noise of std up to this; ``blur``: ``soften`` by up to this."""
     import numpy as np
 
-    from hspace.data import toyfaces
+    from hspace.data.toy import faces as toyfaces
 
     images, factors = toyfaces.render_batch(np.arange(first_seed, first_seed + n), size, style=style)
     x = to_unit(images.transpose(0, 3, 1, 2))
@@ -155,9 +152,9 @@ def train_oracle_model(
     and optional blur augmentation (``blur`` > 0). The shipped oracle (blur 0) reads a
     render softened by a 3x3 binomial blur as smiling 16% of the time instead of 51%, and
     glasses never; trained with blur 1.0 it keeps 99.8-100% accuracy on renders softened
-    by 1.0 and on sharp ones (tasks/train_toy.oracle_accuracy)."""
-    from hspace.data import toyfaces
+    by 1.0 and on sharp ones (oracle_accuracy below)."""
     from hspace.data.annotators import save_oracle
+    from hspace.data.toy import faces as toyfaces
     from hspace.hcore.annotators import OracleNet
 
     torch.manual_seed(seed)

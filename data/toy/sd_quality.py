@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hspace.data import captions, toyfaces
+from hspace.data.toy import captions
+from hspace.data.toy import faces as toyfaces
 
 HELDOUT_SEED = 5 << 40  # faces whose captions and renders toy-sd never trained on
 BINARY = captions.BINARY
