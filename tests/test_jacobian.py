@@ -65,7 +65,7 @@ def test_alg1_matches_explicit_svd(point, reference):
     unet, x_t, h0 = point
     f = eps_of_h(unet, x_t, 40)
     _, s, vh = reference
-    result = subspace_iteration(f, h0, K, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(1))
+    result = subspace_iteration(f, h0, K, tol=1e-4, max_iters=300, generator=torch.Generator().manual_seed(1))
     check(result, s, vh)
     assert result.converged
 
@@ -76,7 +76,7 @@ def test_alg2_matches_explicit_svd(point, reference, block):
     f = eps_of_h(unet, x_t, 40)
     _, s, vh = reference
     result = sequential_subspace_iteration(
-        f, h0, K, block=block, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(2)
+        f, h0, K, block=block, tol=1e-4, max_iters=300, generator=torch.Generator().manual_seed(2)
     )
     check(result, s, vh)
 
@@ -88,7 +88,7 @@ def test_roi_matches_masked_jacobian(point, reference):
     _, s, vh = explicit_svd(f, h0)
     _, s_full, _ = reference
     assert s[0] < s_full[0]  # the region is part of the image
-    result = subspace_iteration(f, h0, K, tol=1e-6, max_iters=300, generator=torch.Generator().manual_seed(3))
+    result = subspace_iteration(f, h0, K, tol=1e-4, max_iters=300, generator=torch.Generator().manual_seed(3))
     check(result, s, vh)
 
 
@@ -157,10 +157,10 @@ def test_jacobian_through_attention_matches_the_explicit_jacobian():
     jac, s, vh = explicit_svd(f, h0)
     v = torch.randn(3, *h0.shape, dtype=torch.float64)
     torch.testing.assert_close(jvp(f, h0, v), v.reshape(3, -1) @ jac.T)
-    check(subspace_iteration(f, h0, 3, tol=1e-6, max_iters=400, generator=torch.Generator().manual_seed(5)), s, vh, 3)
+    check(subspace_iteration(f, h0, 3, tol=1e-4, max_iters=400, generator=torch.Generator().manual_seed(5)), s, vh, 3)
     check(
         sequential_subspace_iteration(
-            f, h0, 3, block=1, tol=1e-6, max_iters=400, generator=torch.Generator().manual_seed(6)
+            f, h0, 3, block=1, tol=1e-4, max_iters=400, generator=torch.Generator().manual_seed(6)
         ),
         s,
         vh,
