@@ -277,6 +277,7 @@ def sample(
         raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
     if edit is not None:
         edit.check(num_inference_steps, guided)
+        start_at = max(start_at, edit.first_step)  # e.g. SDEdit's restart (hcore.edits.sdedit)
     param = next(unet.parameters())
     device = param.device
     cfg = unet.config

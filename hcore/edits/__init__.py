@@ -8,7 +8,8 @@ batch at given strengths it returns an :class:`Action`, which the sampler
 (:func:`hspace.hcore.sampler.sample`) consults at every step:
 
 - ``start(x_T)``: the initial noise, before the first step;
-- ``x_t(step, x)``: the latent before the step's U-Net pass;
+- ``x_t(step, x)``: the latent before the step's U-Net pass (``first_step``: the steps before it
+  change nothing, and the sampler skips them);
 - ``delta(step)``: h_t + delta at the hook point (eq. (6), in P_t and D_t; with ``asyrp`` the
   unedited eps feeds D_t, Kwon et al.'s P_t-only edit);
 - ``session(unet)``: a context around the whole generation (attention processors, weights).
@@ -41,6 +42,7 @@ class Action:
 
     asyrp: bool = False
     branch: str = "both"
+    first_step: int = 0  # the steps before it change nothing: the sampler skips them (z_t still drawn)
 
     def check(self, steps: int, guided: bool) -> None:
         """ValueError where the action cannot run with ``steps`` sampling steps (or guidance)."""
@@ -89,6 +91,10 @@ class Compose(Action):
     def check(self, steps: int, guided: bool) -> None:
         for a in self.actions:
             a.check(steps, guided)
+
+    @property
+    def first_step(self) -> int:
+        return max((a.first_step for a in self.actions), default=0)
 
     def start(self, x):
         for a in self.actions:
@@ -190,10 +196,15 @@ def get(name: str) -> type[EditMethod]:
 
 
 def standalone(method: str | EditMethod) -> EditMethod:
-    """A method that runs on its own (it needs nothing), made from its name (or given made):
-    what Table 1 and a plain pipeline can take without a direction. ValueError otherwise."""
-    made = method if isinstance(method, EditMethod) else None
-    cls = type(made) if made is not None else get(method)
+    """A method ready to run without a direction file: given made (what it needs was given when
+    it was made, e.g. ``SDEdit(source, scheduler)``), or made from its name when it needs
+    nothing. What Table 1 and a plain pipeline take. ValueError otherwise."""
+    if isinstance(method, EditMethod):
+        return method
+    cls = get(method)
     if cls.needs:
-        raise ValueError(f"editing method {cls.name!r} needs {', '.join(cls.needs)}: it does not run on its own")
-    return made if made is not None else cls()
+        raise ValueError(
+            f"editing method {cls.name!r} needs {', '.join(cls.needs)}: make it with what it needs "
+            f"(hspace.hcore.edits.get({cls.name!r})(...)) and pass it made"
+        )
+    return cls()
