@@ -71,13 +71,10 @@ def apply(
             yield hs
         return
     name = getattr(method, "name", method)
-    if name == "asyrp":
+    if name not in (None, "h", "asyrp"):
         raise DirectionMismatch(
-            "asyrp edits P_t only, which needs a second U-Net pass per step that a plain pipeline does not make: "
-            "use `hspace edit --edit-method asyrp`"
+            f"method={method!r} with directions: the h and asyrp methods apply direction files here"
         )
-    if name not in (None, "h"):
-        raise DirectionMismatch(f"method={method!r} with directions: only the h method applies direction files here")
     items = [directions] if isinstance(directions, (Direction, str)) or hasattr(directions, "is_file") else directions
     dirs = [d if isinstance(d, Direction) else load_direction(d) for d in items]
     gammas = [float(gamma)] * len(dirs) if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
@@ -90,7 +87,7 @@ def apply(
     ddim.set_timesteps(first.steps)
     expected = ([int(t) for t in ddim.timesteps], first)
     param = next(unet.parameters())
-    edit = Edit(directions=[d.v.to(param.device) for d in dirs], gammas=gammas, window=window)
+    edit = Edit(directions=[d.v.to(param.device) for d in dirs], gammas=gammas, window=window, asyrp=name == "asyrp")
     action = edit if any(g != 0 for g in gammas) else None  # gamma 0: nothing is added, bit for bit
     with _attached(pipe, unet, scheduler, action, expected, first.h_point, first.edit_branch, guided) as hs:
         yield hs
@@ -115,8 +112,9 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
 
     from hspace.hcore.hooks import HSpaceHook
 
-    if action is not None and action.asyrp:
-        raise DirectionMismatch("an Asyrp action needs a second U-Net pass per step: use `hspace edit`")
+    asyrp = action is not None and action.asyrp
+    if asyrp:
+        _check_asyrp(pipe, scheduler)
 
     def step_of(t) -> int:
         t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
@@ -151,8 +149,12 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
         return action.x_t(step, x)
 
     acts_on_x = action is not None and action.acts_on_x()
+    unedited = {"running": False}  # Asyrp's second pass of a step, and what it gave
 
     def before_unet(module, args, kwargs):
+        if unedited["running"]:  # Asyrp's unedited pass: the same input, nothing added to h
+            hs.delta = None
+            return None
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         step = step_of(t)
         hs.guided = is_guided()
@@ -165,22 +167,99 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
             args = (moved(step, args[0], hs.guided), *args[1:])
         return args, kwargs
 
+    def after_unet(module, args, kwargs, output):
+        """Asyrp (Kwon et al.): where h was edited, the same call once more unedited; the
+        difference of the two outputs goes to the step, for D_t."""
+        unedited.pop("difference", None)
+        if unedited["running"] or hs.delta is None:
+            return None
+        guided = hs.guided
+        unedited["running"] = True
+        try:
+            plain = module(*args, **kwargs)
+        finally:
+            unedited["running"] = False
+        unedited["difference"] = (_first(plain) - _first(output), guided)
+        return None
+
     original_step = scheduler.step
 
     def step_with_action(model_output, timestep, sample, *args, **kwargs):
-        return original_step(model_output, timestep, moved(step_of(timestep), sample, False), *args, **kwargs)
+        if acts_on_x:
+            sample = moved(step_of(timestep), sample, False)
+        out = original_step(model_output, timestep, sample, *args, **kwargs)
+        if asyrp and "difference" in unedited:
+            fix = _asyrp_fix(pipe, scheduler, int(timestep), *unedited.pop("difference"), args, kwargs)
+            out = (out[0] + fix, *out[1:]) if isinstance(out, tuple) else _replace_prev(out, out.prev_sample + fix)
+        return out
 
     session = action.session(unet) if action is not None else contextlib.nullcontext()
+    wrap_step = acts_on_x or asyrp
     with HSpaceHook(unet, point=h_point, edit_branch=edit_branch) as hs, session:
-        handle = unet.register_forward_pre_hook(before_unet, with_kwargs=True)
-        if acts_on_x:
+        handles = [unet.register_forward_pre_hook(before_unet, with_kwargs=True)]
+        if asyrp:
+            handles.append(unet.register_forward_hook(after_unet, with_kwargs=True))
+        if wrap_step:
             scheduler.step = step_with_action  # an instance attribute over the class's method
         try:
             yield hs
         finally:
-            handle.remove()
-            if acts_on_x:
+            for handle in handles:
+                handle.remove()
+            if wrap_step:
                 del scheduler.step
+
+
+def _first(output) -> torch.Tensor:
+    """The U-Net's prediction, whether it returned an output object or a tuple."""
+    return output.sample if hasattr(output, "sample") else output[0]
+
+
+def _check_asyrp(pipe, scheduler) -> None:
+    from diffusers import DDIMScheduler
+
+    if not isinstance(scheduler, DDIMScheduler):
+        raise DirectionMismatch(
+            "asyrp splits the DDIM step (P_t edited, D_t not); the pipeline's scheduler is "
+            f"{type(scheduler).__name__}: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+        )
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        raise DirectionMismatch(f"asyrp: a model predicting {scheduler.config.prediction_type!r} is not supported")
+    if float(getattr(pipe, "guidance_rescale", 0.0) or 0.0) > 0:
+        raise DirectionMismatch("asyrp with guidance_rescale > 0: the rescaled guidance is not linear; leave it at 0")
+
+
+def _asyrp_fix(pipe, scheduler, t: int, difference: torch.Tensor, guided: bool, args, kwargs) -> torch.Tensor:
+    """Kwon et al.'s P_t-only edit in a plain pipeline: the scheduler stepped with the edited
+    prediction in P_t and in D_t; D_t(eps) = sqrt(1 - a_(t-1) - sigma_t^2) eps (eq. (4)) is
+    linear, so adding that coefficient times (eps_unedited - eps_edited) gives D_t of the
+    unedited eps, as hcore.sampler.ddim_step does with its two passes. Under guidance the
+    difference is guided like the prediction (linear: u + s (c - u))."""
+    from hspace.hcore.sampler import step_alphas, step_sigma
+
+    if kwargs.get("use_clipped_model_output") or (len(args) > 1 and args[1]):
+        raise DirectionMismatch(
+            "asyrp with use_clipped_model_output: D_t would come from the clipped x_0; leave it off"
+        )
+    if guided:
+        scale = getattr(pipe, "guidance_scale", None)
+        if scale is None:
+            raise DirectionMismatch("asyrp on a guided batch needs the pipeline (its guidance scale), not a bare U-Net")
+        uncond, cond = difference.chunk(2)
+        difference = uncond + float(scale) * (cond - uncond)
+    eta = float(kwargs.get("eta", args[0] if args else 0.0))
+    alpha_t, alpha_prev = step_alphas(scheduler, t)
+    sigma = step_sigma(scheduler, t, eta)
+    if scheduler.config.prediction_type == "v_prediction":
+        difference = alpha_t.sqrt() * difference  # eps = sqrt(a_t) v + sqrt(1 - a_t) x_t
+    coefficient = (1 - alpha_prev - sigma**2).sqrt()
+    return (coefficient.to(difference.device) * difference).to(difference.dtype)
+
+
+def _replace_prev(out, prev_sample: torch.Tensor):
+    from dataclasses import replace
+
+    return replace(out, prev_sample=prev_sample)
 
 
 def _check_fits(d: Direction, first: Direction, unet, scheduler, h_shape: tuple) -> None:

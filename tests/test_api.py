@@ -96,6 +96,29 @@ def test_apply_in_diffusers_pipeline_equals_hspace_edit(toy, tmp_path):
     assert np.abs(edited.astype(int) - plain).mean() > 2  # the edit did something
 
 
+def test_asyrp_inside_a_plain_pipeline_is_the_cli_edit(toy, tmp_path):
+    """hspace.apply(..., method="asyrp") in diffusers' DDIMPipeline (eta 1): the pipeline's
+    one pass per step plus the unedited second pass the hook adds give the image `hspace edit
+    --edit-method asyrp` renders (the edited eps in P_t only), not the h edit's."""
+    direction = hspace.open_run(toy).direction("Smiling")
+    grid = tmp_path / "grid.png"
+    args = ("--direction", direction.path, "--edit-method", "asyrp", "--scales", 3, "--out", grid)
+    ok("edit", toy, "--sample", 5, *args)
+    cli = np.asarray(Image.open(tmp_path / "grid" / "sample5__Smiling__gamma+3.png")).astype(int)
+    pipe, meta = _pipeline(toy)
+    with hspace.apply(pipe, direction, gamma=3.0, method="asyrp"):
+        asyrp = _generate(pipe, meta, 5).astype(int)
+    with hspace.apply(pipe, direction, gamma=3.0):
+        h_edit = _generate(pipe, meta, 5).astype(int)
+    assert np.abs(asyrp - cli).max() <= 1
+    assert np.abs(asyrp - h_edit).mean() > 1  # D_t without the edit: another image than eq. (6)'s
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks and "step" not in vars(pipe.scheduler)
+    pndm = DDPMPipeline(unet=pipe.unet, scheduler=PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True))
+    with pytest.raises(hspace.DirectionMismatch, match="asyrp splits the DDIM step.*PNDMScheduler"):
+        with hspace.apply(pndm, direction, gamma=3.0, method="asyrp"):
+            pass
+
+
 def test_gamma_zero_is_bit_identical_and_hooks_go_after_an_exception(toy):
     pipe, meta = _pipeline(toy)
     direction = hspace.load_direction(toy / "directions" / "Smiling.safetensors")

@@ -429,3 +429,13 @@ def test_api_apply_inside_stable_diffusion_pipelines(sd_dirs, sd_runs, kind, tmp
     plain = SampleStore(run / "samples.zarr").x0[1].astype(np.int16).transpose(1, 2, 0)
     assert np.abs(edited - plain).mean() > 1  # the edit did something
     assert not pipe.unet._forward_pre_hooks and not pipe.unet.mid_block._forward_hooks
+    # Asyrp (the edited eps in P_t only) under guidance: the unedited pass's difference is guided too
+    args = ("--sample", "1", "--direction", direction.path, "--edit-method", "asyrp", "--scales", "2", "--out", grid)
+    assert hspace_cli("edit", run, *args).exit_code == 0
+    cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
+    with hspace.apply(pipe, direction, gamma=2.0, method="asyrp"):
+        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
+    asyrp = np.round(out * 255).astype(np.int16)
+    assert np.abs(asyrp - cli).max() <= 2, np.abs(asyrp - cli).max()
+    assert np.abs(asyrp - edited).mean() > 0.5  # not the h edit
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
