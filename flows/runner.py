@@ -22,6 +22,7 @@ from rich.console import Console
 
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.disk import require_space, run_disk_needs
+from hspace.flows.progress import progress_bar
 from hspace.tasks.config import RunConfig
 from hspace.tasks.report import publish_artifacts
 from hspace.tasks.stages import Context, Stage, creating_stage, pipeline_stages, registry, stage_key, stage_task
@@ -58,7 +59,7 @@ def execute(run: RunFolder, stage: Stage, cfg: RunConfig, ctx: Context, force: b
 def stage_flow(run_dir: str, stage: str, config: dict, context: dict) -> dict:
     """One single-stage command as a Prefect flow run (named "RUN stage")."""
     run, cfg, declared = RunFolder(Path(run_dir)), RunConfig.model_validate(config), registry()[stage]
-    ctx = Context(**context, log=console.print)
+    ctx = Context(**context, log=console.print, bar=progress_bar)
     try:
         if declared.create:
             declared.make_run(run, cfg, ctx)
@@ -70,7 +71,8 @@ def stage_flow(run_dir: str, stage: str, config: dict, context: dict) -> dict:
 @flow(name="hspace-run")
 def pipeline_flow(config: dict, out: str, context: dict) -> dict:
     """`hspace run`: every pipeline stage in order, each skipped when its record is fresh."""
-    return run_pipeline(RunFolder(Path(out)), RunConfig.model_validate(config), Context(**context, log=console.print))
+    ctx = Context(**context, log=console.print, bar=progress_bar)
+    return run_pipeline(RunFolder(Path(out)), RunConfig.model_validate(config), ctx)
 
 
 def run_pipeline(run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
@@ -134,7 +136,7 @@ def execute_stage(declared: Stage, run_dir: Path, cfg, runtime: dict) -> dict:
         "dask_address": runtime.get("dask_address"),
         "allow_download": bool(runtime.get("allow_download")),
     }
-    ctx = Context(**context)
+    ctx = Context(**context, bar=progress_bar)
     if declared.create is None:
         run.record()  # a clear error for a folder that is not a run, before any lock
     if declared.check is not None:  # bad input refused before the lock and Prefect

@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow
 
 from hspace.data.catalog import RunError, RunFolder
+from hspace.flows.progress import progress_bar
 from hspace.tasks.config import RunConfig
 
 SERVED_ROOT = "HSPACE_SCHEDULE_OUT_ROOT"  # set by `hspace schedule` (serve_into)
@@ -176,7 +177,9 @@ def scheduled_run(config: dict, out_root: str, keep: int | None = None) -> str:
 
     run = RunFolder(out)
     with run.lock(f"hspace schedule run {flow_run.name}"):
-        ctx = Context(device=resolve_device(cfg.device), dask_address=cfg.dask_address, log=console.print)
+        ctx = Context(
+            device=resolve_device(cfg.device), dask_address=cfg.dask_address, log=console.print, bar=progress_bar
+        )
         run_pipeline(run, cfg, ctx)
     if keep is not None:
         deleted = prune_runs(Path(out_root), keep)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def annotate_stage(run: RunFolder, section, ctx: Context) -> dict:
 
     nets = {spec: load_annotator(spec, ctx.device) for spec in section.annotators}  # bad ones fail first
     names, n = [], SampleStore(run.samples).layout.n
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         for spec, net in nets.items():
             job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
             advance = lambda k, job=job: bar.advance(job, k)  # noqa: E731

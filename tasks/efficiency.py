@@ -13,7 +13,6 @@ import numpy as np
 
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder, require_sampled
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 
@@ -153,7 +152,7 @@ def efficiency_stage(run: RunFolder, f, directions, annotate, ctx: Context) -> d
     meta = run.read()
     run.figures.mkdir(exist_ok=True)
     held = directions.held_out_of(meta["config"])
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         bar.add_task(f"Fig. 8 ({attrs[0]}: h vs x_T)", total=None, rate="")
         result = sample_efficiency(
             str(run.root), attrs[0], held, 1.0, annotate.annotators[0], FIGURE_NS, ctx.device, FIGURE_HELD, FIGURE_POOL

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.eval_folder import TABLES, EvalFolder, calibration_misses, leakage_change, leaked_more, table_title
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 
@@ -210,7 +209,7 @@ def run_evaluation(
 def evaluate_stage(run: RunFolder, e, disentangle, directions, device, ctx: Context) -> dict:
     if not e.enabled or directions.latent != "h":
         return {"outputs": [], "skipped": True}
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
         summary = run_evaluation(
             str(run.root),

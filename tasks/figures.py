@@ -14,7 +14,6 @@ from hspace.data.catalog import RunFolder
 from hspace.data.eval_folder import EvalFolder
 from hspace.data.figures import grid_image, save_grid
 from hspace.data.stores import SampleStore
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 
@@ -122,7 +121,7 @@ def figures_stage(run: RunFolder, figures, directions, annotate, ctx: Context) -
     from types import SimpleNamespace
 
     sections = SimpleNamespace(figures=figures, directions=directions, annotate=annotate)
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         job = bar.add_task("figures", total=None, rate="")
         files = pipeline_figures(
             run, sections, ctx.device, progress=lambda name, total: bar.update(job, advance=1, total=total, rate=name)

@@ -207,7 +207,7 @@ def invert_stage(run: RunFolder, section, ctx: Context) -> dict:
     from hspace.data.stores import SampleStore
 
     config = run.read()["config"]
-    computed = run_shards(run, show_progress=ctx.show_progress, run_one=run_invert_shard)
+    computed = run_shards(run, ctx, run_one=run_invert_shard)
     columns = write_labels(run, config["labels"])
     group = SampleStore(run.samples).group
     summary = {

@@ -18,7 +18,6 @@ import numpy as np
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.data.stores import JacobianStore, SampleStore
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 if TYPE_CHECKING:
@@ -186,7 +185,7 @@ def run_jacobian(
 
 
 def jacobian_stage(run: RunFolder, j, ctx: Context) -> dict:
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         job = bar.add_task("jacobian (subspace iterations)", total=j.max_iters, rate="")
         status = lambda it, change, tol: bar.update(job, completed=it, rate=f"residual {change:.1e} (tol {tol:.0e})")  # noqa: E731
         r = run_jacobian(

@@ -14,7 +14,6 @@ from hspace.data.figures import grid_image, save_grid
 from hspace.data.stores import SampleStore
 from hspace.tasks.figures import edit_grid
 from hspace.tasks.jacobian import jacobian_line
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 GRID_ROWS, GRID_GAMMAS = 4, 5  # the sample and three others, at 5 strengths
@@ -50,7 +49,7 @@ def jacobian_figure_stage(run: RunFolder, f, ctx: Context) -> dict:
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     text = models.text_for_run(meta, device=ctx.device)
     store = SampleStore(run.samples)
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         bar.add_task("Fig. 7 (Jacobian and its grid)", total=None, rate="")
         sample = min(f.sample, store.layout.n - 1)
         path, result = jacobian_grid(run, meta, unet, scheduler, store, sample, f, ctx.device, text)

@@ -7,7 +7,6 @@ from __future__ import annotations
 from hspace.data import models
 from hspace.data.catalog import RunFolder
 from hspace.tasks.naming import name_run_directions, names_line
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 STEM, GAMMA = "figure_pc_names", 2.0  # `hspace name` keeps eval/pc_names for itself
@@ -29,7 +28,7 @@ def pc_names_stage(run: RunFolder, f, annotate, ctx: Context) -> dict:
     text = models.text_for_run(meta, device=ctx.device)
     net = load_annotator(annotate.annotators[0], ctx.device)
     n = min(f.name_samples, meta["config"]["n"])
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         bar.add_task(f"naming {len(pcs)} PCs on {n} samples", total=None, rate="")
         table, path = name_run_directions(run, meta, pcs, net, n, GAMMA, unet, scheduler, stem=STEM, text=text)
     names = [{"direction": r["direction"], "name": r["name"], "change": r["change"]} for r in table]

@@ -21,7 +21,6 @@ import numpy as np
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.stores import PCAStore, SampleStore, timestep_batches
 from hspace.hcore import pca as hpca
-from hspace.tasks.progress import progress_bar
 from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
@@ -245,7 +244,7 @@ def write_directions(
 def pca_stage(run: RunFolder, p, ctx: Context) -> dict:
     if not p.enabled:
         return {"outputs": [], "skipped": True}
-    with progress_bar(disable=not ctx.show_progress) as bar:
+    with ctx.progress() as bar:
         job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"], rate="")
         r = run_pca(
             str(run.root),

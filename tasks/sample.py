@@ -242,20 +242,19 @@ def _on_dask(run_dir: str, pending: list[int], address: str, store, bar, job) ->
         client.close()
 
 
-def run_shards(run: RunFolder, dask_address: str | None = None, show_progress: bool = True, run_one=None) -> list[int]:
+def run_shards(run: RunFolder, ctx: Context, run_one=None) -> list[int]:
     """Every pending shard of the run, one Prefect task each running ``run_one(run_dir, shard)``
     (``run_shard``: sampling; the invert stage passes its own), or on the Dask cluster at
-    ``dask_address``; returns the shards computed. Only pending shards run: a shard's done
+    ``ctx.dask_address``; returns the shards computed. Only pending shards run: a shard's done
     marker says whether its files exist."""
-    from hspace.tasks.progress import progress_bar
-
     store = prepare_store(run)
     pending = set(store.pending_shards())
     inverting = run.read()["config"].get("kind") == "inversion"
     what = f"{'inverting' if inverting else 'sampling'} {len(pending)} pending shard(s)"
     require_space(run.samples, store.pending_bytes(), what)  # before the first one starts
     rows = lambda k: len(store.layout.shard_rows(k))  # noqa: E731
-    with progress_bar(disable=not show_progress) as bar:
+    dask_address = ctx.dask_address
+    with ctx.progress() as bar:
         job = bar.add_task("inverting" if inverting else "sampling", total=store.layout.n, rate="")
         bar.advance(job, sum(rows(k) for k in range(store.layout.n_shards) if k not in pending))
         if dask_address and not inverting:
@@ -347,7 +346,7 @@ def _create(run: RunFolder, section, ctx: Context, dry: bool = False):
 
 
 def sample_stage(run: RunFolder, section, ctx: Context) -> dict:
-    computed = run_shards(run, ctx.dask_address, show_progress=ctx.show_progress)
+    computed = run_shards(run, ctx)
     return {"outputs": outputs(run, [run.samples]), "recomputed_shards": len(computed), "n": section.n}
 
 

@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hspace.data.catalog import ARTIFACTS, RunError, RunFolder, fingerprint
 from hspace.data.disk import DISK_FULL, disk_full_message
@@ -43,6 +44,18 @@ class Context:
     show_progress: bool = True
     allow_download: bool = False
     log: Callable[[str], None] = field(default=log.info)
+    # the progress display long work draws: a rich Progress factory (the fronts give theirs,
+    # flows/progress.py); rich's plain one where none is given
+    bar: Callable[..., Any] = field(default=None)
+
+    def progress(self):
+        """A progress display (rich.progress.Progress) for the body's loops: hidden without
+        show_progress."""
+        if self.bar is None:
+            from rich.progress import Progress
+
+            return Progress(disable=not self.show_progress)
+        return self.bar(disable=not self.show_progress)
 
 
 @dataclass(frozen=True)

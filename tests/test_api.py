@@ -30,13 +30,13 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def toy(prefect_server, tmp_path_factory):
-    """A 24-sample toy run (10 steps, eta 1): annotated, PCA, Smiling and Male by eq. (10)
-    from the first 16, evaluated at gamma 1 on the last 8."""
+    """A 16-sample toy run (10 steps, eta 1): annotated, Smiling and Male by eq. (10) from the
+    first 10, evaluated at gamma 1 on the last 6."""
     run = tmp_path_factory.mktemp("api") / "run"
-    ok("sample", "--model", "toy", "--n", 24, "--steps", STEPS, "--batch-size", 24, "--device", "cpu", "--out", run)
+    ok("sample", "--model", "toy", "--n", 16, "--steps", STEPS, "--batch-size", 16, "--device", "cpu", "--out", run)
     ok("annotate", run, "--device", "cpu")
-    ok("directions", run, "--attribute", "Smiling,Male", "--top", 4, "--held-out", 8)
-    ok("evaluate", run, "--directions", "Smiling,Male", "--n", 8, "--gamma", 1, "--no-disentangled", "--device", "cpu")
+    ok("directions", run, "--attribute", "Smiling,Male", "--top", 4, "--held-out", 6)
+    ok("evaluate", run, "--directions", "Smiling,Male", "--n", 6, "--gamma", 1, "--no-disentangled", "--device", "cpu")
     return run
 
 

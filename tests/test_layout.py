@@ -237,12 +237,20 @@ MAY_IMPORT = {
 }
 
 
+@functools.cache
+def parsed(path: Path):
+    """A module's syntax tree (parsed once per test session)."""
+    import ast
+
+    return ast.parse(path.read_text())
+
+
 def imports_of(path: Path) -> list[tuple[int, str]]:
     """(line, module) of every import in a file, at any depth (inside functions too)."""
     import ast
 
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -381,10 +389,19 @@ def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def _imported_names(path: Path, module: str) -> list[str]:
+    return _from_imports(path).get(module, [])
+
+
+@functools.cache
+def _from_imports(path: Path) -> dict[str, list[str]]:
+    """module -> the names a file imports from it (``from module import a, b``)."""
     import ast
 
-    nodes = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom) and n.module == module]
-    return [a.name for n in nodes for a in n.names]
+    found: dict[str, list[str]] = {}
+    for n in ast.walk(parsed(path)):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            found.setdefault(n.module, []).extend(a.name for a in n.names)
+    return found
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -105,6 +105,7 @@ def main() -> None:
     from hspace.tasks.config import SampleSection
     from hspace.tasks.pca import run_pca
     from hspace.tasks.sample import create_run, run_shards
+    from hspace.tasks.stages import Context
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--small dry run: not a measurement)"
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
@@ -128,7 +129,7 @@ def main() -> None:
         del unet
         peak_reset(device)
         t0 = time.perf_counter()
-        run_shards(run, show_progress=False)
+        run_shards(run, Context(show_progress=False))
         b = args.n / (time.perf_counter() - t0)
         peak_b = peak_gib(device)
         store = SampleStore(run.samples)

@@ -133,6 +133,7 @@ def main() -> None:
     from hspace.hcore.sampler import draw_noise, make_generators
     from hspace.tasks.config import SampleSection
     from hspace.tasks.sample import create_run, run_shards
+    from hspace.tasks.stages import Context
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (--small dry run: not a measurement)"
     with tempfile.TemporaryDirectory() as tmp, prefect_api():
@@ -190,7 +191,7 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        run_shards(run, show_progress=False)
+        run_shards(run, Context(show_progress=False))
         sync(device)
         b = args.n / (time.perf_counter() - t0)
         peak_b = peak(device)

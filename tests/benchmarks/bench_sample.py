@@ -65,13 +65,14 @@ def main() -> None:
     from hspace.data.stores import SampleStore
     from hspace.tasks.config import SampleSection
     from hspace.tasks.sample import create_run, run_shards
+    from hspace.tasks.stages import Context
 
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         run = RunFolder(Path(tmp) / "run")
         section = SampleSection(model=ref.path, n=args.n, steps=args.steps, batch_size=args.batch_size, dtype="float32")
         create_run(run, section, "cpu")  # as `hspace sample` makes it
         t0 = time.perf_counter()
-        run_shards(run, show_progress=False)
+        run_shards(run, Context(show_progress=False))
         b = args.n / (time.perf_counter() - t0)
         store = SampleStore(run.samples)
         on_disk = sum(p.stat().st_size for p in run.samples.rglob("*") if p.is_file())
