@@ -46,7 +46,7 @@ class Context:
     log: Callable[[str], None] = field(default=log.info)
     # the progress display long work draws: a rich Progress factory (the fronts give theirs,
     # flows/progress.py); rich's plain one where none is given
-    bar: Callable[..., Any] = field(default=None)
+    bar: Callable[..., Any] | None = None
 
     def progress(self):
         """A progress display (rich.progress.Progress) for the body's loops: hidden without
