@@ -692,6 +692,7 @@ def test_evaluate_writes_table1_files_that_reload(run_dir, random_oracle, loaded
     assert summary["disentangled_against"] == {"Smiling": ["Male"], "Male": ["Smiling"]} and summary["keep_norm"]
 
 
+@pytest.mark.slow
 def test_evaluate_with_clip_and_auto_gamma_errors(run_dir, clip_dir, random_oracle):
     meta = RunFolder(run_dir).read()
     v = 20 * torch.randn(5, 16, 8, 8, generator=torch.Generator().manual_seed(3))

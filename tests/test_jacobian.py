@@ -70,7 +70,7 @@ def test_alg1_matches_explicit_svd(point, reference):
     assert result.converged
 
 
-@pytest.mark.parametrize("block", [1, 2])
+@pytest.mark.parametrize("block", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_alg2_matches_explicit_svd(point, reference, block):
     unet, x_t, h0 = point
     f = eps_of_h(unet, x_t, 40)
@@ -147,6 +147,7 @@ def attention_unet(seed: int = 0):
     ).eval()
 
 
+@pytest.mark.slow  # Alg. 1 and 2 against the explicit Jacobian stay in the quick tier (plain U-Net)
 def test_jacobian_through_attention_matches_the_explicit_jacobian():
     """Forward-mode J v through attention (the fused SDPA kernels have no forward AD; f runs
     the math backend), Alg. 1, Alg. 2 and localize against the explicit Jacobian."""
