@@ -56,19 +56,19 @@ def _check(run: RunFolder, cfg, ctx: Context) -> None:
         load_annotator(spec, ctx.device)
 
 
-def annotate_stage(run: RunFolder, section, ctx: Context) -> dict:
+def annotate_stage(run: RunFolder, annotate, ctx: Context) -> dict:
     from hspace.data.annotators import load_annotator
     from hspace.data.stores import SampleStore
 
-    nets = {spec: load_annotator(spec, ctx.device) for spec in section.annotators}  # bad ones fail first
+    nets = {spec: load_annotator(spec, ctx.device) for spec in annotate.annotators}  # bad ones fail first
     names, n = [], SampleStore(run.samples).layout.n
     with ctx.progress() as bar:
         for spec, net in nets.items():
             job = bar.add_task(f"annotate ({spec.split(':')[0]})", total=n, rate="")
             advance = lambda k, job=job: bar.advance(job, k)  # noqa: E731
-            result = annotate_run(str(run.root), spec, section.batch_size, ctx.device, advance, net)
+            result = annotate_run(str(run.root), spec, annotate.batch_size, ctx.device, advance, net)
             names = result["names"]
-    return {"outputs": outputs(run, [run.annotations]), "annotators": section.annotators, "attributes": names}
+    return {"outputs": outputs(run, [run.annotations]), "annotators": annotate.annotators, "attributes": names}
 
 
 STAGE = Stage(

@@ -81,23 +81,23 @@ def against_for(name: str, names: list[str], s, latent: str) -> list[str]:
 # ----------------------------------------------------------------------------- the stage
 
 
-def disentangle_stage(run: RunFolder, s, directions, ctx: Context) -> dict:
-    if not s.enabled:
+def disentangle_stage(run: RunFolder, disentangle, directions, ctx: Context) -> dict:
+    if not disentangle.enabled:
         return {"outputs": [], "skipped": True}
     latent = directions.latent
-    names = s.directions or [direction_name(a, latent) for a in directions.attributes]
-    if s.name and len(names) > 1:
+    names = disentangle.directions or [direction_name(a, latent) for a in directions.attributes]
+    if disentangle.name and len(names) > 1:
         raise RunError("--name names one direction: give a single --direction with it")
     files, cosines = [], {}
     for name in names:
-        against = against_for(name, names, s, latent)
+        against = against_for(name, names, disentangle, latent)
         if not against:
             continue
-        out = s.name or disentangled_name(name)
-        r = disentangle_direction(str(run.root), name, against, out, keep_norm=s.keep_norm)
+        out = disentangle.name or disentangled_name(name)
+        r = disentangle_direction(str(run.root), name, against, out, keep_norm=disentangle.keep_norm)
         files.append(r["path"])
         cosines[name] = round(r["cosine_with_original"], 4)
-        if s.keep_norm:  # eq. (11) as written beside the rescaled one: evaluate scores both
+        if disentangle.keep_norm:  # eq. (11) as written beside the rescaled one: evaluate scores both
             files.append(disentangle_direction(str(run.root), name, against, out + AS_WRITTEN, keep_norm=False)["path"])
     return {"outputs": outputs(run, files), "cosine_with_original": cosines}
 

@@ -140,14 +140,14 @@ def table_md(result: dict) -> str:
 FIGURE_NS, FIGURE_HELD, FIGURE_POOL = (1, 3, 10, 30), 32, 128
 
 
-def efficiency_stage(run: RunFolder, f, directions, annotate, ctx: Context) -> dict:
+def efficiency_stage(run: RunFolder, figures, directions, annotate, ctx: Context) -> dict:
     """Fig. 8 of the first attribute: figures/sample_efficiency.{json,png}."""
     import json
 
     from hspace.data.figures import efficiency_plot
 
     attrs = directions.attributes if directions.latent == "h" else []
-    if not (f.efficiency and attrs and annotate.annotators):
+    if not (figures.efficiency and attrs and annotate.annotators):
         return {"outputs": [], "skipped": True}
     meta = run.read()
     run.figures.mkdir(exist_ok=True)

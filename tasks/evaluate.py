@@ -206,22 +206,22 @@ def run_evaluation(
 # ----------------------------------------------------------------------------- the stage
 
 
-def evaluate_stage(run: RunFolder, e, disentangle, directions, device, ctx: Context) -> dict:
-    if not e.enabled or directions.latent != "h":
+def evaluate_stage(run: RunFolder, evaluate, disentangle, directions, device, ctx: Context) -> dict:
+    if not evaluate.enabled or directions.latent != "h":
         return {"outputs": [], "skipped": True}
     with ctx.progress() as bar:
         job = bar.add_task("evaluate (edit-and-score passes)", total=None, rate="")
         summary = run_evaluation(
             str(run.root),
-            e.directions or list(directions.attributes) + [f"{a}_prompt" for a in directions.prompt_pairs],
-            methods=e.methods,
-            disentangled=e.disentangled and disentangle.enabled,
-            evaluator=e.evaluator,
-            n=e.n,
-            gamma=None if e.gamma == "auto" else e.gamma,
-            target=e.target,
-            calibration_n=e.calibration_n,
-            prompts=e.prompts,
+            evaluate.directions or list(directions.attributes) + [f"{a}_prompt" for a in directions.prompt_pairs],
+            methods=evaluate.methods,
+            disentangled=evaluate.disentangled and disentangle.enabled,
+            evaluator=evaluate.evaluator,
+            n=evaluate.n,
+            gamma=None if evaluate.gamma == "auto" else evaluate.gamma,
+            target=evaluate.target,
+            calibration_n=evaluate.calibration_n,
+            prompts=evaluate.prompts,
             device=ctx.device,
             log=ctx.log,
             progress=lambda done, total: bar.update(job, completed=done, total=total),

@@ -199,11 +199,11 @@ def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False
 # ----------------------------------------------------------------------------- the stage
 
 
-def _create(run: RunFolder, section, ctx: Context, dry: bool = False):
-    return create_inversion_run(run, section, ctx.device, dry=dry)
+def _create(run: RunFolder, invert, ctx: Context, dry: bool = False):
+    return create_inversion_run(run, invert, ctx.device, dry=dry)
 
 
-def invert_stage(run: RunFolder, section, ctx: Context) -> dict:
+def invert_stage(run: RunFolder, invert, ctx: Context) -> dict:
     from hspace.data.stores import SampleStore
 
     config = run.read()["config"]

@@ -184,22 +184,22 @@ def run_jacobian(
 # ----------------------------------------------------------------------------- the stage
 
 
-def jacobian_stage(run: RunFolder, j, ctx: Context) -> dict:
+def jacobian_stage(run: RunFolder, jacobian, ctx: Context) -> dict:
     with ctx.progress() as bar:
-        job = bar.add_task("jacobian (subspace iterations)", total=j.max_iters, rate="")
+        job = bar.add_task("jacobian (subspace iterations)", total=jacobian.max_iters, rate="")
         status = lambda it, change, tol: bar.update(job, completed=it, rate=f"residual {change:.1e} (tol {tol:.0e})")  # noqa: E731
         r = run_jacobian(
             str(run.root),
-            j.sample,
-            j.step,
-            j.k,
-            j.block,
-            j.roi,
-            str(j.mask) if j.mask else None,
-            j.tol,
-            j.max_iters,
+            jacobian.sample,
+            jacobian.step,
+            jacobian.k,
+            jacobian.block,
+            jacobian.roi,
+            str(jacobian.mask) if jacobian.mask else None,
+            jacobian.tol,
+            jacobian.max_iters,
             ctx.device,
-            localize=j.localize,
+            localize=jacobian.localize,
             progress=status,
         )
     return {"outputs": outputs(run, [run.jacobian, *r.pop("directions")]), **r}

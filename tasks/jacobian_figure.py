@@ -42,8 +42,8 @@ def jacobian_grid(run: RunFolder, meta: dict, unet, scheduler, store, sample: in
 # ----------------------------------------------------------------------------- the stage
 
 
-def jacobian_figure_stage(run: RunFolder, f, ctx: Context) -> dict:
-    if not f.jacobian:
+def jacobian_figure_stage(run: RunFolder, figures, ctx: Context) -> dict:
+    if not figures.jacobian:
         return {"outputs": [], "skipped": True}
     meta = run.read()
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
@@ -51,8 +51,8 @@ def jacobian_figure_stage(run: RunFolder, f, ctx: Context) -> dict:
     store = SampleStore(run.samples)
     with ctx.progress() as bar:
         bar.add_task("Fig. 7 (Jacobian and its grid)", total=None, rate="")
-        sample = min(f.sample, store.layout.n - 1)
-        path, result = jacobian_grid(run, meta, unet, scheduler, store, sample, f, ctx.device, text)
+        sample = min(figures.sample, store.layout.n - 1)
+        path, result = jacobian_grid(run, meta, unet, scheduler, store, sample, figures, ctx.device, text)
     result.pop("share_inside", None)
     return {"outputs": outputs(run, [run.jacobian, *result.pop("directions"), path]), **result}
 

@@ -41,21 +41,21 @@ def name_run_directions(
 # ----------------------------------------------------------------------------- the stage
 
 
-def name_stage(run: RunFolder, s, ctx: Context) -> dict:
+def name_stage(run: RunFolder, name, ctx: Context) -> dict:
     from hspace.data import models
     from hspace.data.annotators import load_annotator
 
     meta = run.read()
     require_sampled(meta, "hspace name")
-    n = min(64, meta["config"]["n"]) if s.n is None else s.n
+    n = min(64, meta["config"]["n"]) if name.n is None else name.n
     if n > meta["config"]["n"]:
         raise RunError(f"--n must be in [1, {meta['config']['n']}] (samples in this run)")
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     text = models.text_for_run(meta, device=ctx.device)
-    net = load_annotator(s.annotator, ctx.device)
-    table, path = name_run_directions(run, meta, s.directions, net, n, s.gamma, unet, scheduler, text=text)
+    net = load_annotator(name.annotator, ctx.device)
+    table, path = name_run_directions(run, meta, name.directions, net, n, name.gamma, unet, scheduler, text=text)
     names = [{"direction": r["direction"], "name": r["name"], "change": r["change"]} for r in table]
-    return {"outputs": outputs(run, [path, path.with_suffix(".json")]), "names": names, "gamma": s.gamma}
+    return {"outputs": outputs(run, [path, path.with_suffix(".json")]), "names": names, "gamma": name.gamma}
 
 
 def names_line(r: dict) -> str:

@@ -17,9 +17,9 @@ def named_pcs(run: RunFolder, f) -> list[str]:
     return [f"pc{j:02d}" for j in range(f.pcs) if run.direction(f"pc{j:02d}").exists()]
 
 
-def pc_names_stage(run: RunFolder, f, annotate, ctx: Context) -> dict:
-    pcs = named_pcs(run, f)
-    if not (pcs and f.name_samples > 0 and annotate.annotators):
+def pc_names_stage(run: RunFolder, figures, annotate, ctx: Context) -> dict:
+    pcs = named_pcs(run, figures)
+    if not (pcs and figures.name_samples > 0 and annotate.annotators):
         return {"outputs": [], "skipped": True}
     from hspace.data.annotators import load_annotator
 
@@ -27,7 +27,7 @@ def pc_names_stage(run: RunFolder, f, annotate, ctx: Context) -> dict:
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     text = models.text_for_run(meta, device=ctx.device)
     net = load_annotator(annotate.annotators[0], ctx.device)
-    n = min(f.name_samples, meta["config"]["n"])
+    n = min(figures.name_samples, meta["config"]["n"])
     with ctx.progress() as bar:
         bar.add_task(f"naming {len(pcs)} PCs on {n} samples", total=None, rate="")
         table, path = name_run_directions(run, meta, pcs, net, n, GAMMA, unet, scheduler, stem=STEM, text=text)

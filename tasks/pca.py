@@ -241,26 +241,26 @@ def write_directions(
 # ----------------------------------------------------------------------------- the stage
 
 
-def pca_stage(run: RunFolder, p, ctx: Context) -> dict:
-    if not p.enabled:
+def pca_stage(run: RunFolder, pca, ctx: Context) -> dict:
+    if not pca.enabled:
         return {"outputs": [], "skipped": True}
     with ctx.progress() as bar:
         job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"], rate="")
         r = run_pca(
             str(run.root),
-            p.components,
-            p.method,
-            p.batch_size,
-            p.workers,
+            pca.components,
+            pca.method,
+            pca.batch_size,
+            pca.workers,
             ctx.dask_address,
-            p.reference_step,
-            p.complete_shards_only,
+            pca.reference_step,
+            pca.complete_shards_only,
             progress=lambda i: bar.advance(job, i),
         )
     return {
         "outputs": outputs(run, [run.pca] + [run.direction(d) for d in r["directions"]]),
         "method": r["method"],
-        "k": p.components,
+        "k": pca.components,
         "n_samples": r["n"],
         "wall_seconds": round(r["wall_seconds"], 2),
         "variance_ratio": r["explained_variance_ratio_mean"][:5],

@@ -341,13 +341,13 @@ def resolve_clip(setting: str, scheduler) -> bool:
 # ----------------------------------------------------------------------------- the stage
 
 
-def _create(run: RunFolder, section, ctx: Context, dry: bool = False):
-    return create_run(run, section, ctx.device, ctx.allow_download, dry=dry)
+def _create(run: RunFolder, sample, ctx: Context, dry: bool = False):
+    return create_run(run, sample, ctx.device, ctx.allow_download, dry=dry)
 
 
-def sample_stage(run: RunFolder, section, ctx: Context) -> dict:
+def sample_stage(run: RunFolder, sample, ctx: Context) -> dict:
     computed = run_shards(run, ctx)
-    return {"outputs": outputs(run, [run.samples]), "recomputed_shards": len(computed), "n": section.n}
+    return {"outputs": outputs(run, [run.samples]), "recomputed_shards": len(computed), "n": sample.n}
 
 
 STAGE = Stage(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import pkgutil
 import re
@@ -61,10 +62,10 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    sections: tuple[str, ...]  # config sections (or top-level keys): fingerprinted, handed to the body in order
+    sections: tuple[str, ...]  # config sections (or top-level keys): fingerprinted, handed to the body by name
     inputs: tuple[str, ...] | str  # stages whose outputs it reads (their fingerprints enter its own), or BEFORE
     outputs: tuple[str, ...]  # catalog artifacts (data.catalog.ARTIFACTS keys) it writes
-    body: Callable  # body(run, *sections, ctx) -> {"outputs": [paths relative to the run], ...}
+    body: Callable  # body(run, <each section by its name>, ctx) -> {"outputs": [paths relative to the run], ...}
     summary: Callable[[dict], str] = lambda result: ""  # the one line after "done in N s"
     create: Callable | None = None  # (run, *sections, ctx, dry) -> run.json: a stage that makes the run folder
     check: Callable | None = None  # (run, cfg, ctx): bad input refused before the lock and Prefect start
@@ -81,16 +82,30 @@ class Stage:
         unknown = [o for o in self.outputs if o not in ARTIFACTS]
         if unknown:
             raise ValueError(f"stage {self.name}: outputs {unknown} are not catalog artifacts ({sorted(ARTIFACTS)})")
+        for what, fn in (("body", self.body), ("create", self.create)):
+            if fn is None:
+                continue
+            params = list(inspect.signature(fn).parameters)
+            want = ["run", *self.sections, "ctx"]
+            if params[: len(want)] != want:
+                raise ValueError(
+                    f"stage {self.name}: its {what} must take its sections by name, ({', '.join(want)}); "
+                    f"it takes ({', '.join(params)})"
+                )
 
     def section_values(self, cfg: RunConfig) -> list:
         return [getattr(cfg, s) for s in self.sections]
 
+    def sections_of(self, cfg: RunConfig) -> dict:
+        """Its sections of ``cfg`` by name: what its body and create take as keywords."""
+        return dict(zip(self.sections, self.section_values(cfg), strict=True))
+
     def run_body(self, run: RunFolder, cfg: RunConfig, ctx: Context) -> dict:
-        return self.body(run, *self.section_values(cfg), ctx)
+        return self.body(run, ctx=ctx, **self.sections_of(cfg))
 
     def make_run(self, run: RunFolder, cfg: RunConfig, ctx: Context, dry: bool = False):
         """Create (or re-check) the run folder of a creating stage; ``dry``: checks only."""
-        return self.create(run, *self.section_values(cfg), ctx, dry=dry)
+        return self.create(run, ctx=ctx, dry=dry, **self.sections_of(cfg))
 
     def declared_paths(self, run: RunFolder) -> list[Path]:
         return [run.path(o) for o in self.outputs]

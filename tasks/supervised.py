@@ -158,28 +158,27 @@ def build_prompt_pair(
 # ----------------------------------------------------------------------------- the stage
 
 
-def directions_stage(run: RunFolder, d, ctx: Context) -> dict:
+def directions_stage(run: RunFolder, directions, ctx: Context) -> dict:
     run_config = run.read()["config"]
-    n, held_out = run_config["n"], d.held_out_of(run_config)
+    n, held_out = run_config["n"], directions.held_out_of(run_config)
     if held_out >= n - 1:
-        given = "" if d.held_out is not None else " (the default, which `hspace run` keeps for evaluate)"
+        given = "" if directions.held_out is not None else " (the default, which `hspace run` keeps for evaluate)"
         raise RunError(
             f"--held-out {held_out}{given} leaves no samples of this run's {n} to build directions from: pass "
             f"--held-out N with N at most {max(n - 2, 0)} (e.g. --held-out {n // 4}), or --held-out 0 to use them all"
         )
-    if d.prompt_pair:
-        r = build_prompt_pair(run, *d.prompt_pair, first=n - held_out, name=d.name, device=ctx.device)
-        return {"outputs": outputs(run, [r["path"]]), "prompt_pair": list(d.prompt_pair), "held_out": held_out}
-    if d.name and len(d.attributes) > 1:
+    if directions.prompt_pair:
+        r = build_prompt_pair(run, *directions.prompt_pair, first=n - held_out, name=directions.name, device=ctx.device)
+        return {"outputs": outputs(run, [r["path"]]), "prompt_pair": list(directions.prompt_pair), "held_out": held_out}
+    if directions.name and len(directions.attributes) > 1:
         raise RunError("--name names one direction: give a single --attribute with it")
-    files = [
-        build_direction(str(run.root), a, d.top, d.latent, d.name, first=n - held_out)["path"] for a in d.attributes
-    ]
-    first = min(n - held_out, d.pair_samples or n)
-    for attribute, (a, b) in d.prompt_pairs.items():  # attribute-named, so evaluate calibrates and scores them
+    d, ranked = directions, n - held_out
+    files = [build_direction(str(run.root), a, d.top, d.latent, d.name, first=ranked)["path"] for a in d.attributes]
+    first = min(n - held_out, directions.pair_samples or n)
+    for attribute, (a, b) in directions.prompt_pairs.items():  # attribute-named, so evaluate calibrates and scores them
         r = build_prompt_pair(run, a, b, first, f"{attribute}_prompt", ctx.device, attribute=attribute)
         files.append(r["path"])
-    return {"outputs": outputs(run, files), "top": d.top, "held_out": held_out}
+    return {"outputs": outputs(run, files), "top": directions.top, "held_out": held_out}
 
 
 STAGE = Stage(

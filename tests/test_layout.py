@@ -307,6 +307,24 @@ def test_the_order_of_stages_comes_from_their_inputs():
     assert _depths({"sample": sample, "report": replace(sample, name="report", inputs=BEFORE)})["report"] > 1
 
 
+def test_a_body_takes_its_sections_by_name():
+    """The runner hands a stage body its sections by name: a body whose parameters do not name
+    the declared sections is refused when the stage is declared, not when it first runs."""
+    from dataclasses import replace
+
+    from hspace.tasks.stages import registry
+
+    pca = registry()["pca"]
+
+    def by_position(run, p, ctx):
+        return {}
+
+    with pytest.raises(ValueError, match=r"stage pca: its body must take its sections by name, \(run, pca, ctx\)"):
+        replace(pca, body=by_position)
+    with pytest.raises(ValueError, match="takes its sections|must take"):
+        replace(pca, sections=("pca", "annotate"))
+
+
 def test_a_stage_is_one_module_and_nothing_else_names_it():
     """Every stage is declared once, at the end of its own module in tasks/ (one per
     module), with outputs the catalog knows; the CLI, the runner and the report name no
