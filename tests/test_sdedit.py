@@ -7,28 +7,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler
 
 import hspace
 from hspace.hcore.edits import get
 from hspace.hcore.inversion import noise_to_step
 from hspace.hcore.sampler import make_generators, sample
+from tests.test_jacobian import attention_unet
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-    ).eval()
+    unet = attention_unet()  # attention at a level and in the mid block, as real U-Nets
     source = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     return unet, DDIMScheduler(num_train_timesteps=1000), source
 
