@@ -62,3 +62,46 @@ def test_sdedit_in_a_plain_diffusers_pipeline(model):
     with pytest.raises(hspace.DirectionMismatch, match="make it with what it needs"):
         with hspace.apply(pipe, method="sdedit", gamma=0.5):
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,dtype", [("sd1", "float32"), ("sd2", "bfloat16"), ("sdxl", "float32")])
+def test_sdedit_with_a_target_prompt_on_sd_models(tmp_path, kind, dtype):
+    """SDEdit on the SD test shapes (SD 2.x: v-prediction, in bfloat16): a photo's VAE latent
+    noised to t0 and denoised under a target prompt with guidance is the explicit restart, bit
+    for bit; the prompt steers it; in diffusers' own pipeline (SD 1.x) through hspace.apply the
+    same image (<= 2/255)."""
+    from hspace.data import models
+    from hspace.hcore.generator import generate
+    from tests.sd_fixtures import LATENT_SIZE, load_tiny_sd, save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / kind, kind)
+    ref = models.resolve(str(folder))
+    unet, scheduler = models.load_checked(ref, "cpu", getattr(torch, dtype), clip_sample=False)
+    size = models.image_size(ref, unet.config)
+    text = models.text_setup(ref, ["a blue dog at night"], guidance_scale=3.0, image_size=size)
+    photo = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    latent = text.encode(photo)
+    sdedit = get("sdedit")(latent, scheduler)
+    steps, k = 6, 3
+    gens = lambda: make_generators(4, [0])  # noqa: E731
+    got = generate(unet, scheduler, gens(), steps, 0.0, text=text, indices=[0], edit=sdedit.action((steps - k) / steps))
+    start = noise_to_step(scheduler, latent, steps, k, gens())
+    restart = generate(unet, scheduler, gens(), steps, 0.0, text=text, indices=[0], x_T=start, start_at=k)
+    torch.testing.assert_close(got, restart, rtol=0, atol=0)
+    other = generate(unet, scheduler, gens(), steps, 0.0, text=text, prompts=["a red cat"], edit=sdedit.action(0.5))
+    assert (other - got).abs().mean() > 1e-3  # the target prompt steers the edit
+    if kind != "sd1":
+        return
+    pipe = load_tiny_sd(folder, kind)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    made = get("sdedit")(latent, pipe.scheduler)
+    x_T = make_generators(4, [0])
+    latents = torch.randn((1, 4, LATENT_SIZE, LATENT_SIZE), generator=x_T[0])
+    with hspace.apply(pipe, method=made, gamma=0.5):
+        out = pipe(
+            "a blue dog at night", latents=latents, num_inference_steps=steps, guidance_scale=3.0, eta=0.0,
+            generator=gens(), output_type="np",
+        ).images[0]  # fmt: skip
+    mine = ((got[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().numpy()
+    assert np.abs(np.round(out * 255) - mine).max() <= 2
