@@ -362,7 +362,8 @@ def _read_lock(path: Path) -> dict | None:
     return holder
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -378,7 +379,7 @@ def _same_host(holder: dict) -> bool:
 
 def _is_stale(holder: dict) -> bool:
     """Provably dead: written on this host by a process that no longer exists."""
-    return _same_host(holder) and not _pid_alive(int(holder.get("pid", -1)))
+    return _same_host(holder) and not pid_alive(int(holder.get("pid", -1)))
 
 
 def _lock_message(path: Path, holder: dict | None) -> str:

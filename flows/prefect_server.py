@@ -33,7 +33,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from hspace.data.catalog import RunError
+from hspace.data.catalog import RunError, pid_alive
 
 STATE = "hspace-server.json"
 AUTH = "hspace-server.auth"  # the server's credential, "hspace:<random>", mode 0600
@@ -117,16 +117,6 @@ def healthy(url: str, timeout: float = 2.0, auth: str | None = None) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def status() -> dict | None:
     """The recorded standing server ({pid, url, log, started, auth, alive, healthy}) or None;
     healthy: it answers an authenticated request with this PREFECT_HOME's credential."""
@@ -138,7 +128,7 @@ def status() -> dict | None:
         state = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    state["alive"] = _alive(int(state.get("pid", 0)))
+    state["alive"] = pid_alive(int(state.get("pid", 0)))
     auth = auth_string() if state.get("auth") else None
     state["healthy"] = state["alive"] and bool(auth) and healthy(state["url"], auth=auth)
     return state
@@ -212,7 +202,7 @@ def _wait(state: dict, timeout: float) -> dict:
     while time.time() < deadline:
         if healthy(state["url"], auth=auth):
             return {**state, "alive": True, "healthy": True}
-        if not _alive(int(state["pid"])):
+        if not pid_alive(int(state["pid"])):
             _state_path().unlink(missing_ok=True)
             raise RunError(f"the Prefect server exited while starting; its log: {state['log']}")
         time.sleep(0.3)
@@ -234,10 +224,10 @@ def stop() -> dict | None:
         except (ProcessLookupError, PermissionError):
             pass
         deadline = time.time() + 15
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and pid_alive(pid):
             _reap(pid)
             time.sleep(0.2)
-        if _alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
