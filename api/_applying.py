@@ -81,8 +81,9 @@ def apply(
     if not dirs or len(gammas) != len(dirs):
         raise DirectionMismatch(f"{len(dirs)} direction(s) and {len(gammas)} gamma(s): give one gamma per direction")
     first = dirs[0]
+    fingerprint = _fingerprint(unet)  # a sha256 of the U-Net's weights: once, not per direction
     for d in dirs:
-        _check_fits(d, first, unet, scheduler, tuple(h_shape(unet)))
+        _check_fits(d, first, fingerprint, scheduler, tuple(h_shape(unet)))
     ddim = ddim_scheduler(scheduler)
     ddim.set_timesteps(first.steps)
     expected = ([int(t) for t in ddim.timesteps], first)
@@ -262,13 +263,13 @@ def _replace_prev(out, prev_sample: torch.Tensor):
     return replace(out, prev_sample=prev_sample)
 
 
-def _check_fits(d: Direction, first: Direction, unet, scheduler, h_shape: tuple) -> None:
-    """The directions applied together share their schedule, h point and model; each fits this
-    U-Net and scheduler (Direction.fits, the check of the CLI and the stages too)."""
+def _check_fits(d: Direction, first: Direction, fingerprint: str | None, scheduler, h_shape: tuple) -> None:
+    """The directions applied together share their schedule, h point and model; each fits the
+    U-Net of ``fingerprint`` (None: not known) and the scheduler (Direction.fits, the check of
+    the CLI and the stages too)."""
     for key in ("steps", "h_point", "scheduler", "model"):
         if d.meta.get(key) != first.meta.get(key):
             raise DirectionMismatch(f"directions {first.name} and {d.name} differ in {key}: apply them separately")
-    fingerprint = _fingerprint(unet)
     if fingerprint is None:
         log.warning("cannot check the model of direction %s: the U-Net was not loaded from a local folder", d.name)
     try:
