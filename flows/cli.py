@@ -126,6 +126,9 @@ def edit(
     edit_method: Annotated[
         str | None, typer.Option(help="a registered editing method (h, asyrp, xT, ...; docs/ARCHITECTURE.md)")
     ] = None,
+    target_prompt: Annotated[
+        str | None, typer.Option(help="--edit-method p2p / pnp: the prompt to edit toward (the source: the sample's)")
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
     prompt: Annotated[
@@ -156,7 +159,7 @@ def edit(
             from hspace.tasks.photo_edit import edit_photos
 
             how = {"method": method, "sdedit": sdedit, "eta": eta, "seed": seed, "refine": refine, "window": window}
-            how["edit_method"] = edit_method
+            how |= {"edit_method": edit_method, "target_prompt": target_prompt}
             how |= {"asyrp": asyrp, "clip_sample": clip_sample, "prompt": prompt, "guidance_scale": guidance_scale}
             result = edit_photos(image, direction, values, out, model, **how, device=resolve_device(device))
             for line in result["lines"]:
@@ -167,6 +170,7 @@ def edit(
             raise RunError("--method and --sdedit are for --image PHOTO")
         where = {"run_dir": run_dir, "sample_index": sample_index, "model": model, "seed": seed, "steps": steps}
         how = {"eta": eta, "window": window, "asyrp": asyrp, "clip_sample": clip_sample, "edit_method": edit_method}
+        how["target_prompt"] = target_prompt
         how |= {"prompt": prompt, "guidance_scale": 7.5 if guidance_scale is None else guidance_scale}
         path = edit_sample(direction, values, out, **where, **how, device=resolve_device(device))
     except RunError as e:

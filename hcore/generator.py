@@ -113,6 +113,9 @@ def generate(
     prompts (or give ``prompts``, one per generator). With ``stop_before`` the latent x_t
     is returned undecoded. An edit goes to the text setup's ``edit_branch``."""
     if text is None:
+        edit = kwargs.get("edit")
+        if edit is not None and edit.paired([]) is not None:
+            raise ValueError("this editing method runs a source and a target prompt: it needs a text-conditioned model")
         return sample(unet, scheduler, generators, num_inference_steps, eta, **kwargs)
     if prompts is None:
         if indices is None:
@@ -123,8 +126,24 @@ def generate(
     edit = kwargs.get("edit")
     if edit is not None:  # an h edit goes to the text setup's branch of the guided batch
         kwargs["edit"] = edit.with_branch(text.edit_branch if text.guided else "both")
+    targets = kwargs["edit"].paired(list(prompts)) if edit is not None else None
+    n = len(generators)
+    if targets is not None:  # [sources; edits]: the same x_T and z_t (hcore/edits/attention.py)
+        generators = [*generators, *(_twin(g) for g in generators)]
+        prompts = [*prompts, *targets]
+        for key in ("x_T", "noise"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = torch.cat([kwargs[key], kwargs[key]])
     z = sample(unet, scheduler, generators, num_inference_steps, eta, conditioning=text.conditioning(prompts), **kwargs)
+    z = z[n:] if targets is not None else z
     return z if kwargs.get("stop_before") is not None else text.decode(z)
+
+
+def _twin(g: torch.Generator) -> torch.Generator:
+    """A generator in the same state as ``g`` (it will draw what ``g`` draws)."""
+    twin = torch.Generator(g.device)
+    twin.set_state(g.get_state())
+    return twin
 
 
 @dataclass(frozen=True, eq=False)

@@ -189,11 +189,12 @@ def save_cells(images: np.ndarray, rows: list[str], cols: list[str], folder: Pat
             Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(folder / f"{name}.png")
 
 
-def resolve_method(name: str | None, asyrp: bool, directions: list[str]):
+def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_prompt: str | None = None):
     """The editing method ``--edit-method NAME`` names (hcore.edits; None: none named),
     checked before any work: it must be registered, the grid needs a --direction unless the
-    method needs none, and one that needs a prompt pair, a source image or trained weights is
-    not run by `hspace edit` from direction files and --scales alone."""
+    method needs none, one that edits toward a prompt (Prompt-to-Prompt, Plug-and-Play) takes
+    --target-prompt, and one that needs a source image or trained weights is not run by
+    `hspace edit` from direction files and --scales alone."""
     from hspace.hcore.edits import get
 
     method = None
@@ -204,20 +205,42 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str]):
             raise RunError(f"--edit-method: {e}") from None
         if asyrp and name != "asyrp":
             raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
-        other = [n for n in method.needs if n != "direction"]
+        other = [n for n in method.needs if n not in ("direction", "prompt_pair")]
         if other:
             raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
+        if ("prompt_pair" in method.needs) != (target_prompt is not None):
+            need = "needs --target-prompt TEXT (the source prompt is the sample's own)"
+            raise RunError(f"--edit-method {name} {need if target_prompt is None else 'takes no --target-prompt'}")
+    elif target_prompt is not None:
+        raise RunError("--target-prompt is for an --edit-method that edits toward a prompt (p2p, pnp)")
     if not directions and (method is None or "direction" in method.needs):
         raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
     return method
 
 
+def with_prompt(method, text, target_prompt: str | None, model_id: str):
+    """The method made with ``--target-prompt`` where it edits toward a prompt (refused on a
+    model without text), else as given."""
+    from hspace.hcore.edits import EditMethod
+
+    if method is None or isinstance(method, EditMethod) or "prompt_pair" not in method.needs:
+        return method
+    if text is None:
+        raise RunError(f"--edit-method {method.name} edits toward a prompt: {model_id} takes no text (a pixel model)")
+    return method.from_prompt(target_prompt, text.tokenizers[0])
+
+
 def with_method(method, specs: list[DirectionSpec], vectors: list, window=None) -> tuple[list, list]:
     """The grid's rows under ``--edit-method``: a method that needs a direction (other than
     the direction methods h, asyrp and xT, which ``render_edits`` makes from the files) acts
-    with each file; one that needs nothing is a row of its own, swept over the scales."""
+    with each file; one made already (toward a --target-prompt) or that needs nothing is a row
+    of its own, swept over the scales."""
+    from hspace.hcore.edits import EditMethod
+
     if method is None:
         return specs, vectors
+    if isinstance(method, EditMethod):
+        return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, method]
     if "direction" not in method.needs:
         return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, method()]
     if method.name not in ("h", "asyrp", "xT"):
@@ -266,6 +289,7 @@ def edit_sample(
     prompt: str | None = None,
     guidance_scale: float = 7.5,
     edit_method: str | None = None,
+    target_prompt: str | None = None,
 ) -> Path:
     """`hspace edit`: sample ``sample_index`` of a run (an inverted run's starts from its
     stored x_T), or sample 0 of ``model`` at ``seed``, rendered under the edits of
@@ -278,7 +302,7 @@ def edit_sample(
     from hspace.data.stores import SampleStore
     from hspace.hcore.hooks import h_shape
 
-    method = resolve_method(edit_method, asyrp, directions)
+    method = resolve_method(edit_method, asyrp, directions, target_prompt)
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
     if (run_dir is None) == (model is None):
@@ -303,6 +327,7 @@ def edit_sample(
         cfg = model_config(ref, eta, clip_sample, prompt, guidance_scale)
     unet, scheduler, text = load_edit_model(ref, cfg, device)
     spec.replay = spec.replay.with_text(text)
+    method = with_prompt(method, text, target_prompt, ref.id)
     specs = [parse_direction(d) for d in directions]
     vectors: list = load_directions(
         specs,

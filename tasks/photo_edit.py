@@ -32,6 +32,7 @@ from hspace.tasks.edit import (
     resolve_method,
     save_cells,
     with_method,
+    with_prompt,
 )
 
 
@@ -70,6 +71,7 @@ def edit_photos(
     prompt: str | None = None,
     guidance_scale: float | None = None,
     edit_method: str | None = None,
+    target_prompt: str | None = None,
 ) -> dict:
     """Invert (or SDEdit) every photo and render the edit grid of ``plan_grid`` for each, with
     the photo and its reconstruction as the first two columns. Writes the grid PNG ``out``
@@ -82,7 +84,7 @@ def edit_photos(
     from hspace.hcore.sampler import to_uint8, to_unit
     from hspace.tasks.invert import invert_images
 
-    edit = resolve_method(edit_method, asyrp, directions)
+    edit = resolve_method(edit_method, asyrp, directions, target_prompt)
     asyrp = asyrp or edit_method == "asyrp"
     if method not in INVERSION_METHODS:
         raise RunError(f"--method must be one of {', '.join(INVERSION_METHODS)}, got {method!r}")
@@ -117,6 +119,7 @@ def edit_photos(
     )
     how = {"window": parse_window(window, steps), "asyrp": asyrp}
     replay = Replay(seed, steps, run_eta, h_point, text)
+    edit = with_prompt(edit, text, target_prompt, ref.id)
     specs, vectors = with_method(edit, specs, vectors, how["window"])
     cells, row_names, col_names = plan_grid(specs, scales)
     photos, notes = read_photos(paths, size)

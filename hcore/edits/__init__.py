@@ -12,7 +12,10 @@ batch at given strengths it returns an :class:`Action`, which the sampler
   change nothing, and the sampler skips them);
 - ``delta(step)``: h_t + delta at the hook point (eq. (6), in P_t and D_t; with ``asyrp`` the
   unedited eps feeds D_t, Kwon et al.'s P_t-only edit);
-- ``session(unet)``: a context around the whole generation (attention processors, weights).
+- ``session(unet)``: a context around the whole generation (attention processors, weights);
+- ``paired(prompts)``: a method that carries a source generation in the same batch (Prompt-to-
+  Prompt, Plug-and-Play; hcore/edits/attention.py) returns the edited rows' prompts, and the
+  batch becomes [sources; edits] from the same generators.
 
 Every front takes a registered method by name: `hspace edit --edit-method NAME`,
 ``hspace.apply(pipe, method=NAME)``, the evaluate stage's Table 1 (``evaluate.methods``).
@@ -63,6 +66,11 @@ class Action:
         """A context around the generation (attention processors, swapped weights)."""
         return contextlib.nullcontext()
 
+    def paired(self, prompts: Sequence[str]) -> list[str] | None:
+        """For a method that renders a source beside each edit in one batch: given the sources'
+        prompts (the samples' own), the edited rows' prompts. None: no source rows."""
+        return None
+
     def acts_on_x(self) -> bool:
         """Whether ``start`` or ``x_t`` change the latent (a plain pipeline then needs both hooks)."""
         return type(self).start is not Action.start or type(self).x_t is not Action.x_t
@@ -79,6 +87,8 @@ class Compose(Action):
 
     def __init__(self, actions: Sequence[Action]):
         self.actions = list(actions)
+        if any(type(a).paired is not Action.paired for a in self.actions):
+            raise ValueError("a method with a source batch (Prompt-to-Prompt, Plug-and-Play) edits alone")
         asyrp = {a.asyrp for a in self.actions if type(a).delta is not Action.delta}
         if len(asyrp) > 1:
             raise ValueError("h edits with and without Asyrp cannot share one generation: render them apart")
@@ -156,6 +166,14 @@ class EditMethod:
         if "direction" not in cls.needs:
             raise TypeError(f"editing method {cls.name!r} takes no direction")
         return cls(v, window)
+
+    @classmethod
+    def from_prompt(cls, target: str, tokenizer) -> EditMethod:
+        """The method editing each sample toward the prompt ``target`` (the source prompt: the
+        sample's own); ``tokenizer``: the model's first."""
+        if "prompt_pair" not in cls.needs:
+            raise TypeError(f"editing method {cls.name!r} takes no prompt")
+        return cls(target)
 
     def action(self, strength: float | torch.Tensor) -> Action:
         """The action at ``strength`` (a number, or a (B,) tensor: one per sample of the batch)."""
