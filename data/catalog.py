@@ -52,6 +52,7 @@ ARTIFACTS = {
     "directions": ("directions", "direction files"),
     "eval": ("eval", "Table-1 tables, heatmaps, PC names"),
     "figures": ("figures", "edit grids, Fig. 7, Fig. 8"),
+    "compare": ("compare", "every editing method side by side: leaderboard, figure, grid"),
     "report": ("report.html", "the run's report"),
 }
 
@@ -141,6 +142,7 @@ class RunFolder:
     directions = property(lambda self: self.path("directions"))
     eval = property(lambda self: self.path("eval"))
     figures = property(lambda self: self.path("figures"))
+    compare = property(lambda self: self.path("compare"))
     report = property(lambda self: self.path("report"))
     lock_path = property(lambda self: self.root / LOCK)
 

@@ -34,8 +34,7 @@ Floats = Annotated[list[FiniteFloat], BeforeValidator(_split)]
 
 
 def _eta(value):
-    """--eta as typed: '1' -> 1.0, '1,1,0' -> [1.0, 1.0, 0.0]; a window rule 'V@S0:S1' stays
-    a string (checked against the steps by hcore.sampler.eta_schedule)."""
+    """--eta: '1' -> 1.0, '1,1,0' -> [1.0, 1.0, 0.0]; a window rule 'V@S0:S1' stays a string."""
     if isinstance(value, str) and "@" not in value:
         parts = _split(value)
         try:
@@ -258,6 +257,15 @@ class FiguresSection(Section):
     jacobian_k: int = option(3, "Jacobian directions of Fig. 7", gt=0)
 
 
+class CompareSection(Section):
+    attributes: Names = option(list, "attributes compared (default: every one with an eq. (10) direction file)")
+    methods: Names = option(list, "editing methods compared (default: every one that fits the run's model)")
+    evaluator: str = option("oracle", "the judge: oracle | oracle:PATH | celeba40:PATH | hopenet:PATH")
+    n: int = option(16, "held-out samples each method edits (the same for every method)", gt=0)
+    calibration_n: int = option(16, "other held-out samples each method's strength is calibrated on", gt=0)
+    target: FiniteFloat = option(0.25, "own change every method is calibrated to", gt=0)
+
+
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -271,6 +279,7 @@ class RunConfig(Section):
     disentangle: DisentangleSection = Field(default_factory=DisentangleSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
+    compare: CompareSection | None = None  # the comparison runs in `hspace run` where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:
@@ -313,15 +322,13 @@ def load_config(path: Path | None) -> RunConfig:
     if not isinstance(data, dict):
         raise RunError(f"--config {path} must be a mapping of sections (sample, annotate, pca, ...)")
     try:
-        cfg = RunConfig.model_validate(data)
+        return RunConfig.model_validate(data)  # sections against each other: tasks.check.check_config
     except ValidationError as e:
         raise RunError(validation_message(e, f"--config {path}: ") + "; see `hspace config --example`") from None
-    return cfg  # sections against each other: tasks.check.check_config
 
 
 def example_config(kind: str = "toy") -> str:
-    """A documented example config (YAML): toy (the toy world), celeba (the CelebA-HQ
-    DDPM) or sd (Stable Diffusion)."""
+    """A documented example config (YAML): toy, toy_sd, celeba (the CelebA-HQ DDPM) or sd."""
     from hspace.data.catalog import example_path
 
     return example_path(f"{kind}.yaml").read_text()

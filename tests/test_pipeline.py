@@ -156,7 +156,7 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
     states = dict(re.findall(r"│ (\w+)\s+│ (run|skip \(cached\))", plan))
     assert states == {
         **dict.fromkeys(["sample", "annotate", "pca", "pc_names", "jacobian_figure"], "skip (cached)"),
-        **dict.fromkeys(["directions", "disentangle", "evaluate", "efficiency", "figures", "report"], "run"),
+        **dict.fromkeys(["directions", "disentangle", "compare", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
 
@@ -382,10 +382,11 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     from hspace.data.catalog import ARTIFACTS, RunFolder
     from hspace.flows.runner import execute
     from hspace.tasks.check import unet_passes
-    from hspace.tasks.config import load_config
+    from hspace.tasks.config import CompareSection, load_config
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
+    cfg.compare = CompareSection(n=3, calibration_n=3, evaluator=f"oracle:{oracle_dir}")
     run = RunFolder(tmp_path / "run")
     ctx = Context(device="cpu", show_progress=False)
 
@@ -430,5 +431,7 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
         seen[name] = written
     assert any(f.startswith("jacobian.zarr/") for f in seen["jacobian_figure"])  # Fig. 7 ran: the check saw it
     assert all(seen[s] for s in pipeline_stages())  # every stage wrote something
-    assert made == unet_passes(cfg)
+    bound = unet_passes(cfg)
+    assert 0 < made.pop("compare") <= bound.pop("compare")  # calibrations stop when they reach the target
+    assert made == bound
     assert all(made[s] for s in ("sample", "evaluate", "pc_names", "jacobian_figure", "efficiency", "figures"))

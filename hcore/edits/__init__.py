@@ -158,6 +158,12 @@ class EditMethod:
     unit: ClassVar[str] = ""
     acts_on: ClassVar[str] = ""
     reference: ClassVar[str] = ""
+    # the strengths a calibration searches (hspace compare): (0, strength_max], from
+    # strength_start; ``weakens``: a higher strength edits less (an injection share, where
+    # strength_max - s is searched instead)
+    strength_start: ClassVar[float] = 1.0
+    strength_max: ClassVar[float] = 64.0
+    weakens: ClassVar[bool] = False
     attribute: str | None = None
 
     @classmethod
@@ -174,6 +180,14 @@ class EditMethod:
         if "prompt_pair" not in cls.needs:
             raise TypeError(f"editing method {cls.name!r} takes no prompt")
         return cls(target)
+
+    @classmethod
+    def from_source(cls, source: torch.Tensor, scheduler) -> EditMethod:
+        """The method starting from ``source`` (B, C, R, R) in the sampler's space (a pixel
+        model's images, a latent model's latents); ``scheduler``: the model's."""
+        if "source" not in cls.needs:
+            raise TypeError(f"editing method {cls.name!r} takes no source")
+        return cls(source, scheduler)
 
     def action(self, strength: float | torch.Tensor) -> Action:
         """The action at ``strength`` (a number, or a (B,) tensor: one per sample of the batch)."""

@@ -79,6 +79,7 @@ class PromptToPrompt(EditMethod):
     strength = "tau"
     unit = "the share of the steps with the source's cross-attention maps (self-attention: self_share of it)"
     acts_on = "attention"
+    strength_start, strength_max, weakens = 0.25, 1.0, True
     reference = "Hertz et al. 2022 (Prompt-to-Prompt), sec. 3.2: word swap, refinement, reweighting"
 
     def __init__(

@@ -54,6 +54,7 @@ class PlugAndPlay(EditMethod):
     strength = "tau"
     unit = "the share of the steps with the source's decoder features (self-attention: attention_share of it)"
     acts_on = "attention"
+    strength_start, strength_max, weakens = 0.25, 1.0, True
     reference = "Tumanyan et al. 2023 (Plug-and-Play), sec. 4: decoder features for tau_f, self-attention for tau_a"
 
     def __init__(

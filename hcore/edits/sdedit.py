@@ -75,6 +75,7 @@ class SDEdit(EditMethod):
     strength = "t0"
     unit = "the share of the schedule run again from the noised source (0 < t0 <= 1)"
     acts_on = "x_t"
+    strength_start, strength_max = 0.25, 1.0
     reference = "Meng et al. 2022 (SDEdit), sec. 3: x(t0) = sqrt(alpha_t0) x + sqrt(1 - alpha_t0) z, then denoise"
 
     def __init__(self, source: torch.Tensor, scheduler):
