@@ -353,8 +353,10 @@ def train_toy(
     )
 
 
+from hspace.flows.morph_command import morph  # noqa: E402  (hspace morph: DiffMorpher)
 from hspace.flows.server_commands import server_app  # noqa: E402  (hspace server start|status|stop)
 
+app.command()(morph)
 app.add_typer(server_app, name="server")
 
 

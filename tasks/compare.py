@@ -110,7 +110,8 @@ class Judge:
         from hspace.data.photos import psnr, ssim
 
         images, scores, seconds = self.render(indices, entry, strength(entry, s))
-        base_images, base_scores, base_seconds = self.unedited(indices)
+        base_images, base_scores, _ = self.unedited(indices)
+        base_seconds = self.render(indices)[2]  # a plain render timed beside the edit (a shared machine drifts)
         change = np.abs(scores - base_scores).mean(0)
         others = [j for j, c in enumerate(self.columns) if j != self.col and c not in self.degrees]
         pose = [self.columns.index(c) for c in self.degrees if c != self.columns[self.col]]
@@ -281,7 +282,8 @@ def check_compare(run, cfg, ctx) -> None:
 
 def compare_cost(cfg) -> int:
     """At most this many U-Net sample-passes: per attribute the unedited renders, and per method
-    and direction file at most 16 calibration renders and two scored ones (twice the rows for a
+    and direction file at most 16 calibration renders, two scored ones and two plain ones timed
+    beside them (twice the edited rows for a
     method with a source batch or a second pass: Asyrp, Prompt-to-Prompt, Plug-and-Play; the h
     method with up to three files)."""
     from hspace.hcore.edits import methods
@@ -295,7 +297,7 @@ def compare_cost(cfg) -> int:
     per_attribute = c.n + c.calibration_n
     for cls in chosen:
         double = getattr(cls, "asyrp", False) or cls.acts_on == "attention"
-        per_attribute += renders * (2 if double else 1) * (3 if cls.name == "h" else 1)
+        per_attribute += (renders * (2 if double else 1) + 2 * c.n) * (3 if cls.name == "h" else 1)  # + plain timings
     return len(c.attributes or cfg.directions.attributes) * per_attribute * cfg.sample.steps
 
 
