@@ -149,6 +149,10 @@ class RunFolder:
     def direction(self, name: str) -> Path:
         return self.directions / f"{name}.safetensors"
 
+    def compare_file(self, name: str) -> Path:
+        """RUN/compare/NAME (hspace compare's leaderboard, figure and grid)."""
+        return self.compare / name
+
     def figure(self, name: str) -> Path:
         """RUN/figures/NAME."""
         return self.figures / name

@@ -248,3 +248,8 @@ def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, sched
         warn_setting(d.path, d.meta, {"clip_sample": cfg.get("clip_sample"), "eta": cfg.get("eta")})
         out.append((d.v, d.meta))
     return out
+
+
+def lora_file(folder: Path, i: int) -> Path:
+    """The safetensors file of the i-th LoRA of a morph (`hspace morph`: beside its output)."""
+    return Path(folder) / f"lora_{i}.safetensors"

@@ -30,6 +30,7 @@ def morph(
     out: Annotated[Path, typer.Option(help="strip PNG to write (GIF, frames and morph.json beside it)")] = Path(
         "morph.png"
     ),
+    dtype: Annotated[str, typer.Option(help="the U-Net's: float32, float16 or bfloat16")] = "float32",
     device: Annotated[str, typer.Option()] = "auto",
 ) -> None:
     """Morph two photos or two samples with DiffMorpher (LoRA per image, LoRA and latent
@@ -39,7 +40,7 @@ def morph(
     from hspace.tasks.sample import resolve_device
 
     how = MorphSettings(frames, steps, lora_steps, lora_rank, lam=lam, refine=refine, lora=lora, attention=attention)
-    how.adain, how.reschedule = adain, reschedule
+    how.adain, how.reschedule, how.dtype = adain, reschedule, dtype
     where = {"model": model, "images": image or None, "run_dir": run_dir, "samples": sample or None}
     try:
         result = run_morph(out, **where, prompts=prompt or None, settings=how, device=resolve_device(device),

@@ -80,14 +80,15 @@ def fit_lora(
     unet,
     scheduler,
     latent: torch.Tensor,
-    hidden_states: torch.Tensor,
+    conditioning,
     steps: int = 200,
     lr: float = 2e-4,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit the U-Net's LoRA parameters (already added, ``add_lora``) to one image: its VAE
-    latent (1, C, R, R) and prompt embedding (1, L, D), the model's training loss (eps or v
+    latent (1, C, R, R) and its prompt (a ``Conditioning`` without guidance; SDXL's added
+    embeddings included), the model's training loss (eps or v
     at a random timestep of the whole schedule), AdamW (weight decay 0.01) at a constant lr,
     as the authors' code. Returns the fitted parameters."""
     g = torch.Generator().manual_seed(seed)
@@ -98,6 +99,7 @@ def fit_lora(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     T = scheduler.config.num_train_timesteps
     device, dtype = latent.device, next(unet.parameters()).dtype
+    kwargs = conditioning.unet_kwargs(1, device, dtype)
     unet.train()
     try:
         for step in range(steps):
@@ -106,7 +108,7 @@ def fit_lora(
             noisy = scheduler.add_noise(latent, noise, t)
             eps = scheduler.config.prediction_type == "epsilon"
             target = noise if eps else scheduler.get_velocity(latent, noise, t)
-            out = unet(noisy.to(dtype), t, encoder_hidden_states=hidden_states.to(dtype)).sample
+            out = unet(noisy.to(dtype), t, **kwargs).sample
             loss = torch.nn.functional.mse_loss(out.float(), target.float())
             opt.zero_grad()
             loss.backward()

@@ -225,22 +225,22 @@ def write(run: RunFolder, rows, skipped, curves, grid, compare, model: str) -> d
     strength grows to its calibrated value), compare/grid.png (one sample under every method)."""
     from hspace.data.figures import grid_image, save_grid
 
-    folder = run.compare
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "leaderboard.csv").open("w", newline="") as f:
+    run.compare.mkdir(parents=True, exist_ok=True)
+    with run.compare_file("leaderboard.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
         w.writeheader()
         w.writerows(rows)
     summary = {"model": model, "target": compare.target, "rows": rows, "not_applicable": skipped}
-    (folder / "leaderboard.json").write_text(json.dumps(summary, indent=2))
+    run.compare_file("leaderboard.json").write_text(json.dumps(summary, indent=2))
     labels = sorted({m for g in grid.values() for m in g if m != "original"})
     cols = ["original", *labels]
     first = next(iter(grid.values()))["original"]
     blank = np.full_like(first, 255)
     images = np.stack([np.stack([g.get(c, blank) for c in cols]) for g in grid.values()])
-    save_grid(folder / "grid.png", grid_image(images, list(grid), cols, title=f"{model}: every method, one sample"))
-    plot_curves(curves, compare.target, folder / "leakage.png")
-    files = [folder / n for n in ("leaderboard.csv", "leaderboard.json", "grid.png", "leakage.png")]
+    title = f"{model}: every method, one sample"
+    save_grid(run.compare_file("grid.png"), grid_image(images, list(grid), cols, title=title))
+    plot_curves(curves, compare.target, run.compare_file("leakage.png"))
+    files = [run.compare_file(n) for n in ("leaderboard.csv", "leaderboard.json", "grid.png", "leakage.png")]
     return {"outputs": outputs(run, files), "rows": len(rows), "model": model}
 
 

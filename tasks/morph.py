@@ -31,8 +31,11 @@ class MorphSettings:
     adain: bool = True
     reschedule: bool = True
     seed: int = 0
+    dtype: str = "float32"  # the U-Net's (and its LoRA's base layers'); the VAE runs in float32
 
     def check(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise RunError(f"--dtype {self.dtype}: give float32, float16 or bfloat16")
         if self.frames < 3:
             raise RunError(f"--frames {self.frames}: a morph needs at least 3 (the two inputs and one between)")
         if not 0 <= self.lam <= 1:
@@ -59,7 +62,7 @@ def same_size(paths: list[Path]) -> None:
         )
 
 
-def lora_for(path: Path, unet, scheduler, latent, hidden, meta: dict, s: MorphSettings, log) -> dict:
+def lora_for(path: Path, unet, scheduler, latent, cond, meta: dict, s: MorphSettings, log) -> dict:
     """The fitted LoRA of one image: read from ``path`` where its metadata matches ``meta``
     (refused when it was fitted for another model), else fitted and saved there."""
     from safetensors.torch import load_file, save_file
@@ -80,7 +83,7 @@ def lora_for(path: Path, unet, scheduler, latent, hidden, meta: dict, s: MorphSe
             log(f"LoRA {path.name}: reused (same model, image and settings)")
             return load_file(str(path))
     losses = []
-    state = fit_lora(unet, scheduler, latent, hidden, s.lora_steps, s.lora_lr, s.seed, lambda i, v: losses.append(v))
+    state = fit_lora(unet, scheduler, latent, cond, s.lora_steps, s.lora_lr, s.seed, lambda i, v: losses.append(v))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta)
     if losses:
         log(f"LoRA {path.name}: {len(losses)} steps, loss {np.mean(losses[:10]):.4f} -> {np.mean(losses[-10:]):.4f}")
@@ -101,10 +104,11 @@ def morph(
     """Morph two photos (``model`` + ``images``, each with its prompt) or two samples of a run
     (``run_dir`` + ``samples``, with their own prompts) into ``out`` (PNG strip; GIF, frames and
     morph.json beside it)."""
+    from hspace.data import directions as dirfile
     from hspace.data import models
     from hspace.data.catalog import RunFolder
     from hspace.data.photos import psnr, read_photos
-    from hspace.hcore.conditioning import Conditioning, TextEmbedding
+    from hspace.hcore.conditioning import Conditioning
     from hspace.hcore.inversion import ddim_invert
     from hspace.hcore.morph import KVMix, add_lora, reschedule, set_lora, slerp, spacing_spread
     from hspace.hcore.sampler import make_generators, sample, to_uint8, to_unit
@@ -128,7 +132,7 @@ def morph(
         same_size([Path(p) for p in images])
     if ref.kind == "pixel":
         raise RunError(f"hspace morph needs a text-conditioned latent model (SD family): {ref.id} is a pixel model")
-    unet, scheduler = models.load_checked(ref, device, torch.float32, clip_sample=False)
+    unet, scheduler = models.load_checked(ref, device, getattr(torch, s.dtype), clip_sample=False)
     size = models.image_size(ref, unet.config)
     if run_dir is not None:
         replay = models.replay_for_run(meta, device=device)
@@ -147,7 +151,8 @@ def morph(
     inputs = to_uint8(x.cpu()).numpy()
     latents = text.encode(x)
     with torch.no_grad():
-        hidden = [text.conditioning([p]).cond.hidden_states.to(device, torch.float32) for p in prompts]
+        emb = [text.conditioning([p]).cond.to(device, torch.float32) for p in prompts]
+    cond = Conditioning  # no guidance, the authors' default: the prompt's embedding alone (SDXL's added ones too)
     folder = Path(out).with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     loras = None
@@ -159,22 +164,21 @@ def morph(
             image = hashlib.sha256(inputs[i].tobytes()).hexdigest()
             meta_i = {"model": ref.fingerprint, "image": image, "prompt": prompts[i], **fit}
             set_lora(unet, [start], [1.0])  # each fit starts from the same initial parameters
-            path = folder / f"lora_{i}.safetensors"
-            loras.append(lora_for(path, unet, scheduler, latents[i : i + 1], hidden[i], meta_i, s, log))
-    cond = lambda c: Conditioning(TextEmbedding(c))  # noqa: E731  (no guidance, as the authors' default)
+            path = dirfile.lora_file(folder, i)
+            loras.append(lora_for(path, unet, scheduler, latents[i : i + 1], cond(emb[i]), meta_i, s, log))
     noise = []
     for i in range(2):
         if loras:
             set_lora(unet, [loras[i]], [1.0])
         x_i = latents[i : i + 1]
-        noise.append(ddim_invert(unet, scheduler, x_i, s.steps, refine=s.refine, conditioning=cond(hidden[i])))
+        noise.append(ddim_invert(unet, scheduler, x_i, s.steps, refine=s.refine, conditioning=cond(emb[i])))
     mixer = KVMix(unet)
 
     def frame(a: float, end: int | None = None) -> torch.Tensor:
         if loras:
             set_lora(unet, loras, [1 - a, a])
         z = slerp(noise[0], noise[1], a, s.adain)
-        c = (1 - a) * hidden[0] + a * hidden[1]
+        c = mixed(emb[0], emb[1], a)  # eq. (19)
         if not s.attention:
             session = torch.no_grad()
         elif end is not None:
@@ -200,6 +204,14 @@ def morph(
         frames = render(alphas)
     images8 = to_uint8(frames).numpy()
     return save_morph(out, folder, images8, inputs, alphas, uniform_spread, spacing_spread(frames), s, psnr)
+
+
+def mixed(e0, e1, a: float):
+    """eq. (19) on every field of the text embeddings: (1 - a) c_0 + a c_1."""
+    from dataclasses import fields, replace
+
+    return replace(e0, **{f.name: (1 - a) * getattr(e0, f.name) + a * getattr(e1, f.name)
+                          for f in fields(e0) if getattr(e0, f.name) is not None})  # fmt: skip
 
 
 def save_morph(out, folder, images8, inputs, alphas, uniform_spread, spread, s, psnr) -> dict:

@@ -138,6 +138,27 @@ def _findings(ev: EvalFolder) -> list[str]:
     return parts
 
 
+def _compared(run: RunFolder) -> list[str]:
+    """`hspace compare`'s section: the leaderboard, leakage against own change, one sample."""
+    board = run.compare_file("leaderboard.csv")
+    if not board.exists():
+        return []
+    rows = list(csv.DictReader(board.open()))
+    cols = ["attribute", "method", "calibration", "value", "own_change", "leakage", "pose_drift_deg", "psnr_db",
+            "ssim", "x_plain"]  # fmt: skip
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(r.get(c) or '')}</td>" for c in cols) + "</tr>" for r in rows)
+    parts = [
+        "<h2 id='compare'>Every editing method side by side</h2><p>Each method calibrated on held-out samples "
+        "to the same own change, then scored on others (compare/leaderboard.csv).</p>",
+        f"<table><tr>{head}</tr>{body}</table>",
+    ]
+    for name, alt in (("leakage.png", "leakage against own change"), ("grid.png", "one sample, every method")):
+        if run.compare_file(name).exists():
+            parts.append(_img(run.compare_file(name), alt))
+    return parts
+
+
 def _folded(meta: dict) -> list[str]:
     """Stage records (fingerprints, timings, outputs) and the config, folded away."""
     parts = []
@@ -220,6 +241,7 @@ def write_report(run: RunFolder) -> Path:
                 )
                 parts.append(_csv_table(ev.leakage_csv(label)))
                 parts.append(_img(ev.leakage_csv(label).with_suffix(".png"), f"leakage heatmap ({label})"))
+    parts += _compared(run)
     extra = [p for p in run.figure_files("*.png") if p.name not in {n for n, _, _ in FIGURES}]
     for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
         parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")

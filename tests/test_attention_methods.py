@@ -232,3 +232,28 @@ def test_hspace_edit_with_a_target_prompt(tmp_path, toy_sd):
     ):
         res = CliRunner().invoke(app, [*given, "--edit-method", "pnp", "--out", str(tmp_path / "x.png")])
         assert res.exit_code != 0 and message in res.output, res.output
+
+
+@pytest.mark.slow
+def test_hspace_edit_a_photo_with_plug_and_play(tmp_path, toy_sd):
+    """`hspace edit --model toy-sd --image PHOTO --edit-method pnp --target-prompt T`: the photo
+    inverted (edit-friendly DDPM), its replay carried beside the edit (x_T and the noise maps
+    doubled for the source rows); a cell per strength, and the strengths differ."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hspace.flows.cli import app
+
+    photo = tmp_path / "face.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(photo)
+    args = ["edit", "--model", "toy-sd", "--image", photo, "--steps", "6", "--prompt", "a person"]
+    args += ["--edit-method", "pnp", "--target-prompt", "a smiling person", "--scales", "0,1", "--device", "cpu"]
+    res = CliRunner().invoke(app, [str(a) for a in [*args, "--out", tmp_path / "photo.png"]])
+    assert res.exit_code == 0, res.output
+    cells = sorted((tmp_path / "photo").glob("face__pnp__*.png"))
+    assert len(cells) == 2, sorted(p.name for p in (tmp_path / "photo").iterdir())
+    grid = np.asarray(Image.open(tmp_path / "photo.png"))
+    assert grid.shape[1] > 4 * 32
+    full, none = (np.asarray(Image.open(c)).astype(int) for c in (cells[1], cells[0]))
+    assert np.abs(full - none).mean() > 1.0

@@ -19,7 +19,7 @@ PACKAGES = ("api", "hcore", "data", "tasks", "flows")
 # how a path inside a run folder gets built: joining onto a run's root, or spelling an artifact's name
 RUN_PATH = re.compile(
     r"""(\.root\s*/|run_dir\s*/|out\s*/\s*["'](?:samples|eval|figures|directions)|"""
-    r"""\.(?:eval|figures|directions|pca|samples|annotations|jacobian|run_json)\s*/|"""
+    r"""\.(?:eval|figures|directions|pca|samples|annotations|jacobian|compare|run_json)\s*/|"""
     r"""["'](?:samples\.zarr|annotations\.zarr|pca\.zarr|jacobian\.zarr|run\.json|run\.yaml|report\.html)["']|"""
     r"""\.safetensors["'])"""
 )

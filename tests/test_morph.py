@@ -132,6 +132,28 @@ def test_hspace_morph_on_toy_sd(tmp_path, photos):
     assert r.exit_code != 0 and "is a LoRA for another model" in r.output, r.output
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,dtype", [("sd1", "float32"), ("sd2", "bfloat16"), ("sdxl", "float32")])
+def test_hspace_morph_on_the_sd_test_shapes(tmp_path, kind, dtype):
+    """The same command on the SD test shapes (random weights in the real folder format; SD 2.x:
+    v-prediction, in bfloat16; SDXL: its added text embeddings in the LoRA fit and the frames)."""
+    from tests.sd_fixtures import IMAGE_SIZE, save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / kind, kind)
+    paths = []
+    for i in range(2):
+        rgb = np.random.default_rng(i).integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    args = ["morph", "--model", folder, "--image", paths[0], "--image", paths[1], "--prompt", "a blue dog"]
+    args += ["--frames", "3", "--steps", "4", "--lora-steps", "3", "--dtype", dtype, "--device", "cpu"]
+    r = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "m.png"]])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "m" / "morph.json").read_text())
+    assert len(summary["alphas"]) == 3 and len(summary["end_psnr_db"]) == 2
+    assert sorted(p.name for p in (tmp_path / "m").glob("lora_*")) == ["lora_0.safetensors", "lora_1.safetensors"]
+
+
 END_PSNR = 18.0  # dB: the end frames of a toy-sd morph against its inputs (LoRA, inversion refined 3 times)
 
 
