@@ -18,9 +18,10 @@ source: the sample's own unedited output, denoised again under that target promp
 where the method names the attribute. What does not fit is listed with the reason.
 
 Calibration flags: "calibrated" (the own change on the calibration samples within 0.05 of the
-target), "missed" (the closest strength found is further: a method whose strength moves in steps,
-an injection share of few sampling steps, can jump past the target), "unreachable" (not even its
-strongest edit gets there: scored at the strength of its largest change).
+target; the search stops within half of that), "missed" (the closest strength found is further:
+a method whose strength moves in steps, an injection share of few sampling steps, can jump past
+the target), "unreachable" (not even its strongest edit gets there: scored at the strength of
+its largest change).
 """
 
 from __future__ import annotations
@@ -106,12 +107,12 @@ class Judge:
         _, scores, _ = self.render(indices, entry, strength(entry, s))
         return float((scores[:, self.col] - self.unedited(indices)[1][:, self.col]).mean())
 
-    def score(self, entry: Entry, indices: list[int], s: float) -> dict:
+    def score(self, entry: Entry, indices: list[int], s: float, timed: bool = True) -> dict:
         from hspace.data.photos import psnr, ssim
 
         images, scores, seconds = self.render(indices, entry, strength(entry, s))
         base_images, base_scores, _ = self.unedited(indices)
-        base_seconds = self.render(indices)[2]  # a plain render timed beside the edit (a shared machine drifts)
+        base_seconds = self.render(indices)[2] if timed else seconds  # a plain render timed beside the edit
         change = np.abs(scores - base_scores).mean(0)
         others = [j for j, c in enumerate(self.columns) if j != self.col and c not in self.degrees]
         pose = [self.columns.index(c) for c in self.degrees if c != self.columns[self.col]]
@@ -171,8 +172,13 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     pairs = {a: (m["prompt_a"], m["prompt_b"]) for a in attributes if "prompt_b" in (m := metas.get(f"{a}_prompt", {}))}
     text = replay.text
 
-    def source(idx):  # the samples' own outputs (a latent model's final latents, undecoded)
-        return replay.render(unet, scheduler, idx, **({"stop_before": replay.steps} if text else {}))
+    outputs_of: dict = {}
+
+    def source(idx):  # the samples' own outputs (a latent model's final latents, undecoded), rendered once
+        key = tuple(idx)
+        if key not in outputs_of:
+            outputs_of[key] = replay.render(unet, scheduler, idx, **({"stop_before": replay.steps} if text else {}))
+        return outputs_of[key]
 
     rows, skipped, curves, grid = [], {}, {}, {}
     with ctx.progress() as bar:
@@ -205,13 +211,13 @@ def judged(judge: Judge, entry: Entry, indices: list[int], cal: list[int], targe
     row = {"attribute": judge.columns[judge.col], "method": entry.label}
     try:
         first, most = entry.cls.strength_start, entry.cls.strength_max
-        c = calibrate_gamma(lambda s: judge.effect(entry, cal, s), target, first, most)
+        c = calibrate_gamma(lambda s: judge.effect(entry, cal, s), target, first, most, rtol=TOLERANCE / target / 2)
         s, reached, status = c.gamma, c.effect, "calibrated" if abs(c.effect - target) <= TOLERANCE else "missed"
     except CalibrationError as e:
         s, reached, status = e.gamma, None, "unreachable"
     if s is None:
         return row | {"calibration": "does not raise it"}, None, None
-    half = judge.score(entry, indices, s / 2)
+    half = judge.score(entry, indices, s / 2, timed=False)
     full = judge.score(entry, indices, s)
     image = full.pop("image")
     curve = [(0.0, 0.0)] + [(r["own_change"], r["leakage"] or 0.0) for r in (half, full)]
@@ -282,8 +288,8 @@ def check_compare(run, cfg, ctx) -> None:
 
 def compare_cost(cfg) -> int:
     """At most this many U-Net sample-passes: per attribute the unedited renders, and per method
-    and direction file at most 16 calibration renders, two scored ones and two plain ones timed
-    beside them (twice the edited rows for a
+    and direction file at most 16 calibration renders, two scored ones and a plain one timed
+    beside the second (twice the edited rows for a
     method with a source batch or a second pass: Asyrp, Prompt-to-Prompt, Plug-and-Play; the h
     method with up to three files)."""
     from hspace.hcore.edits import methods
@@ -297,7 +303,7 @@ def compare_cost(cfg) -> int:
     per_attribute = c.n + c.calibration_n
     for cls in chosen:
         double = getattr(cls, "asyrp", False) or cls.acts_on == "attention"
-        per_attribute += (renders * (2 if double else 1) + 2 * c.n) * (3 if cls.name == "h" else 1)  # + plain timings
+        per_attribute += (renders * (2 if double else 1) + c.n) * (3 if cls.name == "h" else 1)  # + a plain timing
     return len(c.attributes or cfg.directions.attributes) * per_attribute * cfg.sample.steps
 
 

@@ -117,8 +117,8 @@ class Paired(Action):
             raise ValueError(f"{type(self).__name__}: the U-Net has no layer {unknown[0]!r} (its feature layers)")
         self.step = -1
 
-        def count(module, args):
-            self.step += 1
+        def count(module, args):  # one U-Net call per step; a second generation in the session starts over
+            self.step = self.step + 1 if not self.steps else (self.step + 1) % self.steps
 
         def copy_features(module, args, output):
             rows = self.rows_at(self.feature_window())
