@@ -94,6 +94,7 @@ def _static_problems(cfg: RunConfig) -> list[str]:
                     f"evaluate.directions: {name!r} is not among directions.attributes ({', '.join(d.attributes)}); "
                     "add it there or drop it"
                 )
+    p += _compare_problems(cfg, held)
     conditions = cfg.disentangle.conditions
     for attribute, against in conditions.items():
         for a in [attribute, *against]:
@@ -129,6 +130,26 @@ def _static_problems(cfg: RunConfig) -> list[str]:
         p.append(f"jacobian.sample: {cfg.jacobian.sample} is not a sample of sample.n {n}")
     if cfg.name.n is not None and cfg.name.n > n:
         p.append(f"name.n: {cfg.name.n} exceeds sample.n {n}")
+    return p
+
+
+def _compare_problems(cfg: RunConfig, held: int) -> list[str]:
+    """The comparison's samples, methods and attributes against the rest of the config."""
+    from hspace.hcore.edits import methods
+
+    c, d, p = cfg.compare, cfg.directions, []
+    if c is None:
+        return p
+    if c.n + c.calibration_n > held:
+        p.append(
+            f"compare.n: compare.n {c.n} + compare.calibration_n {c.calibration_n} = {c.n + c.calibration_n} "
+            f"held-out samples, directions.held_out has {held}; lower them or raise directions.held_out"
+        )
+    known = methods()
+    p += [f"compare.methods: no editing method {m!r}; registered: {', '.join(sorted(known))}"
+          for m in c.methods if m not in known]  # fmt: skip
+    p += [f"compare.attributes: {a!r} is not among directions.attributes ({', '.join(d.attributes)})"
+          for a in c.attributes if a not in d.attributes]  # fmt: skip
     return p
 
 

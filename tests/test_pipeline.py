@@ -172,6 +172,9 @@ def test_bad_configs_fail_before_any_work(tmp_path, model_dir, oracle_dir):
         ("- just a list\n", "must be a mapping"),
         ("pca: [\n", "not valid YAML"),
         ("disentangle: {conditions: {Bald: [Male]}}\n", "'Bald' is not among directions.attributes"),
+        ("compare: {n: 60, calibration_n: 16}\n", "compare.n: compare.n 60 + compare.calibration_n 16 = 76"),
+        ("compare: {methods: [h, nope]}\n", "compare.methods: no editing method 'nope'; registered:"),
+        ("compare: {attributes: [Bald]}\n", "compare.attributes: 'Bald' is not among directions.attributes"),
     ):
         bad.write_text(text)
         assert_refused(hspace("run", "--config", bad, "--out", out), needle)
