@@ -51,3 +51,38 @@ def test_the_sparse_method_is_the_h_method_with_the_sparse_vector(model):
     assert (by_method - run(h(v))).abs().max() > 1e-3  # sparser: another edit
     torch.testing.assert_close(run(sparse(v, k=v[0].numel())), run(h(v)), rtol=0, atol=0)
     assert sparse.from_direction(v, (1, 4)).k == sparse.k and sparse.from_direction(v, (1, 4)).window == (1, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,dtype", [("sd1", "float32"), ("sd2", "bfloat16"), ("sdxl", "float32")])
+def test_the_sparse_method_on_sd_models(tmp_path, kind, dtype):
+    """On the SD test shapes (SD 2.x: v-prediction in bfloat16; SDXL): under guidance the method
+    is the h method with the sparse vector, bit for bit; on SD 1.x diffusers' own
+    StableDiffusionPipeline through hspace.apply gives the sampler's image (<= 2/255)."""
+    import hspace
+    from hspace.data import models
+    from hspace.hcore.generator import generate
+    from tests.sd_fixtures import LATENT_SIZE, load_tiny_sd, save_tiny_sd
+
+    folder = save_tiny_sd(tmp_path / kind, kind)
+    ref = models.resolve(str(folder))
+    unet, scheduler = models.load_checked(ref, "cpu", getattr(torch, dtype), clip_sample=False)
+    text = models.text_setup(ref, ["a blue dog"], guidance_scale=3.0, image_size=models.image_size(ref, unet.config))
+    steps = 4
+    v = torch.randn(steps, *h_shape(unet), generator=torch.Generator().manual_seed(2))
+    sparse = get("hdae-sparse")(v, k=8)
+    run = lambda m: generate(unet, scheduler, make_generators(4, [0]), steps, 0.0, text=text, indices=[0],  # noqa: E731
+                             edit=m.action(4.0))  # fmt: skip
+    got = run(sparse)
+    torch.testing.assert_close(got, run(get("h")(sparsify(v, 8))), rtol=0, atol=0)
+    assert (got - run(get("h")(v))).abs().max() > 1e-3
+    if kind != "sd1":
+        return
+    pipe = load_tiny_sd(folder, kind)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    latents = torch.randn((1, 4, LATENT_SIZE, LATENT_SIZE), generator=make_generators(4, [0])[0])
+    with hspace.apply(pipe, method=sparse, gamma=4.0):
+        out = pipe("a blue dog", latents=latents, num_inference_steps=steps, guidance_scale=3.0, eta=0.0,
+                   output_type="np").images[0]  # fmt: skip
+    mine = ((got[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().numpy()
+    assert np.abs(np.round(out * 255) - mine).max() <= 2

@@ -171,3 +171,21 @@ def test_hspace_morph_refuses_bad_input(tmp_path, photos):
         r = runner.invoke(app, [str(a) for a in ["morph", *args, "--out", tmp_path / "x.png"]])
         assert r.exit_code != 0 and message in r.output, (args, r.output)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_hspace_morph_of_two_samples_of_a_run(prefect_server, tmp_path):
+    """`hspace morph RUN --sample 0 --sample 1`: the two samples replayed (with their own prompts)
+    are the inputs; the end frames come back near them."""
+    run = tmp_path / "run"
+    r = runner.invoke(app, [str(a) for a in ["sample", "--model", "toy-sd", "--n", "2", "--steps", "6", "--prompt",
+                                             "a person", "--out", run, "--device", "cpu"]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    args = ["morph", run, "--sample", "0", "--sample", "1", "--frames", "3", "--steps", "6", "--lora-steps", "5"]
+    r = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "m.png", "--device", "cpu"]])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "m" / "morph.json").read_text())
+    assert len(summary["alphas"]) == 3 and min(summary["end_psnr_db"]) > 15, summary
+    bad = ["morph", run, "--sample", "0", "--sample", "5", "--out", tmp_path / "x.png"]
+    r = runner.invoke(app, [str(a) for a in bad])
+    assert r.exit_code != 0 and "--sample must be indices in [0, 2)" in r.output, r.output
