@@ -289,9 +289,8 @@ def check_compare(run, cfg, ctx) -> None:
 def compare_cost(cfg) -> int:
     """At most this many U-Net sample-passes: per attribute the unedited renders, and per method
     and direction file at most 16 calibration renders, two scored ones and a plain one timed
-    beside the second (twice the edited rows for a
-    method with a source batch or a second pass: Asyrp, Prompt-to-Prompt, Plug-and-Play; the h
-    method with up to three files)."""
+    beside the second; twice the edited rows for a method with a source batch or a second pass
+    (Asyrp, Prompt-to-Prompt, Plug-and-Play); the h method with up to three files."""
     from hspace.hcore.edits import methods
 
     c = cfg.compare
