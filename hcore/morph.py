@@ -23,7 +23,6 @@ text-conditioned latent model.
 from __future__ import annotations
 
 import bisect
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -133,18 +132,12 @@ class KVMix:
         self.stores: list[dict] = []
         self.step = -1
 
-    @contextlib.contextmanager
     def _processors(self, make):
-        originals = dict(self.unet.attn_processors)
-        chosen = {k: make(k, p) if k.startswith(self.prefix) and ".attn1." in k else p for k, p in originals.items()}
+        from hspace.hcore.edits.attention import swapped_processors
+
         self.step = -1
-        hook = self.unet.register_forward_pre_hook(lambda m, a: setattr(self, "step", self.step + 1))
-        self.unet.set_attn_processor(chosen)
-        try:
-            yield
-        finally:
-            self.unet.set_attn_processor(originals)
-            hook.remove()
+        chosen = lambda k, p: make(k, p) if k.startswith(self.prefix) and ".attn1." in k else p  # noqa: E731
+        return swapped_processors(self.unet, chosen, lambda: setattr(self, "step", self.step + 1))
 
     def record(self):
         store: dict = {}

@@ -135,7 +135,7 @@ def _static_problems(cfg: RunConfig) -> list[str]:
 
 def _compare_problems(cfg: RunConfig, held: int) -> list[str]:
     """The comparison's samples, methods and attributes against the rest of the config."""
-    from hspace.hcore.edits import methods
+    from hspace.tasks.compare import method_problems
 
     c, d, p = cfg.compare, cfg.directions, []
     if c is None:
@@ -145,9 +145,7 @@ def _compare_problems(cfg: RunConfig, held: int) -> list[str]:
             f"compare.n: compare.n {c.n} + compare.calibration_n {c.calibration_n} = {c.n + c.calibration_n} "
             f"held-out samples, directions.held_out has {held}; lower them or raise directions.held_out"
         )
-    known = methods()
-    p += [f"compare.methods: no editing method {m!r}; registered: {', '.join(sorted(known))}"
-          for m in c.methods if m not in known]  # fmt: skip
+    p += method_problems(c.methods)
     p += [f"compare.attributes: {a!r} is not among directions.attributes ({', '.join(d.attributes)})"
           for a in c.attributes if a not in d.attributes]  # fmt: skip
     return p

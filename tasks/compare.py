@@ -274,16 +274,21 @@ def compare_stage(run: RunFolder, compare, ctx: Context) -> dict:
     return compare_run(run, compare, ctx)
 
 
-def check_compare(run, cfg, ctx) -> None:
-    """Unknown method names, refused before any work."""
+def method_problems(names: list[str]) -> list[str]:
+    """One line per name of ``compare.methods`` that is not a registered editing method."""
     from hspace.hcore.edits import methods
 
-    if cfg.compare is None:
-        return
     known = methods()
-    bad = [m for m in cfg.compare.methods if m not in known]
-    if bad:
-        raise RunError(f"compare.methods: no editing method {bad[0]!r}; registered: {', '.join(sorted(known))}")
+    return [f"compare.methods: no editing method {m!r}; registered: {', '.join(sorted(known))}"
+            for m in names if m not in known]  # fmt: skip
+
+
+def check_compare(run, cfg, ctx) -> None:
+    """Unknown method names, refused before any work (`hspace run` checks them with the whole
+    config, tasks/check.py)."""
+    problems = method_problems(cfg.compare.methods) if cfg.compare is not None else []
+    if problems:
+        raise RunError(problems[0])
 
 
 def compare_cost(cfg) -> int:

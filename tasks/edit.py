@@ -239,10 +239,9 @@ def with_method(method, specs: list[DirectionSpec], vectors: list, window=None) 
 
     if method is None:
         return specs, vectors
-    if isinstance(method, EditMethod):
-        return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, method]
-    if "direction" not in method.needs:
-        return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, method()]
+    if isinstance(method, EditMethod) or "direction" not in method.needs:
+        made = method if isinstance(method, EditMethod) else method()
+        return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, made]
     if method.name not in ("h", "asyrp", "xT"):
         return specs, [method.from_direction(v, window) for v in vectors]
     return specs, vectors

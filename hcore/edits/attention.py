@@ -26,7 +26,37 @@ import difflib
 
 import torch
 
-from hspace.hcore.edits import Action
+from hspace.hcore.edits import Action, EditMethod
+
+
+@contextlib.contextmanager
+def swapped_processors(unet, make, on_call):
+    """While the block runs, every attention processor of ``unet`` is ``make(name, original)``
+    and ``on_call()`` runs before each U-Net call (one per sampling step); the original
+    processors are put back after, also after an exception."""
+    if not hasattr(unet, "attn_processors"):
+        raise ValueError(
+            f"attention processors need a text-conditioned U-Net (UNet2DConditionModel), got {type(unet).__name__}"
+        )
+    originals = dict(unet.attn_processors)
+    hook = unet.register_forward_pre_hook(lambda module, args: on_call())
+    unet.set_attn_processor({k: make(k, p) for k, p in originals.items()})
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(originals)
+        hook.remove()
+
+
+class InjectionMethod(EditMethod):
+    """What Prompt-to-Prompt and Plug-and-Play declare alike: a prompt pair, attention
+    processors, and a strength tau that is a share of the steps (a higher tau injects more of the
+    source and edits less: the comparison searches it from 1 down)."""
+
+    needs = ("prompt_pair",)
+    strength = "tau"
+    acts_on = "attention"
+    strength_start, strength_max, weakens = 0.25, 1.0, True
 
 
 class Paired(Action):
@@ -108,16 +138,12 @@ class Paired(Action):
 
     @contextlib.contextmanager
     def session(self, unet):
-        if not hasattr(unet, "attn_processors"):
-            got = type(unet).__name__
-            raise ValueError(f"{type(self).__name__} needs a text-conditioned U-Net (UNet2DConditionModel), got {got}")
-        originals = dict(unet.attn_processors)
         unknown = [m for m in self.feature_layers() if m not in dict(unet.named_modules())]
         if unknown:
             raise ValueError(f"{type(self).__name__}: the U-Net has no layer {unknown[0]!r} (its feature layers)")
         self.step = -1
 
-        def count(module, args):  # one U-Net call per step; a second generation in the session starts over
+        def count():  # one U-Net call per step; a second generation in the session starts over
             self.step = self.step + 1 if not self.steps else (self.step + 1) % self.steps
 
         def copy_features(module, args, output):
@@ -126,13 +152,11 @@ class Paired(Action):
                 return None
             return self.inject(output, rows, lambda src, edit: src)
 
-        handles = [unet.register_forward_pre_hook(count)]
-        handles += [unet.get_submodule(m).register_forward_hook(copy_features) for m in self.feature_layers()]
-        unet.set_attn_processor({k: Controlled(self, k, p) for k, p in originals.items()})
+        handles = [unet.get_submodule(m).register_forward_hook(copy_features) for m in self.feature_layers()]
         try:
-            yield
+            with swapped_processors(unet, lambda k, p: Controlled(self, k, p), count):
+                yield
         finally:
-            unet.set_attn_processor(originals)
             for h in handles:
                 h.remove()
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hspace.hcore.edits import EditMethod, register
-from hspace.hcore.edits.attention import Paired, token_map, word_positions
+from hspace.hcore.edits import register
+from hspace.hcore.edits.attention import InjectionMethod, Paired, token_map, word_positions
 
 MODES = ("auto", "replace", "refine")
 
@@ -69,17 +69,13 @@ class CrossAttentionControl(Paired):
 
 
 @register
-class PromptToPrompt(EditMethod):
+class PromptToPrompt(InjectionMethod):
     """tokenizer: the model's (the first, for SDXL); target: the edited prompt; source: the
     source prompt (None: each sample's own, in ``hspace edit`` and the comparison; needed in a
     plain pipeline, which is called with ``prompt=[source, target]``)."""
 
     name = "p2p"
-    needs = ("prompt_pair",)
-    strength = "tau"
     unit = "the share of the steps with the source's cross-attention maps (self-attention: self_share of it)"
-    acts_on = "attention"
-    strength_start, strength_max, weakens = 0.25, 1.0, True
     reference = "Hertz et al. 2022 (Prompt-to-Prompt), sec. 3.2: word swap, refinement, reweighting"
 
     def __init__(

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from hspace.hcore.edits import EditMethod, register
-from hspace.hcore.edits.attention import Paired
+from hspace.hcore.edits import register
+from hspace.hcore.edits.attention import InjectionMethod, Paired
 
 
 class FeatureInjection(Paired):
@@ -45,16 +45,12 @@ class FeatureInjection(Paired):
 
 
 @register
-class PlugAndPlay(EditMethod):
+class PlugAndPlay(InjectionMethod):
     """target: the prompt of the translation; features: U-Net modules whose outputs are
     injected; attention: name prefixes of the attention layers whose self-attention is."""
 
     name = "pnp"
-    needs = ("prompt_pair",)
-    strength = "tau"
     unit = "the share of the steps with the source's decoder features (self-attention: attention_share of it)"
-    acts_on = "attention"
-    strength_start, strength_max, weakens = 0.25, 1.0, True
     reference = "Tumanyan et al. 2023 (Plug-and-Play), sec. 4: decoder features for tau_f, self-attention for tau_a"
 
     def __init__(
