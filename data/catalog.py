@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from hspace.data.record import FORMAT_VERSION, RunRecord
+from hspace.data.record import FORMAT_VERSION, RunRecord, forget, parsed
 
 log = logging.getLogger(__name__)
 
@@ -172,27 +172,25 @@ class RunFolder:
         return self.run_json.exists()
 
     def read(self) -> dict:
+        """run.json as a dict, parsed once per command (data.record.parsed); RunError where it is missing or damaged."""
         if not self.run_json.exists():
             raise RunError(
                 f"{self.root} is not an hspace run (no {RUN_JSON}); create one with `hspace sample --out {self.root}`"
             )
         try:
-            meta = json.loads(self.run_json.read_text())
+            meta = parsed(self.run_json.resolve())
         except json.JSONDecodeError as e:
             raise RunError(f"{self.run_json} is not valid JSON ({e}); restore it or start a new run folder") from None
         for key in ("format", "config", "model", "stages"):
             if key not in meta:
-                raise RunError(
-                    f"{self.run_json} lacks the key {key!r} (edited by hand?); restore it or start a new run folder"
-                )
+                raise RunError(f"{self.run_json} lacks the key {key!r} (edited by hand?); restore it or start anew")
         # run folders written before the stage records were unified kept `hspace run`'s under "pipeline"
         for stage, record in meta.pop("pipeline", {}).items():
             meta["stages"][stage] = {**meta["stages"].get(stage, {}), **record}
         return meta
 
     def record(self) -> RunRecord:
-        """run.json as a typed ``RunRecord`` (RunError, as ``read``, for a missing or
-        damaged one)."""
+        """run.json as a typed ``RunRecord`` (RunError, as ``read``, for a missing or damaged one)."""
         meta = self.read()
         try:
             return RunRecord.model_validate(meta)
@@ -207,6 +205,7 @@ class RunFolder:
         if isinstance(meta, RunRecord):
             meta = meta.model_dump(mode="json", exclude_unset=True)
         _write_json_atomic(self.run_json, meta)
+        forget(self.run_json.resolve())
 
     def refuse_other_run(self, config: dict, model: dict) -> dict:
         """The run.json of this (existing) folder; RunError if it holds a run with another

@@ -1,8 +1,17 @@
 """run.json, typed (pydantic): the run record ``RunFolder.record()`` reads once per command
 and passes down. Unknown keys are kept, so a run.json written by an older or newer hspace
-reads and writes back unchanged."""
+reads and writes back unchanged.
+
+``parsed`` is the one place run.json is parsed: once per process and version of the file (its
+inode, size and change times), every later read in the command is handed that parse (a copy: a
+caller may change its dict); this process's own writes drop it (``forget``), another's or an
+edit by hand give the file a new version."""
 
 from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -72,3 +81,22 @@ class RunRecord(BaseModel):
 
     def stage_dicts(self) -> dict[str, dict]:
         return {k: v.model_dump(exclude_none=True) for k, v in self.stages.items()}
+
+
+_PARSED: dict[Path, tuple[tuple[int, ...], dict]] = {}
+
+
+def forget(path: Path) -> None:
+    """Drop the parse of ``path`` (this process just wrote it)."""
+    _PARSED.pop(path, None)
+
+
+def parsed(path: Path) -> dict:
+    """run.json at ``path`` as a dict (json.JSONDecodeError where it is not JSON), parsed once
+    per version of the file."""
+    st = path.stat()
+    version = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    known = _PARSED.get(path)
+    if known is None or known[0] != version:
+        known = _PARSED[path] = (version, json.loads(path.read_text()))
+    return copy.deepcopy(known[1])

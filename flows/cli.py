@@ -120,14 +120,18 @@ def edit(
         str, typer.Option(help="with --model: clamp P_t to [-1, 1]: off (eq. (3)), on, model")
     ] = "off",
     direction: Annotated[list[str], typer.Option(help="FILE or FILE:gamma; repeat for several")] = [],  # noqa: B006
-    scales: Annotated[str, typer.Option(help="comma-separated gammas (columns)")] = "-2,-1,0,1,2",
+    scales: Annotated[
+        str | None,
+        typer.Option(help="comma-separated strengths (columns); default -2..2, or 0..1 for a share (p2p, sdedit)"),
+    ] = None,
     window: Annotated[str | None, typer.Option(help="S0:S1, steps where the edit is applied")] = None,
     asyrp: Annotated[bool, typer.Option(help="edited eps in P_t only (Asyrp); two passes per step")] = False,
     edit_method: Annotated[
         str | None, typer.Option(help="a registered editing method (h, asyrp, xT, ...; docs/ARCHITECTURE.md)")
     ] = None,
     target_prompt: Annotated[
-        str | None, typer.Option(help="--edit-method p2p / pnp: the prompt to edit toward (the source: the sample's)")
+        str | None,
+        typer.Option(help="--edit-method p2p / pnp / sdedit: the prompt to edit toward (the source: the sample's)"),
     ] = None,
     out: Annotated[Path, typer.Option(help="PNG to write")] = Path("edit.png"),
     device: Annotated[str, typer.Option()] = "auto",
@@ -152,7 +156,7 @@ def edit(
         from hspace.tasks.edit import edit_sample, parse_scales
         from hspace.tasks.sample import resolve_device
 
-        values = parse_scales(scales)
+        values = None if scales is None else parse_scales(scales)
         if image:
             if run_dir is not None or model is None:
                 raise RunError("--image takes --model M (the model the directions were found on), not a run folder")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hspace.hcore.calibrate import calibrate_gamma
-from hspace.hcore.edits import EditMethod
+from hspace.hcore.edits import Bound, EditMethod
 from hspace.hcore.generator import Replay
 from hspace.hcore.sampler import Edit
 
@@ -56,24 +56,29 @@ def edit_scores(
     annotator,
     replay: Replay,
     indices: list[int],
-    v: torch.Tensor | EditMethod | None,
+    v: torch.Tensor | EditMethod | Bound | None,
     gamma: float,
     batch_size: int = 64,
 ) -> np.ndarray:
     """Annotator scores (len(indices), A) of the samples edited by gamma * v (None: unedited).
-    ``v``: an h direction (T, C, H, W), or any editing method (hcore.edits) at strength gamma.
+    ``v``: an h direction (T, C, H, W), or any editing method (hcore.edits) at strength gamma,
+    made or bound to the samples (``Bound``: made per batch, rendered under its prompt).
     Each sample is replayed as it was drawn (``replay``: its generator, and for a
     text-conditioned model its prompt, with the VAE decoding it before it is scored)."""
     out = []
     for start in range(0, len(indices), batch_size):
         part = indices[start : start + batch_size]
+        how = {}
         if v is None:
             edit = None
+        elif isinstance(v, Bound):
+            edit = v.make(part).action(gamma)
+            how = {"prompts": [v.prompt] * len(part)} if v.prompt is not None else {}
         elif isinstance(v, EditMethod):
             edit = v.action(gamma)
         else:
             edit = Edit([v], [gamma])
-        x0 = replay.render(unet, scheduler, part, edit=edit)
+        x0 = replay.render(unet, scheduler, part, edit=edit, **how)
         out.append(annotator.score(x0).numpy())
     return np.concatenate(out)
 

@@ -51,12 +51,9 @@ def _static_problems(cfg: RunConfig) -> list[str]:
     except RunError as e:
         p.append(f"sample.eta: {str(e).removeprefix('--')}")
     if ev.methods:
-        from hspace.tasks.evaluate import scored_methods
+        from hspace.tasks.evaluate import method_problem
 
-        try:
-            scored_methods(ev.methods)
-        except RunError as e:
-            p.append(str(e))
+        p += [problem for problem in map(method_problem, ev.methods) if problem]
     held = d.held_out_of({})
     ranked = n - held
     if held >= n - 1:

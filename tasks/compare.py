@@ -29,25 +29,22 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
 
-
-@dataclass
-class Entry:
-    label: str  # the leaderboard's name: the method, with the direction file where it is not ATTR's
-    cls: type  # the EditMethod class
-    make: object  # indices -> the made method (a source method needs the samples' own outputs)
-    prompt: str | None = None  # rendered under this prompt (a source method's target); None: the samples' own
+if TYPE_CHECKING:
+    from hspace.hcore.edits import Bound
 
 
 def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, text, source, scheduler):
     """(the methods that fit, [(label, why not)]) for one attribute. ``files``: direction name ->
     tensor; ``pair``: the attribute's prompt pair; ``source(indices)``: the samples' outputs."""
+    from hspace.hcore.edits import Bound
+
     fit, skipped = [], []
     for name, cls in sorted(cls_by_name.items()):
         needs = set(cls.needs)
@@ -59,16 +56,16 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
                 skipped.append((name, f"no direction file {own}"))
             for n, v in made:
                 label = name if n == own else f"{name}:{n.removeprefix(attribute + '_')}"
-                fit.append(Entry(label, cls, lambda idx, v=v, cls=cls: cls.from_direction(v)))
+                fit.append(Bound(label, cls, lambda idx, v=v, cls=cls: cls.from_direction(v)))
         elif needs in ({"prompt_pair"}, {"source"}) and (text is None or pair is None):
             why = "needs a text-conditioned model" if text is None else f"no prompt-pair direction {attribute}_prompt"
             skipped.append((name, why))
         elif needs == {"prompt_pair"}:
-            fit.append(Entry(name, cls, lambda idx, cls=cls: cls.from_prompt(pair[1], text.tokenizers[0])))
+            fit.append(Bound(name, cls, lambda idx, cls=cls: cls.from_prompt(pair[1], text.tokenizers[0])))
         elif needs == {"source"}:
-            fit.append(Entry(name, cls, lambda idx, cls=cls: cls.from_source(source(idx), scheduler), prompt=pair[1]))
+            fit.append(Bound(name, cls, lambda idx, cls=cls: cls.from_source(source(idx), scheduler), prompt=pair[1]))
         elif not needs and cls.attribute == attribute:
-            fit.append(Entry(name, cls, lambda idx, cls=cls: cls()))
+            fit.append(Bound(name, cls, lambda idx, cls=cls: cls()))
         elif needs:
             skipped.append((name, f"needs {', '.join(sorted(needs))}, which the comparison does not give"))
     return fit, skipped
@@ -84,7 +81,7 @@ class Judge:
         self.col = self.columns.index(attribute)
         self.base: dict = {}
 
-    def render(self, indices: list[int], entry: Entry | None = None, strength: float = 0.0):
+    def render(self, indices: list[int], entry: Bound | None = None, strength: float = 0.0):
         """(uint8 images (B, 3, R, R), scores (B, A), seconds)."""
         from hspace.hcore.sampler import to_uint8
 
@@ -102,12 +99,12 @@ class Judge:
             self.base[key] = self.render(indices)
         return self.base[key]
 
-    def effect(self, entry: Entry, indices: list[int], s: float) -> float:
+    def effect(self, entry: Bound, indices: list[int], s: float) -> float:
         """The mean change of the attribute at calibration strength s (see ``strength``)."""
         _, scores, _ = self.render(indices, entry, strength(entry, s))
         return float((scores[:, self.col] - self.unedited(indices)[1][:, self.col]).mean())
 
-    def score(self, entry: Entry, indices: list[int], s: float, timed: bool = True) -> dict:
+    def score(self, entry: Bound, indices: list[int], s: float, timed: bool = True) -> dict:
         from hspace.data.photos import psnr, ssim
 
         images, scores, seconds = self.render(indices, entry, strength(entry, s))
@@ -128,7 +125,7 @@ class Judge:
         }
 
 
-def strength(entry: Entry, s: float) -> float:
+def strength(entry: Bound, s: float) -> float:
     """The method's own strength at calibration strength s (a weakening strength, an injection
     share, runs from its maximum down)."""
     return entry.cls.strength_max - s if entry.cls.weakens else s
@@ -140,7 +137,7 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     from hspace.data.annotators import load_annotator
     from hspace.hcore.edits import methods
     from hspace.hcore.hooks import h_shape
-    from hspace.tasks.evaluate import held_out_start
+    from hspace.tasks.evaluate import held_out_start, own_outputs
 
     meta = run.read()
     require_sampled(meta, "hspace compare")
@@ -172,13 +169,7 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     pairs = {a: (m["prompt_a"], m["prompt_b"]) for a in attributes if "prompt_b" in (m := metas.get(f"{a}_prompt", {}))}
     text = replay.text
 
-    outputs_of: dict = {}
-
-    def source(idx):  # the samples' own outputs (a latent model's final latents, undecoded), rendered once
-        key = tuple(idx)
-        if key not in outputs_of:
-            outputs_of[key] = replay.render(unet, scheduler, idx, **({"stop_before": replay.steps} if text else {}))
-        return outputs_of[key]
+    source = own_outputs(unet, scheduler, replay)
 
     rows, skipped, curves, grid = [], {}, {}, {}
     with ctx.progress() as bar:
@@ -203,7 +194,7 @@ FIELDS = ["attribute", "method", "calibration", "calibration_change", "strength"
           "leakage", "pose_drift_deg", "psnr_db", "ssim", "seconds_per_edit", "x_plain"]  # fmt: skip
 
 
-def judged(judge: Judge, entry: Entry, indices: list[int], cal: list[int], target: float):
+def judged(judge: Judge, entry: Bound, indices: list[int], cal: list[int], target: float):
     """One leaderboard row: the strength calibrated on ``cal``, then the scores on ``indices``;
     with the curve of (own change, leakage) at 0, half and the full strength, and one image."""
     from hspace.hcore.calibrate import CalibrationError, calibrate_gamma

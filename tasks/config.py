@@ -225,7 +225,7 @@ class DisentangleSection(Section):
 class EvaluateSection(Section):
     enabled: bool = option(True, "run the evaluate stage", hidden=True)
     directions: Names = option(list, "direction names in RUN/directions (default: directions.attributes)")
-    methods: Names = option(list, "registered editing methods that need no direction, scored as rows too")
+    methods: Names = option(list, "registered editing methods scored as rows too (with each direction or prompt pair)")
     disentangled: bool = option(True, "also each direction projected against the others (eq. 11)")
     evaluator: str = option("oracle", "oracle | oracle:PATH | clip:PATH | celeba40:PATH | hopenet:PATH")
     n: int | None = option(None, "held-out samples edited per direction (default: 1000 or all)", gt=0)

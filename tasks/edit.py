@@ -27,6 +27,7 @@ class DirectionSpec:
     name: str
     path: Path | None  # None: a method row that needs no file (--edit-method)
     gamma: float | None
+    prompt: str | None = None  # its cells are rendered under this prompt (a source method's --target-prompt)
 
 
 def parse_direction(text: str) -> DirectionSpec:
@@ -56,6 +57,17 @@ class SampleSpec:
     x_T: object = None  # (C, R, R) tensor: start here (an inverted real image) instead of the seed's noise
     noise: object = None  # (S, C, R, R) tensor: a DDPM-inverted image's noise maps, replayed at every step
     start_at: int = 0  # SDEdit: x_T is the photo noised to this step; the steps before it are skipped
+    source: object = None  # (1, C, R, R): what a source method (sdedit) starts from (``own_output``; a photo)
+
+
+def own_output(unet, scheduler, sample: SampleSpec) -> torch.Tensor:
+    """The sample's own unedited output (1, C, R, R) in the sampler's space (a latent model's
+    final latent, undecoded): what a method needing a source starts from."""
+    x_T = None if sample.x_T is None else sample.x_T[None]
+    noise = None if sample.noise is None else sample.noise[None]
+    stop = {"stop_before": sample.replay.steps} if sample.replay.text is not None else {}
+    how = {"x_T": x_T, "noise": noise, "start_at": sample.start_at, **stop}
+    return sample.replay.render(unet, scheduler, [sample.index], **how)
 
 
 def plan_grid(
@@ -83,14 +95,17 @@ def render_edits(
     cells: list[list[list[tuple[int, float]]]],
     window: tuple[int, int] | None = None,
     asyrp: bool = False,
+    prompts: list[str | None] | None = None,
 ) -> np.ndarray:
     """Render every cell in one batch; returns uint8 (rows, cols, C, R, R).
 
     ``vectors``: editing methods (hcore.edits) or direction tensors, each made into its
     method: a (T, C, H, W) h direction acts on h (``asyrp``: Kwon et al.'s P_t-only edit;
     ``window``: its steps), a (1, C, R, R) one on the initial noise (``--latent xT``, eq. (10)
-    with q = x_T: x_T + gamma v). A cell's (index, gamma) pairs set each method's strength.
-    A text-conditioned sample is rendered with its own prompt (its replay's text setup)."""
+    with q = x_T: x_T + gamma v); a method class needing a source is made from the sample's
+    ``source``. A cell's (index, gamma) pairs set each method's strength. A text-conditioned
+    sample is rendered with its own prompt (its replay's text setup), or where a cell uses a
+    vector with one of ``prompts`` (aligned with ``vectors``), under that prompt."""
     from hspace.hcore.edits import compose
     from hspace.hcore.sampler import to_uint8
 
@@ -101,23 +116,32 @@ def render_edits(
         for i, g in cell:
             gammas[i, b] += g
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    methods = [edit_method(v, image_shape, window, asyrp) for v in vectors]
+    methods = [edit_method(v, image_shape, window, asyrp, sample, scheduler) for v in vectors]
     edit = compose([m.action(gammas[i]) for i, m in enumerate(methods)])
     x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
     noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
     at = [sample.index] * len(flat)
-    x0 = sample.replay.render(unet, scheduler, at, edit=edit, x_T=x_T, noise=noise, start_at=sample.start_at)
+    how = {"edit": edit, "x_T": x_T, "noise": noise, "start_at": sample.start_at}
+    if prompts and any(prompts):
+        own = sample.replay.text.prompts_for([sample.index])[0]
+        how["prompts"] = [next((prompts[i] for i, _ in cell if prompts[i] is not None), own) for cell in flat]
+    x0 = sample.replay.render(unet, scheduler, at, **how)
     images = to_uint8(x0).cpu().numpy()
     return images.reshape(rows, cols, *images.shape[1:])
 
 
-def edit_method(v, image_shape, window=None, asyrp: bool = False):
-    """An editing method as given, or the direction method a tensor is: x_T-shaped (1, C, R, R)
-    -> ``xT``, else an h direction -> ``h`` (``asyrp``) with its ``window``."""
+def edit_method(v, image_shape, window=None, asyrp: bool = False, sample: SampleSpec | None = None, scheduler=None):
+    """An editing method as given, one needing a source made from the ``sample``'s, or the
+    direction method a tensor is: x_T-shaped (1, C, R, R) -> ``xT``, else an h direction -> ``h``
+    (``asyrp``) with its ``window``."""
     from hspace.hcore.edits import EditMethod, get
 
     if isinstance(v, EditMethod):
         return v
+    if isinstance(v, type):
+        if sample is None or sample.source is None:
+            raise ValueError(f"editing method {v.name!r} needs the sample's source (SampleSpec.source)")
+        return v.from_source(sample.source, scheduler)
     if tuple(v.shape) == (1, *image_shape):
         return get("xT").from_direction(v)
     return get("asyrp" if asyrp else "h").from_direction(v, window)
@@ -193,8 +217,9 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_
     """The editing method ``--edit-method NAME`` names (hcore.edits; None: none named),
     checked before any work: it must be registered, the grid needs a --direction unless the
     method needs none, one that edits toward a prompt (Prompt-to-Prompt, Plug-and-Play) takes
-    --target-prompt, and one that needs a source image or trained weights is not run by
-    `hspace edit` from direction files and --scales alone."""
+    --target-prompt, one that needs a source (SDEdit) starts from the sample's own output (a
+    photo: the photo) and takes --target-prompt if it likes, and one that needs weights it
+    trained is not run by `hspace edit` from direction files and --scales alone."""
     from hspace.hcore.edits import get
 
     method = None
@@ -205,14 +230,16 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_
             raise RunError(f"--edit-method: {e}") from None
         if asyrp and name != "asyrp":
             raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
-        other = [n for n in method.needs if n not in ("direction", "prompt_pair")]
+        other = [n for n in method.needs if n not in ("direction", "prompt_pair", "source")]
         if other:
             raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
-        if ("prompt_pair" in method.needs) != (target_prompt is not None):
+        if "source" in method.needs:
+            pass  # --target-prompt optional: the prompt the source is denoised under
+        elif ("prompt_pair" in method.needs) != (target_prompt is not None):
             need = "needs --target-prompt TEXT (the source prompt is the sample's own)"
             raise RunError(f"--edit-method {name} {need if target_prompt is None else 'takes no --target-prompt'}")
     elif target_prompt is not None:
-        raise RunError("--target-prompt is for an --edit-method that edits toward a prompt (p2p, pnp)")
+        raise RunError("--target-prompt is for an --edit-method that edits toward a prompt (p2p, pnp, sdedit)")
     if not directions and (method is None or "direction" in method.needs):
         raise RunError("give at least one --direction FILE[:gamma] (or an --edit-method that needs none)")
     return method
@@ -230,21 +257,41 @@ def with_prompt(method, text, target_prompt: str | None, model_id: str):
     return method.from_prompt(target_prompt, text.tokenizers[0])
 
 
-def with_method(method, specs: list[DirectionSpec], vectors: list, window=None) -> tuple[list, list]:
+def with_method(
+    method, specs: list[DirectionSpec], vectors: list, window=None, target_prompt=None
+) -> tuple[list, list]:
     """The grid's rows under ``--edit-method``: a method that needs a direction (other than
     the direction methods h, asyrp and xT, which ``render_edits`` makes from the files) acts
     with each file; one made already (toward a --target-prompt) or that needs nothing is a row
-    of its own, swept over the scales."""
+    of its own, swept over the scales; so is one needing a source, made per sample by
+    ``render_edits`` and rendered under ``target_prompt`` where one is given."""
     from hspace.hcore.edits import EditMethod
 
     if method is None:
         return specs, vectors
+    if not isinstance(method, EditMethod) and "source" in method.needs:
+        return [*specs, DirectionSpec(method.name, None, None, prompt=target_prompt)], [*vectors, method]
     if isinstance(method, EditMethod) or "direction" not in method.needs:
         made = method if isinstance(method, EditMethod) else method()
         return [*specs, DirectionSpec(name=method.name, path=None, gamma=None)], [*vectors, made]
     if method.name not in ("h", "asyrp", "xT"):
         return specs, [method.from_direction(v, window) for v in vectors]
     return specs, vectors
+
+
+def check_scales(method, scales: list[float] | None) -> list[float]:
+    """The grid's strengths: ``scales``, each a strength of the method's own row (sdedit's t0 in
+    (0, 1], an injection share in [0, 1]) or refused before any work; None: -2..2 (gammas), or
+    0..1 by quarters where the method's strength is a share."""
+    own = method is not None and "direction" not in method.needs
+    if scales is None:
+        scales = [-2.0, -1.0, 0.0, 1.0, 2.0]
+        if own and any(map(method.strength_problem, scales)):
+            scales = [s for s in (0.0, 0.25, 0.5, 0.75, 1.0) if not method.strength_problem(s)]
+    problem = next((p for p in map(method.strength_problem, scales) if p), None) if own else None
+    if problem:
+        raise RunError(f"--scales: {problem}")
+    return scales
 
 
 def parse_scales(text: str) -> list[float]:
@@ -273,7 +320,7 @@ def parse_window(text: str | None, steps: int) -> tuple[int, int] | None:
 
 def edit_sample(
     directions: list[str],
-    scales: list[float],
+    scales: list[float] | None,
     out: Path,
     run_dir: Path | None = None,
     sample_index: int | None = None,
@@ -302,6 +349,7 @@ def edit_sample(
     from hspace.hcore.hooks import h_shape
 
     method = resolve_method(edit_method, asyrp, directions, target_prompt)
+    scales = check_scales(method, scales)
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
     if (run_dir is None) == (model is None):
@@ -339,9 +387,11 @@ def edit_sample(
         edit_branch=text.edit_branch if text is not None else None,
     )
     how = {"window": parse_window(window, spec.replay.steps), "asyrp": asyrp or edit_method == "asyrp"}
-    specs, vectors = with_method(method, specs, vectors, how["window"])
+    specs, vectors = with_method(method, specs, vectors, how["window"], target_prompt)
     cells, rows, cols = plan_grid(specs, scales)
-    images = render_edits(unet, scheduler, spec, vectors, cells, **how)
+    if method is not None and "source" in method.needs:
+        spec.source = own_output(unet, scheduler, spec)
+    images = render_edits(unet, scheduler, spec, vectors, cells, prompts=[s.prompt for s in specs], **how)
     save_cells(images, rows, cols, Path(out).with_suffix(""), f"sample{spec.index}")
     title = f"sample {spec.index} (seed {spec.replay.seed})" + (", Asyrp" if asyrp else "")
     return save_grid(out, grid_image(images, rows, cols, title=title + (f", window {window}" if window else "")))

@@ -15,16 +15,85 @@ def held_out_start(metas: list[dict]) -> int:
     return max([int(md.get("samples_ranked", 0)) for md in metas] + [0])
 
 
-def scored_methods(names: list[str]) -> list:
-    """The editing methods of ``evaluate.methods`` (hcore.edits), made to be scored as Table 1
-    rows; RunError for a name that is not registered or a method that needs something (a
-    direction is scored by listing it in evaluate.directions)."""
-    from hspace.hcore.edits import standalone
+def own_outputs(unet, scheduler, replay):
+    """indices -> those samples' own unedited outputs in the sampler's space (a latent model's
+    final latents, undecoded), each set rendered once: what a source method (SDEdit) starts from."""
+    rendered: dict = {}
+
+    def source(indices):
+        key = tuple(indices)
+        if key not in rendered:
+            stop = {"stop_before": replay.steps} if replay.text is not None else {}
+            rendered[key] = replay.render(unet, scheduler, list(indices), **stop)
+        return rendered[key]
+
+    return source
+
+
+def method_problem(name: str) -> str | None:
+    """Why ``evaluate.methods`` cannot score the method ``name`` (None: it can): it must be
+    registered, not the h method itself (its rows are evaluate.directions), not one acting on
+    x_T (Table 1 lists h directions), and need nothing beyond a direction, a prompt pair or a
+    source."""
+    from hspace.hcore.edits import get
 
     try:
-        return [standalone(name) for name in names]
+        cls = get(name)
     except ValueError as e:
-        raise RunError(f"evaluate.methods: {e}; directions are scored through evaluate.directions") from None
+        return f"evaluate.methods: {e}"
+    if name == "h":
+        return "evaluate.methods: h is how evaluate.directions are scored; list its files there"
+    if cls.acts_on == "x_T":
+        return f"evaluate.methods: {name} acts on x_T directions, and Table 1 scores h directions; drop it"
+    extra = sorted(set(cls.needs) - {"direction", "prompt_pair", "source"})
+    if extra:
+        return f"evaluate.methods: {name} needs {', '.join(extra)}, which Table 1 does not give"
+    return None
+
+
+def scored_methods(names: list[str], directions: list[str], loaded: list, text, source, scheduler) -> list:
+    """Table 1's rows for ``evaluate.methods``: [(label, attribute row, hcore.edits.Bound)]. A
+    method needing nothing is one row (its attribute, else its name); one needing a direction is
+    a row per listed direction (METHOD:NAME); one needing a prompt pair or a source is a row per
+    listed prompt-pair direction (ATTR_prompt -> METHOD:ATTR: toward its target prompt; a source
+    method starts from each sample's own output, ``source(indices)``). RunError, before any
+    edit, where a method gets no row."""
+    from hspace.hcore.edits import Bound, get
+
+    rows = []
+    for name in names:
+        problem = method_problem(name)
+        if problem:
+            raise RunError(problem)
+        cls = get(name)
+        needs = set(cls.needs)
+        if not needs:
+            rows.append((name, cls.attribute or name, Bound(name, cls, lambda idx, cls=cls: cls())))
+            continue
+        made = []
+        for d, (v, md) in zip(directions, loaded, strict=True):
+            attribute = md.get("attribute", d)
+            if needs == {"direction"}:
+                made.append(
+                    (f"{name}:{d}", attribute, Bound(name, cls, lambda idx, cls=cls, v=v: cls.from_direction(v)))
+                )
+            elif "prompt_b" in md and text is not None:
+                target, attribute = md["prompt_b"], attribute.removesuffix("_prompt")
+                if needs == {"prompt_pair"}:
+                    make = lambda idx, cls=cls, t=target: cls.from_prompt(t, text.tokenizers[0])  # noqa: E731
+                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, make)))
+                else:
+                    make = lambda idx, cls=cls: cls.from_source(source(idx), scheduler)  # noqa: E731
+                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, make, prompt=target)))
+        if not made:
+            why = (
+                "a text-conditioned model"
+                if text is None
+                else "a prompt-pair direction (ATTR_prompt) in evaluate.directions"
+            )
+            raise RunError(f"evaluate.methods: {name} needs {why} to be scored")
+        rows += made
+    return rows
 
 
 def run_evaluation(
@@ -50,7 +119,7 @@ def run_evaluation(
     (``NAME_disentangled_as_written``, where that stage kept the norm); a direction with
     no such file is left out of that table, named in the log and in the summary.
     gamma None: calibrate per direction (``--gamma auto``) to reach ``target``. ``methods``:
-    registered editing methods that need no direction, rows of the original table too.
+    registered editing methods, rows of the original table too (``scored_methods``).
     progress(done, total): called as the edit-and-score passes of the tables finish."""
     from hspace.data import directions as dirfile
     from hspace.data import models
@@ -71,10 +140,11 @@ def run_evaluation(
     vectors = [v for v, _ in loaded]
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])
-    made = scored_methods(methods or [])
-    names, directions = names + [m.name for m in made], names
-    vectors += made
-    rows += [m.attribute or m.name for m in made]
+    source = own_outputs(unet, scheduler, replay)
+    made = scored_methods(methods or [], names, loaded, replay.text, source, scheduler)
+    names, directions = names + [label for label, _, _ in made], names
+    vectors += [bound for _, _, bound in made]
+    rows += [row for _, row, _ in made]
     available = cfg["n"] - start
     if available <= 0:
         raise RunError(

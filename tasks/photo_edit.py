@@ -22,6 +22,7 @@ from hspace.data.catalog import RunError
 from hspace.data.photos import IMAGE_SUFFIXES, psnr, read_photos, ssim
 from hspace.tasks.edit import (
     SampleSpec,
+    check_scales,
     load_directions,
     load_edit_model,
     model_config,
@@ -55,7 +56,7 @@ def photo_paths(images: list[Path]) -> list[Path]:
 def edit_photos(
     images: list[Path],
     directions: list[str],
-    scales: list[float],
+    scales: list[float] | None,
     out: Path,
     model: str,
     method: str = "ddpm",
@@ -78,6 +79,7 @@ def edit_photos(
     and every edited image under ``out`` without its suffix; returns {path, folder, lines}."""
     from hspace.data import models
     from hspace.data.figures import grid_image, save_grid
+    from hspace.hcore.edits import EditMethod
     from hspace.hcore.generator import Replay
     from hspace.hcore.hooks import h_shape
     from hspace.hcore.inversion import INVERSION_METHODS, noise_to_step
@@ -85,6 +87,13 @@ def edit_photos(
     from hspace.tasks.invert import invert_images
 
     edit = resolve_method(edit_method, asyrp, directions, target_prompt)
+    scales = check_scales(edit, scales)
+    if sdedit is not None and edit is not None and "source" in edit.needs:
+        raise RunError(f"--sdedit K restarts every edit from the noised photo: give it or --edit-method {edit_method}")
+    if directions and edit is not None and "source" in edit.needs:
+        raise RunError(
+            f"--edit-method {edit_method} starts from the photo, not its inversion: give it without --direction"
+        )
     asyrp = asyrp or edit_method == "asyrp"
     if method not in INVERSION_METHODS:
         raise RunError(f"--method must be one of {', '.join(INVERSION_METHODS)}, got {method!r}")
@@ -120,18 +129,26 @@ def edit_photos(
     how = {"window": parse_window(window, steps), "asyrp": asyrp}
     replay = Replay(seed, steps, run_eta, h_point, text)
     edit = with_prompt(edit, text, target_prompt, ref.id)
-    specs, vectors = with_method(edit, specs, vectors, how["window"])
+    specs, vectors = with_method(edit, specs, vectors, how["window"], target_prompt)
     cells, row_names, col_names = plan_grid(specs, scales)
     photos, notes = read_photos(paths, size)
     x_img = to_unit(photos)
+    sourced = edit is not None and not isinstance(edit, EditMethod) and "source" in edit.needs
+    x = x_img  # the photos in the sampler's space: what SDEdit and a method needing a source start from
+    if text is not None and (sdedit is not None or sourced):
+        x = text.encode(x_img)
     lines = list(notes)
     if sdedit is not None:
         start = steps - sdedit
-        x = text.encode(x_img) if text is not None else x_img
         x_start = noise_to_step(scheduler, x, steps, start, replay.generators(range(len(paths))))
         sample_specs = [SampleSpec(replay, i, x_T=x_start[i], start_at=start) for i in range(len(paths))]
         recon = np.stack([render_edits(unet, scheduler, s, [], [[[]]], **how)[0, 0] for s in sample_specs])
         what = f"SDEdit from step {start} of {steps} (t = {int(_timesteps(scheduler, steps)[start])}), eta {run_eta:g}"
+        vae = [None] * len(paths)
+    elif sourced:  # the method starts from the photo itself, with the photo's own seed noise: nothing inverted
+        sample_specs = [SampleSpec(replay, i, source=x[i : i + 1]) for i in range(len(paths))]
+        recon = to_uint8(text.decode(x) if text is not None else x).numpy()
+        what = f"{edit_method} from the photo{' (the VAE round trip: no edit)' if text is not None else ''}"
         vae = [None] * len(paths)
     else:
         inv = invert_images(unet, scheduler, x_img, replay, method, refine, range(len(paths)))
@@ -153,7 +170,7 @@ def edit_photos(
             f"{path.name}: reconstruction without edit ({what}, {steps} steps): "
             f"PSNR {_db(psnr(recon[i], photos[i]))}, SSIM {ssim(recon[i], photos[i]):.4f}{vae_text}"
         )
-        edited = render_edits(unet, scheduler, spec, vectors, cells, **how)
+        edited = render_edits(unet, scheduler, spec, vectors, cells, prompts=[s.prompt for s in specs], **how)
         save_cells(edited, row_names, col_names, folder, path.stem)
         for r, row in enumerate(edited):
             grid_rows.append(np.concatenate([photos[i][None], recon[i][None], row]))

@@ -92,3 +92,35 @@ def test_compare_refuses_bad_input_before_work(toy_sd_run):
     r = hspace("compare", toy_sd_run, "--attributes", "Bald", "--device", "cpu")
     assert r.exit_code != 0 and "not scored by oracle" in r.output, r.output
     assert (sorted(p.name for p in folder.iterdir()) if folder.exists() else []) == before
+
+
+@pytest.mark.slow
+def test_table_1_takes_prompt_and_source_methods_by_name(toy_sd_run):
+    """evaluate.methods [sdedit, p2p] on a run with a prompt-pair direction: a row each
+    (METHOD:ATTR) beside the directions; the sdedit row by hand: the held-out samples' own
+    latents noised to step k with their first draw, denoised under the pair's target prompt,
+    oracle scores minus the unedited ones."""
+    import hspace as api
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+    from hspace.hcore.inversion import noise_to_step
+
+    run = toy_sd_run
+    evaluate = {"directions": ["Smiling_prompt"], "methods": ["sdedit", "p2p"], "n": 4, "gamma": 0.5,
+                "disentangled": False}  # fmt: skip
+    api.run_stage("evaluate", run, {"evaluate": evaluate}, device="cpu")
+    summary = json.loads((RunFolder(run).eval / "summary.json").read_text())
+    assert summary["directions"] == ["Smiling_prompt", "sdedit:Smiling", "p2p:Smiling"]
+    table = list(csv.reader((RunFolder(run).eval / "leakage_original.csv").open()))
+    assert [r[0] for r in table[1:]] == ["Smiling_prompt", "Smiling", "Smiling"]
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta, device="cpu")
+    replay = models.replay_for_run(meta, device="cpu")
+    idx, steps = list(range(24, 28)), meta["config"]["steps"]
+    own = replay.render(unet, scheduler, idx, stop_before=steps)
+    start = noise_to_step(scheduler, own, steps, steps // 2, replay.generators(idx))
+    edited = replay.render(unet, scheduler, idx, x_T=start, start_at=steps // 2, prompts=["a smiling person"] * 4)
+    oracle = load_annotator("oracle", "cpu")
+    by_hand = (oracle.score(edited) - oracle.score(replay.render(unet, scheduler, idx))).mean(0).numpy()
+    np.testing.assert_allclose([float(x) for x in table[2][1:]], by_hand, rtol=0, atol=2e-5)
+    assert float(table[3][1 + list(oracle.names).index("Smiling")]) != 0.0  # p2p edits toward the target too

@@ -163,10 +163,13 @@ def test_unknown_or_unfit_methods_are_refused_before_work(toy, tmp_path):
     assert result.exit_code == 2 and "give at least one --direction" in result.output
     problems, _ = config_problems(RunConfig.model_validate({"evaluate": {"methods": ["nope", "h"]}}), load=False)
     assert any("evaluate.methods: no editing method 'nope'" in p for p in problems), problems
-    with pytest.raises(RunError, match="'h' needs direction"):
-        from hspace.tasks.evaluate import scored_methods
+    assert any("evaluate.methods: h is how evaluate.directions are scored" in p for p in problems), problems
+    from hspace.tasks.evaluate import scored_methods
 
-        scored_methods(["h"])
+    with pytest.raises(RunError, match="evaluate.methods: sdedit needs a text-conditioned model"):
+        scored_methods(["sdedit"], ["Smiling"], [(None, {"attribute": "Smiling"})], None, None, None)
+    with pytest.raises(RunError, match="evaluate.methods: xT acts on x_T directions"):
+        scored_methods(["xT"], [], [], None, None, None)
     with (
         pytest.raises(hspace.DirectionMismatch, match="no editing method 'nope'"),
         hspace.apply(

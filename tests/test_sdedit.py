@@ -105,3 +105,58 @@ def test_sdedit_with_a_target_prompt_on_sd_models(tmp_path, kind, dtype):
         ).images[0]  # fmt: skip
     mine = ((got[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1) * 255).round().numpy()
     assert np.abs(np.round(out * 255) - mine).max() <= 2
+
+
+@pytest.mark.slow
+def test_hspace_edit_with_sdedit_by_name(tmp_path):
+    """`hspace edit --model toy-sd --edit-method sdedit --target-prompt T --scales 0.5,1`: the
+    source is the sample's own output (its final latent), each cell the explicit restart from it
+    (noised to step k with the sample's first draw, denoised under T); a photo starts from the
+    photo; a strength outside (0, 1] is refused before any work."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from hspace.data import models
+    from hspace.flows.cli import app
+    from hspace.hcore.generator import Replay
+    from hspace.hcore.sampler import to_uint8
+
+    ref = models.resolve("toy-sd")
+    unet, sched = models.load_checked(ref, "cpu", torch.float32, clip_sample=False)
+    text = lambda p: models.text_setup(ref, [p], guidance_scale=4.0, image_size=32)  # noqa: E731
+    steps, target = 6, "a smiling person"
+    args = ["edit", "--model", "toy-sd", "--seed", "3", "--steps", str(steps), "--prompt", "a person"]
+    args += ["--guidance-scale", "4", "--edit-method", "sdedit", "--device", "cpu"]
+    res = CliRunner().invoke(
+        app, [*args, "--target-prompt", target, "--scales", "0.5,1", "--out", str(tmp_path / "s.png")]
+    )
+    assert res.exit_code == 0, res.output
+    cells = sorted((tmp_path / "s").glob("*.png"))
+    assert [c.name for c in cells] == ["sample0__sdedit__gamma+0.5.png", "sample0__sdedit__gamma+1.png"]
+    own = Replay(3, steps, 1.0).with_text(text("a person")).render(unet, sched, [0], stop_before=steps)
+    for cell, k in zip(cells, (3, 0), strict=True):
+        start = noise_to_step(sched, own, steps, k, make_generators(3, [0]))
+        by_hand = Replay(3, steps, 1.0).with_text(text(target)).render(unet, sched, [0], x_T=start, start_at=k)
+        mine = to_uint8(by_hand)[0].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(np.asarray(Image.open(cell)).astype(int) - mine).max() <= 1
+    res = CliRunner().invoke(app, [*args, "--scales", "0,1", "--out", str(tmp_path / "bad.png")])
+    assert res.exit_code != 0 and "--scales: sdedit's strength t0 must be in (0, 1]" in res.output, res.output
+    assert not (tmp_path / "bad.png").exists() and not (tmp_path / "bad").exists()
+
+    photo = tmp_path / "face.png"  # a photo: the source is the photo's own latent
+    face = to_uint8(Replay(5, steps, 1.0).with_text(text("a person")).render(unet, sched, [0]))[0]
+    Image.fromarray(face.permute(1, 2, 0).numpy()).save(photo)
+    args = ["edit", "--model", "toy-sd", "--image", str(photo), "--steps", str(steps), "--prompt", "a person"]
+    args += ["--edit-method", "sdedit", "--scales", "0.17,1", "--device", "cpu", "--out", str(tmp_path / "p.png")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    light, full = (
+        np.asarray(Image.open(tmp_path / "p" / f"face__sdedit__gamma+{g}.png")).astype(int) for g in ("0.17", "1")
+    )
+    near, far = (
+        np.abs(light - face.permute(1, 2, 0).numpy()).mean(),
+        np.abs(full - face.permute(1, 2, 0).numpy()).mean(),
+    )
+    assert near < far  # one step of six run again keeps the photo closer than all six
+    res = CliRunner().invoke(app, [*args, "--sdedit", "3"])
+    assert res.exit_code != 0 and "--sdedit K restarts every edit" in res.output

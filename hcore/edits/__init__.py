@@ -29,7 +29,8 @@ import contextlib
 import copy
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -192,6 +193,24 @@ class EditMethod:
     def action(self, strength: float | torch.Tensor) -> Action:
         """The action at ``strength`` (a number, or a (B,) tensor: one per sample of the batch)."""
         raise NotImplementedError
+
+    @classmethod
+    def strength_problem(cls, value: float) -> str | None:
+        """Why ``value`` is no strength of this method (checked before any work), None if it is."""
+        return None
+
+
+@dataclass
+class Bound:
+    """A method bound to the samples it edits, as the fronts that render many samples take it
+    (Table 1, ``hspace compare``, an edit grid): ``make(indices)`` gives the made method (a
+    source method needs those samples' own outputs); ``prompt``: the samples are rendered under
+    this prompt instead of their own (a source method's target prompt)."""
+
+    label: str
+    cls: type[EditMethod]
+    make: Callable[[list[int]], EditMethod]
+    prompt: str | None = None
 
 
 _METHODS: dict[str, type[EditMethod]] = {}

@@ -58,6 +58,12 @@ class InjectionMethod(EditMethod):
     acts_on = "attention"
     strength_start, strength_max, weakens = 0.25, 1.0, True
 
+    @classmethod
+    def strength_problem(cls, value: float) -> str | None:
+        return (
+            None if 0 <= value <= 1 else f"{cls.name}'s strength tau is a share of the steps, in [0, 1]; got {value:g}"
+        )
+
 
 class Paired(Action):
     """A source generation beside the edited one. ``taus``: the share of the steps (per edited

@@ -78,6 +78,14 @@ class SDEdit(EditMethod):
     strength_start, strength_max = 0.25, 1.0
     reference = "Meng et al. 2022 (SDEdit), sec. 3: x(t0) = sqrt(alpha_t0) x + sqrt(1 - alpha_t0) z, then denoise"
 
+    @classmethod
+    def strength_problem(cls, value: float) -> str | None:
+        return (
+            None
+            if 0 < value <= 1
+            else f"sdedit's strength t0 must be in (0, 1] (the share of the steps run), got {value:g}"
+        )
+
     def __init__(self, source: torch.Tensor, scheduler):
         self.source, self.scheduler = source, scheduler
 
