@@ -53,6 +53,7 @@ ARTIFACTS = {
     "eval": ("eval", "Table-1 tables, heatmaps, PC names"),
     "figures": ("figures", "edit grids, Fig. 7, Fig. 8"),
     "compare": ("compare", "every editing method side by side: leaderboard, figure, grid"),
+    "latent_svd": ("latent_svd", "the SVD of x_t per step (svd.zarr), the SVD paper's properties measured"),
     "report": ("report.html", "the run's report"),
 }
 
@@ -143,18 +144,17 @@ class RunFolder:
     eval = property(lambda self: self.path("eval"))
     figures = property(lambda self: self.path("figures"))
     compare = property(lambda self: self.path("compare"))
+    latent_svd = property(lambda self: self.path("latent_svd"))
     report = property(lambda self: self.path("report"))
     lock_path = property(lambda self: self.root / LOCK)
 
     def direction(self, name: str) -> Path:
         return self.directions / f"{name}.safetensors"
 
-    def compare_file(self, name: str) -> Path:
-        """RUN/compare/NAME (hspace compare's leaderboard, figure and grid)."""
+    def compare_file(self, name: str) -> Path:  # RUN/compare/NAME: the leaderboard, figure and grid
         return self.compare / name
 
-    def figure(self, name: str) -> Path:
-        """RUN/figures/NAME."""
+    def figure(self, name: str) -> Path:  # RUN/figures/NAME
         return self.figures / name
 
     def figure_files(self, pattern: str = "*.png") -> list[Path]:

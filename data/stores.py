@@ -2,7 +2,9 @@
 
     samples.zarr/      h (n, T, C, H, W) float16, shards (b, T, C, H, W), chunks
                        (b, 1, C, H, W); x0 (n, 3, R, R) uint8; seeds (n,) int64;
-                       timesteps (T,) int64; done (n_shards,) uint8, one file per shard
+                       timesteps (T,) int64; done (n_shards,) uint8, one file per shard;
+                       with sample.store_xt, xt (n, T, C, R, R) float16 (x_t before each
+                       step's U-Net pass) sharded and chunked like h
     annotations.zarr/  scores per annotator
     pca.zarr/          per-timestep components
     jacobian.zarr/     sample_{I}/step_{S}/ singular vectors
@@ -29,6 +31,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from hspace.data.catalog import RunError, replace_folder
 
 log = logging.getLogger(__name__)
+XT = "xt"  # samples.zarr's optional x_t (n, T, C, R, R) float16 (sample.store_xt): step 0 holds x_T
 
 # ---------------------------------------------------------------------------- samples.zarr
 
@@ -113,13 +116,16 @@ class SampleStore:
             "done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()]
         )
         for name, (shape, dtype) in (extra or {}).items():
+            per_step = name == XT  # x_t of every step: sharded and chunked like h, one chunk per step
             group.create_array(
                 name,
                 shape=(n, *shape),
                 dtype=dtype,
-                chunks=(b, *shape),
+                shards=(b, *shape) if per_step else None,
+                chunks=(b, 1, *shape[1:]) if per_step else (b, *shape),
                 compressors=[Crc32cCodec()],
                 fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                dimension_names=("sample", "step", "channel", "y", "x") if per_step else None,
             )
         group.attrs.update(
             {
@@ -341,3 +347,51 @@ class JacobianStore:
         except (FileNotFoundError, KeyError, ValueError):
             raise RunError(f"{self.path} has no sample_{sample}/step_{step}; run `hspace jacobian` first") from None
         return {k: a[:] for k, a in group.arrays()}, dict(group.attrs)
+
+
+# ------------------------------------------------------------------------ latent_svd/
+
+
+class LatentSvdStore:
+    """latent_svd/ (the latent-svd stage): ``svd.zarr`` with, per variant ("channel": one H x W
+    matrix per channel of x_t; "flat": one (C*H) x W matrix), ``VARIANT/S`` (n, T, M, k),
+    ``VARIANT/U`` (n, T, M, H', k) and ``VARIANT/Vh`` (n, T, M, k, W) float32, one chunk per
+    sample; ``properties.json`` and the figures beside it. Written whole into a ``.partial``
+    folder and swapped in."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.zarr = self.folder / "svd.zarr"
+
+    def file(self, name: str) -> Path:
+        return self.folder / name
+
+    def arrays(self, variant: str) -> tuple:
+        """(S, U, Vh) of ``variant`` as zarr arrays."""
+        group = zarr.open_group(self.zarr, mode="r")[variant]
+        return group["S"], group["U"], group["Vh"]
+
+    @staticmethod
+    def create(folder: Path, n: int, steps: int, shapes: dict[str, tuple[int, int, int]], k: int) -> LatentSvdStore:
+        """A new store in ``folder`` (emptied first); ``shapes``: variant -> (M, H', W)."""
+        shutil.rmtree(folder, ignore_errors=True)
+        store = LatentSvdStore(folder)
+        group = zarr.open_group(store.zarr, mode="w-")
+        for variant, (m, rows, cols) in shapes.items():
+            sub = group.create_group(variant)
+            for name, shape, dims in (
+                ("S", (m, k), ("k",)),
+                ("U", (m, rows, k), ("row", "k")),
+                ("Vh", (m, k, cols), ("k", "col")),
+            ):
+                sub.create_array(
+                    name,
+                    shape=(n, steps, *shape),
+                    dtype="float32",
+                    chunks=(1, steps, *shape),
+                    compressors=[Crc32cCodec()],
+                    fill_value=np.nan,
+                    dimension_names=("sample", "step", "matrix", *dims),
+                )
+        group.attrs.update({"k": k, "layout": "x_t = U diag(S) Vh per matrix; step 0 = x_T (the first denoising step)"})
+        return store

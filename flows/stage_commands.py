@@ -46,7 +46,7 @@ def stage_command(app: typer.Typer, declared: Stage) -> None:
     validated by the section models and the stage runs through the runner. A stage that
     creates its run folder takes --out (with its declared default, else required); the
     others take the run folder as their argument."""
-    from hspace.tasks.config import cli_parameters, config_from_options
+    from hspace.flows.options import cli_parameters, config_from_options
 
     sections = declared.cli_sections or {declared.name: None}
     if declared.create is None:

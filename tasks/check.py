@@ -92,6 +92,7 @@ def _static_problems(cfg: RunConfig) -> list[str]:
                     "add it there or drop it"
                 )
     p += _compare_problems(cfg, held)
+    p += _latent_svd_problems(cfg)
     conditions = cfg.disentangle.conditions
     for attribute, against in conditions.items():
         for a in [attribute, *against]:
@@ -148,6 +149,21 @@ def _compare_problems(cfg: RunConfig, held: int) -> list[str]:
     return p
 
 
+def _latent_svd_problems(cfg: RunConfig) -> list[str]:
+    """The SVD of x_t against the sampling: x_t stored, enough samples to probe."""
+    s, p = cfg.latent_svd, []
+    if s is None:
+        return p
+    if not cfg.sample.store_xt:
+        p.append("latent_svd: needs sample.store_xt: true (the x_t of every step it decomposes)")
+    for key, value in (("n", s.n), ("probe_n", s.probe_n)):
+        if value is not None and value > cfg.sample.n:
+            p.append(f"latent_svd.{key}: {value} exceeds sample.n {cfg.sample.n}")
+    if s.probe_indices > s.k:
+        p.append(f"latent_svd.probe_indices: {s.probe_indices} exceeds latent_svd.k {s.k}")
+    return p
+
+
 def _text_problems(cfg: RunConfig, ref, facts: Facts) -> list[str]:
     """Prompts against the model (text-conditioned or not); loads the text parts of an SD
     model (a damaged VAE or text encoder is found here, before any work)."""
@@ -192,6 +208,8 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         train_steps = facts.scheduler.config.num_train_timesteps
         if cfg.sample.steps > train_steps:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
+        if cfg.latent_svd is not None and cfg.latent_svd.k > size:
+            p.append(f"latent_svd.k: {cfg.latent_svd.k} exceeds the latent's side {size} (matrices {size} x {size})")
         p += _text_problems(cfg, ref, facts)
         if ref.kind == "pixel" and (cfg.directions.prompt_pairs or cfg.directions.prompt_pair):
             p.append(
@@ -331,7 +349,8 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     passes = unet_passes(cfg)
     seconds = probe_seconds(facts, cfg) if probe else None
     n, steps = cfg.sample.n, cfg.sample.steps
-    needs = disk_needs(cfg, facts.h_shape, facts.image_shape)
+    c = facts.unet.config if facts.unet is not None else None
+    needs = disk_needs(cfg, facts.h_shape, facts.image_shape, c and (c.in_channels, c.sample_size, c.sample_size))
     disk = {label: b for label, (_, b) in needs.items()}
     sampling = creating_stage().name  # the stage that makes samples.zarr
     left = pending_sample_bytes(run) if states.get(sampling) == "run" else None

@@ -10,8 +10,6 @@ fingerprint (Prefect cache key and run.json record) hashes them. A field's
 
 from __future__ import annotations
 
-import inspect as pyinspect
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
@@ -107,6 +105,16 @@ class SampleSection(Section):
     edit_branch: Literal["both", "cond", "uncond"] = option(
         "both", "SD models: which half of the guided batch h-space edits go to"
     )
+    store_xt: bool = option(False, "also store x_t of every step (the latent; a DDPM's pixels) in samples.zarr")
+
+    @model_serializer(mode="wrap")
+    def _without_default_xt(self, handler):
+        """store_xt off: the dump (run.json's config, the fingerprint) is what it was before the
+        option existed, so an old run folder opens, resumes and stays cached."""
+        data = handler(self)
+        if not data.get("store_xt"):
+            data.pop("store_xt", None)
+        return data
 
     def prompt_list(self) -> list[str] | None:
         """The prompts sample i draws from (i mod len), or None when none was given."""
@@ -266,6 +274,15 @@ class CompareSection(Section):
     target: FiniteFloat = option(0.25, "own change every method is calibrated to", gt=0)
 
 
+class LatentSvdSection(Section):
+    k: int = option(8, "top singular values and vectors kept per matrix (<= the latent's side)", gt=0)
+    n: int | None = option(None, "samples decomposed (default: all)", gt=0)
+    probe_n: int = option(16, "samples whose singular values are scaled and continued (the property tests)", gt=0)
+    probe_indices: int = option(4, "singular values probed at each step: 0 .. probe_indices - 1", gt=0)
+    probe_scale: FiniteFloat = option(0.5, "the probe's relative change of sigma_i (sv-scale's strength s)", ge=-1)
+    evaluator: str = option("oracle", "the judge of which factor moves: oracle | oracle:PATH | celeba40:PATH")
+
+
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -280,6 +297,7 @@ class RunConfig(Section):
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     figures: FiguresSection = Field(default_factory=FiguresSection)
     compare: CompareSection | None = None  # the comparison runs in `hspace run` where configured
+    latent_svd: LatentSvdSection | None = None  # the SVD of x_t (needs sample.store_xt) where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:
@@ -334,67 +352,7 @@ def example_config(kind: str = "toy") -> str:
     return example_path(f"{kind}.yaml").read_text()
 
 
-# ------------------------------------------------------------------ command-line options
-
-
-def cli_type(annotation):
-    """The type typer parses an option as; pydantic validates the rest (Literal, lists, unions)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    optional = type(None) in typing.get_args(annotation)
-    base = args[0] if optional and len(args) == 1 else annotation
-    if base in (int, float, bool, Path, str):
-        return base | None if optional else base
-    if typing.get_origin(base) is tuple:  # a fixed number of values after one option (--prompt-pair A B)
-        return base | None if optional else base
-    return str | None if optional else str
-
-
 def section_model(name: str):
     """The section model of RunConfig field ``name`` (unwrapping ``X | None``)."""
     annotation = RunConfig.model_fields[name].annotation
     return next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
-
-
-def cli_parameters(section_name: str, fields: list[str] | None) -> list[pyinspect.Parameter]:
-    """typer parameters for the fields of a section (all, or ``fields``): one option each,
-    named ``section__field``, with the field's default, help and CLI hints."""
-    import typer
-
-    params = []
-    for name, info in section_model(section_name).model_fields.items():
-        extra = info.json_schema_extra or {}
-        if extra.get("hidden") or (fields is not None and name not in fields):
-            continue
-        flag = extra.get("cli") or "--" + name.replace("_", "-")
-        default = info.get_default(call_default_factory=True)
-        kind = Path | None if extra.get("yaml_file") else cli_type(info.annotation)
-        if isinstance(default, list):
-            default = ",".join(str(x) for x in default)
-        required = default is None and not isinstance(kind, types.UnionType)
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
-        params.append(
-            pyinspect.Parameter(
-                f"{section_name}__{name}",
-                pyinspect.Parameter.KEYWORD_ONLY,
-                default=... if required else default,
-                annotation=Annotated[kind, typer.Option(*decls, help=info.description)],
-            )
-        )
-    return params
-
-
-def config_from_options(values: dict, data: dict) -> RunConfig:
-    """RunConfig from generated option values ({section__field: value}) on top of ``data``;
-    RunError naming the option for a bad value."""
-    for key, value in values.items():
-        section, field = key.split("__")
-        if value is not None and (section_model(section).model_fields[field].json_schema_extra or {}).get("yaml_file"):
-            try:
-                value = yaml.safe_load(Path(value).read_text())
-            except (OSError, yaml.YAMLError) as e:
-                raise RunError(f"cannot read --{field} {value}: {str(e).splitlines()[0]}") from None
-        data.setdefault(section, {})[field] = value
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise RunError(validation_message(e, "", options=True)) from None

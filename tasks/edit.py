@@ -220,12 +220,14 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_
     --target-prompt, one that needs a source (SDEdit) starts from the sample's own output (a
     photo: the photo) and takes --target-prompt if it likes, and one that needs weights it
     trained is not run by `hspace edit` from direction files and --scales alone."""
-    from hspace.hcore.edits import get
+    from hspace.hcore.edits import get, make, split_spec
 
     method = None
     if name is not None:
         try:
             method = get(name)
+            if split_spec(name)[1]:  # settings ("sv-scale:index=1,step=2"): made here
+                method = make(name)
         except ValueError as e:
             raise RunError(f"--edit-method: {e}") from None
         if asyrp and name != "asyrp":

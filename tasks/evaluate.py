@@ -58,7 +58,7 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, text, 
     listed prompt-pair direction (ATTR_prompt -> METHOD:ATTR: toward its target prompt; a source
     method starts from each sample's own output, ``source(indices)``). RunError, before any
     edit, where a method gets no row."""
-    from hspace.hcore.edits import Bound, get
+    from hspace.hcore.edits import Bound, get, make
 
     rows = []
     for name in names:
@@ -68,7 +68,11 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, text, 
         cls = get(name)
         needs = set(cls.needs)
         if not needs:
-            rows.append((name, cls.attribute or name, Bound(name, cls, lambda idx, cls=cls: cls())))
+            try:
+                made = make(name)  # with its settings: "sv-scale:index=1,step=2"
+            except ValueError as e:
+                raise RunError(f"evaluate.methods: {e}") from None
+            rows.append((name, made.attribute or name, Bound(name, cls, lambda idx, made=made: made)))
             continue
         made = []
         for d, (v, md) in zip(directions, loaded, strict=True):

@@ -159,6 +159,32 @@ def _compared(run: RunFolder) -> list[str]:
     return parts
 
 
+def _latent_svd(run: RunFolder) -> list[str]:
+    """The latent-svd stage's section: the SVD paper's properties, one line each, and its figures."""
+    from hspace.data.stores import LatentSvdStore
+
+    store = LatentSvdStore(run.latent_svd)
+    if not store.file("properties.json").exists():
+        return []
+    s = json.loads(store.file("properties.json").read_text())["summary"]
+    lines = [
+        f"small neighbourhood: geodesic distance between neighbouring steps {s['adjacent_distance']:.3f}, the same "
+        f"step of another seed {s['other_seed_distance']:.3f}, random subspaces {s['random_distance']:.3f}",
+        f"attributes in singular values: the largest mean change of a probability {s['largest_effect']:.3f} "
+        f"({s['largest_effect_at']['factor']} at step {s['largest_effect_at']['step']}); a factor moved in some "
+        f"samples and not others (20-80%) at {s['mixed_share']:.0%} of (step, index, factor)",
+        f"transplant: a vector from another seed closes {s['transplant_slope_mean'] or 0:.0%} of the gap on average",
+        f"the largest singular value over the steps: Spearman rho {s['sigma_max_rho']:+.2f} with the step "
+        f"(positive: it grows toward x_0, the theorem's assumption)",
+    ]
+    parts = ["<h2 id='latent-svd'>The SVD of x_t (Wang et al. 2025)</h2><ul>"]
+    parts += [f"<li>{html.escape(line)}</li>" for line in lines] + ["</ul>"]
+    for name, alt in (("neighbourhood.png", "small neighbourhood"), ("effects.png", "singular value probes")):
+        if store.file(name).exists():
+            parts.append(_img(store.file(name), alt))
+    return parts
+
+
 def _folded(meta: dict) -> list[str]:
     """Stage records (fingerprints, timings, outputs) and the config, folded away."""
     parts = []
@@ -242,6 +268,7 @@ def write_report(run: RunFolder) -> Path:
                 parts.append(_csv_table(ev.leakage_csv(label)))
                 parts.append(_img(ev.leakage_csv(label).with_suffix(".png"), f"leakage heatmap ({label})"))
     parts += _compared(run)
+    parts += _latent_svd(run)
     extra = [p for p in run.figure_files("*.png") if p.name not in {n for n, _, _ in FIGURES}]
     for path in extra:  # Fig. 8 plots, Jacobian grids and other figures dropped here
         parts.append(f"<h2>{html.escape(path.stem)}</h2>{_img(path, path.stem)}")

@@ -17,7 +17,7 @@ import numpy as np
 from hspace.data import models
 from hspace.data.catalog import RunError, RunFolder
 from hspace.data.disk import DISK_FULL, disk_full_message, pending_sample_bytes, require_space, sample_bytes
-from hspace.data.stores import SampleLayout, SampleStore
+from hspace.data.stores import XT, SampleLayout, SampleStore
 from hspace.tasks.stages import Context, Stage, outputs
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,8 @@ def prepare_store(run: RunFolder) -> SampleStore:
     # a mid block keeps its input's shape
     layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
     extra = {"prompt_index": ((), "int32")} if text else {}  # sample i's prompt: prompts[i mod len]
+    if cfg.get("store_xt"):  # x_t of every step, before its U-Net pass (the latent; a DDPM's pixels)
+        extra[XT] = ((cfg["steps"], *latent_shape), "float16")
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
     if inverted:
         extra |= {"xT": (latent_shape, "float32"), "recon_mse": ((), "float32")}
@@ -157,6 +159,7 @@ def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
+    from hspace.hcore.latent_svd import XtRecorder
     from hspace.hcore.sampler import to_uint8
 
     opened = open_shard(run_dir, shard)
@@ -175,14 +178,18 @@ def run_shard(run_dir: str, shard: int) -> dict:
             bad.append(f"h of sample {rows[i]} at step {step} (t={t}) is NaN/Inf")
         h[:, step] = h16
 
-    x0 = replay.render(unet, scheduler, rows, on_step=on_step)
+    xt = np.empty((len(rows), steps, *store.group[XT].shape[2:]), np.float16) if XT in store.group else None
+    how = {"edit": XtRecorder.into(xt)} if xt is not None else {}  # x_t of every step (sample.store_xt)
+    x0 = replay.render(unet, scheduler, rows, on_step=on_step, **how)
     if not torch.isfinite(x0).all():
         i = int((~torch.isfinite(x0)).flatten(1).any(1).nonzero()[0])
         bad.append(f"x0 of sample {rows[i]} is NaN/Inf")
     if bad:
         raise RunError(f"shard {shard} not written: {bad[0]} (fp16 overflow? try --dtype float32)")
-    extra = {"prompt_index": np.array([i % len(text.prompts) for i in rows], np.int32)} if text else None
-    store.write_shard(shard, h, to_uint8(x0).cpu().numpy(), extra)
+    extra = {"prompt_index": np.array([i % len(text.prompts) for i in rows], np.int32)} if text else {}
+    if xt is not None:
+        extra[XT] = xt
+    store.write_shard(shard, h, to_uint8(x0).cpu().numpy(), extra or None)
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
 
@@ -293,6 +300,8 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     config |= text_config(section, ref, unet)
     config["eta"] = resolve_eta(config["eta"], section.steps)
     config["clip_sample"] = resolve_clip(section.clip_sample, scheduler)
+    if getattr(section, "store_xt", False):  # recorded only when on: older run.json files stay equal
+        config["store_xt"] = True
     if dry:  # a folder holding another run is refused here too, before the lock and Prefect
         if run.exists():
             from hspace.data.directions import scheduler_name
@@ -318,6 +327,8 @@ def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
     if config.get("kind") == "inversion":  # x_T, and a DDPM inversion's noise maps, in float32
         latent = unet.config.in_channels * unet.config.sample_size**2 * 4
         per_sample += latent * (1 + config["steps"] * (config.get("method") == "ddpm"))
+    if config.get("store_xt"):  # x_t of every step in float16
+        per_sample += config["steps"] * unet.config.in_channels * unet.config.sample_size**2 * 2
     return config["n"] * per_sample
 
 

@@ -19,7 +19,7 @@ PACKAGES = ("api", "hcore", "data", "tasks", "flows")
 # how a path inside a run folder gets built: joining onto a run's root, or spelling an artifact's name
 RUN_PATH = re.compile(
     r"""(\.root\s*/|run_dir\s*/|out\s*/\s*["'](?:samples|eval|figures|directions)|"""
-    r"""\.(?:eval|figures|directions|pca|samples|annotations|jacobian|compare|run_json)\s*/|"""
+    r"""\.(?:eval|figures|directions|pca|samples|annotations|jacobian|compare|latent_svd|run_json)\s*/|"""
     r"""["'](?:samples\.zarr|annotations\.zarr|pca\.zarr|jacobian\.zarr|run\.json|run\.yaml|report\.html)["']|"""
     r"""\.safetensors["'])"""
 )
@@ -161,7 +161,7 @@ def test_a_pipeline_stage_stopped_by_bad_input_is_recorded_failed_a_single_comma
 
 def test_section_options_are_validated_with_one_line_naming_the_option():
     from hspace.data.catalog import RunError
-    from hspace.tasks.config import config_from_options
+    from hspace.flows.options import config_from_options
 
     for values, needle in (
         ({"evaluate__gamma": "nan"}, "--gamma must be a finite number, got 'nan'"),

@@ -238,24 +238,55 @@ def methods() -> dict[str, type[EditMethod]]:
     return dict(_METHODS)
 
 
-def get(name: str) -> type[EditMethod]:
-    """The method registered as ``name``; ValueError naming the registered ones."""
+def split_spec(spec: str) -> tuple[str, dict]:
+    """'NAME' or 'NAME:key=value,key=value' -> (NAME, settings), each value an int, a float or
+    text: how every front names a method with its settings (``"sv-scale:index=1,step=2"``)."""
+    name, _, rest = spec.partition(":")
+    settings: dict = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"editing method {spec!r}: settings are key=value, comma-separated; got {item!r}")
+        for kind in (int, float):
+            try:
+                settings[key.strip()] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            settings[key.strip()] = value.strip()
+    return name.strip(), settings
+
+
+def get(spec: str) -> type[EditMethod]:
+    """The method registered under ``spec``'s name (settings after a colon are not read here);
+    ValueError naming the registered ones."""
+    name, _ = split_spec(spec)
     known = methods()
     if name not in known:
         raise ValueError(f"no editing method {name!r}; registered: {', '.join(sorted(known))}")
     return known[name]
 
 
-def standalone(method: str | EditMethod) -> EditMethod:
-    """A method ready to run without a direction file: given made (what it needs was given when
-    it was made, e.g. ``SDEdit(source, scheduler)``), or made from its name when it needs
-    nothing. What Table 1 and a plain pipeline take. ValueError otherwise."""
-    if isinstance(method, EditMethod):
-        return method
-    cls = get(method)
+def make(spec: str) -> EditMethod:
+    """A method that needs nothing, made from ``spec`` with its settings; ValueError for a method
+    that needs something or a setting it does not take."""
+    cls, (_, settings) = get(spec), split_spec(spec)
     if cls.needs:
         raise ValueError(
             f"editing method {cls.name!r} needs {', '.join(cls.needs)}: make it with what it needs "
             f"(hspace.hcore.edits.get({cls.name!r})(...)) and pass it made"
         )
-    return cls()
+    try:
+        return cls(**settings)
+    except TypeError as e:
+        raise ValueError(f"editing method {spec!r}: {e}") from None
+
+
+def standalone(method: str | EditMethod) -> EditMethod:
+    """A method ready to run without a direction file: given made (what it needs was given when
+    it was made, e.g. ``SDEdit(source, scheduler)``), or made from its spec (``make``) when it
+    needs nothing. What Table 1 and a plain pipeline take. ValueError otherwise."""
+    if isinstance(method, EditMethod):
+        return method
+    return make(method)
