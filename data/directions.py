@@ -253,3 +253,58 @@ def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, sched
 def lora_file(folder: Path, i: int) -> Path:
     """The safetensors file of the i-th LoRA of a morph (`hspace morph`: beside its output)."""
     return Path(folder) / f"lora_{i}.safetensors"
+
+
+AVI_FIELDS = ("channels", "side", "k", "steps", "org_step", "tar_step", "prompt_a", "prompt_b", "hidden")
+
+
+def predictor_file(run, name: str) -> Path:
+    """RUN/directions/avi/NAME.safetensors: a trained AVI predictor (`hspace avi`), beside the
+    run's direction files (not one of them: a network, not a vector)."""
+    return run.directions / "avi" / f"{name}.safetensors"
+
+
+def save_predictor(path: Path, f, meta: dict) -> Path:
+    """The predictor's weights and its spec and provenance (model fingerprint, attribute, the
+    training losses) as string metadata; written aside and moved in."""
+    from dataclasses import asdict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = {k: str(v) for k, v in asdict(f.spec).items()}
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in f.state_dict().items()}, str(tmp), {**strings, **fields})
+    tmp.replace(path)
+    return path
+
+
+def load_predictor(where: str | Path, model_fingerprint: str | None = None, steps: int | None = None):
+    """(Predictor, metadata) from a predictor file (a path, or RUN/NAME for RUN/directions/avi/NAME),
+    refused with one line where it is no predictor or was trained for another model or number
+    of steps."""
+    from hspace.data.catalog import RunFolder
+    from hspace.hcore.avi import AviSpec, Predictor
+
+    path = Path(where)
+    if not path.is_file() and RunFolder(path.parent).run_json.exists():
+        path = predictor_file(RunFolder(path.parent), path.name)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        state = load_file(str(path))
+        spec = AviSpec(**{k: meta[k] if k.startswith("prompt") else int(meta[k]) for k in AVI_FIELDS})
+    except (SafetensorError, KeyError, OSError, ValueError) as e:
+        raise RunError(
+            f"{path} is not an AVI predictor file ({type(e).__name__}: {e}); make one: `hspace avi`"
+        ) from None
+    if model_fingerprint is not None and meta.get("model") != model_fingerprint:
+        raise RunError(
+            f"AVI predictor {path} was trained on model {meta.get('model_id')} ({str(meta.get('model'))[:12]}), "
+            f"not this one ({model_fingerprint[:12]}); train one for it with `hspace avi`"
+        )
+    if steps is not None and spec.steps != steps:
+        raise RunError(f"AVI predictor {path} was trained for {spec.steps} sampling steps, not {steps}")
+    f = Predictor(spec)
+    f.load_state_dict(state)
+    return f.eval(), meta

@@ -40,15 +40,21 @@ if TYPE_CHECKING:
     from hspace.hcore.edits import Bound
 
 
-def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, text, source, scheduler):
+def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, text, source, scheduler, found=None):
     """(the methods that fit, [(label, why not)]) for one attribute. ``files``: direction name ->
-    tensor; ``pair``: the attribute's prompt pair; ``source(indices)``: the samples' outputs."""
+    tensor; ``pair``: the attribute's prompt pair; ``source(indices)``: the samples' outputs;
+    ``found``: method name -> (indices -> the made method) where the run holds what makes it for
+    this attribute (a trained predictor; the latent-svd probe that moves it most)."""
     from hspace.hcore.edits import Bound
 
-    fit, skipped = [], []
+    fit, skipped, found = [], [], found or {}
     for name, cls in sorted(cls_by_name.items()):
         needs = set(cls.needs)
-        if needs == {"direction"}:
+        if name in found:
+            fit.append(Bound(name, cls, found[name]))
+        elif "weights" in needs:
+            skipped.append((name, f"no trained file for {attribute} (hspace {name} RUN ... --name {attribute})"))
+        elif needs == {"direction"}:
             own = f"{attribute}_xT" if cls.acts_on == "x_T" else attribute
             names = [own] + ([f"{attribute}_prompt", f"{attribute}_disentangled"] if name == "h" else [])
             made = [(n, files[n]) for n in names if n in files]
@@ -66,9 +72,37 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
             fit.append(Bound(name, cls, lambda idx, cls=cls: cls.from_source(source(idx), scheduler), prompt=pair[1]))
         elif not needs and cls.attribute == attribute:
             fit.append(Bound(name, cls, lambda idx, cls=cls: cls()))
+        elif not needs and name == "sv-scale":
+            skipped.append((name, "no latent-svd probe of this attribute (hspace latent-svd RUN)"))
         elif needs:
             skipped.append((name, f"needs {', '.join(sorted(needs))}, which the comparison does not give"))
     return fit, skipped
+
+
+def findings(run: RunFolder, meta: dict, attribute: str, replay, unet, scheduler) -> dict:
+    """What the run holds that makes a method for ``attribute``: its AVI predictor
+    (directions/avi/ATTR, `hspace avi --name ATTR`) and the latent-svd probe (step, index) whose
+    scaling raised it most (latent_svd/properties.json, made as sv-scale at that step and index)."""
+    from hspace.data import directions as dirfile
+    from hspace.data.stores import LatentSvdStore
+    from hspace.hcore.edits import get, once_per_indices
+
+    found = {}
+    path = dirfile.predictor_file(run, attribute)
+    if path.exists():
+        f, _ = dirfile.load_predictor(path, meta["model"]["fingerprint"], replay.steps)
+        avi = get("avi")
+        found["avi"] = once_per_indices(lambda idx: avi.from_replay(replay, unet, scheduler, idx, f, attribute))
+    props_file = LatentSvdStore(run.latent_svd).file("properties.json")
+    if props_file.exists():
+        props = json.loads(props_file.read_text())
+        if attribute in props["factors"]:
+            effects = np.array(props["effects_mean"])[:, :, props["factors"].index(attribute)]  # (T, m)
+            signed = effects * np.sign(props["probe_scale"] or 1.0)  # the probe that raises it
+            step, index = map(int, np.unravel_index(signed.argmax(), signed.shape))
+            sv = get("sv-scale")
+            found["sv-scale"] = lambda idx: sv(index=index, step=step, attribute=attribute)
+    return found
 
 
 class Judge:
@@ -175,7 +209,10 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     with ctx.progress() as bar:
         task = bar.add_task("compare (attributes)", total=len(attributes), rate="")
         for attribute in attributes:
-            fit, skipped[attribute] = entries(wanted, attribute, files, pairs.get(attribute), text, source, scheduler)
+            found = findings(run, meta, attribute, replay, unet, scheduler)
+            fit, skipped[attribute] = entries(
+                wanted, attribute, files, pairs.get(attribute), text, source, scheduler, found
+            )
             judge = Judge(unet, scheduler, replay, net, attribute)
             grid[attribute] = {"original": judge.unedited(indices)[0][0]}
             for entry in fit:

@@ -283,6 +283,22 @@ class LatentSvdSection(Section):
     evaluator: str = option("oracle", "the judge of which factor moves: oracle | oracle:PATH | celeba40:PATH")
 
 
+class AviSection(Section):
+    prompt_pair: tuple[str, str] = option(None, "the original text A and the target text B (SD-family models)")
+    name: str = option("avi", "the predictor's name (RUN/directions/avi/NAME); an attribute name is scored")
+    k: int | None = option(None, "singular vectors taken from each latent channel (default: half its side)", gt=0)
+    org_share: FiniteFloat = option(0.3, "x_org's step, as a share of the steps (0.3: t = 0.7 T)", ge=0, lt=1)
+    tar_share: FiniteFloat = option(0.4, "x_tar's step, further along (0.4: t = 0.6 T)", gt=0, lt=1)
+    samples: int = option(256, "seeds whose latent pairs train the predictor (the run's first)", gt=0)
+    epochs: int = option(50, "Adam epochs over the pairs' channels (the paper: 5, over 5000 pairs)", gt=0)
+    lr: FiniteFloat = option(1e-3, "Adam's learning rate", gt=0)
+    batch_size: int = option(64, "channels per Adam step", gt=0)
+    weights: Floats = option(lambda: [10.0, 10.0, 1.0, 1.0], "lambda_1..4: target, source, their singular values")
+    hidden: int | None = option(None, "the predictor's width (default: the channel's H * W, as the paper)", gt=0)
+    held_out: int = option(16, "the run's last samples the trained edit is scored on (alpha 1, the judge)", ge=0)
+    evaluator: str = option("oracle", "the judge of the held-out score")
+
+
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -298,6 +314,7 @@ class RunConfig(Section):
     figures: FiguresSection = Field(default_factory=FiguresSection)
     compare: CompareSection | None = None  # the comparison runs in `hspace run` where configured
     latent_svd: LatentSvdSection | None = None  # the SVD of x_t (needs sample.store_xt) where configured
+    avi: AviSection | None = None  # an AVI predictor trained in `hspace run` where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:

@@ -70,6 +70,30 @@ def own_output(unet, scheduler, sample: SampleSpec) -> torch.Tensor:
     return sample.replay.render(unet, scheduler, [sample.index], **how)
 
 
+@dataclass
+class Trained:
+    """A method that needs weights it trained, named with its file (``avi:predictor=PATH``, PATH a
+    file or RUN/NAME): loaded and checked against the model once the model is known (``load``),
+    then made for each sample from its replay (``EditMethod.from_replay``)."""
+
+    cls: type
+    path: str
+    predictor: object = None
+    meta: dict | None = None
+
+    def __getattr__(self, item):  # the method's declaration: name, needs, strength_problem, ...
+        if item == "cls":
+            raise AttributeError(item)
+        return getattr(self.cls, item)
+
+    def load(self, model_fingerprint: str, steps: int) -> Trained:
+        self.predictor, self.meta = dirfile.load_predictor(self.path, model_fingerprint, steps)
+        return self
+
+    def made(self, replay, unet, scheduler, indices):
+        return self.cls.from_replay(replay, unet, scheduler, indices, self.predictor, self.meta.get("attribute"))
+
+
 def plan_grid(
     specs: list[DirectionSpec], scales: list[float]
 ) -> tuple[list[list[list[tuple[int, float]]]], list[str], list[str]]:
@@ -116,7 +140,7 @@ def render_edits(
         for i, g in cell:
             gammas[i, b] += g
     image_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    methods = [edit_method(v, image_shape, window, asyrp, sample, scheduler) for v in vectors]
+    methods = [edit_method(v, image_shape, window, asyrp, sample, scheduler, unet) for v in vectors]
     edit = compose([m.action(gammas[i]) for i, m in enumerate(methods)])
     x_T = None if sample.x_T is None else sample.x_T[None].repeat(len(flat), 1, 1, 1)
     noise = None if sample.noise is None else sample.noise[None].repeat(len(flat), *(1,) * sample.noise.dim())
@@ -130,7 +154,7 @@ def render_edits(
     return images.reshape(rows, cols, *images.shape[1:])
 
 
-def edit_method(v, image_shape, window=None, asyrp: bool = False, sample: SampleSpec | None = None, scheduler=None):
+def edit_method(v, image_shape, window=None, asyrp=False, sample: SampleSpec | None = None, scheduler=None, unet=None):
     """An editing method as given, one needing a source made from the ``sample``'s, or the
     direction method a tensor is: x_T-shaped (1, C, R, R) -> ``xT``, else an h direction -> ``h``
     (``asyrp``) with its ``window``."""
@@ -138,6 +162,8 @@ def edit_method(v, image_shape, window=None, asyrp: bool = False, sample: Sample
 
     if isinstance(v, EditMethod):
         return v
+    if isinstance(v, Trained):
+        return v.made(sample.replay, unet, scheduler, [sample.index])
     if isinstance(v, type):
         if sample is None or sample.source is None:
             raise ValueError(f"editing method {v.name!r} needs the sample's source (SampleSpec.source)")
@@ -226,15 +252,20 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_
     if name is not None:
         try:
             method = get(name)
-            if split_spec(name)[1]:  # settings ("sv-scale:index=1,step=2"): made here
+            if split_spec(name)[1] and not method.needs:  # settings ("sv-scale:index=1,step=2"): made here
                 method = make(name)
         except ValueError as e:
             raise RunError(f"--edit-method: {e}") from None
         if asyrp and name != "asyrp":
             raise RunError(f"--asyrp is the editing method 'asyrp': give it alone, not with --edit-method {name}")
-        other = [n for n in method.needs if n not in ("direction", "prompt_pair", "source")]
+        other = [n for n in method.needs if n not in ("direction", "prompt_pair", "source", "weights")]
         if other:
             raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
+        if "weights" in method.needs:  # its trained file: "avi:predictor=PATH"
+            path = split_spec(name)[1].get("predictor")
+            if not path:
+                raise RunError(f"--edit-method {name}: name its file, {method.name}:predictor=PATH (hspace avi)")
+            method = Trained(method, str(path))
         if "source" in method.needs:
             pass  # --target-prompt optional: the prompt the source is denoised under
         elif ("prompt_pair" in method.needs) != (target_prompt is not None):
@@ -271,6 +302,8 @@ def with_method(
 
     if method is None:
         return specs, vectors
+    if isinstance(method, Trained):
+        return [*specs, DirectionSpec(method.name, None, None)], [*vectors, method]
     if not isinstance(method, EditMethod) and "source" in method.needs:
         return [*specs, DirectionSpec(method.name, None, None, prompt=target_prompt)], [*vectors, method]
     if isinstance(method, EditMethod) or "direction" not in method.needs:
@@ -377,6 +410,8 @@ def edit_sample(
     unet, scheduler, text = load_edit_model(ref, cfg, device)
     spec.replay = spec.replay.with_text(text)
     method = with_prompt(method, text, target_prompt, ref.id)
+    if isinstance(method, Trained):
+        method.load(ref.fingerprint, spec.replay.steps)
     specs = [parse_direction(d) for d in directions]
     vectors: list = load_directions(
         specs,

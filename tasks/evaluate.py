@@ -45,21 +45,26 @@ def method_problem(name: str) -> str | None:
         return "evaluate.methods: h is how evaluate.directions are scored; list its files there"
     if cls.acts_on == "x_T":
         return f"evaluate.methods: {name} acts on x_T directions, and Table 1 scores h directions; drop it"
-    extra = sorted(set(cls.needs) - {"direction", "prompt_pair", "source"})
+    extra = sorted(set(cls.needs) - {"direction", "prompt_pair", "source", "weights"})
     if extra:
         return f"evaluate.methods: {name} needs {', '.join(extra)}, which Table 1 does not give"
     return None
 
 
-def scored_methods(names: list[str], directions: list[str], loaded: list, text, source, scheduler) -> list:
+def scored_methods(names: list[str], directions: list[str], loaded: list, model: dict) -> list:
     """Table 1's rows for ``evaluate.methods``: [(label, attribute row, hcore.edits.Bound)]. A
     method needing nothing is one row (its attribute, else its name); one needing a direction is
     a row per listed direction (METHOD:NAME); one needing a prompt pair or a source is a row per
     listed prompt-pair direction (ATTR_prompt -> METHOD:ATTR: toward its target prompt; a source
-    method starts from each sample's own output, ``source(indices)``). RunError, before any
+    method starts from each sample's own output, ``source(indices)``); one needing weights it
+    trained is one row, its file named in its spec (``avi:predictor=PATH``: the attribute it was
+    trained for). ``model``: replay, unet, scheduler, source, fingerprint. RunError, before any
     edit, where a method gets no row."""
-    from hspace.hcore.edits import Bound, get, make
+    from hspace.data.directions import load_predictor
+    from hspace.hcore.edits import Bound, get, make, once_per_indices, split_spec
 
+    replay, unet, scheduler, source = model["replay"], model["unet"], model["scheduler"], model["source"]
+    text = replay.text if replay is not None else None
     rows = []
     for name in names:
         problem = method_problem(name)
@@ -74,27 +79,31 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, text, 
                 raise RunError(f"evaluate.methods: {e}") from None
             rows.append((name, made.attribute or name, Bound(name, cls, lambda idx, made=made: made)))
             continue
+        if "weights" in needs:
+            path = split_spec(name)[1].get("predictor")
+            if not path:
+                raise RunError(f"evaluate.methods: {name} needs its trained file: {cls.name}:predictor=PATH")
+            f, meta = load_predictor(path, model["fingerprint"], replay.steps)
+            attribute = meta.get("attribute", cls.name)
+            build = lambda idx, cls=cls, f=f, a=attribute: cls.from_replay(replay, unet, scheduler, idx, f, a)  # noqa: E731
+            rows.append((f"{cls.name}:{attribute}", attribute, Bound(name, cls, once_per_indices(build))))
+            continue
         made = []
         for d, (v, md) in zip(directions, loaded, strict=True):
             attribute = md.get("attribute", d)
             if needs == {"direction"}:
-                made.append(
-                    (f"{name}:{d}", attribute, Bound(name, cls, lambda idx, cls=cls, v=v: cls.from_direction(v)))
-                )
+                build = lambda idx, cls=cls, v=v: cls.from_direction(v)  # noqa: E731
+                made.append((f"{name}:{d}", attribute, Bound(name, cls, build)))
             elif "prompt_b" in md and text is not None:
                 target, attribute = md["prompt_b"], attribute.removesuffix("_prompt")
                 if needs == {"prompt_pair"}:
-                    make = lambda idx, cls=cls, t=target: cls.from_prompt(t, text.tokenizers[0])  # noqa: E731
-                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, make)))
+                    build = lambda idx, cls=cls, t=target: cls.from_prompt(t, text.tokenizers[0])  # noqa: E731
+                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, build)))
                 else:
-                    make = lambda idx, cls=cls: cls.from_source(source(idx), scheduler)  # noqa: E731
-                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, make, prompt=target)))
+                    build = lambda idx, cls=cls: cls.from_source(source(idx), scheduler)  # noqa: E731
+                    made.append((f"{name}:{attribute}", attribute, Bound(name, cls, build, prompt=target)))
         if not made:
-            why = (
-                "a text-conditioned model"
-                if text is None
-                else "a prompt-pair direction (ATTR_prompt) in evaluate.directions"
-            )
+            why = "a text-conditioned model" if text is None else "a prompt-pair direction ATTR_prompt listed"
             raise RunError(f"evaluate.methods: {name} needs {why} to be scored")
         rows += made
     return rows
@@ -145,7 +154,9 @@ def run_evaluation(
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])
     source = own_outputs(unet, scheduler, replay)
-    made = scored_methods(methods or [], names, loaded, replay.text, source, scheduler)
+    model = {"replay": replay, "unet": unet, "scheduler": scheduler, "source": source,
+             "fingerprint": meta["model"]["fingerprint"]}  # fmt: skip
+    made = scored_methods(methods or [], names, loaded, model)
     names, directions = names + [label for label, _, _ in made], names
     vectors += [bound for _, _, bound in made]
     rows += [row for _, row, _ in made]

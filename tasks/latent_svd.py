@@ -191,7 +191,7 @@ class Probe:
 
         from hspace.hcore.latent_svd import transfer_slope, transplant
 
-        chosen = sorted({round(f * (self.steps - 1)) for f in (0.25, 0.5, 0.75)})
+        chosen = transplant_steps(self.steps)
         job = self.bar.add_task("latent-svd (transplants)", total=len(chosen) * m, rate="")
         out = {}
         for t in chosen:
@@ -330,13 +330,18 @@ def latent_svd_stage(run: RunFolder, latent_svd, ctx: Context) -> dict:
 
 def cost(cfg) -> int:
     """U-Net sample-passes of the probes: per step t the unedited render and one per probed
-    index, (T - t) passes each, and the transplants at three steps."""
+    index, T - t passes each; then the transplants at three steps c, T - c passes per index."""
     s = cfg.latent_svd
     if s is None:
         return 0
-    t = cfg.sample.steps
-    scaling = (s.probe_indices + 1) * sum(t - i for i in range(t))
-    return (scaling + 3 * s.probe_indices * t) * s.probe_n * (2 if cfg.sample.prompt_list() else 1)
+    t, m = cfg.sample.steps, s.probe_indices
+    scaling = (m + 1) * sum(t - i for i in range(t))
+    return (scaling + m * sum(t - c for c in transplant_steps(t))) * s.probe_n
+
+
+def transplant_steps(steps: int) -> list[int]:
+    """The steps transplants are tried at: a quarter, half and three quarters of the way."""
+    return sorted({round(f * (steps - 1)) for f in (0.25, 0.5, 0.75)})
 
 
 STAGE = Stage(

@@ -166,10 +166,11 @@ def test_unknown_or_unfit_methods_are_refused_before_work(toy, tmp_path):
     assert any("evaluate.methods: h is how evaluate.directions are scored" in p for p in problems), problems
     from hspace.tasks.evaluate import scored_methods
 
+    none = dict.fromkeys(["replay", "unet", "scheduler", "source", "fingerprint"])
     with pytest.raises(RunError, match="evaluate.methods: sdedit needs a text-conditioned model"):
-        scored_methods(["sdedit"], ["Smiling"], [(None, {"attribute": "Smiling"})], None, None, None)
+        scored_methods(["sdedit"], ["Smiling"], [(None, {"attribute": "Smiling"})], none)
     with pytest.raises(RunError, match="evaluate.methods: xT acts on x_T directions"):
-        scored_methods(["xT"], [], [], None, None, None)
+        scored_methods(["xT"], [], [], none)
     with (
         pytest.raises(hspace.DirectionMismatch, match="no editing method 'nope'"),
         hspace.apply(

@@ -45,7 +45,7 @@ def write_config(path, model_dir, oracle_dir, **changes):
 
 
 def stage_lines(output: str) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"^(\w+): (cached|done)", output, re.M)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^([\w-]+): (cached|done)", output, re.M)}
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +153,9 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
     plan = hspace("run", "--config", changed, "--out", out, "--plan").output
     # directions and everything downstream of it, or reading its section (Fig. 8's held-out
     # samples), would run; sample, annotate, pca, the PC names and Fig. 7 stay cached
-    states = dict(re.findall(r"│ (\w+)\s+│ (run|skip \(cached\))", plan))
+    states = dict(re.findall(r"│ ([\w-]+)\s+│ (run|skip \(cached\))", plan))
     assert states == {
-        **dict.fromkeys(["sample", "annotate", "pca", "pc_names", "jacobian_figure"], "skip (cached)"),
+        **dict.fromkeys(["sample", "annotate", "pca", "pc_names", "jacobian_figure", "latent-svd"], "skip (cached)"),
         **dict.fromkeys(["directions", "disentangle", "compare", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
@@ -385,11 +385,13 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     from hspace.data.catalog import ARTIFACTS, RunFolder
     from hspace.flows.runner import execute
     from hspace.tasks.check import unet_passes
-    from hspace.tasks.config import CompareSection, load_config
+    from hspace.tasks.config import CompareSection, LatentSvdSection, load_config
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     cfg.compare = CompareSection(n=3, calibration_n=3, evaluator=f"oracle:{oracle_dir}")
+    cfg.latent_svd = LatentSvdSection(k=2, probe_n=2, probe_indices=1, evaluator=f"oracle:{oracle_dir}")
+    cfg.sample.store_xt = True
     run = RunFolder(tmp_path / "run")
     ctx = Context(device="cpu", show_progress=False)
 

@@ -213,6 +213,20 @@ class Bound:
     prompt: str | None = None
 
 
+def once_per_indices(build: Callable[[list[int]], EditMethod]) -> Callable[[list[int]], EditMethod]:
+    """``build(indices)`` made once per set of indices (a method whose making renders, e.g. AVI's
+    target latents, is asked for again at every strength a calibration tries)."""
+    made: dict[tuple, EditMethod] = {}
+
+    def once(indices):
+        key = tuple(int(i) for i in indices)
+        if key not in made:
+            made[key] = build(list(indices))
+        return made[key]
+
+    return once
+
+
 _METHODS: dict[str, type[EditMethod]] = {}
 _found = False
 

@@ -1,0 +1,145 @@
+"""`hspace avi RUN --prompt-pair A B --name NAME`: train an Attribute Vector Integration predictor
+(Wang et al. 2025, sec. 3.2; hcore/avi.py) on a text-conditioned run's seeds and save it beside
+the run's directions (RUN/directions/avi/NAME.safetensors, data.directions.predictor_file).
+
+Training pairs: for each of the run's first ``samples`` seeds, x_org (the latent at ``org_step``
+under A) and x_tar (at ``tar_step`` under B), rendered with the seed's own noise; every latent
+channel is one example. Then the trained edit (alpha 1) is scored on the run's last ``held_out``
+samples with the judge: the mean change of every factor it scores (the own change where NAME is
+one of them), recorded in the predictor's metadata and the stage's line.
+"""
+
+from __future__ import annotations
+
+from hspace.data.catalog import RunError, RunFolder, require_sampled
+from hspace.tasks.stages import Context, Stage, outputs
+
+
+def spec_of(avi, steps: int, latent: tuple[int, int, int]):
+    """The predictor's AviSpec for a run of ``steps`` steps and latents ``latent`` (C, R, R);
+    RunError naming the setting where it cannot be."""
+    from hspace.hcore.avi import AviSpec
+
+    c, side, _ = latent
+    k = avi.k or side // 2
+    org, tar = round(avi.org_share * steps), round(avi.tar_share * steps)
+    if avi.prompt_pair is None:
+        raise RunError("avi.prompt_pair: give the original and the target text (--prompt-pair A B)")
+    if 2 * k > side:
+        raise RunError(
+            f"avi.k: 2k = {2 * k} singular vectors do not fit a {side} x {side} latent channel; k <= {side // 2}"
+        )
+    if not org < tar < steps:
+        raise RunError(
+            f"avi.org_share {avi.org_share} and tar_share {avi.tar_share} give steps {org} and {tar} of {steps}: "
+            "x_tar must come later than x_org (raise tar_share or sample more steps)"
+        )
+    a, b = avi.prompt_pair
+    return AviSpec(c, side, k, steps, org, tar, a, b, avi.hidden or side * side)
+
+
+def latents(replay, unet, scheduler, indices: list[int], prompt: str, step: int, batch: int = 64):
+    import torch
+
+    parts = [
+        replay.render(
+            unet, scheduler, indices[i : i + batch], prompts=[prompt] * len(indices[i : i + batch]), stop_before=step
+        )
+        for i in range(0, len(indices), batch)
+    ]
+    return torch.cat(parts)
+
+
+def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
+    import torch
+
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+    from hspace.hcore.avi import Predictor, train
+    from hspace.hcore.edits.avi import AVI
+
+    meta = run.read()
+    require_sampled(meta, "hspace avi")
+    cfg = meta["config"]
+    if models.model_kind(meta) == "pixel":
+        raise RunError(f"hspace avi edits toward a prompt: {models.ref_of(meta).id} takes no text (a pixel model)")
+    n_train = min(avi.samples, cfg["n"] - avi.held_out)
+    if n_train < 1:
+        raise RunError(f"avi: the run's {cfg['n']} samples leave none to train on after --held-out {avi.held_out}")
+    unet, scheduler = models.load_for_run(meta, device=ctx.device)
+    replay = models.replay_for_run(meta, device=ctx.device)
+    size = unet.config.sample_size
+    spec = spec_of(avi, replay.steps, (unet.config.in_channels, size, size))
+    net = load_annotator(avi.evaluator, ctx.device)
+    with ctx.progress() as bar:
+        job = bar.add_task("avi (latent pairs)", total=2, rate="")
+        idx = list(range(n_train))
+        x_org = latents(replay, unet, scheduler, idx, spec.prompt_a, spec.org_step)
+        bar.advance(job)
+        x_tar = latents(replay, unet, scheduler, idx, spec.prompt_b, spec.tar_step)
+        bar.advance(job)
+        torch.manual_seed(0)
+        f = Predictor(spec)
+        fit = bar.add_task("avi (epochs)", total=avi.epochs, rate="")
+        weights = tuple(avi.weights)
+        if len(weights) != 4:
+            raise RunError(f"avi.weights: give four lambdas (target, source, their values), got {len(weights)}")
+        history = train(
+            f, x_org, x_tar, weights, avi.epochs, avi.lr, avi.batch_size, on_epoch=lambda e, t: bar.advance(fit)
+        )
+    f.eval()
+    held = list(range(cfg["n"] - avi.held_out, cfg["n"]))
+    change = {}
+    if held:
+        edit = AVI.from_replay(replay, unet, scheduler, held, f).action(1.0)
+        base = net.score(replay.render(unet, scheduler, held)).numpy()
+        edited = net.score(replay.render(unet, scheduler, held, edit=edit)).numpy()
+        change = dict(zip(net.names, (edited - base).mean(0).tolist(), strict=True))
+    path = dirfile.predictor_file(run, avi.name)
+    info = {"model": meta["model"]["fingerprint"], "model_id": models.ref_of(meta).id, "attribute": avi.name,
+            "losses": history[-1], "held_out_change": change, "held_out": [held[0], held[-1] + 1] if held else [],
+            "weights": list(weights), "samples": n_train, "method": "AVI (Wang et al. 2025)"}  # fmt: skip
+    dirfile.save_predictor(path, f, info)
+    own = change.get(avi.name)
+    return {"outputs": outputs(run, [path]), "losses": history[-1], "own_change": own, "name": avi.name}
+
+
+def avi_line(result: dict) -> str:
+    if result.get("skipped"):
+        return ""
+    own = result.get("own_change")
+    losses = ", ".join(f"{k} {v:.3g}" for k, v in result.get("losses", {}).items())
+    return f"{result['name']}: last epoch {losses}" + (f"; held-out own change {own:+.3f}" if own is not None else "")
+
+
+def avi_stage(run: RunFolder, avi, ctx: Context) -> dict:
+    if avi is None:
+        return {"outputs": [], "skipped": True}
+    return train_avi(run, avi, ctx)
+
+
+def avi_cost(cfg) -> int:
+    """The pairs' renders (to org_step under A, to tar_step under B) and the held-out score
+    (a plain render, the x_tar renders and the edited one)."""
+    a = cfg.avi
+    if a is None:
+        return 0
+    steps = cfg.sample.steps
+    org, tar = round(a.org_share * steps), round(a.tar_share * steps)
+    n = min(a.samples, cfg.sample.n - a.held_out)
+    return n * (org + tar) + a.held_out * (2 * steps + tar)
+
+
+STAGE = Stage(
+    "avi",
+    sections=("avi",),
+    inputs=("sample",),
+    outputs=("directions",),
+    body=avi_stage,
+    summary=avi_line,
+    cost=avi_cost,
+    cli_sections={"avi": None},
+    doc="Train an Attribute Vector Integration predictor (Wang et al. 2025) from a prompt pair on a "
+    "text-conditioned run: RUN/directions/avi/NAME, usable as the editing method avi.",
+)
