@@ -15,7 +15,17 @@ from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
 
 
-def spec_of(avi, steps: int, latent: tuple[int, int, int]):
+def pairs_of(avi) -> dict[str, tuple[str, str]]:
+    """NAME -> (A, B): ``prompt_pairs``, and ``prompt_pair`` under ``name``; RunError for none."""
+    pairs = dict(avi.prompt_pairs)
+    if avi.prompt_pair is not None:
+        pairs[avi.name] = tuple(avi.prompt_pair)
+    if not pairs:
+        raise RunError("avi.prompt_pair: give the original and the target text (--prompt-pair A B)")
+    return pairs
+
+
+def spec_of(avi, steps: int, latent: tuple[int, int, int], pair: tuple[str, str]):
     """The predictor's AviSpec for a run of ``steps`` steps and latents ``latent`` (C, R, R);
     RunError naming the setting where it cannot be."""
     from hspace.hcore.avi import AviSpec
@@ -23,8 +33,6 @@ def spec_of(avi, steps: int, latent: tuple[int, int, int]):
     c, side, _ = latent
     k = avi.k or side // 2
     org, tar = round(avi.org_share * steps), round(avi.tar_share * steps)
-    if avi.prompt_pair is None:
-        raise RunError("avi.prompt_pair: give the original and the target text (--prompt-pair A B)")
     if 2 * k > side:
         raise RunError(
             f"avi.k: 2k = {2 * k} singular vectors do not fit a {side} x {side} latent channel; k <= {side // 2}"
@@ -34,8 +42,7 @@ def spec_of(avi, steps: int, latent: tuple[int, int, int]):
             f"avi.org_share {avi.org_share} and tar_share {avi.tar_share} give steps {org} and {tar} of {steps}: "
             "x_tar must come later than x_org (raise tar_share or sample more steps)"
         )
-    a, b = avi.prompt_pair
-    return AviSpec(c, side, k, steps, org, tar, a, b, avi.hidden or side * side)
+    return AviSpec(c, side, k, steps, org, tar, pair[0], pair[1], avi.hidden or side * side)
 
 
 def latents(replay, unet, scheduler, indices: list[int], prompt: str, step: int, batch: int = 64):
@@ -51,13 +58,8 @@ def latents(replay, unet, scheduler, indices: list[int], prompt: str, step: int,
 
 
 def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
-    import torch
-
-    from hspace.data import directions as dirfile
     from hspace.data import models
     from hspace.data.annotators import load_annotator
-    from hspace.hcore.avi import Predictor, train
-    from hspace.hcore.edits.avi import AVI
 
     meta = run.read()
     require_sampled(meta, "hspace avi")
@@ -67,13 +69,33 @@ def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
     n_train = min(avi.samples, cfg["n"] - avi.held_out)
     if n_train < 1:
         raise RunError(f"avi: the run's {cfg['n']} samples leave none to train on after --held-out {avi.held_out}")
+    if len(avi.weights) != 4:
+        raise RunError(f"avi.weights: give four lambdas (target, source, their values), got {len(avi.weights)}")
+    pairs = pairs_of(avi)
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     replay = models.replay_for_run(meta, device=ctx.device)
     size = unet.config.sample_size
-    spec = spec_of(avi, replay.steps, (unet.config.in_channels, size, size))
+    specs = {name: spec_of(avi, replay.steps, (unet.config.in_channels, size, size), p) for name, p in pairs.items()}
     net = load_annotator(avi.evaluator, ctx.device)
+    model = (meta, unet, scheduler, replay, net)
+    results = {name: train_one(run, avi, spec, name, n_train, model, ctx) for name, spec in specs.items()}
+    paths = [r.pop("path") for r in results.values()]
+    return {"outputs": outputs(run, paths), "predictors": results}
+
+
+def train_one(run: RunFolder, avi, spec, name: str, n_train: int, model, ctx: Context) -> dict:
+    """One predictor: its latent pairs, Adam, the held-out score, the file."""
+    import torch
+
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.hcore.avi import Predictor, train
+    from hspace.hcore.edits.avi import AVI
+
+    meta, unet, scheduler, replay, net = model
+    cfg = meta["config"]
     with ctx.progress() as bar:
-        job = bar.add_task("avi (latent pairs)", total=2, rate="")
+        job = bar.add_task(f"avi {name} (latent pairs)", total=2, rate="")
         idx = list(range(n_train))
         x_org = latents(replay, unet, scheduler, idx, spec.prompt_a, spec.org_step)
         bar.advance(job)
@@ -81,10 +103,8 @@ def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
         bar.advance(job)
         torch.manual_seed(0)
         f = Predictor(spec)
-        fit = bar.add_task("avi (epochs)", total=avi.epochs, rate="")
+        fit = bar.add_task(f"avi {name} (epochs)", total=avi.epochs, rate="")
         weights = tuple(avi.weights)
-        if len(weights) != 4:
-            raise RunError(f"avi.weights: give four lambdas (target, source, their values), got {len(weights)}")
         history = train(
             f, x_org, x_tar, weights, avi.epochs, avi.lr, avi.batch_size, on_epoch=lambda e, t: bar.advance(fit)
         )
@@ -96,21 +116,25 @@ def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
         base = net.score(replay.render(unet, scheduler, held)).numpy()
         edited = net.score(replay.render(unet, scheduler, held, edit=edit)).numpy()
         change = dict(zip(net.names, (edited - base).mean(0).tolist(), strict=True))
-    path = dirfile.predictor_file(run, avi.name)
-    info = {"model": meta["model"]["fingerprint"], "model_id": models.ref_of(meta).id, "attribute": avi.name,
+    info = {"model": meta["model"]["fingerprint"], "model_id": models.ref_of(meta).id, "attribute": name,
             "losses": history[-1], "held_out_change": change, "held_out": [held[0], held[-1] + 1] if held else [],
             "weights": list(weights), "samples": n_train, "method": "AVI (Wang et al. 2025)"}  # fmt: skip
-    dirfile.save_predictor(path, f, info)
-    own = change.get(avi.name)
-    return {"outputs": outputs(run, [path]), "losses": history[-1], "own_change": own, "name": avi.name}
+    path = dirfile.save_predictor(dirfile.predictor_file(run, name), f, info)
+    ctx.log(f"avi {name}: alpha 1 on {len(held)} held-out samples moves it by {change.get(name, float('nan')):+.3f}")
+    return {"path": path, "losses": history[-1], "own_change": change.get(name)}
 
 
 def avi_line(result: dict) -> str:
     if result.get("skipped"):
         return ""
-    own = result.get("own_change")
-    losses = ", ".join(f"{k} {v:.3g}" for k, v in result.get("losses", {}).items())
-    return f"{result['name']}: last epoch {losses}" + (f"; held-out own change {own:+.3f}" if own is not None else "")
+    parts = []
+    for name, r in result.get("predictors", {}).items():
+        own = r.get("own_change")
+        parts.append(
+            f"{name} (source loss {r['losses']['source']:.3g}"
+            + (f", own change {own:+.3f})" if own is not None else ")")
+        )
+    return "predictors: " + ", ".join(parts)
 
 
 def avi_stage(run: RunFolder, avi, ctx: Context) -> dict:
@@ -128,7 +152,8 @@ def avi_cost(cfg) -> int:
     steps = cfg.sample.steps
     org, tar = round(a.org_share * steps), round(a.tar_share * steps)
     n = min(a.samples, cfg.sample.n - a.held_out)
-    return n * (org + tar) + a.held_out * (2 * steps + tar)
+    count = len(a.prompt_pairs) + (a.prompt_pair is not None and a.name not in a.prompt_pairs)
+    return count * (n * (org + tar) + a.held_out * (2 * steps + tar))
 
 
 STAGE = Stage(

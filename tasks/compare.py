@@ -342,7 +342,7 @@ def compare_cost(cfg) -> int:
 STAGE = Stage(
     "compare",
     sections=("compare",),
-    inputs=("directions", "disentangle", "annotate"),
+    inputs=("directions", "disentangle", "annotate", "avi", "latent-svd"),  # the last two: methods it finds
     outputs=("compare",),
     body=compare_stage,
     summary=lambda r: "" if r.get("skipped") else f"{r['rows']} method x attribute rows on {r['model']}",

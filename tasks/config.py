@@ -284,8 +284,11 @@ class LatentSvdSection(Section):
 
 
 class AviSection(Section):
-    prompt_pair: tuple[str, str] = option(None, "the original text A and the target text B (SD-family models)")
+    prompt_pair: tuple[str, str] | None = option(None, "the original text A and the target text B (SD-family models)")
     name: str = option("avi", "the predictor's name (RUN/directions/avi/NAME); an attribute name is scored")
+    prompt_pairs: dict[str, tuple[str, str]] = option(
+        dict, "or several: NAME -> [A, B], one predictor each (YAML; hspace compare finds ATTRIBUTE's)", hidden=True
+    )
     k: int | None = option(None, "singular vectors taken from each latent channel (default: half its side)", gt=0)
     org_share: FiniteFloat = option(0.3, "x_org's step, as a share of the steps (0.3: t = 0.7 T)", ge=0, lt=1)
     tar_share: FiniteFloat = option(0.4, "x_tar's step, further along (0.4: t = 0.6 T)", gt=0, lt=1)

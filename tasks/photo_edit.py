@@ -88,6 +88,8 @@ def edit_photos(
 
     edit = resolve_method(edit_method, asyrp, directions, target_prompt)
     scales = check_scales(edit, scales)
+    if edit is not None and "weights" in edit.needs:  # its x_tar: the photo's replay under the target prompt
+        raise RunError(f"--edit-method {edit_method} on a photo is not offered yet: edit a sample of a run instead")
     if sdedit is not None and edit is not None and "source" in edit.needs:
         raise RunError(f"--sdedit K restarts every edit from the noised photo: give it or --edit-method {edit_method}")
     if directions and edit is not None and "source" in edit.needs:

@@ -165,7 +165,7 @@ def trained(prefect_server, tmp_path_factory):
     pair = ("--prompt-pair", "a person without glasses", "a person wearing glasses")
     r = hspace_cli("avi", run, *pair, "--name", "Eyeglasses", "--held-out", "32", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert "held-out own change" in r.output
+    assert "avi Eyeglasses: alpha 1 on 32 held-out samples moves it by" in r.output
     return run
 
 
@@ -223,3 +223,26 @@ def test_avi_by_name_in_edit_and_table_1(trained, tmp_path):
     assert summary["directions"] == ["avi:Eyeglasses"]
     table = (run.eval / "leakage_original.csv").read_text().splitlines()
     assert table[1].startswith("Eyeglasses,")
+
+
+def test_bad_avi_input_is_refused_before_any_work(prefect_server, tmp_path):
+    """A pixel model, steps that do not leave x_tar after x_org, a photo: one line each, nothing written."""
+    run = tmp_path / "toy"
+    r = hspace_cli("sample", "--model", "toy", "--n", "4", "--steps", "3", "--out", run, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    r = hspace_cli("avi", run, "--prompt-pair", "a", "b", "--held-out", "1", "--device", "cpu")
+    assert r.exit_code != 0 and "takes no text (a pixel model)" in r.output, r.output
+    assert not (RunFolder(run).directions / "avi").exists()
+    from hspace.tasks.check import config_problems
+    from hspace.tasks.config import RunConfig
+
+    cfg = RunConfig.model_validate({"sample": {"model": "toy-sd", "steps": 2, "prompt": "a"},
+                                    "avi": {"prompt_pairs": {"Smiling": ["a", "b"]}}})  # fmt: skip
+    problems, _ = config_problems(cfg)
+    assert any("give steps 1 and 1 of 2: x_tar must come later" in p for p in problems), problems
+    cfg = RunConfig.model_validate({"sample": {"model": "toy"}, "avi": {"prompt_pair": ["a", "b"]}})
+    assert any("avi: a prompt pair needs a text-conditioned model" in p for p in config_problems(cfg)[0])
+    r = hspace_cli(
+        "edit", "--model", "toy-sd", "--image", run, "--edit-method", "avi:predictor=x", "--out", tmp_path / "p.png"
+    )
+    assert r.exit_code != 0 and "on a photo is not offered yet" in r.output, r.output
