@@ -264,6 +264,12 @@ def predictor_file(run, name: str) -> Path:
     return run.directions / "avi" / f"{name}.safetensors"
 
 
+def predictor_files(run) -> list[Path]:
+    """The run's AVI predictor files (RUN/directions/avi/*.safetensors), sorted."""
+    folder = predictor_file(run, "_").parent
+    return sorted(folder.glob("*.safetensors")) if folder.exists() else []
+
+
 def save_predictor(path: Path, f, meta: dict) -> Path:
     """The predictor's weights and its spec and provenance (model fingerprint, attribute, the
     training losses) as string metadata; written aside and moved in."""

@@ -153,7 +153,8 @@ def edit(
     """Replay a sample with the same noise and render a grid of h-space edits; or, with
     --image, invert a photo (or SDEdit it) and render its edits."""
     try:
-        from hspace.tasks.edit import edit_sample, parse_scales
+        from hspace.tasks.edit import edit_sample
+        from hspace.tasks.edit_methods import parse_scales
         from hspace.tasks.sample import resolve_device
 
         values = None if scales is None else parse_scales(scales)

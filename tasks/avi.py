@@ -4,12 +4,15 @@ the run's directions (RUN/directions/avi/NAME.safetensors, data.directions.predi
 
 Training pairs: for each of the run's first ``samples`` seeds, x_org (the latent at ``org_step``
 under A) and x_tar (at ``tar_step`` under B), rendered with the seed's own noise; every latent
-channel is one example. Then the trained edit (alpha 1) is scored on the run's last ``held_out``
-samples with the judge: the mean change of every factor it scores (the own change where NAME is
-one of them), recorded in the predictor's metadata and the stage's line.
+channel is one example. Then the trained edit is scored on the run's last ``held_out`` samples
+with the judge at alpha 0, 1, 2, 4, 8 (the paper's Fig. 7): the mean change of every factor it
+scores (the own change where NAME is one of them), recorded in the predictor's metadata, drawn
+beside it (NAME.png: four held-out samples across alpha) and, at alpha 1, in the stage's line.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
@@ -80,6 +83,7 @@ def train_avi(run: RunFolder, avi, ctx: Context) -> dict:
     model = (meta, unet, scheduler, replay, net)
     results = {name: train_one(run, avi, spec, name, n_train, model, ctx) for name, spec in specs.items()}
     paths = [r.pop("path") for r in results.values()]
+    paths += [f for f in (r.pop("figure") for r in results.values()) if f is not None]
     return {"outputs": outputs(run, paths), "predictors": results}
 
 
@@ -110,18 +114,47 @@ def train_one(run: RunFolder, avi, spec, name: str, n_train: int, model, ctx: Co
         )
     f.eval()
     held = list(range(cfg["n"] - avi.held_out, cfg["n"]))
-    change = {}
-    if held:
-        edit = AVI.from_replay(replay, unet, scheduler, held, f).action(1.0)
-        base = net.score(replay.render(unet, scheduler, held)).numpy()
-        edited = net.score(replay.render(unet, scheduler, held, edit=edit)).numpy()
-        change = dict(zip(net.names, (edited - base).mean(0).tolist(), strict=True))
+    sweep, images = alpha_sweep(AVI.from_replay(replay, unet, scheduler, held, f), replay, unet, scheduler, held, net)
+    change = sweep.get("1", {})
     info = {"model": meta["model"]["fingerprint"], "model_id": models.ref_of(meta).id, "attribute": name,
             "losses": history[-1], "held_out_change": change, "held_out": [held[0], held[-1] + 1] if held else [],
-            "weights": list(weights), "samples": n_train, "method": "AVI (Wang et al. 2025)"}  # fmt: skip
+            "alpha_sweep": sweep, "weights": list(weights), "samples": n_train, "method": "AVI"}  # fmt: skip
     path = dirfile.save_predictor(dirfile.predictor_file(run, name), f, info)
+    figure = path.with_suffix(".png")
+    if images is not None:
+        draw_sweep(images, sweep, name, figure)
     ctx.log(f"avi {name}: alpha 1 on {len(held)} held-out samples moves it by {change.get(name, float('nan')):+.3f}")
-    return {"path": path, "losses": history[-1], "own_change": change.get(name)}
+    return {"path": path, "figure": figure if images is not None else None, "losses": history[-1],
+            "own_change": change.get(name)}  # fmt: skip
+
+
+ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)  # the held-out sweep of the strength (the paper's Fig. 7)
+
+
+def alpha_sweep(method, replay, unet, scheduler, held: list[int], net):
+    """({alpha: {factor: mean change}}, uint8 images (4, len(ALPHAS) + 1, 3, R, R) of the first
+    held-out samples: unedited, then each alpha), or ({}, None) without held-out samples."""
+    from hspace.hcore.sampler import to_uint8
+
+    if not held:
+        return {}, None
+    x0 = replay.render(unet, scheduler, held)
+    base, shown = net.score(x0).numpy(), [to_uint8(x0[:4]).numpy()]
+    sweep = {}
+    for alpha in ALPHAS:
+        edited = replay.render(unet, scheduler, held, edit=method.action(alpha))
+        sweep[f"{alpha:g}"] = dict(zip(net.names, (net.score(edited).numpy() - base).mean(0).tolist(), strict=True))
+        shown.append(to_uint8(edited[:4]).numpy())
+    return sweep, np.stack(shown, 1)
+
+
+def draw_sweep(images: np.ndarray, sweep: dict, name: str, path) -> None:
+    """NAME.png beside the predictor: held-out samples across alpha, each column's own change."""
+    from hspace.data.figures import grid_image, save_grid
+
+    cols = ["unedited"] + [f"a={a} ({v.get(name, float('nan')):+.2f})" for a, v in sweep.items()]
+    title = f"AVI {name}: alpha sweep on held-out samples (mean own change)"
+    save_grid(path, grid_image(images, [f"#{i}" for i in range(len(images))], cols, title=title))
 
 
 def avi_line(result: dict) -> str:
@@ -145,7 +178,7 @@ def avi_stage(run: RunFolder, avi, ctx: Context) -> dict:
 
 def avi_cost(cfg) -> int:
     """The pairs' renders (to org_step under A, to tar_step under B) and the held-out score
-    (a plain render, the x_tar renders and the edited one)."""
+    (the x_tar renders, a plain render and one per alpha of the sweep)."""
     a = cfg.avi
     if a is None:
         return 0
@@ -153,7 +186,7 @@ def avi_cost(cfg) -> int:
     org, tar = round(a.org_share * steps), round(a.tar_share * steps)
     n = min(a.samples, cfg.sample.n - a.held_out)
     count = len(a.prompt_pairs) + (a.prompt_pair is not None and a.name not in a.prompt_pairs)
-    return count * (n * (org + tar) + a.held_out * (2 * steps + tar))
+    return count * (n * (org + tar) + a.held_out * ((1 + len(ALPHAS)) * steps + tar))
 
 
 STAGE = Stage(

@@ -74,7 +74,7 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, model:
         needs = set(cls.needs)
         if not needs:
             try:
-                made = make(name)  # with its settings: "sv-scale:index=1,step=2"
+                made = make(name)  # with its settings: "sv-scale:index=1:step=2"
             except ValueError as e:
                 raise RunError(f"evaluate.methods: {e}") from None
             rows.append((name, made.attribute or name, Bound(name, cls, lambda idx, made=made: made)))

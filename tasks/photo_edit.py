@@ -22,16 +22,18 @@ from hspace.data.catalog import RunError
 from hspace.data.photos import IMAGE_SUFFIXES, psnr, read_photos, ssim
 from hspace.tasks.edit import (
     SampleSpec,
-    check_scales,
     load_directions,
     load_edit_model,
     model_config,
-    parse_direction,
-    parse_window,
     plan_grid,
     render_edits,
-    resolve_method,
     save_cells,
+)
+from hspace.tasks.edit_methods import (
+    check_scales,
+    parse_direction,
+    parse_window,
+    resolve_method,
     with_method,
     with_prompt,
 )

@@ -165,7 +165,7 @@ def _latent_svd(run: RunFolder) -> list[str]:
 
     store = LatentSvdStore(run.latent_svd)
     if not store.file("properties.json").exists():
-        return []
+        return _avi_figures(run)
     s = json.loads(store.file("properties.json").read_text())["summary"]
     lines = [
         f"small neighbourhood: geodesic distance between neighbouring steps {s['adjacent_distance']:.3f}, the same "
@@ -182,7 +182,18 @@ def _latent_svd(run: RunFolder) -> list[str]:
     for name, alt in (("neighbourhood.png", "small neighbourhood"), ("effects.png", "singular value probes")):
         if store.file(name).exists():
             parts.append(_img(store.file(name), alt))
-    return parts
+    return parts + _avi_figures(run)
+
+
+def _avi_figures(run: RunFolder) -> list[str]:
+    """`hspace avi`'s predictors: each one's alpha sweep on held-out samples (the paper's Fig. 7)."""
+    from hspace.data.directions import predictor_files
+
+    figures = [f.with_suffix(".png") for f in predictor_files(run) if f.with_suffix(".png").exists()]
+    if not figures:
+        return []
+    parts = ["<h2 id='avi'>Attribute Vector Integration: alpha sweeps</h2>"]
+    return parts + [_img(f, f"AVI {f.stem}") for f in figures]
 
 
 def _folded(meta: dict) -> list[str]:

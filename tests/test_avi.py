@@ -124,8 +124,9 @@ def test_avi_method_is_the_explicit_intervention(toy_sd):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,dtype", [("sd1", "float32"), ("sd2", "bfloat16"), ("sdxl", "float32")])
 def test_avi_on_sd_shapes(tmp_path, kind, dtype):
-    """The SD test shapes (SD 2.x: v-prediction in bfloat16): the explicit intervention; SD 1.x
-    in diffusers' own StableDiffusionPipeline through hspace.apply (<= 2/255)."""
+    """The SD test shapes (SD 2.x: v-prediction in bfloat16): AVI and singular-value scaling
+    against the explicit intervention; AVI in diffusers' own StableDiffusionPipeline (SD 1.x)
+    through hspace.apply (<= 2/255)."""
     from diffusers import DDIMScheduler
 
     from tests.sd_fixtures import LATENT_SIZE, load_tiny_sd, save_tiny_sd
@@ -144,6 +145,13 @@ def test_avi_on_sd_shapes(tmp_path, kind, dtype):
     resumed = replay.render(unet, scheduler, [0], x_T=y, start_at=1)
     torch.testing.assert_close(got, resumed, rtol=0, atol=2e-3 if dtype == "bfloat16" else 2e-4)
     assert (got - replay.render(unet, scheduler, [0])).abs().mean() > 1e-3
+    from hspace.hcore.edits import make  # singular-value scaling on the same shapes, the explicit restart too
+    from hspace.hcore.latent_svd import scale_singular_values
+
+    scaled = replay.render(unet, scheduler, [0], edit=make("sv-scale:index=0:step=2").action(0.5))
+    start = scale_singular_values(replay.render(unet, scheduler, [0], stop_before=2), 0, 1.5)
+    restart = replay.render(unet, scheduler, [0], x_T=start, start_at=2)
+    torch.testing.assert_close(scaled, restart, rtol=0, atol=2e-3 if dtype == "bfloat16" else 2e-4)
     if kind != "sd1":
         return
     pipe = load_tiny_sd(folder, kind)
@@ -183,6 +191,14 @@ def test_hspace_avi_trains_a_predictor_that_moves_its_attribute(trained):
     f, info = load_predictor(path, meta["model"]["fingerprint"], 10)
     assert (f.spec.k, f.spec.org_step, f.spec.tar_step, f.spec.prompt_b) == (4, 3, 4, "a person wearing glasses")
     assert json.loads(info["held_out"]) == [224, 256] and info["attribute"] == "Eyeglasses"
+    sweep = json.loads(info["alpha_sweep"])  # the paper's Fig. 7: the held-out change across alpha, and its picture
+    assert list(sweep) == ["0", "1", "2", "4", "8"] and sweep["8"]["Eyeglasses"] > sweep["1"]["Eyeglasses"]
+    from PIL import Image
+
+    assert Image.open(path.with_suffix(".png")).size[0] > 6 * 64
+    from hspace.tasks.report import write_report
+
+    assert "id='avi'" in write_report(run).read_text()  # the report shows the sweep
     with pytest.raises(RunError, match="was trained on model toy-sd"):
         load_predictor(path, "0" * 64, 10)
     with pytest.raises(RunError, match="trained for 10 sampling steps, not 20"):
@@ -225,6 +241,7 @@ def test_avi_by_name_in_edit_and_table_1(trained, tmp_path):
     assert table[1].startswith("Eyeglasses,")
 
 
+@pytest.mark.slow
 def test_bad_avi_input_is_refused_before_any_work(prefect_server, tmp_path):
     """A pixel model, steps that do not leave x_tar after x_org, a photo: one line each, nothing written."""
     run = tmp_path / "toy"

@@ -85,7 +85,7 @@ def test_sv_scale_is_the_explicit_restart(model):
     sigma_i scaled by numpy's SVD, then the sampler resumed from there (bfloat16 U-Net with
     attention); s = 0 is the plain sample; a strength per sample in one batch."""
     unet, sched = model
-    method = make("sv-scale:index=1,step=2")
+    method = make("sv-scale:index=1:step=2")
     assert (method.index, method.step, method.acts_on) == (1, 2, "x_t") and "Wang" in method.reference
     gens = lambda: make_generators(7, [0, 1])  # noqa: E731
     x_k = sample(unet, sched, gens(), STEPS, 1.0, stop_before=2)
@@ -113,17 +113,17 @@ def test_sv_scale_in_diffusers_ddim_pipeline(model):
     bfloat16 between steps, the sampler in float32)."""
     unet, sched = attention_unet(), model[1]
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
-    with hspace.apply(pipe, method="sv-scale:index=0,step=3", gamma=-0.5):
+    with hspace.apply(pipe, method="sv-scale:index=0:step=3", gamma=-0.5):
         out = pipe(batch_size=2, generator=make_generators(7, [0, 1]), num_inference_steps=STEPS, output_type="pt")
     images = out.images.float().permute(0, 2, 3, 1).numpy()  # bfloat16 has no numpy type: "pt"
     assert get("sv-scale").name == "sv-scale"
-    ref = sample(unet, sched, make_generators(7, [0, 1]), STEPS, 0.0, edit=make("sv-scale:index=0,step=3").action(-0.5))
+    ref = sample(unet, sched, make_generators(7, [0, 1]), STEPS, 0.0, edit=make("sv-scale:index=0:step=3").action(-0.5))
     ref = (ref.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.abs(np.round(images * 255) - np.round(ref * 255)).max() <= 1
 
 
 def test_hspace_edit_with_sv_scale(tmp_path):
-    """`hspace edit --model toy --seed 2 --edit-method "sv-scale:index=0,step=3" --scales -1,0,1`:
+    """`hspace edit --model toy --seed 2 --edit-method "sv-scale:index=0:step=3" --scales -1,0,1`:
     the 0 cell is the plain sample, the others the explicit restart."""
     from PIL import Image
     from typer.testing import CliRunner
@@ -135,7 +135,7 @@ def test_hspace_edit_with_sv_scale(tmp_path):
 
     args = ["edit", "--model", "toy", "--seed", "2", "--steps", str(STEPS), "--device", "cpu"]
     res = CliRunner().invoke(
-        app, [*args, "--edit-method", "sv-scale:index=0,step=3", "--scales", "-1,0,1", "--out", str(tmp_path / "g.png")]
+        app, [*args, "--edit-method", "sv-scale:index=0:step=3", "--scales", "-1,0,1", "--out", str(tmp_path / "g.png")]
     )
     assert res.exit_code == 0, res.output
     unet, sched = models.load_checked(models.resolve("toy"), "cpu", torch.float32, clip_sample=False)

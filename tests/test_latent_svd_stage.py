@@ -120,3 +120,27 @@ def test_latent_svd_on_toy_sd(prefect_server, tmp_path):
     props = json.loads(LatentSvdStore(RunFolder(run).latent_svd).file("properties.json").read_text())
     effects = np.array(props["effects_mean"])
     assert effects.shape[:2] == (4, 2) and np.abs(effects).max() > 0
+
+
+@pytest.mark.slow
+def test_sv_scale_with_settings_in_table_1(toy_run):
+    """evaluate.methods ["sv-scale:index=0:step=2"]: a Table 1 row equal to the explicit restart
+    (x_2 stopped, sigma_0 scaled by numpy's SVD, resumed), scored by the oracle by hand."""
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+    from hspace.hcore.latent_svd import scale_singular_values
+    from hspace.tasks.evaluate import run_evaluation
+
+    spec = "sv-scale:index=0:step=2"
+    run_evaluation(str(toy_run), [], methods=[spec], n=4, gamma=0.5, evaluator="oracle", log=lambda line: None)
+    table = (RunFolder(toy_run).eval / "leakage_original.csv").read_text().splitlines()
+    assert table[1].startswith(spec + ",")
+    meta = RunFolder(toy_run).read()
+    unet, scheduler = models.load_for_run(meta)
+    replay = models.replay_for_run(meta)
+    idx = [0, 1, 2, 3]
+    start = scale_singular_values(replay.render(unet, scheduler, idx, stop_before=2), 0, 1.5)
+    net = load_annotator("oracle")
+    edited = net.score(replay.render(unet, scheduler, idx, x_T=start, start_at=2))
+    by_hand = (edited - net.score(replay.render(unet, scheduler, idx))).mean(0).numpy()
+    np.testing.assert_allclose([float(x) for x in table[1].split(",")[1:]], by_hand, atol=2e-5)

@@ -155,7 +155,8 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
     # samples), would run; sample, annotate, pca, the PC names and Fig. 7 stay cached
     states = dict(re.findall(r"│ ([\w-]+)\s+│ (run|skip \(cached\))", plan))
     assert states == {
-        **dict.fromkeys(["sample", "annotate", "pca", "pc_names", "jacobian_figure", "latent-svd"], "skip (cached)"),
+        **dict.fromkeys(["sample", "annotate", "avi", "pca", "pc_names", "jacobian_figure"], "skip (cached)"),
+        "latent-svd": "skip (cached)",
         **dict.fromkeys(["directions", "disentangle", "compare", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
@@ -435,7 +436,9 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
         assert not stray, f"stage {name} wrote outside its declaration {allowed}: {stray}"
         seen[name] = written
     assert any(f.startswith("jacobian.zarr/") for f in seen["jacobian_figure"])  # Fig. 7 ran: the check saw it
-    assert all(seen[s] for s in pipeline_stages())  # every stage wrote something
+    # every stage wrote something; but avi, which edits toward a prompt and so refuses this pixel
+    # model (its writes, directions/avi/, are checked on toy-sd by tests/test_avi.py)
+    assert all(seen[s] for s in pipeline_stages() if s != "avi")
     bound = unet_passes(cfg)
     assert 0 < made.pop("compare") <= bound.pop("compare")  # calibrations stop when they reach the target
     assert made == bound

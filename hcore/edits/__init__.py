@@ -253,14 +253,15 @@ def methods() -> dict[str, type[EditMethod]]:
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
-    """'NAME' or 'NAME:key=value,key=value' -> (NAME, settings), each value an int, a float or
-    text: how every front names a method with its settings (``"sv-scale:index=1,step=2"``)."""
+    """'NAME' or 'NAME:key=value:key=value' -> (NAME, settings), each value an int, a float or
+    text: how every front names a method with its settings (``"sv-scale:index=1:step=2"``; colons,
+    not commas, so that a spec stays one item of a comma-separated list option)."""
     name, _, rest = spec.partition(":")
     settings: dict = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in rest.split(":"))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"editing method {spec!r}: settings are key=value, comma-separated; got {item!r}")
+            raise ValueError(f"editing method {spec!r}: settings are key=value, colon-separated; got {item!r}")
         for kind in (int, float):
             try:
                 settings[key.strip()] = kind(value)

@@ -43,7 +43,7 @@ class AVI(EditMethod):
     unit = "the weight of x_tar's singular-vector columns (0: none; 1: as trained)"
     acts_on = "x_t"
     reference = "Wang et al. 2025 (SVD of latent codes), sec. 3.2: Attribute Vector Integration"
-    strength_start, strength_max = 0.5, 4.0
+    strength_start, strength_max = 1.0, 12.0  # a converged predictor moves little at 1 (docs/latent_svd.md)
 
     def __init__(self, predictor: Predictor, x_tar: torch.Tensor, attribute: str | None = None):
         spec = predictor.spec

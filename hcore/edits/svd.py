@@ -3,7 +3,7 @@ Fig. 2-4): at one step k, the ``index``-th singular value of every channel of x_
 flattened (C*H) x W matrix, ``variant="flat"``) is scaled, x_t + s sigma_i u_i v_i^T, and the
 sampler continues. The strength s is the relative change of sigma_i (0: no edit, -1: the
 component removed, 1: doubled); the step and the index are settings
-(``hspace edit --edit-method "sv-scale:index=1,step=2"``)."""
+(``hspace edit --edit-method "sv-scale:index=1:step=2"``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Seconds per edit of every editing method on toy-sd, as a multiple of a plain render of the
 same samples measured in the same run (interleaved, best of --repeats): Prompt-to-Prompt and
 Plug-and-Play carry the source in the same batch (target: within 2.2x), Asyrp makes a second,
-unedited pass per step, SDEdit skips the steps before its restart.
+unedited pass per step, SDEdit skips the steps before its restart; singular-value scaling and
+AVI make one SVD per channel at one step (AVI's x_tar render is counted apart: it is made once
+per set of samples, and a front reuses it at every strength).
 
     python tests/benchmarks/bench_methods_speed.py --n 16 --steps 10 --repeats 5
 """
@@ -44,7 +46,15 @@ def main() -> None:
         "p2p": get("p2p").from_prompt("a smiling person", text.tokenizers[0]),
         "pnp": get("pnp").from_prompt("a smiling person", text.tokenizers[0]),
         "sdedit": get("sdedit").from_source(source, sched),
+        "sv-scale": get("sv-scale")(index=0, step=3),
     }
+    from hspace.hcore.avi import AviSpec, Predictor
+
+    torch.manual_seed(0)
+    predictor = Predictor(AviSpec(4, 8, 4, args.steps, 3, 4, "a person", "a smiling person", 64))
+    start = time.perf_counter()
+    made["avi"] = get("avi").from_replay(replay, unet, sched, idx, predictor)
+    x_tar_seconds = time.perf_counter() - start
     strength = {"p2p": 0.6, "pnp": 0.6, "sdedit": 0.5}
     best = dict.fromkeys(made, float("inf"))
     for _ in range(args.repeats):  # interleaved: each round times every method once
@@ -57,6 +67,7 @@ def main() -> None:
     print(f"{'method':<12} {'s per edit':>10} {'x plain':>8}")
     for name, seconds in best.items():
         print(f"{name:<12} {seconds / args.n:>10.4f} {seconds / best['plain']:>8.2f}")
+    print(f"avi's x_tar render (once per set of samples): {x_tar_seconds / best['plain']:.2f} x plain")
 
 
 if __name__ == "__main__":
