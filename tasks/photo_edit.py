@@ -20,6 +20,7 @@ import numpy as np
 from hspace.data import directions as dirfile
 from hspace.data.catalog import RunError
 from hspace.data.photos import IMAGE_SUFFIXES, psnr, read_photos, ssim
+from hspace.tasks import edit_methods as em
 from hspace.tasks.edit import (
     SampleSpec,
     load_directions,
@@ -28,14 +29,6 @@ from hspace.tasks.edit import (
     plan_grid,
     render_edits,
     save_cells,
-)
-from hspace.tasks.edit_methods import (
-    check_scales,
-    parse_direction,
-    parse_window,
-    resolve_method,
-    with_method,
-    with_prompt,
 )
 
 
@@ -88,8 +81,8 @@ def edit_photos(
     from hspace.hcore.sampler import to_uint8, to_unit
     from hspace.tasks.invert import invert_images
 
-    edit = resolve_method(edit_method, asyrp, directions, target_prompt)
-    scales = check_scales(edit, scales)
+    edit = em.resolve_method(edit_method, asyrp, directions, target_prompt)
+    scales = em.check_scales(edit, scales)
     if edit is not None and "weights" in edit.needs:  # its x_tar: the photo's replay under the target prompt
         raise RunError(f"--edit-method {edit_method} on a photo is not offered yet: edit a sample of a run instead")
     if sdedit is not None and edit is not None and "source" in edit.needs:
@@ -104,7 +97,7 @@ def edit_photos(
     if not (0 <= eta <= 1):
         raise RunError(f"--eta must be in [0, 1], got {eta}")
     paths = photo_paths(images)
-    specs = [parse_direction(d) for d in directions]
+    specs = [em.parse_direction(d) for d in directions]
     h_dirs = [dirfile.load(s.path) for s in specs]
     h_dirs = [(v, meta) for v, meta in h_dirs if meta.get("h_point") != "xT"]
     if h_dirs:  # the schedule and h point the directions were found with
@@ -130,10 +123,10 @@ def edit_photos(
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": run_eta},
         edit_branch=text.edit_branch if text is not None else None,
     )
-    how = {"window": parse_window(window, steps), "asyrp": asyrp}
+    how = {"window": em.parse_window(window, steps), "asyrp": asyrp}
     replay = Replay(seed, steps, run_eta, h_point, text)
-    edit = with_prompt(edit, text, target_prompt, ref.id)
-    specs, vectors = with_method(edit, specs, vectors, how["window"], target_prompt)
+    edit = em.with_prompt(edit, text, target_prompt, ref.id)
+    specs, vectors = em.with_method(edit, specs, vectors, how["window"], target_prompt)
     cells, row_names, col_names = plan_grid(specs, scales)
     photos, notes = read_photos(paths, size)
     x_img = to_unit(photos)
