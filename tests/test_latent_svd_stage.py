@@ -32,6 +32,7 @@ def toy_run(prefect_server, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow  # the module's run takes 15 s to sample: the quick tier keeps hcore's SVD tests
 def test_stored_xt_is_the_samplers(toy_run):
     """xt[i, t] is x_t before step t's U-Net pass (step 0: the seed's x_T), float16."""
     from hspace.data import models
@@ -84,6 +85,7 @@ def test_latent_svd_stage_on_toy(toy_run):
     assert "id='latent-svd'" in page and "small neighbourhood" in page
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_before_any_work(toy_run, tmp_path):
     before = sorted(p.name for p in RunFolder(toy_run).root.iterdir())
     for args, message in (
