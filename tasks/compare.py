@@ -15,7 +15,10 @@ on x_T; the h method also with ``ATTR_prompt`` and ``ATTR_disentangled`` where t
 prompt pair: the target of the attribute's prompt pair (the metadata of its direction file
 ``ATTR_prompt``, from ``directions.prompt_pairs``; the source: the sample's own prompt); a
 source: the sample's own unedited output, denoised again under that target prompt; nothing:
-where the method names the attribute. What does not fit is listed with the reason.
+where the method names the attribute. What the run holds for the attribute makes two more: its
+AVI predictor (directions/avi/ATTR, `hspace avi`) the method avi, and the latent-svd probe whose
+scaling raised it most (latent_svd/properties.json) the method sv-scale at that step and index.
+What does not fit is listed with the reason.
 
 Calibration flags: "calibrated" (the own change on the calibration samples within 0.05 of the
 target; the search stops within half of that), "missed" (the closest strength found is further:
