@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from hspace.data.catalog import RunError
 
 ORACLE_DIR = Path(__file__).resolve().parent / "oracle"
+TOY_CLIP_DIR = Path(__file__).resolve().parent / "toy_clip_model"  # data/toy/train_clip.py: `clip:toy-clip`
 
 
 def save_oracle(net, folder: Path, extra: dict | None = None) -> Path:
@@ -94,11 +95,12 @@ def _load_strict(net, state: dict, path: Path, what: str):
 
 
 def clip_folder(spec: str) -> Path:
-    """A CLIP model's folder: a local path, or an HF id found in the local cache (never
-    downloaded: fetch it yourself with `huggingface-cli download ID` where there is network)."""
+    """A CLIP model's folder: ``toy-clip`` (the shipped one, trained on the toy world), a local
+    path, or an HF id found in the local cache (never downloaded: fetch it yourself with
+    `huggingface-cli download ID` where there is network)."""
     from hspace.data.models import _from_hub
 
-    folder = Path(spec).expanduser()
+    folder = TOY_CLIP_DIR if spec == "toy-clip" else Path(spec).expanduser()
     if not folder.exists():
         if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
             raise RunError(f"CLIP model {spec!r} is neither an existing folder nor a Hugging Face id (owner/name)")
@@ -119,9 +121,11 @@ def clip_folder(spec: str) -> Path:
 
 def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
     """CLIPModel + CLIPProcessor from ``clip_folder(spec)`` wrapped as a zero-shot annotator."""
+    import re
+
     from transformers import CLIPModel, CLIPProcessor
 
-    from hspace.hcore.annotators import CLIPZeroShot
+    from hspace.hcore.annotators import CLIP_PROMPTS, CLIPZeroShot
 
     folder = clip_folder(spec)
     try:
@@ -129,6 +133,17 @@ def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, safetensors errors...
         raise RunError(f"cannot load the CLIP model in {folder}: {str(e).splitlines()[0][:200]}") from None
+    if (folder / "recipe.json").exists():  # toy-clip knows the toy world's caption words only
+        known = set(processor.tokenizer.get_vocab())
+        words = {
+            w for pair in (prompts or CLIP_PROMPTS).values() for t in pair for w in re.findall(r"[a-z]+", t.lower())
+        }
+        unknown = sorted(w for w in words if f"{w}</w>" not in known)
+        if unknown:
+            raise RunError(
+                f"{folder} is toy-clip, which knows only the toy world's caption words (data/toy/captions.py); "
+                f"unknown in the prompts: {', '.join(unknown)}"
+            )
     return CLIPZeroShot(model.eval(), processor, prompts).to(device).eval()
 
 

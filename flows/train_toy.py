@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from hspace.data.toy import train, train_sd
+from hspace.data.toy import train, train_clip, train_sd
 from hspace.data.toy.train_sd import resolve_recipe
 from hspace.flows.prefect_server import prefect_api
 
@@ -57,3 +57,34 @@ def train_sd_command(checkpoint: Path, out: Path, steps, checkpoint_every, conso
     with prefect_api(console):
         state = train_toy_sd_flow(str(checkpoint), str(out), asdict(recipe))
     console.print(f"toy-sd at U-Net step {state['unet_step']}: [bold]{out}[/] (checkpoint {checkpoint})")
+
+
+@task(name="train-toy-clip")
+def train_toy_clip(checkpoint: str, out: str, recipe: dict) -> dict:
+    from prefect.logging import get_run_logger
+
+    return train_clip.train_clip(checkpoint, out, train_clip.ClipRecipe(**recipe), report=get_run_logger().info)
+
+
+@flow(name="hspace-train-toy-clip")
+def train_toy_clip_flow(checkpoint: str, out: str, recipe: dict) -> dict:
+    return train_toy_clip(checkpoint, out, recipe)
+
+
+def train_clip_command(checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
+    """The body of `hspace train-toy --recipe clip`: ``train_toy_clip_flow`` on the local Prefect
+    server; resumable (a checkpoint of another recipe is refused)."""
+    if checkpoint == Path("runs/toy-train/checkpoint"):
+        checkpoint = Path("runs/toy-clip-train/checkpoint")
+    if out == Path("runs/toy-train/model"):
+        out = Path("runs/toy-clip-train/model")
+    recipe = train_clip.ClipRecipe()
+    if (checkpoint / "recipe.json").exists():
+        import json
+
+        recipe = train_clip.ClipRecipe(**json.loads((checkpoint / "recipe.json").read_text()))
+    recipe.steps = steps or recipe.steps
+    recipe.checkpoint_every = checkpoint_every or recipe.checkpoint_every
+    with prefect_api(console):
+        state = train_toy_clip_flow(str(checkpoint), str(out), asdict(recipe))
+    console.print(f"toy-clip at step {state['step']}: [bold]{out}[/] (checkpoint {checkpoint})")
