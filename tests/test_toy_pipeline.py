@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -132,3 +133,28 @@ def test_invert_bad_inputs(tmp_path):
         app, ["invert", "--images", str(images), "--labels", str(labels), "--out", str(tmp_path / "c")]
     )
     assert result.exit_code == 2 and "not in" in result.output
+
+
+@pytest.mark.slow
+def test_table_1_by_toy_clip_agrees_with_the_oracle(toy_run):
+    """The paper's evaluation (CLIP zero-shot, its prompts) with toy-clip on the same edits as
+    the oracle: each direction raises its own attribute by both judges, and the two tables agree
+    cell by cell (Pearson over the five attributes' columns)."""
+    import csv
+
+    from hspace.data.catalog import RunFolder
+    from hspace.tasks.evaluate import run_evaluation
+
+    r = hspace("directions", toy_run, "--attribute", "Eyeglasses,Male", "--top", "8", "--held-out", "16")
+    assert r.exit_code == 0, r.output
+    tables = {}
+    for judge in ("oracle", "clip:toy-clip"):
+        run_evaluation(str(toy_run), ["Eyeglasses", "Male"], evaluator=judge, n=16, gamma=2.0, log=lambda line: None)
+        rows = list(csv.reader((RunFolder(toy_run).eval / "leakage_original.csv").open()))
+        tables[judge] = {r[0]: dict(zip(rows[0][1:], map(float, r[1:]), strict=True)) for r in rows[1:]}
+    cols = ["Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young"]
+    for row in ("Eyeglasses", "Male"):
+        assert tables["oracle"][row][row] > 0.1 and tables["clip:toy-clip"][row][row] > 0.1, tables
+    o = [tables["oracle"][r][c] for r in ("Eyeglasses", "Male") for c in cols]
+    c = [tables["clip:toy-clip"][r][c] for r in ("Eyeglasses", "Male") for c in cols]
+    assert np.corrcoef(o, c)[0, 1] > 0.8, (o, c)
