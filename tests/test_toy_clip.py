@@ -35,6 +35,7 @@ def test_training_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
     assert loaded.names == ("Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young")
 
 
+@pytest.mark.slow
 def test_the_shipped_toy_clip_reads_the_attributes_zero_shot():
     """With the paper's prompt pairs, on 512 held-out renders against their true factors: each
     attribute read right in at least MIN of them (the shipped quality.json has the full figures)."""
@@ -51,6 +52,7 @@ def test_the_shipped_toy_clip_reads_the_attributes_zero_shot():
 MIN = dict.fromkeys(("Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young"), 0.95)  # measured: 0.988-1.0
 
 
+@pytest.mark.slow
 def test_bad_clip_input_is_one_line(tmp_path):
     no_processor = tmp_path / "bare"
     shutil.copytree(TOY_CLIP_DIR, no_processor)
