@@ -119,13 +119,26 @@ def clip_folder(spec: str) -> Path:
     return folder
 
 
-def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
-    """CLIPModel + CLIPProcessor from ``clip_folder(spec)`` wrapped as a zero-shot annotator."""
+def is_toy_clip(folder: Path) -> bool:
+    """Whether ``folder`` holds toy-clip: its recipe.json names every field of ClipRecipe."""
+    import json
+    from dataclasses import fields
+
+    from hspace.data.toy.train_clip import ClipRecipe
+
+    try:
+        recipe = json.loads((folder / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recipe, dict) and {f.name for f in fields(ClipRecipe)} <= set(recipe)
+
+
+def _clip_model(spec: str, texts):
+    """(CLIPModel, CLIPProcessor) of ``clip_folder(spec)``; ``texts``: what it must read (for
+    toy-clip, which knows the toy world's caption words only, each word checked)."""
     import re
 
     from transformers import CLIPModel, CLIPProcessor
-
-    from hspace.hcore.annotators import CLIP_PROMPTS, CLIPZeroShot
 
     folder = clip_folder(spec)
     try:
@@ -133,18 +146,31 @@ def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
         processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, safetensors errors...
         raise RunError(f"cannot load the CLIP model in {folder}: {str(e).splitlines()[0][:200]}") from None
-    if (folder / "recipe.json").exists():  # toy-clip knows the toy world's caption words only
+    if is_toy_clip(folder):
         known = set(processor.tokenizer.get_vocab())
-        words = {
-            w for pair in (prompts or CLIP_PROMPTS).values() for t in pair for w in re.findall(r"[a-z]+", t.lower())
-        }
-        unknown = sorted(w for w in words if f"{w}</w>" not in known)
+        unknown = sorted({w for t in texts for w in re.findall(r"[a-z]+", t.lower()) if f"{w}</w>" not in known})
         if unknown:
             raise RunError(
                 f"{folder} is toy-clip, which knows only the toy world's caption words (data/toy/captions.py); "
                 f"unknown in the prompts: {', '.join(unknown)}"
             )
+    return model, processor
+
+
+def load_clip(spec: str, device: str = "cpu", prompts: dict | None = None):
+    """CLIPModel + CLIPProcessor from ``clip_folder(spec)`` wrapped as a zero-shot annotator."""
+    from hspace.hcore.annotators import CLIP_PROMPTS, CLIPZeroShot
+
+    model, processor = _clip_model(spec, [t for pair in (prompts or CLIP_PROMPTS).values() for t in pair])
     return CLIPZeroShot(model.eval(), processor, prompts).to(device).eval()
+
+
+def load_clip_guide(spec: str, device: str = "cpu", prompts=()):
+    """A CLIP model (``clip_folder(spec)``) as a differentiable training signal
+    (hcore.clip_guidance.ClipGuide); ``prompts``: texts it must know."""
+    from hspace.hcore.clip_guidance import ClipGuide
+
+    return ClipGuide(*_clip_model(spec, prompts)).to(device)
 
 
 def load_annotator(spec: str, device: str = "cpu", prompts: dict | None = None):

@@ -314,3 +314,65 @@ def load_predictor(where: str | Path, model_fingerprint: str | None = None, step
     f = Predictor(spec)
     f.load_state_dict(state)
     return f.eval(), meta
+
+
+def trained_file(run, method: str, name: str) -> Path:
+    """RUN/directions/METHOD/NAME.safetensors: the weights a CLIP-trained editor learnt for the
+    edit NAME (`hspace clip-edits`): a LoRA, Asyrp's f, DeltaEdit's mapper."""
+    return run.directions / method / f"{name}.safetensors"
+
+
+def save_trained(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Weights and their provenance (``method``: the registered editing method; ``model``: the
+    fingerprint they were trained on; ``steps``) as string metadata; written aside, moved in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), strings)
+    tmp.replace(path)
+    return path
+
+
+def load_trained(where: str | Path, model_fingerprint: str | None = None, steps: int | None = None, device="cpu"):
+    """(method class, what its ``load_weights`` made, metadata) from a trained editor's file (a
+    path, or RUN/METHOD/NAME), or an AVI predictor (``load_predictor``); refused with one line
+    where it is none, or was trained on another model or for another number of steps."""
+    from hspace.data.catalog import RunFolder
+    from hspace.hcore.edits import get
+
+    path = Path(where)
+    if not path.is_file() and len(path.parts) >= 3 and RunFolder(path.parents[1]).run_json.exists():
+        path = trained_file(RunFolder(path.parents[1]), path.parent.name, path.name)
+    if not path.is_file() and (path.parent.name == "avi" or RunFolder(path.parent).run_json.exists()):
+        f, meta = load_predictor(where, model_fingerprint, steps)
+        return get("avi"), f, meta
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+        if meta.get("method") == "AVI":
+            f, meta = load_predictor(path, model_fingerprint, steps)
+            return get("avi"), f, meta
+        cls = get(meta["method"])
+        state = load_file(str(path))
+    except (SafetensorError, KeyError, OSError, ValueError) as e:
+        raise RunError(
+            f"{path} is no trained editor's file ({type(e).__name__}: {e}); make one: `hspace clip-edits`"
+        ) from None
+    if model_fingerprint is not None and meta.get("model") != model_fingerprint:
+        raise RunError(
+            f"{meta['method']} weights {path} were trained on model {meta.get('model_id')} "
+            f"({str(meta.get('model'))[:12]}), not this one ({model_fingerprint[:12]}): a fine-tuned edit "
+            "applies to the model it was trained on; train one for it with `hspace clip-edits`"
+        )
+    if steps is not None and int(meta.get("steps", steps)) != steps:
+        raise RunError(f"{meta['method']} weights {path} were trained for {meta['steps']} sampling steps, not {steps}")
+    loaded = {}
+    if "clip" in meta:
+        from hspace.data.annotators import load_clip_guide
+
+        loaded["guide"] = load_clip_guide(meta["clip"], device)
+    try:
+        return cls, cls.load_weights(state, meta, **loaded), meta
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise RunError(f"{path}: its {meta['method']} weights do not load ({type(e).__name__}: {e})") from None

@@ -57,7 +57,7 @@ class HSpaceHook:
     Usage::
 
         with HSpaceHook(unet, on_h=store.append) as hs:
-            hs.delta = gamma * v_t          # (B, C, H, W) or (C, H, W); None for no edit
+            hs.delta = gamma * v_t          # (B, C, H, W) or (C, H, W), or h -> delta; None for no edit
             eps = unet(x_t, t).sample       # on_h receives h_t, edited if delta is set
 
     Under classifier-free guidance set ``guided = True``: the batch is then read as
@@ -97,16 +97,20 @@ class HSpaceHook:
 
     def _add_delta(self, h: torch.Tensor) -> torch.Tensor:
         """h + delta (paper sec. 3), on the halves ``edit_branch`` names when ``guided``."""
-        delta = self.delta.to(device=h.device, dtype=h.dtype)
+        if callable(self.delta):  # a delta that depends on h itself (trained Asyrp: f(h_t, t))
+            shift = self.delta
+        else:
+            fixed = self.delta.to(device=h.device, dtype=h.dtype)
+            shift = lambda part: fixed  # noqa: E731
         if not self.guided:
-            return h + delta
+            return h + shift(h)
         if h.shape[0] % 2:
             raise ValueError(f"guided batch has {h.shape[0]} rows: expected [uncond; cond], an even number")
         uncond, cond = h.chunk(2)
         if self.edit_branch in ("both", "uncond"):
-            uncond = uncond + delta
+            uncond = uncond + shift(uncond)
         if self.edit_branch in ("both", "cond"):
-            cond = cond + delta
+            cond = cond + shift(cond)
         return torch.cat([uncond, cond])
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:

@@ -307,7 +307,7 @@ def sample(
             if edit is not None:
                 x = edit.x_t(step, x)  # a method acting on the latent x_t (hcore.edits)
             delta = edit.delta(step) if edit is not None else None
-            hs.delta = None if delta is None else delta.to(device)
+            hs.delta = delta.to(device) if isinstance(delta, torch.Tensor) else delta  # or h -> delta
             eps = unet_output(unet, x, t_int, conditioning)  # eps, or v (see ddim_step)
             if on_step is not None:
                 h = hs.last_h

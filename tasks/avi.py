@@ -18,11 +18,17 @@ from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
 
 
-def pairs_of(avi) -> dict[str, tuple[str, str]]:
-    """NAME -> (A, B): ``prompt_pairs``, and ``prompt_pair`` under ``name``; RunError for none."""
+def named_pairs(avi) -> dict[str, tuple[str, str]]:
+    """NAME -> (A, B): ``prompt_pairs``, and ``prompt_pair`` under ``name``; possibly none."""
     pairs = dict(avi.prompt_pairs)
     if avi.prompt_pair is not None:
         pairs[avi.name] = tuple(avi.prompt_pair)
+    return pairs
+
+
+def pairs_of(avi) -> dict[str, tuple[str, str]]:
+    """:func:`named_pairs`, RunError for none."""
+    pairs = named_pairs(avi)
     if not pairs:
         raise RunError("avi.prompt_pair: give the original and the target text (--prompt-pair A B)")
     return pairs
@@ -131,9 +137,9 @@ def train_one(run: RunFolder, avi, spec, name: str, n_train: int, model, ctx: Co
 ALPHAS = (0.0, 1.0, 2.0, 4.0, 8.0)  # the held-out sweep of the strength (the paper's Fig. 7)
 
 
-def alpha_sweep(method, replay, unet, scheduler, held: list[int], net):
-    """({alpha: {factor: mean change}}, uint8 images (4, len(ALPHAS) + 1, 3, R, R) of the first
-    held-out samples: unedited, then each alpha), or ({}, None) without held-out samples."""
+def alpha_sweep(method, replay, unet, scheduler, held: list[int], net, strengths=ALPHAS):
+    """({strength: {factor: mean change}}, uint8 images (4, len(strengths) + 1, 3, R, R) of the
+    first held-out samples: unedited, then each strength), or ({}, None) without held-out samples."""
     from hspace.hcore.sampler import to_uint8
 
     if not held:
@@ -141,19 +147,19 @@ def alpha_sweep(method, replay, unet, scheduler, held: list[int], net):
     x0 = replay.render(unet, scheduler, held)
     base, shown = net.score(x0).numpy(), [to_uint8(x0[:4]).numpy()]
     sweep = {}
-    for alpha in ALPHAS:
+    for alpha in strengths:
         edited = replay.render(unet, scheduler, held, edit=method.action(alpha))
         sweep[f"{alpha:g}"] = dict(zip(net.names, (net.score(edited).numpy() - base).mean(0).tolist(), strict=True))
         shown.append(to_uint8(edited[:4]).numpy())
     return sweep, np.stack(shown, 1)
 
 
-def draw_sweep(images: np.ndarray, sweep: dict, name: str, path) -> None:
-    """NAME.png beside the predictor: held-out samples across alpha, each column's own change."""
+def draw_sweep(images: np.ndarray, sweep: dict, name: str, path, title: str | None = None) -> None:
+    """NAME.png beside the trained edit: held-out samples across its strength, each column's own change."""
     from hspace.data.figures import grid_image, save_grid
 
-    cols = ["unedited"] + [f"a={a} ({v.get(name, float('nan')):+.2f})" for a, v in sweep.items()]
-    title = f"AVI {name}: alpha sweep on held-out samples (mean own change)"
+    cols = ["unedited"] + [f"{a} ({v.get(name, float('nan')):+.2f})" for a, v in sweep.items()]
+    title = title or f"AVI {name}: alpha sweep on held-out samples (mean own change)"
     save_grid(path, grid_image(images, [f"#{i}" for i in range(len(images))], cols, title=title))
 
 
@@ -185,8 +191,7 @@ def avi_cost(cfg) -> int:
     steps = cfg.sample.steps
     org, tar = round(a.org_share * steps), round(a.tar_share * steps)
     n = min(a.samples, cfg.sample.n - a.held_out)
-    count = len(a.prompt_pairs) + (a.prompt_pair is not None and a.name not in a.prompt_pairs)
-    return count * (n * (org + tar) + a.held_out * ((1 + len(ALPHAS)) * steps + tar))
+    return len(named_pairs(a)) * (n * (org + tar) + a.held_out * ((1 + len(ALPHAS)) * steps + tar))
 
 
 STAGE = Stage(

@@ -84,7 +84,8 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
 
 def findings(run: RunFolder, meta: dict, attribute: str, replay, unet, scheduler) -> dict:
     """What the run holds that makes a method for ``attribute``: its AVI predictor
-    (directions/avi/ATTR, `hspace avi --name ATTR`) and the latent-svd probe (step, index) whose
+    (directions/avi/ATTR, `hspace avi --name ATTR`), its CLIP-trained editors
+    (directions/METHOD/ATTR, `hspace clip-edits`) and the latent-svd probe (step, index) whose
     scaling raised it most (latent_svd/properties.json, made as sv-scale at that step and index)."""
     from hspace.data import directions as dirfile
     from hspace.data.stores import LatentSvdStore
@@ -96,6 +97,12 @@ def findings(run: RunFolder, meta: dict, attribute: str, replay, unet, scheduler
         f, _ = dirfile.load_predictor(path, meta["model"]["fingerprint"], replay.steps)
         avi = get("avi")
         found["avi"] = once_per_indices(lambda idx: avi.from_replay(replay, unet, scheduler, idx, f, attribute))
+    for method in ("diffusionclip", "asyrp-net", "deltaspace"):  # `hspace clip-edits`
+        path = dirfile.trained_file(run, method, attribute)
+        if path.exists():
+            cls, trained, _ = dirfile.load_trained(path, meta["model"]["fingerprint"], replay.steps, unet.device)
+            build = lambda idx, cls=cls, w=trained: cls.from_replay(replay, unet, scheduler, idx, w, attribute)  # noqa: E731
+            found[method] = once_per_indices(build)
     props_file = LatentSvdStore(run.latent_svd).file("properties.json")
     if props_file.exists():
         props = json.loads(props_file.read_text())
@@ -345,7 +352,8 @@ def compare_cost(cfg) -> int:
 STAGE = Stage(
     "compare",
     sections=("compare",),
-    inputs=("directions", "disentangle", "annotate", "avi", "latent-svd"),  # the last two: methods it finds
+    # the last three: the stages whose files make methods it finds
+    inputs=("directions", "disentangle", "annotate", "avi", "clip-edits", "latent-svd"),
     outputs=("compare",),
     body=compare_stage,
     summary=lambda r: "" if r.get("skipped") else f"{r['rows']} method x attribute rows on {r['model']}",

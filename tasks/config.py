@@ -302,6 +302,27 @@ class AviSection(Section):
     evaluator: str = option("oracle", "the judge of the held-out score")
 
 
+class ClipEditsSection(Section):
+    methods: Names = option(lambda: ["diffusionclip", "asyrp-net", "deltaspace"], "the editors to train (pixel runs)")
+    prompt_pairs: dict[str, tuple[str, str]] = option(
+        lambda: {"Smiling": ("A person", "A smiling person")},
+        "NAME -> [source text, target text]: one edit each (YAML; hspace compare finds ATTRIBUTE's)",
+        hidden=True,
+    )
+    clip: str = option("toy-clip", "the CLIP folder whose losses train them (toy-clip, a path, an HF id)")
+    samples: int = option(32, "the run's first samples, whose trajectories train DiffusionCLIP and Asyrp", gt=0)
+    epochs: int = option(1, "passes over those samples (one optimiser step per denoising step)", gt=0)
+    lr: FiniteFloat = option(4e-4, "DiffusionCLIP's LoRA learning rate (Adam)", gt=0)
+    asyrp_lr: FiniteFloat = option(2e-2, "Asyrp's f learning rate (Adam)", gt=0)
+    l1: FiniteFloat = option(3.0, "lambda_L1 of eq. (7): the identity term's weight", ge=0)
+    t0_share: FiniteFloat = option(0.4, "DiffusionCLIP's t0 as a share of the steps: fine-tuned from there", gt=0, lt=1)
+    edit_share: FiniteFloat = option(0.6, "Asyrp's editing interval [T, t_edit]: this share of the steps", gt=0, le=1)
+    rank: int = option(4, "DiffusionCLIP's LoRA rank", gt=0)
+    basis: int = option(16, "DeltaSpace: principal axes of h_{T:1} the mapper's Delta h lives in", gt=0)
+    held_out: int = option(16, "the run's last samples each edit is scored on (by evaluator)", ge=0)
+    evaluator: str = option("oracle", "the judge of the held-out score")
+
+
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -318,6 +339,7 @@ class RunConfig(Section):
     compare: CompareSection | None = None  # the comparison runs in `hspace run` where configured
     latent_svd: LatentSvdSection | None = None  # the SVD of x_t (needs sample.store_xt) where configured
     avi: AviSection | None = None  # an AVI predictor trained in `hspace run` where configured
+    clip_edits: ClipEditsSection | None = None  # DiffusionCLIP, Asyrp's f, DeltaSpace, where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:

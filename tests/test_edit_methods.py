@@ -74,6 +74,16 @@ def test_the_builtin_methods_say_what_they_need_and_do():
         edits.get("nope")
 
 
+def test_method_settings_ride_on_the_name_and_values_may_hold_colons():
+    assert edits.split_spec("sv-scale:index=1:step=2.5") == ("sv-scale", {"index": 1, "step": 2.5})
+    assert edits.split_spec("avi:predictor=C:/runs/a:b/Eyeglasses:hidden=64") == (
+        "avi",
+        {"predictor": "C:/runs/a:b/Eyeglasses", "hidden": 64},
+    )
+    with pytest.raises(ValueError, match="settings are key=value, colon-separated; got 'index'"):
+        edits.split_spec("sv-scale:index")
+
+
 @pytest.mark.slow
 def test_the_sampler_applies_an_x_t_action_as_an_explicit_restart_would(toy):
     """Independent reference: stop before step 3, add c, and restart there (the SDEdit path:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hspace.data.annotators import TOY_CLIP_DIR, load_annotator
+from hspace.data.annotators import TOY_CLIP_DIR, is_toy_clip, load_annotator
 from hspace.data.catalog import RunError
 from hspace.data.toy.train_clip import ClipRecipe, train_clip
 
@@ -33,6 +33,12 @@ def test_training_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
         train_clip(tmp_path / "b", tmp_path / "out_c", ClipRecipe(**{**TINY, "text_layers": 2}, steps=6))
     loaded = load_annotator(f"clip:{tmp_path / 'out_a'}")  # the output is a folder the evaluator loads
     assert loaded.names == ("Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young")
+    beard = {"Beard": ("A photo of a bearded person", "A person")}
+    with pytest.raises(RunError, match="is toy-clip"):
+        load_annotator(f"clip:{tmp_path / 'out_a'}", prompts=beard)
+    (tmp_path / "out_a" / "recipe.json").write_text(json.dumps({"note": "some other model's recipe"}))
+    assert is_toy_clip(tmp_path / "out_b") and not is_toy_clip(tmp_path / "out_a")
+    assert load_annotator(f"clip:{tmp_path / 'out_a'}", prompts=beard).names == ("Beard",)  # not toy-clip: no refusal
 
 
 @pytest.mark.slow

@@ -59,8 +59,9 @@ class Action:
         """x_t (B, C, R, R) before the U-Net pass of ``step`` (0 = the first denoising step)."""
         return x
 
-    def delta(self, step: int) -> torch.Tensor | None:
-        """What is added to h_t at ``step`` ((B, C, H, W) or broadcastable), None: nothing."""
+    def delta(self, step: int) -> torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None:
+        """What is added to h_t at ``step`` ((B, C, H, W) or broadcastable, or a function of h_t
+        that gives it: a trained Asyrp's f(h_t, t)), None: nothing."""
         return None
 
     def session(self, unet: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -119,7 +120,9 @@ class Compose(Action):
 
     def delta(self, step):
         deltas = [d for d in (a.delta(step) for a in self.actions) if d is not None]
-        return sum(deltas) if deltas else None
+        if not any(callable(d) for d in deltas):
+            return sum(deltas) if deltas else None
+        return lambda h: sum(d(h) if callable(d) else d.to(h.device, h.dtype) for d in deltas)
 
     @contextlib.contextmanager
     def session(self, unet):
@@ -255,10 +258,13 @@ def methods() -> dict[str, type[EditMethod]]:
 def split_spec(spec: str) -> tuple[str, dict]:
     """'NAME' or 'NAME:key=value:key=value' -> (NAME, settings), each value an int, a float or
     text: how every front names a method with its settings (``"sv-scale:index=1:step=2"``; colons,
-    not commas, so that a spec stays one item of a comma-separated list option)."""
+    not commas, so that a spec stays one item of a comma-separated list option). A setting starts
+    only at a colon followed by ``key=``, so that a value (a path) may hold colons of its own."""
+    import re
+
     name, _, rest = spec.partition(":")
     settings: dict = {}
-    for item in filter(None, (p.strip() for p in rest.split(":"))):
+    for item in filter(None, (p.strip() for p in re.split(r":(?=\s*[A-Za-z_]\w*\s*=)", rest))):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"editing method {spec!r}: settings are key=value, colon-separated; got {item!r}")
