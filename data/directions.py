@@ -334,13 +334,18 @@ def save_trained(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Path
     return path
 
 
-def load_trained(where: str | Path, model_fingerprint: str | None = None, steps: int | None = None, device="cpu"):
+def load_trained(where: str | Path, model_fingerprint: str | None = None, steps: int | None = None, device="cpu",
+                 method: str | None = None):  # fmt: skip
     """(method class, what its ``load_weights`` made, metadata) from a trained editor's file (a
-    path, or RUN/METHOD/NAME), or an AVI predictor (``load_predictor``); refused with one line
-    where it is none, or was trained on another model or for another number of steps."""
+    path, or RUN/METHOD/NAME), or an AVI predictor (``load_predictor``; what ``method="avi"``
+    reads); refused with one line where it is none, or was trained on another model or for
+    another number of steps."""
     from hspace.data.catalog import RunFolder
     from hspace.hcore.edits import get
 
+    if method == "avi":
+        f, meta = load_predictor(where, model_fingerprint, steps)
+        return get("avi"), f, meta
     path = Path(where)
     if not path.is_file() and len(path.parts) >= 3 and RunFolder(path.parents[1]).run_json.exists():
         path = trained_file(RunFolder(path.parents[1]), path.parent.name, path.name)

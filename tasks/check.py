@@ -206,6 +206,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     from hspace.data import models
     from hspace.data.annotators import load_annotator
     from hspace.hcore.hooks import NoMidBlockError, h_shape
+    from hspace.tasks.clip_edits import config_problems
     from hspace.tasks.sample import resolve_device
 
     p: list[str] = []
@@ -226,7 +227,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
         if cfg.latent_svd is not None and cfg.latent_svd.k > size:
             p.append(f"latent_svd.k: {cfg.latent_svd.k} exceeds the latent's side {size} (matrices {size} x {size})")
-        p += _avi_problems(cfg, ref.kind, (facts.unet.config.in_channels, size, size))
+        p += _avi_problems(cfg, ref.kind, (facts.unet.config.in_channels, size, size)) + config_problems(cfg, ref.kind)
         p += _text_problems(cfg, ref, facts)
         if ref.kind == "pixel" and (cfg.directions.prompt_pairs or cfg.directions.prompt_pair):
             p.append(

@@ -43,6 +43,35 @@ def problems(section, n: int, kind: str) -> list[str]:
     return p
 
 
+def config_problems(cfg, kind: str, n: int | None = None) -> list[str]:
+    """``problems`` of the config's clip_edits section (none without one) for a run of ``n``
+    samples (default: its sample.n), then the CLIP it names, loaded (a missing processor,
+    toy-clip's unknown words)."""
+    from hspace.data.annotators import load_clip_guide
+
+    section = cfg.clip_edits
+    if section is None:
+        return []
+    found = problems(section, cfg.sample.n if n is None else n, kind)
+    if not found:
+        try:
+            load_clip_guide(section.clip, "cpu", [t for pair in section.prompt_pairs.values() for t in pair])
+        except RunError as e:
+            found.append(f"clip_edits.clip: {e}")
+    return found
+
+
+def check(run: RunFolder, cfg, ctx) -> None:
+    """`hspace clip-edits RUN`: the section against the run, before the lock and any work."""
+    from hspace.data import models
+
+    if cfg.clip_edits is not None and run.run_json.exists():
+        meta = run.read()
+        found = config_problems(cfg, models.model_kind(meta), meta["config"]["n"])
+        if found:
+            raise RunError(found[0])
+
+
 def clip_edits_stage(run: RunFolder, clip_edits, ctx: Context) -> dict:
     if clip_edits is None:
         return {"outputs": [], "skipped": True}
@@ -57,8 +86,7 @@ def clip_edits_stage(run: RunFolder, clip_edits, ctx: Context) -> dict:
     found = problems(clip_edits, cfg["n"], models.model_kind(meta))
     if found:
         raise RunError(found[0])
-    texts = [t for pair in clip_edits.prompt_pairs.values() for t in pair]
-    guide = load_clip_guide(clip_edits.clip, ctx.device, texts)
+    guide = load_clip_guide(clip_edits.clip, ctx.device, [t for p in clip_edits.prompt_pairs.values() for t in p])
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     replay = models.replay_for_run(meta, device=ctx.device)
     net = load_annotator(clip_edits.evaluator, ctx.device)
@@ -211,6 +239,7 @@ STAGE = Stage(
     body=clip_edits_stage,
     summary=clip_edits_line,
     cost=clip_edits_cost,
+    check=check,
     cli_sections={"clip_edits": None},
     doc="Train the CLIP-guided editors (DiffusionCLIP's LoRA, Asyrp's f(h, t), DeltaSpace's mapper) on a pixel "
     "run: RUN/directions/METHOD/NAME, usable as the editing methods of those names.",

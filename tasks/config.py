@@ -311,7 +311,7 @@ class ClipEditsSection(Section):
     )
     clip: str = option("toy-clip", "the CLIP folder whose losses train them (toy-clip, a path, an HF id)")
     samples: int = option(32, "the run's first samples, whose trajectories train DiffusionCLIP and Asyrp", gt=0)
-    epochs: int = option(1, "passes over those samples (one optimiser step per denoising step)", gt=0)
+    epochs: int = option(2, "passes over those samples (one optimiser step per denoising step)", gt=0)
     lr: FiniteFloat = option(4e-4, "DiffusionCLIP's LoRA learning rate (Adam)", gt=0)
     asyrp_lr: FiniteFloat = option(2e-2, "Asyrp's f learning rate (Adam)", gt=0)
     l1: FiniteFloat = option(3.0, "lambda_L1 of eq. (7): the identity term's weight", ge=0)

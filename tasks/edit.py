@@ -258,7 +258,7 @@ def edit_sample(
     spec.replay = spec.replay.with_text(text)
     method = with_prompt(method, text, target_prompt, ref.id)
     if isinstance(method, Trained):
-        method.load(ref.fingerprint, spec.replay.steps)
+        method.load(ref.fingerprint, spec.replay.steps, str(next(unet.parameters()).device))
     specs = [parse_direction(d) for d in directions]
     vectors: list = load_directions(
         specs,

@@ -39,9 +39,10 @@ def parse_direction(text: str) -> DirectionSpec:
 
 @dataclass
 class Trained:
-    """A method that needs weights it trained, named with its file (``avi:predictor=PATH``, PATH a
-    file or RUN/NAME): loaded and checked against the model once the model is known (``load``),
-    then made for each sample from its replay (``EditMethod.from_replay``)."""
+    """A method that needs weights it trained, named with its file (``avi:predictor=PATH``,
+    ``diffusionclip:weights=PATH``; PATH a file, RUN/NAME or RUN/METHOD/NAME): loaded and
+    checked against the model once the model is known (``load``), then made for each sample
+    from its replay (``EditMethod.from_replay``)."""
 
     cls: type
     path: str
@@ -53,12 +54,29 @@ class Trained:
             raise AttributeError(item)
         return getattr(self.cls, item)
 
-    def load(self, model_fingerprint: str, steps: int) -> Trained:
-        self.predictor, self.meta = dirfile.load_predictor(self.path, model_fingerprint, steps)
+    def load(self, model_fingerprint: str, steps: int, device: str = "cpu") -> Trained:
+        cls, self.predictor, self.meta = dirfile.load_trained(
+            self.path, model_fingerprint, steps, device, method=self.cls.name
+        )
+        if cls is not self.cls:
+            raise RunError(f"{self.path} holds {cls.name} weights, not {self.cls.name}'s: name it as {cls.name}")
         return self
 
     def made(self, replay, unet, scheduler, indices):
         return self.cls.from_replay(replay, unet, scheduler, indices, self.predictor, self.meta.get("attribute"))
+
+
+def weights_path(spec: str, where: str) -> str:
+    """The trained file a weights method's spec names (``weights=PATH``; AVI's ``predictor=PATH``);
+    RunError where it names none."""
+    from hspace.hcore.edits import get, split_spec
+
+    name, settings = split_spec(spec)
+    key = "predictor" if name == "avi" else "weights"
+    if not settings.get(key):
+        trainer = "hspace avi" if name == "avi" else "hspace clip-edits"
+        raise RunError(f"{where} {spec}: name its file, {get(spec).name}:{key}=PATH ({trainer})")
+    return str(settings[key])
 
 
 def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_prompt: str | None = None):
@@ -83,10 +101,8 @@ def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_
         other = [n for n in method.needs if n not in ("direction", "prompt_pair", "source", "weights")]
         if other:
             raise RunError(f"--edit-method {name} needs {', '.join(other)}, which `hspace edit` does not take yet")
-        if "weights" in method.needs:  # its trained file: "avi:predictor=PATH"
-            path = split_spec(name)[1].get("predictor")
-            if not path:
-                raise RunError(f"--edit-method {name}: name its file, {method.name}:predictor=PATH (hspace avi)")
+        if "weights" in method.needs:  # its trained file: "avi:predictor=PATH", "diffusionclip:weights=PATH"
+            path = weights_path(name, "--edit-method")
             method = Trained(method, str(path))
         if "source" in method.needs:
             pass  # --target-prompt optional: the prompt the source is denoised under

@@ -60,8 +60,9 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, model:
     trained is one row, its file named in its spec (``avi:predictor=PATH``: the attribute it was
     trained for). ``model``: replay, unet, scheduler, source, fingerprint. RunError, before any
     edit, where a method gets no row."""
-    from hspace.data.directions import load_predictor
-    from hspace.hcore.edits import Bound, get, make, once_per_indices, split_spec
+    from hspace.data.directions import load_trained
+    from hspace.hcore.edits import Bound, get, make, once_per_indices
+    from hspace.tasks.edit_methods import weights_path
 
     replay, unet, scheduler, source = model["replay"], model["unet"], model["scheduler"], model["source"]
     text = replay.text if replay is not None else None
@@ -80,10 +81,10 @@ def scored_methods(names: list[str], directions: list[str], loaded: list, model:
             rows.append((name, made.attribute or name, Bound(name, cls, lambda idx, made=made: made)))
             continue
         if "weights" in needs:
-            path = split_spec(name)[1].get("predictor")
-            if not path:
-                raise RunError(f"evaluate.methods: {name} needs its trained file: {cls.name}:predictor=PATH")
-            f, meta = load_predictor(path, model["fingerprint"], replay.steps)
+            path = weights_path(name, "evaluate.methods:")
+            found, f, meta = load_trained(path, model["fingerprint"], replay.steps, method=cls.name)
+            if found is not cls:
+                raise RunError(f"evaluate.methods: {name} names {found.name} weights, not {cls.name}'s")
             attribute = meta.get("attribute", cls.name)
             build = lambda idx, cls=cls, f=f, a=attribute: cls.from_replay(replay, unet, scheduler, idx, f, a)  # noqa: E731
             rows.append((f"{cls.name}:{attribute}", attribute, Bound(name, cls, once_per_indices(build))))
