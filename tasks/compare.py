@@ -56,7 +56,8 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
         if name in found:
             fit.append(Bound(name, cls, found[name]))
         elif "weights" in needs:
-            skipped.append((name, f"no trained file for {attribute} (hspace {name} RUN ... --name {attribute})"))
+            how = "hspace avi RUN ... --name" if name == "avi" else "hspace clip-edits RUN, clip_edits.prompt_pairs:"
+            skipped.append((name, f"no trained file for {attribute} ({how} {attribute})"))
         elif needs == {"direction"}:
             own = f"{attribute}_xT" if cls.acts_on == "x_T" else attribute
             names = [own] + ([f"{attribute}_prompt", f"{attribute}_disentangled"] if name == "h" else [])

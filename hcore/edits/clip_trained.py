@@ -1,8 +1,9 @@
 """The CLIP-trained editors as editing methods (their training: hcore/clip_editors.py).
 
 - ``diffusionclip``: from t0 on, the U-Net's eps mixed with its fine-tuned copy's (a LoRA):
-  eps = eps_theta + gamma (eps_theta_hat - eps_theta), DiffusionCLIP's continuous transition
-  (Kim et al. 2022, sec. 4.4: gamma 0 the original model, 1 the fine-tuned one). The fine-tuned
+  eps = eps_theta + gamma (eps_theta_hat - eps_theta): DiffusionCLIP's noise combination (Kim et
+  al. 2022 mix fine-tuned models' eps with weights gamma_i for several attributes and a smooth
+  transition) with the original as the other model: gamma 0 the original, 1 the fine-tuned one. The fine-tuned
   pass is the same U-Net with its adapter enabled, called from a forward hook (no copy of the
   weights, no forward of our own). On a run's own sample x_{t0} is its own point at t0, which
   DDIM inversion (the paper's step 1) only approximates.
@@ -96,7 +97,7 @@ class DiffusionCLIP(EditMethod):
     strength = "gamma"
     unit = "the share of the fine-tuned model's eps from t0 on (0: the original; 1: the fine-tuned)"
     acts_on = "weights"
-    reference = "Kim et al. 2022 (DiffusionCLIP), the reading note's sec. III, eqs. (3)-(7); sec. 4.4's mixing"
+    reference = "Kim et al. 2022 (DiffusionCLIP), the reading note's sec. III, eqs. (3)-(7); its noise combination"
     strength_start, strength_max = 1.0, 4.0
 
     def __init__(self, edit: FineTuned, attribute: str | None = None):
