@@ -312,7 +312,7 @@ def train_toy(
         "runs/toy-train/model"
     ),
     recipe_name: Annotated[
-        str | None, typer.Option("--recipe", help="v1, v2, toy-sd or clip; default: the checkpoint's, else v2")
+        str | None, typer.Option("--recipe", help="v1, v2, toy-sd, clip or diffae; default: the checkpoint's, else v2")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
@@ -333,10 +333,10 @@ def train_toy(
             from hspace.flows.train_toy import train_sd_command
 
             return train_sd_command(checkpoint, out, steps, checkpoint_every, console)
-        if recipe_name == "clip":  # data/toy/train_clip.py: toy-clip, contrastive on renders and captions
-            from hspace.flows.train_toy import train_clip_command
+        if recipe_name in ("clip", "diffae"):  # toy-clip (contrastive) or toy-diffae (a diffusion autoencoder)
+            from hspace.flows.train_toy import train_recipe_command
 
-            return train_clip_command(checkpoint, out, steps, checkpoint_every, console)
+            return train_recipe_command(recipe_name, checkpoint, out, steps, checkpoint_every, console)
         overrides = {"steps": steps, "checkpoint_every": checkpoint_every, "decay_from": decay_from}
         recipe = resolve_recipe(checkpoint, recipe_name, overrides)
         from hspace.flows.prefect_server import prefect_api

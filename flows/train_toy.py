@@ -71,20 +71,40 @@ def train_toy_clip_flow(checkpoint: str, out: str, recipe: dict) -> dict:
     return train_toy_clip(checkpoint, out, recipe)
 
 
-def train_clip_command(checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
-    """The body of `hspace train-toy --recipe clip`: ``train_toy_clip_flow`` on the local Prefect
-    server; resumable (a checkpoint of another recipe is refused)."""
-    if checkpoint == Path("runs/toy-train/checkpoint"):
-        checkpoint = Path("runs/toy-clip-train/checkpoint")
-    if out == Path("runs/toy-train/model"):
-        out = Path("runs/toy-clip-train/model")
-    recipe = train_clip.ClipRecipe()
-    if (checkpoint / "recipe.json").exists():
-        import json
+@task(name="train-toy-diffae")
+def train_toy_diffae(checkpoint: str, out: str, recipe: dict) -> dict:
+    from prefect.logging import get_run_logger
 
-        recipe = train_clip.ClipRecipe(**json.loads((checkpoint / "recipe.json").read_text()))
+    from hspace.data.toy import train_diffae
+
+    made = train_diffae.recipe_from_dict(recipe)
+    return train_diffae.train_diffae(checkpoint, out, made, report=get_run_logger().info)
+
+
+@flow(name="hspace-train-toy-diffae")
+def train_toy_diffae_flow(checkpoint: str, out: str, recipe: dict) -> dict:
+    return train_toy_diffae(checkpoint, out, recipe)
+
+
+def train_recipe_command(name: str, checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
+    """The body of `hspace train-toy --recipe clip|diffae`: toy-clip (data/toy/train_clip.py) or
+    toy-diffae (data/toy/train_diffae.py) as a flow on the local Prefect server; resumable (a
+    checkpoint of another recipe is refused)."""
+    import json
+
+    from hspace.data.toy import train_diffae
+
+    make, flow_fn = {
+        "clip": (lambda d: train_clip.ClipRecipe(**d), train_toy_clip_flow),
+        "diffae": (train_diffae.recipe_from_dict, train_toy_diffae_flow),
+    }[name]
+    if checkpoint == Path("runs/toy-train/checkpoint"):
+        checkpoint = Path(f"runs/toy-{name}-train/checkpoint")
+    if out == Path("runs/toy-train/model"):
+        out = Path(f"runs/toy-{name}-train/model")
+    recipe = make(json.loads((checkpoint / "recipe.json").read_text()) if (checkpoint / "recipe.json").exists() else {})
     recipe.steps = steps or recipe.steps
     recipe.checkpoint_every = checkpoint_every or recipe.checkpoint_every
     with prefect_api(console):
-        state = train_toy_clip_flow(str(checkpoint), str(out), asdict(recipe))
-    console.print(f"toy-clip at step {state['step']}: [bold]{out}[/] (checkpoint {checkpoint})")
+        state = flow_fn(str(checkpoint), str(out), asdict(recipe))
+    console.print(f"toy-{name} at step {state['step']}: [bold]{out}[/] (checkpoint {checkpoint})")
