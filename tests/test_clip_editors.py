@@ -106,6 +106,37 @@ def test_each_clip_trained_editor_moves_its_attribute_on_held_out_seeds(trained,
 
 
 @pytest.mark.slow
+def test_compare_finds_the_trained_editors_of_an_attribute(trained):
+    """`hspace compare` makes each trained editor of an attribute from its file; a made method
+    renders the held-out samples as the stage's own sweep did (gamma 1: the same own change)."""
+    from hspace.data import models
+    from hspace.data.annotators import load_annotator
+    from hspace.tasks.compare import findings
+
+    run, _ = trained
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta)
+    replay = models.replay_for_run(meta)
+    found = findings(RunFolder(run), meta, "Smiling", replay, unet, scheduler)
+    assert {"diffusionclip", "asyrp-net", "deltaspace"} <= set(found)
+    assert "avi" not in found and not findings(RunFolder(run), meta, "Male", replay, unet, scheduler)
+    held = list(range(32, 48))
+    oracle = load_annotator("oracle")
+    col = oracle.names.index("Smiling")
+    base = oracle.score(replay.render(unet, scheduler, held)).numpy()[:, col]
+    edited = replay.render(unet, scheduler, held, edit=found["diffusionclip"](held).action(1.0))
+    sweep = json.loads(dirfile_meta(run / "directions" / "diffusionclip" / "Smiling.safetensors")["gamma_sweep"])
+    assert abs((oracle.score(edited).numpy()[:, col] - base).mean() - sweep["1"]["Smiling"]) < 1e-4
+
+
+def dirfile_meta(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata())
+
+
+@pytest.mark.slow
 def test_clip_edits_bad_input_is_one_line_before_any_work(trained, tmp_path):
     from typer.testing import CliRunner
 

@@ -21,9 +21,10 @@ TINY = {"batch_size": 4, "checkpoint_every": 2, "latent_n": 512, "encoder_channe
 
 def test_training_resumes_to_the_weights_of_an_unbroken_run(tmp_path):
     quiet = lambda line: None  # noqa: E731
-    train_diffae(tmp_path / "a", tmp_path / "out_a", DiffAERecipe(**TINY, steps=4, latent_steps=4), report=quiet)
+    full = DiffAERecipe(**TINY, steps=4, latent_steps=4)
+    train_diffae(tmp_path / "a", tmp_path / "out_a", full, report=quiet)
     train_diffae(tmp_path / "b", tmp_path / "out_b", DiffAERecipe(**TINY, steps=2, latent_steps=4), report=quiet)
-    state = train_diffae(tmp_path / "b", tmp_path / "out_b", DiffAERecipe(**TINY, steps=4, latent_steps=4), report=quiet)
+    state = train_diffae(tmp_path / "b", tmp_path / "out_b", full, report=quiet)
     assert state["step"] == 4 and state["stats_at"] == 4  # the codes' statistics taken again after phase 1 went on
     for name in ("encoder.safetensors", "latent.safetensors", "unet/diffusion_pytorch_model.safetensors"):
         a, b = load_file(tmp_path / "out_a" / name), load_file(tmp_path / "out_b" / name)
