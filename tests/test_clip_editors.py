@@ -12,7 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMPipeline, DDIMScheduler
 
+import hspace
 from hspace.data.catalog import RunError, RunFolder
 from hspace.hcore.clip_editors import add_edit_lora, enable_lora, lora_layers, lora_weights, remove_lora
 from hspace.hcore.clip_guidance import direction_loss
@@ -20,7 +22,7 @@ from hspace.hcore.edits.clip_trained import DiffusionCLIP, FineTuned
 from hspace.hcore.generator import Replay
 from hspace.hcore.sampler import ddim_scheduler
 from tests.conftest import tiny_scheduler, tiny_unet
-from tests.test_toy_pipeline import hspace
+from tests.test_toy_pipeline import hspace as cli
 
 
 def test_the_directional_loss_is_eq_3():
@@ -63,6 +65,13 @@ def test_diffusionclip_mixes_the_fine_tuned_eps_from_t0_on():
     assert not lora_layers(unet)
     remove_lora(tuned)
     assert not lora_layers(tuned)
+    # inside diffusers' own DDIMPipeline through hspace.apply: the same image (<= 1/255)
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config))
+    with hspace.apply(pipe, method=method, gamma=1.0):
+        images = pipe(batch_size=1, generator=replay.generators([1])[0], num_inference_steps=steps, eta=1.0,
+                      output_type="np").images  # fmt: skip
+    ours = ((mixed[1].clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+    assert np.abs(images[0] - ours).max() <= 1 / 255 and not lora_layers(unet)
 
 
 MARGIN = {"diffusionclip": 0.15, "asyrp-net": 0.15, "deltaspace": 0.15}  # oracle, at the sweep's best gamma
@@ -73,9 +82,9 @@ def trained(prefect_server, tmp_path_factory):
     """The shipped toy model, 48 samples of 10 steps; clip-edits for Smiling on the first 32,
     scored on the last 16."""
     out = tmp_path_factory.mktemp("clip-edits") / "run"
-    hspace("sample", "--model", "toy", "--n", "48", "--steps", "10", "--batch-size", "48", "--device", "cpu",
+    cli("sample", "--model", "toy", "--n", "48", "--steps", "10", "--batch-size", "48", "--device", "cpu",
            "--out", out)  # fmt: skip
-    result = hspace("clip-edits", out, "--samples", "32", "--held-out", "16", "--epochs", "2", "--device", "cpu")
+    result = cli("clip-edits", out, "--samples", "32", "--held-out", "16", "--epochs", "2", "--device", "cpu")
     return out, result.output
 
 
@@ -99,7 +108,7 @@ def test_each_clip_trained_editor_moves_its_attribute_on_held_out_seeds(trained,
     assert lora.stat().st_size < 1_000_000  # a LoRA, not a model copy
     # the edit command takes each by name with its file; cells at gamma 0 equal the plain sample
     out = tmp_path / "g.png"
-    r = hspace("edit", run, "--sample", "40", "--edit-method", f"asyrp-net:weights={run}/asyrp-net/Smiling",
+    r = cli("edit", run, "--sample", "40", "--edit-method", f"asyrp-net:weights={run}/asyrp-net/Smiling",
                "--scales", "0,2", "--out", out)  # fmt: skip
     cells = sorted((tmp_path / "g").glob("*.png"))
     assert [c.name for c in cells] == ["sample40__asyrp-net__gamma+0.png", "sample40__asyrp-net__gamma+2.png"], r.output

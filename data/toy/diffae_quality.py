@@ -66,3 +66,48 @@ def measure(folder, n: int = 128, steps: int = 20, recipe: DiffAERecipe | None =
             "world_confidence": float(np.abs(world[:, binary] - 0.5).mean() * 2),
         },
     }  # fmt: skip
+
+
+@torch.no_grad()
+def probe_and_edit(folder, n_train: int = 2048, n_test: int = 512, n_edit: int = 48, steps: int = 20,
+                   gammas=(1.0, 2.0, 4.0), recipe: DiffAERecipe | None = None) -> dict:  # fmt: skip
+    """A linear probe of every binary factor from normalised z_sem (logistic regression on
+    ``n_train`` renders' true factors, accuracy on ``n_test`` others), and DiffAE's edit with
+    its normal: z_sem + gamma * (unit normal, in normalised units), decoded from the render's
+    own x_T (eq. (14)); the oracle's mean change of every factor on ``n_edit`` renders."""
+    from sklearn.linear_model import LogisticRegression
+
+    from hspace.data.annotators import load_annotator
+    from hspace.data.diffae import load_diffae
+    from hspace.data.toy import faces as toyfaces
+    from hspace.hcore.diffae import decode, stochastic_code
+
+    recipe = recipe or DiffAERecipe()
+    model, scheduler, _, stats = load_diffae(folder)
+    oracle = load_annotator("oracle")
+
+    def codes(first, n):
+        x = renders(recipe, first, n)
+        z = torch.cat([model.encoder(x[i : i + 256]) for i in range(0, n, 256)])
+        return x, ((z - stats["mean"]) / stats["std"]).numpy(), toyfaces.draw_factors(np.arange(first, first + n))
+
+    _, z_tr, f_tr = codes(EVAL_SEED + 10_000, n_train)
+    x_te, z_te, f_te = codes(EVAL_SEED + 20_000, n_test)
+    probe, normals = {}, {}
+    for name in toyfaces.BINARY_ATTRIBUTES:
+        clf = LogisticRegression(max_iter=2000).fit(z_tr, np.asarray(getattr(f_tr, name), dtype=bool))
+        probe[name] = float(clf.score(z_te, np.asarray(getattr(f_te, name), dtype=bool)))
+        w = torch.from_numpy(clf.coef_[0]).float()
+        normals[name] = w / w.norm()
+    x0, z = x_te[:n_edit], torch.from_numpy(z_te[:n_edit])
+    raw = z * stats["std"] + stats["mean"]
+    x_T = stochastic_code(model, scheduler, x0, raw, steps)
+    base = oracle.score(decode(model, scheduler, x_T, raw, steps)).numpy()
+    edits = {}
+    for name, n in normals.items():
+        edits[name] = {}
+        for g in gammas:
+            moved = (z + g * n) * stats["std"] + stats["mean"]
+            change = (oracle.score(decode(model, scheduler, x_T, moved, steps)).numpy() - base).mean(0)
+            edits[name][f"{g:g}"] = dict(zip(oracle.names, change.round(4).tolist(), strict=True))
+    return {"probe_accuracy": probe, "probe_n": [n_train, n_test], "normal_edits": edits, "edit_n": n_edit}
