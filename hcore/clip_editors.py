@@ -62,6 +62,12 @@ def remove_lora(unet) -> None:
     for name, m in lora_layers(unet):
         parent_name, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent_name) if parent_name else unet, child, m.get_base_layer())
+    config = getattr(unet, "peft_config", None)  # what inject_adapter_in_model recorded on the model
+    if isinstance(config, dict):
+        for name in [k for k, c in config.items() if set(getattr(c, "target_modules", ())) == set(LORA_TARGETS)]:
+            del config[name]
+        if not config and "peft_config" in vars(unet):
+            del unet.peft_config
 
 
 def lora_weights(unet) -> dict[str, torch.Tensor]:

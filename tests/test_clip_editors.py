@@ -62,7 +62,7 @@ def test_diffusionclip_mixes_the_fine_tuned_eps_from_t0_on():
     half = replay.render(unet, scheduler, idx, edit=method.action(torch.tensor([0.0, 1.0, 0.0])))
     torch.testing.assert_close(half[1], explicit[1], rtol=0, atol=1e-5)  # per-sample strengths
     torch.testing.assert_close(half[0], plain[0], rtol=0, atol=1e-6)
-    assert not lora_layers(unet)
+    assert not lora_layers(unet) and not hasattr(unet, "peft_config")
     remove_lora(tuned)
     assert not lora_layers(tuned)
     # inside diffusers' own DDIMPipeline through hspace.apply: the same image (<= 1/255)
