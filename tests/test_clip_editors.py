@@ -170,3 +170,16 @@ def test_clip_edits_bad_input_is_one_line_before_any_work(trained, tmp_path):
     r = CliRunner().invoke(app, ["clip-edits", str(run), "--samples", "40", "--device", "cpu"])
     assert r.exit_code != 0 and "exceed the run's 48 samples" in r.output, r.output
     assert sorted(p.name for p in (run / "directions").rglob("*")) == before
+
+
+def test_a_latent_model_or_a_bad_section_is_refused_by_the_config_check():
+    from hspace.tasks.clip_edits import config_problems
+    from hspace.tasks.config import RunConfig
+
+    cfg = RunConfig.model_validate({"sample": {"model": "toy-sd", "n": 64}, "clip_edits": {}})
+    assert any("train on pixel models here" in p for p in config_problems(cfg, "latent"))
+    cfg = RunConfig.model_validate({"sample": {"n": 40}, "clip_edits": {"methods": ["nope"], "prompt_pairs": {}}})
+    found = config_problems(cfg, "pixel")
+    assert any("clip_edits.methods: nope" in p for p in found) and any("prompt_pairs: give" in p for p in found)
+    assert any("samples 32 + held_out 16 exceed the run's 40 samples" in p for p in found)
+    assert config_problems(RunConfig.model_validate({"sample": {"n": 64}}), "pixel") == []  # no section
