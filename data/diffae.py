@@ -5,11 +5,72 @@ latent DDPM from safetensors, the architecture from recipe.json."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from hspace.data.catalog import RunError
 
 TOY_DIFFAE_DIR = Path(__file__).resolve().parent / "toy_diffae_model"
+
+
+@dataclass
+class DiffAERecipe:
+    """How toy-diffae is built and trained (the shipped folder's recipe.json records it)."""
+
+    image_size: int = 32
+    style: str = "v2"
+    z_dim: int = 128  # the toy world has 8 factors and colours: 128 holds them with room, and stays cheap
+    encoder_channels: tuple[int, ...] = (32, 64, 128)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    attention: bool = True  # at the deepest level (8 x 8)
+    num_train_timesteps: int = 1000
+    steps: int = 4800  # the shipped model's (40 min on one core of the 2-core EPYC, shared)
+    batch_size: int = 16
+    lr: float = 3e-4
+    ema_decay: float = 0.999
+    latent_n: int = 8192
+    latent_steps: int = 3000
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+def recipe_from_dict(d: dict) -> DiffAERecipe:
+    d = dict(d)
+    for key in ("encoder_channels", "block_out_channels"):
+        if key in d:
+            d[key] = tuple(d[key])
+    return DiffAERecipe(**d)
+
+
+def build(recipe: DiffAERecipe):
+    """(DiffAE, DDPMScheduler) of the recipe, randomly initialised."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from hspace.hcore.diffae import DiffAE, SemanticEncoder
+
+    torch.manual_seed(recipe.seed)
+    n = len(recipe.block_out_channels)
+    down, up = ["DownBlock2D"] * n, ["UpBlock2D"] * n
+    if recipe.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    unet = UNet2DModel(
+        sample_size=recipe.image_size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=recipe.block_out_channels, down_block_types=tuple(down), up_block_types=tuple(up),
+        class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8,
+        attention_head_dim=min(32, recipe.block_out_channels[-1]),
+    )  # fmt: skip
+    encoder = SemanticEncoder(recipe.z_dim, recipe.encoder_channels, recipe.image_size)
+    scheduler = DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                              clip_sample=False)  # fmt: skip
+    return DiffAE(encoder, unet, recipe.z_dim), scheduler
+
+
+def diffae_files(folder: Path) -> dict[str, Path]:
+    """The folder's safetensors files: the encoder (and z_sem's map into the time embedding),
+    and the latent DDPM with z_sem's mean and std."""
+    return {"encoder": Path(folder) / "encoder.safetensors", "latent": Path(folder) / "latent.safetensors"}
 
 
 def diffae_folder(spec: str | Path) -> Path:
@@ -23,7 +84,6 @@ def load_diffae(spec: str | Path, device: str = "cpu"):
     from diffusers import DDPMScheduler, UNet2DModel
     from safetensors.torch import load_file
 
-    from hspace.data.toy.train_diffae import build, recipe_from_dict
     from hspace.hcore.diffae import LatentDDPM
 
     folder = diffae_folder(spec)
@@ -32,14 +92,14 @@ def load_diffae(spec: str | Path, device: str = "cpu"):
         model, _ = build(recipe)
         model.unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-        enc = load_file(str(folder / "encoder.safetensors"))
+        enc = load_file(str(diffae_files(folder)["encoder"]))
         model.encoder.load_state_dict(
             {k.removeprefix("encoder."): v for k, v in enc.items() if k.startswith("encoder.")}
         )
         model.z_to_emb.load_state_dict(
             {k.removeprefix("z_to_emb."): v for k, v in enc.items() if k.startswith("z_to_emb.")}
         )
-        lat = load_file(str(folder / "latent.safetensors"))
+        lat = load_file(str(diffae_files(folder)["latent"]))
         latent = LatentDDPM(recipe.z_dim)
         latent.load_state_dict({k.removeprefix("latent."): v for k, v in lat.items() if k.startswith("latent.")})
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:

@@ -218,16 +218,19 @@ def clip_edits_line(result: dict) -> str:
 
 
 def clip_edits_cost(cfg) -> int:
-    """U-Net passes: DiffusionCLIP's renders and its steps after t0 (twice: forward and
-    backward) per epoch, Asyrp's two passes per edited step, and each edit's held-out sweep."""
+    """U-Net passes (forward calls): DiffusionCLIP renders its samples to t0 and whole, then one
+    pass per step after t0 per sample and epoch; Asyrp two per edited step (the unedited and the
+    edited pass); each edit's held-out sweep renders the samples plainly and at every gamma,
+    where DiffusionCLIP adds its fine-tuned pass after t0, Asyrp its unedited pass in the edited
+    steps, and DeltaSpace renders the samples once more for their CLIP features."""
     c = cfg.clip_edits
     if c is None:
         return 0
-    steps, n = cfg.sample.steps, c.samples
-    after = steps - round(c.t0_share * steps)
-    per = {"diffusionclip": n * (steps + steps) + 2 * c.epochs * n * after,
-           "asyrp-net": 3 * c.epochs * n * max(1, round(c.edit_share * steps)), "deltaspace": 0}  # fmt: skip
-    sweep = c.held_out * (1 + len(GAMMAS)) * steps
+    steps, n, held, g = cfg.sample.steps, c.samples, c.held_out, len(GAMMAS)
+    k0, stop = round(c.t0_share * steps), max(1, round(c.edit_share * steps))
+    per = {"diffusionclip": n * (k0 + steps) + c.epochs * n * (steps - k0) + g * held * (steps - k0),
+           "asyrp-net": 2 * c.epochs * n * stop + g * held * stop, "deltaspace": held * steps}  # fmt: skip
+    sweep = held * (1 + g) * steps
     return len(c.prompt_pairs) * sum(per.get(m, 0) + sweep for m in c.methods)
 
 

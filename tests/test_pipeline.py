@@ -372,7 +372,7 @@ def test_list_shows_finished_failed_locked_and_half_done_runs(pipeline_run, tmp_
 
 
 @pytest.mark.slow
-def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, tmp_path, monkeypatch):
+def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle_dir, clip_dir, tmp_path, monkeypatch):
     """Each pipeline stage of a small toy run (every figure on, the Jacobian and Fig. 8 too), run
     one at a time through the runner: every file it creates or changes lies inside an artifact
     its declaration names (``outputs``); the runner's own run.json is the only exception. A
@@ -387,13 +387,17 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     from hspace.data.catalog import ARTIFACTS, RunFolder
     from hspace.flows.runner import execute
     from hspace.tasks.check import unet_passes
-    from hspace.tasks.config import CompareSection, LatentSvdSection, load_config
+    from hspace.tasks.config import ClipEditsSection, CompareSection, LatentSvdSection, load_config
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     cfg.compare = CompareSection(n=3, calibration_n=3, evaluator=f"oracle:{oracle_dir}")
     cfg.latent_svd = LatentSvdSection(k=2, probe_n=2, probe_indices=1, evaluator=f"oracle:{oracle_dir}")
     cfg.sample.store_xt = True
+    cfg.clip_edits = ClipEditsSection(
+        prompt_pairs={"Smiling": ("a person", "a smiling person")}, clip=str(clip_dir), samples=4, held_out=2,
+        epochs=1, basis=2, evaluator=f"oracle:{oracle_dir}",
+    )  # fmt: skip
     run = RunFolder(tmp_path / "run")
     ctx = Context(device="cpu", show_progress=False)
 

@@ -15,67 +15,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from hspace.data.catalog import RunError, replace_folder
+from hspace.data.diffae import DiffAERecipe, build, diffae_files, recipe_from_dict
+
+__all__ = ["DiffAERecipe", "build", "recipe_from_dict", "train_diffae"]
 
 DATA_SEED = 7 << 40  # toy-diffae's training renders (the oracle's 1-2 << 40, toy-sd's 3, toy-clip's 5-6)
 EVAL_SEED = 8 << 40  # held-out renders for its measured quality
-
-
-@dataclass
-class DiffAERecipe:
-    """How toy-diffae is built and trained (the shipped folder's recipe.json records it)."""
-
-    image_size: int = 32
-    style: str = "v2"
-    z_dim: int = 128  # the toy world has 8 factors and colours: 128 holds them with room, and stays cheap
-    encoder_channels: tuple[int, ...] = (32, 64, 128)
-    block_out_channels: tuple[int, ...] = (32, 64, 128)
-    attention: bool = True  # at the deepest level (8 x 8)
-    num_train_timesteps: int = 1000
-    steps: int = 4800  # the shipped model's (40 min on one core of the 2-core EPYC, shared)
-    batch_size: int = 16
-    lr: float = 3e-4
-    ema_decay: float = 0.999
-    latent_n: int = 8192
-    latent_steps: int = 3000
-    seed: int = 0
-    checkpoint_every: int = 200
-
-
-def recipe_from_dict(d: dict) -> DiffAERecipe:
-    d = dict(d)
-    for key in ("encoder_channels", "block_out_channels"):
-        if key in d:
-            d[key] = tuple(d[key])
-    return DiffAERecipe(**d)
-
-
-def build(recipe: DiffAERecipe):
-    """(DiffAE, DDPMScheduler) of the recipe, randomly initialised."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from hspace.hcore.diffae import DiffAE, SemanticEncoder
-
-    torch.manual_seed(recipe.seed)
-    n = len(recipe.block_out_channels)
-    down, up = ["DownBlock2D"] * n, ["UpBlock2D"] * n
-    if recipe.attention:
-        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    unet = UNet2DModel(
-        sample_size=recipe.image_size, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=recipe.block_out_channels, down_block_types=tuple(down), up_block_types=tuple(up),
-        class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8,
-        attention_head_dim=min(32, recipe.block_out_channels[-1]),
-    )  # fmt: skip
-    encoder = SemanticEncoder(recipe.z_dim, recipe.encoder_channels, recipe.image_size)
-    scheduler = DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                              clip_sample=False)  # fmt: skip
-    return DiffAE(encoder, unet, recipe.z_dim), scheduler
 
 
 def renders(recipe: DiffAERecipe, first_seed: int, n: int) -> torch.Tensor:
@@ -195,10 +146,11 @@ def export(auto, latent, scheduler, stats: dict, recipe: DiffAERecipe, out: Path
     scheduler.save_pretrained(tmp / "scheduler")
     enc = {f"encoder.{k}": v for k, v in auto.encoder.state_dict().items()}
     enc.update({f"z_to_emb.{k}": v for k, v in auto.z_to_emb.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in enc.items()}, str(tmp / "encoder.safetensors"))
+    files = diffae_files(tmp)
+    save_file({k: v.contiguous() for k, v in enc.items()}, str(files["encoder"]))
     lat = {f"latent.{k}": v for k, v in latent.state_dict().items()}
     lat.update({"z_mean": stats["mean"], "z_std": stats["std"]})
-    save_file({k: v.contiguous() for k, v in lat.items()}, str(tmp / "latent.safetensors"))
+    save_file({k: v.contiguous() for k, v in lat.items()}, str(files["latent"]))
     (tmp / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_folder(tmp, out)
