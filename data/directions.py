@@ -275,14 +275,8 @@ def save_predictor(path: Path, f, meta: dict) -> Path:
     training losses) as string metadata; written aside and moved in."""
     from dataclasses import asdict
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fields = {k: str(v) for k, v in asdict(f.spec).items()}
-    strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in f.state_dict().items()}, str(tmp), {**strings, **fields})
-    tmp.replace(path)
-    return path
+    return save_trained(path, f.state_dict(), {**meta, **fields})
 
 
 def load_predictor(where: str | Path, model_fingerprint: str | None = None, steps: int | None = None):
