@@ -15,11 +15,16 @@ own samples:
   feature, a CLIP-space delta) to Delta h, trained on image pairs with image deltas Delta i
   only; at inference a text delta Delta t ("a person" -> "a smiling person") takes Delta i's
   place, so no attribute is ever trained for: ``train_deltaspace``.
+
+DiffusionCLIP and Asyrp train on latent (Stable Diffusion-shaped) models too: a ``Space`` holds
+the text setup, each training sample's prompt (the U-Net's conditioning, guided as the run
+samples) and the VAE decoder, differentiable, that turns every P_t into the image CLIP sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,36 @@ from hspace.hcore.hooks import HSpaceHook
 from hspace.hcore.sampler import ddim_scheduler, ddim_step
 
 LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class Space:
+    """Where the training samples live. Pixel models: the default (no text, P_t is the image).
+    Latent models: ``text`` (hcore.generator.TextSetup: its VAE and text encoders, guidance)
+    and ``prompts``, the prompt of every training sample in the order of the tensors trained
+    on."""
+
+    text: object | None = None
+    prompts: Sequence[str] | None = None
+
+    def __post_init__(self):
+        if self.text is not None and not self.prompts:
+            raise ValueError("a latent model's Space needs the training samples' prompts")
+
+    @property
+    def guided(self) -> bool:
+        return self.text is not None and self.text.guided
+
+    def conditioning(self, rows: torch.Tensor):
+        """The U-Net's conditioning for the training samples ``rows`` (None for a pixel model)."""
+        if self.text is None:
+            return None
+        return self.text.conditioning([self.prompts[int(i)] for i in rows])
+
+    def image(self, p: torch.Tensor) -> torch.Tensor:
+        """The image of P_t (B, 3, R, R) in [-1, 1], differentiable in ``p``: P_t itself for a
+        pixel model, the VAE's decoding of it for a latent one."""
+        return p if self.text is None else self.text.decode(p, grad=True)
 
 
 def add_edit_lora(unet, rank: int = 4, seed: int = 0, name: str = "diffusionclip") -> None:
@@ -116,11 +151,14 @@ def train_diffusionclip(
     l1: float = 3.0,
     batch_size: int = 8,
     on_step: Callable[[int, dict], None] | None = None,
+    space: Space | None = None,
 ) -> list[dict]:
     """Fine-tune the LoRA of ``unet`` (``add_edit_lora`` first; only its parameters train) so
     that deterministic DDIM from ``x_start`` (the training samples' x at step ``start_step`` of
-    ``steps``, i.e. t0) ends at the text edit of ``x_ref`` (their images, [-1, 1]). Each epoch
-    visits every training sample once; returns the per-epoch mean losses."""
+    ``steps``, i.e. t0; latents for a latent model) ends at the text edit of ``x_ref`` (their
+    images, [-1, 1]). Each epoch visits every training sample once; returns the per-epoch mean
+    losses. ``space``: a latent model's text and VAE (``Space``)."""
+    space = space or Space()
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(steps)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
@@ -142,10 +180,11 @@ def train_diffusionclip(
         for i in range(0, len(order), batch_size):
             b = order[i : i + batch_size]
             x, ref, feats = x_start[b].to(device), x_ref[b].to(device), ref_features[b]
+            cond = space.conditioning(b)
             for t in sched.timesteps[start_step:]:
-                eps = unet_output(unet, x, int(t))
+                eps = unet_output(unet, x, int(t), cond)
                 x_prev, p_t = ddim_step(sched, x, int(t), eps, eps, 0.0, torch.zeros_like(x))
-                clip_step(opt, guide, p_t, feats, delta_t, ref, l1, sums)
+                clip_step(opt, guide, space.image(p_t), feats, delta_t, ref, l1, sums)
                 x = x_prev.detach()
             done += 1
             if on_step is not None:
@@ -191,12 +230,15 @@ def train_asyrp(
     l1: float = 3.0,
     batch_size: int = 8,
     on_step: Callable[[int, dict], None] | None = None,
+    space: Space | None = None,
 ) -> list[dict]:
     """Train ``net`` over the editing interval (steps 0 .. ``stop_step`` - 1 of ``steps``, i.e.
     [T, t_edit]) from the training samples' x_T, deterministic DDIM: at each step the edited
     pass (h_t + f(h_t, t)) gives P_t^edit, the unedited pass P_t and D_t; the loss is eq. (3)
     between P_t^edit and P_t plus ``l1`` times their L1 distance; x_{t-1} follows the P_t-only
-    edit, detached. Returns the per-epoch mean losses."""
+    edit, detached (both halves of a guided batch edited). ``space``: a latent model's text and
+    VAE (``Space``; the losses then on the decoded P_t). Returns the per-epoch mean losses."""
+    space = space or Space()
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(steps)
     unet.requires_grad_(False)
@@ -207,23 +249,25 @@ def train_asyrp(
     history, done = [], 0
     gen = torch.Generator().manual_seed(0)
     with HSpaceHook(unet, point=h_point) as hs:
+        hs.guided = space.guided
         for _ in range(epochs):
             order = torch.randperm(len(x_T), generator=gen)
             sums = {"direction": 0.0, "l1": 0.0}
             for i in range(0, len(order), batch_size):
                 b = order[i : i + batch_size]
-                x = x_T[b].to(device)
+                x, cond = x_T[b].to(device), space.conditioning(b)
                 for step, t in enumerate(sched.timesteps[:stop_step]):
                     with torch.no_grad():
                         hs.delta = None
-                        eps = unet_output(unet, x, int(t))
+                        eps = unet_output(unet, x, int(t), cond)
                         _, p_ref = ddim_step(sched, x, int(t), eps, eps, 0.0, torch.zeros_like(x))
-                        ref = guide.image(p_ref)
+                        image_ref = space.image(p_ref)
+                        ref = guide.image(image_ref)
                     hs.delta = lambda h, step=step: net(h, step).to(h.dtype)
-                    eps_edit = unet_output(unet, x, int(t))
+                    eps_edit = unet_output(unet, x, int(t), cond)
                     hs.delta = None
                     x_prev, p_edit = ddim_step(sched, x, int(t), eps_edit, eps, 0.0, torch.zeros_like(x))
-                    clip_step(opt, guide, p_edit, ref, delta_t, p_ref, l1, sums)
+                    clip_step(opt, guide, space.image(p_edit), ref, delta_t, image_ref, l1, sums)
                     x = x_prev.detach()
                 done += 1
                 if on_step is not None:

@@ -77,13 +77,15 @@ class TextSetup:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """x_0 = D(z_0 / scaling_factor (+ shift)) in [-1, 1], float32 (the VAE runs in float32)."""
+    def decode(self, z: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """x_0 = D(z_0 / scaling_factor (+ shift)) in [-1, 1], float32 (the VAE runs in float32);
+        ``grad``: differentiable in z (a loss on the image that trains what made z)."""
         cfg = self.vae.config
-        z = z.to(next(self.vae.parameters()).device, torch.float32) / cfg.scaling_factor
+        param = next(self.vae.parameters())
+        z = z.to(param.device, param.dtype) / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return self.vae.decode(z).sample.float().clamp(-1, 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

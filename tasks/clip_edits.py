@@ -1,5 +1,7 @@
 """`hspace clip-edits RUN`: train the editors that learn from CLIP (hcore/clip_editors.py) on a
-pixel run's own samples, one edit per prompt pair, and save each beside the run's directions
+run's own samples (pixel or latent: a latent model's P_t reach CLIP through its VAE decoder,
+with gradients, and its U-Net sees each sample's prompt and guidance as the run sampled them),
+one edit per prompt pair, and save each beside the run's directions
 (RUN/directions/METHOD/NAME.safetensors, data.directions.trained_file), usable as the editing
 methods diffusionclip, asyrp-net and deltaspace (hcore/edits/clip_trained.py).
 
@@ -25,11 +27,9 @@ GAMMAS = (0.0, 1.0, 2.0, 4.0)
 
 
 def problems(section, n: int, kind: str) -> list[str]:
-    """What in ``clip_edits`` cannot run on a run of ``n`` samples of a ``kind`` model."""
+    """What in ``clip_edits`` cannot run on a run of ``n`` samples (any model ``kind``: a latent
+    model's editors learn through its VAE decoder)."""
     p = []
-    if kind != "pixel":
-        p.append("clip_edits: the CLIP-trained editors train on pixel models here (a latent model's loss needs "
-                 "its VAE in the graph, not built yet); drop the clip_edits section")  # fmt: skip
     bad = [m for m in section.methods if m not in METHODS]
     if bad or not section.methods:
         p.append(f"clip_edits.methods: {', '.join(bad) or 'none'}; choose from {', '.join(METHODS)}")
@@ -92,7 +92,12 @@ def clip_edits_stage(run: RunFolder, clip_edits, ctx: Context) -> dict:
     net = load_annotator(clip_edits.evaluator, ctx.device)
     base = {"model": meta["model"]["fingerprint"], "model_id": models.ref_of(meta).id, "steps": replay.steps,
             "clip": clip_edits.clip, "h_point": replay.h_point}  # fmt: skip
-    model = (unet, scheduler, replay, guide, net, base)
+    from hspace.data.stores import SampleStore
+
+    size = unet.config.sample_size
+    x_shape = models.noise_shape(meta) or (unet.config.in_channels, size, size)
+    shapes = (x_shape, int(SampleStore(run.samples).h.shape[2]))  # x_T's shape, h's channels
+    model = (unet, scheduler, replay, guide, net, base, shapes)
     train = list(range(clip_edits.samples))
     held = list(range(cfg["n"] - clip_edits.held_out, cfg["n"]))
     torch.manual_seed(0)
@@ -119,9 +124,10 @@ def train_one(method: str, section, pair, train: list[int], model, mapper, ctx: 
     from hspace.hcore import clip_editors as ce
     from hspace.hcore.sampler import ddim_scheduler
 
-    unet, scheduler, replay, guide, _, _ = model
+    unet, scheduler, replay, guide, _, _, (noise_shape, h_channels) = model
     delta_t = guide.text_delta(*pair)
     steps = replay.steps
+    space = ce.Space(replay.text, replay.text.prompts_for(train) if replay.text is not None else None)
     with ctx.progress() as bar:
         if method == "deltaspace":
             return {**mapper.state_dict()}, {"dim": mapper.dim, "hidden": mapper.hidden,
@@ -137,7 +143,7 @@ def train_one(method: str, section, pair, train: list[int], model, mapper, ctx: 
             try:
                 history = ce.train_diffusionclip(
                     unet, scheduler, guide, x_start, x_ref, steps, k0, delta_t,
-                    epochs=section.epochs, lr=section.lr, l1=section.l1, on_step=report,
+                    epochs=section.epochs, lr=section.lr, l1=section.l1, on_step=report, space=space,
                 )  # fmt: skip
                 state = ce.lora_weights(unet)
             finally:
@@ -146,11 +152,11 @@ def train_one(method: str, section, pair, train: list[int], model, mapper, ctx: 
             sched.set_timesteps(steps)
             return state, {"rank": section.rank, "t0": int(sched.timesteps[k0]), "t0_step": k0, "losses": history[-1]}
         stop = max(1, round(section.edit_share * steps))
-        f = ce.DeltaNet(unet.config.block_out_channels[-1], steps)
-        x_T = replay.x_T(train, (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))
+        f = ce.DeltaNet(h_channels, steps)
+        x_T = replay.x_T(train, noise_shape)
         history = ce.train_asyrp(
             f, unet, scheduler, guide, x_T, steps, stop, delta_t, h_point=replay.h_point,
-            epochs=section.epochs, lr=section.asyrp_lr, l1=section.l1, on_step=report,
+            epochs=section.epochs, lr=section.asyrp_lr, l1=section.l1, on_step=report, space=space,
         )  # fmt: skip
         return f.state_dict(), {"channels": f.channels, "hidden": f.hidden, "stop_step": stop, "losses": history[-1]}
 
@@ -187,7 +193,7 @@ def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held:
     from hspace.data import directions as dirfile
     from hspace.tasks.avi import alpha_sweep, draw_sweep
 
-    unet, scheduler, replay, guide, net, base = model
+    unet, scheduler, replay, guide, net, base, _ = model
     path = dirfile.trained_file(run, method, name)
     dirfile.save_trained(path, state, info)
     cls, trained, _ = dirfile.load_trained(path, base["model"], replay.steps, ctx.device)  # as users load it
@@ -244,6 +250,6 @@ STAGE = Stage(
     cost=clip_edits_cost,
     check=check,
     cli_sections={"clip_edits": None},
-    doc="Train the CLIP-guided editors (DiffusionCLIP's LoRA, Asyrp's f(h, t), DeltaSpace's mapper) on a pixel "
+    doc="Train the CLIP-guided editors (DiffusionCLIP's LoRA, Asyrp's f(h, t), DeltaSpace's mapper) on a "
     "run: RUN/directions/METHOD/NAME, usable as the editing methods of those names.",
 )

@@ -303,7 +303,7 @@ class AviSection(Section):
 
 
 class ClipEditsSection(Section):
-    methods: Names = option(lambda: ["diffusionclip", "asyrp-net", "deltaspace"], "the editors to train (pixel runs)")
+    methods: Names = option(lambda: ["diffusionclip", "asyrp-net", "deltaspace"], "the editors to train")
     prompt_pairs: dict[str, tuple[str, str]] = option(
         lambda: {"Smiling": ("A person", "A smiling person")},
         "NAME -> [source text, target text]: one edit each (YAML; hspace compare finds ATTRIBUTE's)",

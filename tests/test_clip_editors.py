@@ -2,7 +2,8 @@
 hcore/edits/clip_trained.py, `hspace clip-edits`): the directional loss is eq. (3) computed by
 hand; DiffusionCLIP's mixed pass at gamma 1 is the fine-tuned model from t0 on and at gamma 0
 the original; trained on the shipped toy model with toy-clip, each editor moves its attribute
-on held-out seeds (the oracle), loads in `hspace edit`, and is refused on another model's run."""
+on held-out seeds (the oracle), loads in `hspace edit`, and is refused on another model's run;
+on the SD test shapes DiffusionCLIP and Asyrp train through the VAE decoder."""
 
 from __future__ import annotations
 
@@ -172,12 +173,59 @@ def test_clip_edits_bad_input_is_one_line_before_any_work(trained, tmp_path):
     assert sorted(p.name for p in (run / "directions").rglob("*")) == before
 
 
-def test_a_latent_model_or_a_bad_section_is_refused_by_the_config_check():
+@pytest.mark.parametrize("kind,dtype", [("sd1", "float32"), ("sd2", "bfloat16")])
+def test_diffusionclip_and_asyrp_train_through_a_latent_models_vae(tmp_path, clip_dir, kind, dtype):
+    """The SD test shapes under guidance (SD 2.x: v-prediction in bfloat16): DiffusionCLIP's
+    LoRA and Asyrp's f train with the losses on the VAE-decoded P_t (a decoder outside the
+    graph would leave nothing to differentiate: backward raises); the fine-tuned edit at gamma
+    1 is the fine-tuned copy's render from the same x_{t0} with the same prompt and guidance."""
+    from hspace.data import models
+    from hspace.data.annotators import load_clip_guide
+    from hspace.hcore import clip_editors as ce
+    from tests.sd_fixtures import LATENT_SIZE, save_tiny_sd
+
+    ref = models.resolve(str(save_tiny_sd(tmp_path / kind, kind)))
+    unet, scheduler = models.load_checked(ref, "cpu", getattr(torch, dtype), clip_sample=False)
+    size = models.image_size(ref, unet.config)
+    text = models.text_setup(ref, ["a blue dog", "a red cat"], guidance_scale=3.0, image_size=size)
+    guide = load_clip_guide(str(clip_dir), "cpu")
+    replay, steps, k0, idx = Replay(5, 4, 0.0).with_text(text), 4, 2, [0, 1, 2]
+    space = ce.Space(text, text.prompts_for(idx))
+    x_start = replay.render(unet, scheduler, idx, stop_before=k0)
+    assert x_start.shape == (3, 4, LATENT_SIZE, LATENT_SIZE)
+    x_ref = replay.render(unet, scheduler, idx)
+    delta = guide.text_delta("a dog", "a cat")
+    add_edit_lora(unet, rank=2)
+    history = ce.train_diffusionclip(unet, scheduler, guide, x_start, x_ref, steps, k0, delta, epochs=1, lr=1e-2,
+                                     batch_size=2, space=space)  # fmt: skip
+    assert np.isfinite(history[0]["direction"]) and history[0]["l1"] > 0
+    weights = lora_weights(unet)
+    assert max(w.abs().max().item() for n, w in weights.items() if "lora_B" in n) > 0  # it trained
+    tuned = copy.deepcopy(unet)
+    enable_lora(tuned, True)
+    remove_lora(unet)
+    sched = ddim_scheduler(scheduler)
+    sched.set_timesteps(steps)
+    method = DiffusionCLIP(FineTuned(weights, 2, int(sched.timesteps[k0])))
+    mixed = replay.render(unet, scheduler, idx, edit=method.action(1.0))
+    explicit = replay.render(tuned, scheduler, idx, x_T=x_start, start_at=k0)
+    torch.testing.assert_close(mixed, explicit, rtol=0, atol=2e-2 if dtype == "bfloat16" else 1e-4)
+    assert (mixed - x_ref).abs().max() > 1e-3 and not lora_layers(unet)
+    with pytest.raises(ValueError, match="needs the training samples' prompts"):
+        ce.Space(text)
+    f = ce.DeltaNet(unet.config.block_out_channels[-1], steps)
+    x_T = replay.x_T(idx, (4, LATENT_SIZE, LATENT_SIZE))
+    history = ce.train_asyrp(f, unet, scheduler, guide, x_T, steps, 2, delta, epochs=1, lr=1e-2, batch_size=3,
+                             space=space)  # fmt: skip
+    assert np.isfinite(history[0]["direction"]) and f.out.weight.abs().max() > 0
+
+
+def test_a_bad_section_is_refused_by_the_config_check():
     from hspace.tasks.clip_edits import config_problems
     from hspace.tasks.config import RunConfig
 
-    cfg = RunConfig.model_validate({"sample": {"model": "toy-sd", "n": 64}, "clip_edits": {}})
-    assert any("train on pixel models here" in p for p in config_problems(cfg, "latent"))
+    cfg = RunConfig.model_validate({"sample": {"model": "toy-sd", "n": 64}, "clip_edits": {"clip": "toy-clip"}})
+    assert config_problems(cfg, "latent") == []  # a latent model trains through its VAE
     cfg = RunConfig.model_validate({"sample": {"n": 40}, "clip_edits": {"methods": ["nope"], "prompt_pairs": {}}})
     found = config_problems(cfg, "pixel")
     assert any("clip_edits.methods: nope" in p for p in found) and any("prompt_pairs: give" in p for p in found)
