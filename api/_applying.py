@@ -116,6 +116,11 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
     asyrp = action is not None and action.asyrp
     if asyrp:
         _check_asyrp(pipe, scheduler)
+    if action is not None and action.decodes:
+        raise DirectionMismatch(
+            "this method decodes with a model of its own (a diffusion autoencoder's code), not inside a pipeline: "
+            "make it from images (ZSem.from_images) and take action(gamma).images()"
+        )
 
     def step_of(t) -> int:
         t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)

@@ -73,6 +73,24 @@ def diffae_files(folder: Path) -> dict[str, Path]:
     return {"encoder": Path(folder) / "encoder.safetensors", "latent": Path(folder) / "latent.safetensors"}
 
 
+def diffae_fingerprint(spec: str | Path) -> str:
+    """sha256 over the decoder's config and weights and the encoder's file: what a z_sem
+    direction records, so that it is refused on another autoencoder's code."""
+    import hashlib
+
+    from hspace.data.models import weights_sha256
+
+    folder = diffae_folder(spec)
+    encoder = diffae_files(folder)["encoder"]
+    if not encoder.is_file():
+        raise RunError(
+            f"{folder} is no diffusion-autoencoder folder (no {encoder.name}): `hspace train-toy --recipe diffae`"
+        )
+    digest = hashlib.sha256(weights_sha256(folder / "unet").encode())
+    digest.update(encoder.read_bytes())
+    return digest.hexdigest()
+
+
 def diffae_folder(spec: str | Path) -> Path:
     """``toy-diffae`` (the shipped one) or a folder."""
     return TOY_DIFFAE_DIR if str(spec) == "toy-diffae" else Path(spec).expanduser()

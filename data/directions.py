@@ -316,6 +316,11 @@ def trained_file(run, method: str, name: str) -> Path:
     return run.directions / method / f"{name}.safetensors"
 
 
+def code_probe_file(run) -> Path:
+    """RUN/directions/zsem/probe.json: `hspace diffae`'s linear probes of z_sem and h."""
+    return run.directions / "zsem" / "probe.json"
+
+
 def save_trained(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Weights and their provenance (``method``: the registered editing method; ``model``: the
     fingerprint they were trained on; ``steps``) as string metadata; written aside, moved in."""
@@ -358,7 +363,7 @@ def load_trained(where: str | Path, model_fingerprint: str | None = None, steps:
         raise RunError(
             f"{path} is no trained editor's file ({type(e).__name__}: {e}); make one: `hspace clip-edits`"
         ) from None
-    if model_fingerprint is not None and meta.get("model") != model_fingerprint:
+    if model_fingerprint is not None and cls.model_bound and meta.get("model") != model_fingerprint:
         raise RunError(
             f"{meta['method']} weights {path} were trained on model {meta.get('model_id')} "
             f"({str(meta.get('model'))[:12]}), not this one ({model_fingerprint[:12]}): a fine-tuned edit "
@@ -371,6 +376,15 @@ def load_trained(where: str | Path, model_fingerprint: str | None = None, steps:
         from hspace.data.annotators import load_clip_guide
 
         loaded["guide"] = load_clip_guide(meta["clip"], device)
+    if "diffae" in meta:  # a semantic code's direction: its autoencoder, the very one it was found in
+        from hspace.data.diffae import diffae_fingerprint, load_diffae
+
+        if diffae_fingerprint(meta["diffae"]) != meta.get("diffae_fingerprint"):
+            raise RunError(
+                f"{path} is a direction in the code of another autoencoder than {meta['diffae']} now holds "
+                f"({str(meta.get('diffae_fingerprint'))[:12]}): find it again with `hspace diffae`"
+            )
+        loaded["diffae"] = load_diffae(meta["diffae"], device)
     try:
         return cls, cls.load_weights(state, meta, **loaded), meta
     except (KeyError, ValueError, RuntimeError) as e:

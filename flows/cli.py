@@ -154,12 +154,12 @@ def edit(
     --image, invert a photo (or SDEdit it) and render its edits."""
     try:
         from hspace.tasks.edit import edit_sample
-        from hspace.tasks.edit_methods import parse_scales
+        from hspace.tasks.edit_methods import acts_on_code, parse_scales
         from hspace.tasks.sample import resolve_device
 
         values = None if scales is None else parse_scales(scales)
         if image:
-            if run_dir is not None or model is None:
+            if run_dir is not None or (model is None and not acts_on_code(edit_method)):
                 raise RunError("--image takes --model M (the model the directions were found on), not a run folder")
             from hspace.tasks.photo_edit import edit_photos
 

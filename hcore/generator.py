@@ -113,7 +113,14 @@ def generate(
     """``hcore.sampler.sample`` (eqs. (2)-(5)), then, for a latent model, the VAE decoder:
     images (B, 3, R, R) in [-1, 1]. ``indices``: the samples' run indices, which pick their
     prompts (or give ``prompts``, one per generator). With ``stop_before`` the latent x_t
-    is returned undecoded. An edit goes to the text setup's ``edit_branch``."""
+    is returned undecoded. An edit goes to the text setup's ``edit_branch``. An edit that
+    ``decodes`` (a semantic code's decoder: hcore/edits/zsem.py) gives the images itself."""
+    edit = kwargs.get("edit")
+    if edit is not None and edit.decodes:
+        given = [k for k in ("stop_before", "start_at", "x_T", "noise") if kwargs.get(k) is not None]
+        if given:
+            raise ValueError(f"a method that decodes with its own model gives finished images only, not {given[0]}")
+        return edit.images()
     if text is None:
         edit = kwargs.get("edit")
         if edit is not None and edit.paired([]) is not None:

@@ -56,8 +56,7 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
         if name in found:
             fit.append(Bound(name, cls, found[name]))
         elif "weights" in needs:
-            how = "hspace avi RUN ... --name" if name == "avi" else "hspace clip-edits RUN, clip_edits.prompt_pairs:"
-            skipped.append((name, f"no trained file for {attribute} ({how} {attribute})"))
+            skipped.append((name, f"no trained file for {attribute} ({cls.trainer.replace('ATTR', attribute)})"))
         elif needs == {"direction"}:
             own = f"{attribute}_xT" if cls.acts_on == "x_T" else attribute
             names = [own] + ([f"{attribute}_prompt", f"{attribute}_disentangled"] if name == "h" else [])
@@ -85,12 +84,12 @@ def entries(cls_by_name: dict, attribute: str, files: dict, pair: tuple | None, 
 
 def findings(run: RunFolder, meta: dict, attribute: str, replay, unet, scheduler) -> dict:
     """What the run holds that makes a method for ``attribute``: its AVI predictor
-    (directions/avi/ATTR, `hspace avi --name ATTR`), its CLIP-trained editors
-    (directions/METHOD/ATTR, `hspace clip-edits`) and the latent-svd probe (step, index) whose
+    (directions/avi/ATTR, `hspace avi --name ATTR`), every other trained editor
+    (directions/METHOD/ATTR: `hspace clip-edits`, `hspace diffae`) and the latent-svd probe (step, index) whose
     scaling raised it most (latent_svd/properties.json, made as sv-scale at that step and index)."""
     from hspace.data import directions as dirfile
     from hspace.data.stores import LatentSvdStore
-    from hspace.hcore.edits import get, once_per_indices
+    from hspace.hcore.edits import get, methods, once_per_indices
 
     found = {}
     path = dirfile.predictor_file(run, attribute)
@@ -98,7 +97,7 @@ def findings(run: RunFolder, meta: dict, attribute: str, replay, unet, scheduler
         f, _ = dirfile.load_predictor(path, meta["model"]["fingerprint"], replay.steps)
         avi = get("avi")
         found["avi"] = once_per_indices(lambda idx: avi.from_replay(replay, unet, scheduler, idx, f, attribute))
-    for method in ("diffusionclip", "asyrp-net", "deltaspace"):  # `hspace clip-edits`
+    for method in sorted(m for m, cls in methods().items() if "weights" in cls.needs and m != "avi"):
         path = dirfile.trained_file(run, method, attribute)
         if path.exists():
             cls, trained, _ = dirfile.load_trained(path, meta["model"]["fingerprint"], replay.steps, unet.device)
@@ -353,8 +352,8 @@ def compare_cost(cfg) -> int:
 STAGE = Stage(
     "compare",
     sections=("compare",),
-    # the last three: the stages whose files make methods it finds
-    inputs=("directions", "disentangle", "annotate", "avi", "clip-edits", "latent-svd"),
+    # the last four: the stages whose files make methods it finds
+    inputs=("directions", "disentangle", "annotate", "avi", "clip-edits", "diffae", "latent-svd"),
     outputs=("compare",),
     body=compare_stage,
     summary=lambda r: "" if r.get("skipped") else f"{r['rows']} method x attribute rows on {r['model']}",

@@ -12,74 +12,24 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, FiniteFloat, ValidationError, model_serializer
+from pydantic import Field, FiniteFloat, ValidationError, model_serializer
 
 from hspace.data.catalog import RunError
-
-BINARY = ["Smiling", "Eyeglasses", "Wearing_Hat", "Male", "Young"]
-
-
-def _split(value):
-    """'a,b' -> ['a', 'b'] (a command-line list); lists pass through."""
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-
-
-Names = Annotated[list[str], BeforeValidator(_split)]
-Floats = Annotated[list[FiniteFloat], BeforeValidator(_split)]
-
-
-def _eta(value):
-    """--eta: '1' -> 1.0, '1,1,0' -> [1.0, 1.0, 0.0]; a window rule 'V@S0:S1' stays a string."""
-    if isinstance(value, str) and "@" not in value:
-        parts = _split(value)
-        try:
-            numbers = [float(p) for p in parts]
-        except ValueError:
-            raise ValueError("must be a number, a comma-separated list (one per step) or V@S0:S1") from None
-        return numbers[0] if len(numbers) == 1 and "," not in value else numbers
-    return value
-
-
-def _prompts(value):
-    """--prompts as typed: 'a,b' -> ['a', 'b']; '@FILE' -> one prompt per non-empty line of FILE."""
-    if isinstance(value, str) and value.startswith("@"):
-        path = Path(value[1:]).expanduser()
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as e:
-            raise ValueError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
-        value = [line.strip() for line in lines if line.strip()]
-        if not value:
-            raise ValueError(f"the prompt file {path} holds no prompt")
-        return value
-    return _split(value)
-
-
-Prompts = Annotated[list[str], BeforeValidator(_prompts)]
-
-# The paper's eta_t (eq. (5)): one number, one per step, or a window rule "V@S0:S1"
-Eta = Annotated[FiniteFloat | list[FiniteFloat] | str, BeforeValidator(_eta)]
-# Clamping P_t to [-1, 1]: eq. (3) has none and the paper authors' code turns the model's off
-# (YAML reads a bare off/on as false/true: both spellings mean the same here)
-ClipSample = Annotated[
-    Literal["off", "on", "model"],
-    BeforeValidator(lambda v: {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v),
-]
-CLIP_HELP = "clamp P_t to [-1, 1]: off (eq. (3), the paper), on, or model (its scheduler's)"
-
-
-def option(default, description: str, **extra):
-    """A section field: default, help text, limits (gt, ge, ...) and CLI hints."""
-    limits = {k: extra.pop(k) for k in ("gt", "ge", "le", "lt", "min_length") if k in extra}
-    kw = {"default_factory": default} if callable(default) else {"default": default}
-    return Field(**kw, description=description, json_schema_extra=extra or None, **limits)
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from hspace.tasks.config_fields import (
+    BINARY,
+    CLIP_HELP,
+    ClipSample,
+    Eta,
+    Floats,
+    Names,
+    Prompts,
+    Section,
+    option,
+)
+from hspace.tasks.config_trained import AviSection, ClipEditsSection, DiffAESection
 
 
 class SampleSection(Section):
@@ -283,46 +233,6 @@ class LatentSvdSection(Section):
     evaluator: str = option("oracle", "the judge of which factor moves: oracle | oracle:PATH | celeba40:PATH")
 
 
-class AviSection(Section):
-    prompt_pair: tuple[str, str] | None = option(None, "the original text A and the target text B (SD-family models)")
-    name: str = option("avi", "the predictor's name (RUN/directions/avi/NAME); an attribute name is scored")
-    prompt_pairs: dict[str, tuple[str, str]] = option(
-        dict, "or several: NAME -> [A, B], one predictor each (YAML; hspace compare finds ATTRIBUTE's)", hidden=True
-    )
-    k: int | None = option(None, "singular vectors taken from each latent channel (default: half its side)", gt=0)
-    org_share: FiniteFloat = option(0.3, "x_org's step, as a share of the steps (0.3: t = 0.7 T)", ge=0, lt=1)
-    tar_share: FiniteFloat = option(0.4, "x_tar's step, further along (0.4: t = 0.6 T)", gt=0, lt=1)
-    samples: int = option(256, "seeds whose latent pairs train the predictor (the run's first)", gt=0)
-    epochs: int = option(50, "Adam epochs over the pairs' channels (the paper: 5, over 5000 pairs)", gt=0)
-    lr: FiniteFloat = option(1e-3, "Adam's learning rate", gt=0)
-    batch_size: int = option(64, "channels per Adam step", gt=0)
-    weights: Floats = option(lambda: [10.0, 10.0, 1.0, 1.0], "lambda_1..4: target, source, their singular values")
-    hidden: int | None = option(None, "the predictor's width (default: the channel's H * W, as the paper)", gt=0)
-    held_out: int = option(16, "the run's last samples the trained edit is scored on (alpha 1, the judge)", ge=0)
-    evaluator: str = option("oracle", "the judge of the held-out score")
-
-
-class ClipEditsSection(Section):
-    methods: Names = option(lambda: ["diffusionclip", "asyrp-net", "deltaspace"], "the editors to train")
-    prompt_pairs: dict[str, tuple[str, str]] = option(
-        lambda: {"Smiling": ("A person", "A smiling person")},
-        "NAME -> [source text, target text]: one edit each (YAML; hspace compare finds ATTRIBUTE's)",
-        hidden=True,
-    )
-    clip: str = option("toy-clip", "the CLIP folder whose losses train them (toy-clip, a path, an HF id)")
-    samples: int = option(32, "the run's first samples, whose trajectories train DiffusionCLIP and Asyrp", gt=0)
-    epochs: int = option(2, "passes over those samples (one optimiser step per denoising step)", gt=0)
-    lr: FiniteFloat = option(4e-4, "DiffusionCLIP's LoRA learning rate (Adam)", gt=0)
-    asyrp_lr: FiniteFloat = option(2e-2, "Asyrp's f learning rate (Adam)", gt=0)
-    l1: FiniteFloat = option(3.0, "lambda_L1 of eq. (7): the identity term's weight", ge=0)
-    t0_share: FiniteFloat = option(0.4, "DiffusionCLIP's t0 as a share of the steps: fine-tuned from there", gt=0, lt=1)
-    edit_share: FiniteFloat = option(0.6, "Asyrp's editing interval [T, t_edit]: this share of the steps", gt=0, le=1)
-    rank: int = option(4, "DiffusionCLIP's LoRA rank", gt=0)
-    basis: int = option(16, "DeltaSpace: principal axes of h_{T:1} the mapper's Delta h lives in", gt=0)
-    held_out: int = option(16, "the run's last samples each edit is scored on (by evaluator)", ge=0)
-    evaluator: str = option("oracle", "the judge of the held-out score")
-
-
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -340,6 +250,7 @@ class RunConfig(Section):
     latent_svd: LatentSvdSection | None = None  # the SVD of x_t (needs sample.store_xt) where configured
     avi: AviSection | None = None  # an AVI predictor trained in `hspace run` where configured
     clip_edits: ClipEditsSection | None = None  # DiffusionCLIP, Asyrp's f, DeltaSpace, where configured
+    diffae: DiffAESection | None = None  # z_sem directions of a diffusion autoencoder, where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:

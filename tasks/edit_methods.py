@@ -74,9 +74,20 @@ def weights_path(spec: str, where: str) -> str:
     name, settings = split_spec(spec)
     key = "predictor" if name == "avi" else "weights"
     if not settings.get(key):
-        trainer = "hspace avi" if name == "avi" else "hspace clip-edits"
-        raise RunError(f"{where} {spec}: name its file, {get(spec).name}:{key}=PATH ({trainer})")
+        cls = get(spec)
+        raise RunError(f"{where} {spec}: name its file, {cls.name}:{key}=PATH ({cls.trainer.split(' RUN')[0]})")
     return str(settings[key])
+
+
+def acts_on_code(spec: str | None) -> bool:
+    """Whether ``spec`` names a method that edits a diffusion autoencoder's code (zsem): it
+    brings its own model, so a photo needs no --model."""
+    from hspace.hcore.edits import get
+
+    try:
+        return spec is not None and get(spec).acts_on == "code"
+    except ValueError:
+        return False
 
 
 def resolve_method(name: str | None, asyrp: bool, directions: list[str], target_prompt: str | None = None):
@@ -154,11 +165,13 @@ def with_method(
 
 def check_scales(method, scales: list[float] | None) -> list[float]:
     """The grid's strengths: ``scales``, each a strength of the method's own row (sdedit's t0 in
-    (0, 1], an injection share in [0, 1]) or refused before any work; None: -2..2 (gammas), or
-    0..1 by quarters where the method's strength is a share."""
+    (0, 1], an injection share in [0, 1]) or refused before any work; None: -2..2 (gammas; times
+    a method's first calibration strength where that is above 1: zsem's -16..16), or 0..1 by
+    quarters where the method's strength is a share."""
     own = method is not None and "direction" not in method.needs
-    if scales is None:
-        scales = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    if scales is None:  # in the method's own unit: multiples of its first calibration strength
+        unit = max(1.0, float(method.strength_start)) if own else 1.0
+        scales = [unit * s for s in (-2.0, -1.0, 0.0, 1.0, 2.0)]
         if own and any(map(method.strength_problem, scales)):
             scales = [s for s in (0.0, 0.25, 0.5, 0.75, 1.0) if not method.strength_problem(s)]
     problem = next((p for p in map(method.strength_problem, scales) if p), None) if own else None

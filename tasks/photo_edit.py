@@ -83,6 +83,11 @@ def edit_photos(
 
     edit = em.resolve_method(edit_method, asyrp, directions, target_prompt)
     scales = em.check_scales(edit, scales)
+    if isinstance(edit, em.Trained) and edit.acts_on == "code":  # a diffusion autoencoder's own encoder and decoder
+        from hspace.tasks import code_photo
+
+        code_photo.refuse_with(directions, sdedit, edit_method)
+        return code_photo.edit_photos_in_code(photo_paths(images), edit, edit_method, scales, out, device)
     if edit is not None and "weights" in edit.needs:  # its x_tar: the photo's replay under the target prompt
         raise RunError(f"--edit-method {edit_method} on a photo is not offered yet: edit a sample of a run instead")
     if sdedit is not None and edit is not None and "source" in edit.needs:

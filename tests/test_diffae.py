@@ -78,3 +78,150 @@ def test_the_shipped_toy_diffae_reconstructs_held_out_renders_keeping_their_fact
     assert abs(q["reconstruction"]["psnr_db"] - shipped["reconstruction"]["psnr_db"]) < 2.0
     model, _, _, _ = load_diffae("toy-diffae")
     assert model.encoder.head.out_features == 128
+
+
+@pytest.fixture(scope="module")
+def tiny_diffae(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diffae") / "out"
+    train_diffae(out.parent / "ck", out, DiffAERecipe(**TINY, steps=2, latent_steps=2), report=lambda line: None)
+    return out
+
+
+def test_a_zsem_edit_is_the_moved_code_decoded_from_the_images_own_stochastic_code(tiny_diffae):
+    """zsem at gamma: encode, x_T by inversion conditioned on z_sem (eq. (14)), decode
+    z + gamma n (normalised units): written out by hand; per-sample strengths; a run's render
+    (Replay.render) hands the images over; a pipeline and a wrong size are refused."""
+    from hspace.hcore.diffae import stochastic_code
+    from hspace.hcore.edits import get
+    from hspace.hcore.edits.zsem import CodeDirection
+    from hspace.hcore.generator import Replay
+    from tests.conftest import tiny_scheduler, tiny_unet
+
+    model, scheduler, _, stats = load_diffae(tiny_diffae)
+    normal = torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(1)), dim=0)
+    direction = CodeDirection(normal, model, scheduler, stats, 4)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    method = get("zsem").from_images(images, direction, "Smiling")
+    with torch.no_grad():
+        raw = model.encoder(images)
+        x_T = stochastic_code(model, scheduler, images, raw, 4)
+        moved = raw + 3.0 * normal * stats["std"]  # gamma 3 in normalised units is 3 std per unit of n
+        by_hand = decode(model, scheduler, x_T, moved, 4)
+        recon = decode(model, scheduler, x_T, raw, 4)
+    torch.testing.assert_close(method.action(3.0).images(), by_hand, rtol=0, atol=1e-4)
+    torch.testing.assert_close(method.action(0.0).images(), recon, rtol=0, atol=1e-4)
+    rows = method.action(torch.tensor([0.0, 3.0, 0.0])).images()
+    torch.testing.assert_close(rows[1], by_hand[1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows[0], recon[0], rtol=0, atol=1e-4)
+    assert (by_hand - recon).abs().max() > 1e-3
+    # a run's samples: Replay.render gives the method's images, the run's model is not sampled
+    unet, sched = tiny_unet(sample_size=32), tiny_scheduler()
+    replay = Replay(seed=0, steps=3, eta=0.0)
+    made = get("zsem").from_replay(replay, unet, sched, [0, 1], direction, "Smiling")
+    own = replay.render(unet, sched, [0, 1])
+    again = get("zsem").from_images(own, direction).action(2.0).images()
+    torch.testing.assert_close(replay.render(unet, sched, [0, 1], edit=made.action(2.0)), again, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="gives finished images only, not stop_before"):
+        replay.render(unet, sched, [0, 1], edit=made.action(2.0), stop_before=1)
+    with pytest.raises(ValueError, match="encodes 3 x 32 x 32 images, got"):
+        get("zsem").from_images(torch.zeros(1, 3, 16, 16), direction)
+    from diffusers import DDIMPipeline
+
+    import hspace
+
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config))
+    with pytest.raises(hspace.DirectionMismatch, match="decodes with a model of its own"):
+        with hspace.apply(pipe, method=made, gamma=1.0):
+            pipe(batch_size=1, num_inference_steps=3)
+
+
+def test_a_zsem_file_is_refused_on_another_autoencoder(tiny_diffae, tmp_path):
+    """The file records its autoencoder's fingerprint: retrained weights in that folder are
+    refused with one line; a run's model is not asked (any model's images are encoded)."""
+    import shutil
+
+    from hspace.data import directions as dirfile
+    from hspace.data.diffae import diffae_fingerprint
+
+    folder = tmp_path / "ae"
+    shutil.copytree(tiny_diffae, folder)
+    path = tmp_path / "zsem" / "Male.safetensors"
+    meta = {"method": "zsem", "attribute": "Male", "diffae": str(folder), "diffae_steps": 4,
+            "diffae_fingerprint": diffae_fingerprint(folder), "model": "f" * 64}  # fmt: skip
+    dirfile.save_trained(path, {"normal": torch.ones(16) / 4}, meta)
+    cls, trained, _ = dirfile.load_trained(path, "0" * 64, 10)  # another run's model: fine
+    assert cls.name == "zsem" and trained.steps == 4 and float(trained.normal.norm()) == pytest.approx(1.0)
+    enc = load_file(folder / "encoder.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v + 0.01 for k, v in enc.items()}, folder / "encoder.safetensors")
+    with pytest.raises(RunError, match="a direction in the code of another autoencoder"):
+        dirfile.load_trained(path, None, None)
+
+
+@pytest.fixture(scope="module")
+def coded(prefect_server, tmp_path_factory):
+    """The shipped toy model, 64 samples of 10 steps, annotated by the oracle; `hspace diffae`
+    with the shipped toy-diffae (10 steps) on the first 48 (Male), scored on the last 16."""
+    from tests.test_toy_pipeline import hspace as cli
+
+    out = tmp_path_factory.mktemp("diffae-run") / "run"
+    cli("sample", "--model", "toy", "--n", "64", "--steps", "10", "--batch-size", "64", "--device", "cpu",
+        "--out", out)  # fmt: skip
+    cli("annotate", out, "--device", "cpu")
+    r = cli("diffae", out, "--samples", "48", "--held-out", "16", "--attributes", "Male", "--k", "8,128",
+            "--steps", "10", "--device", "cpu")  # fmt: skip
+    return out, r.output
+
+
+MARGIN = {"Male": 0.3}  # oracle, mean own change at gamma 16 on the 16 held-out samples
+
+
+@pytest.mark.slow
+def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded):
+    """DiffAE's normal and HDAE's sparse one, found on the run's labelled samples, each move its
+    attribute on held-out seeds by MARGIN; gamma 0 (the reconstruction) keeps it within 0.1; the
+    probes of z_sem and h are written; `hspace compare` finds both methods."""
+    import json
+
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.data.catalog import RunFolder
+    from hspace.tasks.compare import findings
+
+    run, output = coded
+    assert "diffae: done" in output and "z_sem directions at gamma 16: Male (" in output, output
+    for name, margin in MARGIN.items():
+        for method in ("zsem", "zsem-sparse"):
+            path = run / "directions" / method / f"{name}.safetensors"
+            cls, trained, meta = dirfile.load_trained(path, None, None)
+            sweep = json.loads(meta["gamma_sweep"])
+            assert cls.name == method and sweep["16"][name] >= margin, (method, name, sweep)
+            assert abs(sweep["0"][name]) <= 0.1, (method, name, sweep["0"])
+            assert path.with_suffix(".png").stat().st_size > 1000
+        k_sweep = json.loads(meta["k_sweep"])
+        assert set(k_sweep) == {"8", "128"} and int(meta["k"]) in (8, 128)
+        assert int((trained.normal != 0).sum()) == int(meta["k"])
+    probe = json.loads(dirfile.code_probe_file(RunFolder(run)).read_text())
+    assert set(probe["probe_accuracy"]) == {"z_sem", "h"} and probe["probe_accuracy"]["z_sem"]["Male"] > 0.7
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta)
+    found = findings(RunFolder(run), meta, "Male", models.replay_for_run(meta), unet, scheduler)
+    assert {"zsem", "zsem-sparse"} <= set(found)
+
+
+@pytest.mark.slow
+def test_diffae_bad_input_is_one_line_before_any_work(coded, tmp_path):
+    from typer.testing import CliRunner
+
+    from hspace.flows.cli import app
+
+    run, _ = coded
+    before = sorted(p.name for p in (run / "directions").rglob("*"))
+    r = CliRunner().invoke(app, ["diffae", str(run), "--samples", "60", "--device", "cpu"])
+    assert r.exit_code != 0 and "exceed the run's 64 samples" in r.output, r.output
+    r = CliRunner().invoke(app, ["diffae", str(run), "--model", str(tmp_path), "--samples", "8", "--device", "cpu"])
+    assert r.exit_code != 0 and "is no diffusion-autoencoder folder" in r.output, r.output
+    r = CliRunner().invoke(app, ["diffae", str(run), "--attributes", "Beard", "--samples", "8", "--device", "cpu"])
+    assert r.exit_code != 0 and "Beard not in the run's annotations" in r.output, r.output
+    assert sorted(p.name for p in (run / "directions").rglob("*")) == before

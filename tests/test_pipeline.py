@@ -385,9 +385,10 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     from diffusers import UNet2DModel
 
     from hspace.data.catalog import ARTIFACTS, RunFolder
+    from hspace.data.toy.train_diffae import DiffAERecipe, train_diffae
     from hspace.flows.runner import execute
     from hspace.tasks.check import unet_passes
-    from hspace.tasks.config import ClipEditsSection, CompareSection, LatentSvdSection, load_config
+    from hspace.tasks.config import ClipEditsSection, CompareSection, DiffAESection, LatentSvdSection, load_config
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
@@ -398,6 +399,9 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
         prompt_pairs={"Smiling": ("a person", "a smiling person")}, clip=str(clip_dir), samples=4, held_out=2,
         epochs=1, basis=2, evaluator=f"oracle:{oracle_dir}",
     )  # fmt: skip
+    tiny_ae = {"batch_size": 4, "latent_n": 32, "encoder_channels": (8, 8, 8), "block_out_channels": (8, 16, 16),
+               "attention": False, "z_dim": 16, "image_size": 16, "steps": 1, "latent_steps": 1}  # fmt: skip
+    train_diffae(tmp_path / "ae-ck", tmp_path / "ae", DiffAERecipe(**tiny_ae), report=lambda line: None)
     run = RunFolder(tmp_path / "run")
     ctx = Context(device="cpu", show_progress=False)
 
@@ -428,6 +432,14 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     seen, made = {}, {}
     for name in pipeline_stages():
         stage = registry()[name]
+        if name == "diffae":  # z_sem hyperplanes of the attributes the tiny oracle reads both ways on 8 samples
+            from hspace.data.stores import AnnotationStore
+
+            scores, names = AnnotationStore(run.annotations).scores()
+            mixed = [a for j, a in enumerate(names) if 0 < (scores[:8, j] > 0.5).sum() < 8][:2]
+            assert mixed, "the tiny oracle reads every attribute the same way on the first 8 samples"
+            cfg.diffae = DiffAESection(model=str(tmp_path / "ae"), attributes=mixed, samples=8, steps=2, k=[2],
+                                       held_out=2, evaluator=f"oracle:{oracle_dir}")  # fmt: skip
         before = files()
         passes |= {"rows": 0, "iterations": 0}
         monkeypatch.setattr(UNet2DModel, "forward", counted)

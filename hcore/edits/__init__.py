@@ -15,7 +15,10 @@ batch at given strengths it returns an :class:`Action`, which the sampler
 - ``session(unet)``: a context around the whole generation (attention processors, weights);
 - ``paired(prompts)``: a method that carries a source generation in the same batch (Prompt-to-
   Prompt, Plug-and-Play; hcore/edits/attention.py) returns the edited rows' prompts, and the
-  batch becomes [sources; edits] from the same generators.
+  batch becomes [sources; edits] from the same generators;
+- ``decodes`` / ``images()``: a method with a generator of its own (a diffusion autoencoder:
+  the sample's image encoded to a semantic code, moved, decoded; ``acts_on = "code"``) gives the
+  edited images itself, and the run's model is not sampled (hcore.generator.generate).
 
 Every front takes a registered method by name: `hspace edit --edit-method NAME`,
 ``hspace.apply(pipe, method=NAME)``, the evaluate stage's Table 1 (``evaluate.methods``).
@@ -36,7 +39,7 @@ from typing import ClassVar
 import torch
 
 NEEDS = ("direction", "prompt_pair", "source", "weights")
-ACTS_ON = ("h", "x_t", "x_T", "attention", "weights")
+ACTS_ON = ("h", "x_t", "x_T", "attention", "weights", "code")
 
 
 class Action:
@@ -47,6 +50,11 @@ class Action:
     asyrp: bool = False
     branch: str = "both"
     first_step: int = 0  # the steps before it change nothing: the sampler skips them (z_t still drawn)
+    decodes: bool = False  # it gives the edited images itself (``images``): the model is not sampled
+
+    def images(self) -> torch.Tensor:
+        """The edited images (B, 3, R, R) in [-1, 1] of a method that ``decodes``."""
+        raise NotImplementedError
 
     def check(self, steps: int, guided: bool) -> None:
         """ValueError where the action cannot run with ``steps`` sampling steps (or guidance)."""
@@ -95,6 +103,8 @@ class Compose(Action):
         if len(asyrp) > 1:
             raise ValueError("h edits with and without Asyrp cannot share one generation: render them apart")
         self.asyrp = asyrp.pop() if asyrp else False
+        if any(a.decodes for a in self.actions):
+            raise ValueError("a method that decodes with a model of its own (a semantic code) edits alone")
         branches = {a.branch for a in self.actions}
         if len(branches) > 1:
             raise ValueError(f"actions edit different guidance branches {sorted(branches)}")
@@ -168,6 +178,10 @@ class EditMethod:
     strength_start: ClassVar[float] = 1.0
     strength_max: ClassVar[float] = 64.0
     weakens: ClassVar[bool] = False
+    # a method that needs weights: the command that trains them, and whether they apply only to
+    # the model they were trained on (a fine-tuned LoRA) or to any model's images (a semantic code)
+    trainer: ClassVar[str] = ""
+    model_bound: ClassVar[bool] = True
     attribute: str | None = None
 
     @classmethod

@@ -38,6 +38,7 @@ class Integrate(Action):
 @register
 class AVI(EditMethod):
     name = "avi"
+    trainer = "hspace avi RUN --name ATTR"
     needs = ("weights",)
     strength = "alpha"
     unit = "the weight of x_tar's singular-vector columns (0: none; 1: as trained)"

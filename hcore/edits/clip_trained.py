@@ -93,6 +93,7 @@ class MixFineTuned(Action):
 @register
 class DiffusionCLIP(EditMethod):
     name = "diffusionclip"
+    trainer = "hspace clip-edits RUN (clip_edits.prompt_pairs: ATTR)"
     needs = ("weights",)
     strength = "gamma"
     unit = "the share of the fine-tuned model's eps from t0 on (0: the original; 1: the fine-tuned)"
@@ -145,6 +146,7 @@ class NetDelta(Action):
 @register
 class AsyrpNet(EditMethod):
     name = "asyrp-net"
+    trainer = "hspace clip-edits RUN (clip_edits.prompt_pairs: ATTR)"
     needs = ("weights",)
     strength = "gamma"
     unit = "multiples of the trained f's Delta h_t"
@@ -189,6 +191,7 @@ class MappedDelta(Action):
 @register
 class DeltaSpace(EditMethod):
     name = "deltaspace"
+    trainer = "hspace clip-edits RUN (clip_edits.prompt_pairs: ATTR)"
     needs = ("weights",)
     strength = "gamma"
     unit = "multiples of the mapped Delta h (a unit CLIP-space delta in)"
