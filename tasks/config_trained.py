@@ -57,5 +57,11 @@ class DiffAESection(Section):
     samples: int = option(256, "the run's first samples, encoded and labelled, that fit the hyperplanes", gt=1)
     steps: int = option(20, "DDIM steps of the autoencoder's inversion (eq. (14)) and decoding", gt=0)
     k: Ints = option(lambda: [4, 8, 16, 32], "HDAE's sparse hyperplanes: the top-k weights kept, swept")
+    pada_attribute: str | None = option("Young", "the age PADA edits (toward pada_texts' second; none: no PADA)")
+    pada_texts: tuple[str, str] = option(
+        ("An old person", "A young person"), "PADA's ages as texts: [label 0, label 1] of pada_attribute", hidden=True
+    )
+    clip: str = option("toy-clip", "the CLIP of PADA's age texts and images (toy-clip, a path)")
+    pada_steps: int = option(300, "PADA's Adam steps (batches of 16 training samples)", gt=0)
     held_out: int = option(16, "the run's last samples each edit is scored on (by evaluator)", ge=0)
     evaluator: str = option("oracle", "the judge of the labels' and the held-out score")

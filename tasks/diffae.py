@@ -31,6 +31,7 @@ from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
 
 GAMMAS = (0.0, 8.0, 16.0, 32.0)
+PADA_STRENGTHS = (0.0, 0.5, 1.0, 2.0)  # PADA's: the share of the way to z_age
 PROBE_GAMMA = 16.0  # the k sweep's edit strength
 PROBE_DIMS = 64  # principal axes both probes read
 
@@ -73,6 +74,28 @@ def check(run: RunFolder, cfg, ctx) -> None:
         found = model_problems(cfg.diffae, int(SampleStore(run.samples).x0.shape[-1]))
     if found:
         raise RunError(found[0])
+    if run.annotations.exists():
+        labels(run, wanted(cfg.diffae), 1)
+    age_guide(cfg.diffae, "cpu")
+
+
+def wanted(diffae) -> list[str]:
+    """The attributes whose labels the stage reads: the hyperplanes' and PADA's."""
+    extra = [diffae.pada_attribute] if diffae.pada_attribute and diffae.pada_attribute not in diffae.attributes else []
+    return [*diffae.attributes, *extra]
+
+
+def age_guide(diffae, device: str):
+    """PADA's CLIP with its two texts (None without PADA); RunError where it does not load or
+    does not know a word."""
+    if diffae.pada_attribute is None:
+        return None
+    from hspace.data.annotators import load_clip_guide
+
+    try:
+        return load_clip_guide(diffae.clip, device, list(diffae.pada_texts))
+    except RunError as e:
+        raise RunError(f"diffae.clip: {e}") from None
 
 
 def labels(run: RunFolder, attributes: list[str], n: int):
@@ -99,7 +122,7 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
     from hspace.data.annotators import load_annotator
     from hspace.data.diffae import diffae_fingerprint, load_diffae
     from hspace.data.stores import SampleStore
-    from hspace.hcore.edits.zsem import CodeDirection
+    from hspace.hcore.edits.zsem import CodeDirection, ZSem
     from hspace.hcore.sampler import to_unit
 
     meta = run.read()
@@ -109,8 +132,9 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
     found = problems(diffae, cfg["n"]) or model_problems(diffae, int(store.x0.shape[-1]))
     if found:
         raise RunError(found[0])
-    y = labels(run, diffae.attributes, diffae.samples) > 0.5
-    same = [a for j, a in enumerate(diffae.attributes) if y[:, j].all() or not y[:, j].any()]
+    y = labels(run, wanted(diffae), diffae.samples) > 0.5
+    guide = age_guide(diffae, ctx.device)
+    same = [a for j, a in enumerate(wanted(diffae)) if y[:, j].all() or not y[:, j].any()]
     if same:
         raise RunError(
             f"diffae.attributes: {same[0]} reads the same on all of the first {diffae.samples} samples, so no "
@@ -130,26 +154,59 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
             "model_id": models.ref_of(meta).id, "samples": diffae.samples}  # fmt: skip
     direction = lambda normal: CodeDirection(torch.from_numpy(normal).float(), auto, scheduler, stats, diffae.steps)  # noqa: E731
     model = (unet, run_scheduler, replay, net)
+    own = replay.render(unet, run_scheduler, held) if held else None  # encoded once per attribute, edited by all
     results, paths, normals = {}, [], {}
     with ctx.progress() as bar:
         job = bar.add_task("diffae (attributes)", total=len(diffae.attributes), rate="")
         for j, name in enumerate(diffae.attributes):
-            clf = LogisticRegression(max_iter=2000).fit(code, y[:, j])
+            clf = LogisticRegression(max_iter=2000).fit(code, y[:, j])  # y's first columns: the attributes
             w = clf.coef_[0] / np.linalg.norm(clf.coef_[0])
             normals[name] = w
             info = {**base, "attribute": name, "train_accuracy": float(clf.score(code, y[:, j]))}
-            r = score(run, "zsem", name, w, info, held, direction, model, ctx)
-            sweep = k_sweep(clf.coef_[0], clf.intercept_[0], code, y[:, j], diffae.k, held, direction, model, name)
+            template = ZSem(direction(w), own, name) if held else None
+            r = score(run, "zsem", name, normal_state(w), info, held, model, ctx, template=template)
+            sweep = k_sweep(clf.coef_[0], clf.intercept_[0], code, y[:, j], diffae.k, template, net, direction, name)
             best = max(sweep, key=lambda k: sweep[k]["own_change"] / max(sweep[k]["leakage"], 1e-3))
             info = {**info, "k": int(best), "k_sweep": sweep}
-            rs = score(run, "zsem-sparse", name, sparse(w, int(best)), info, held, direction, model, ctx)
+            rs = score(run, "zsem-sparse", name, normal_state(sparse(w, int(best))), info, held, model, ctx,
+                       template=template)  # fmt: skip
             results[name] = {"zsem": r, "zsem-sparse": rs | {"k": int(best)}}
             paths += [p for x in (r, rs) for p in (x.pop("path"), x.pop("figure")) if p]
             bar.advance(job)
+    if diffae.pada_attribute is not None:
+        age = y[:, wanted(diffae).index(diffae.pada_attribute)]
+        state, info = train_age(diffae, guide, x0, code, age, (auto, scheduler, stats), ctx)
+        r = score(run, "pada", diffae.pada_attribute, state, {**base, **info}, held, model, ctx, PADA_STRENGTHS)
+        results[diffae.pada_attribute] = results.get(diffae.pada_attribute, {}) | {"pada": r}
+        paths += [p for p in (r.pop("path"), r.pop("figure")) if p]
     probe_file = dirfile.code_probe_file(run)
     probe_file.parent.mkdir(parents=True, exist_ok=True)
     probe_file.write_text(json.dumps(probe(store, code, y, diffae.attributes, normals), indent=2))
     return {"outputs": outputs(run, [*paths, probe_file]), "edits": results}
+
+
+def train_age(diffae, guide, x0, code, age, auto, ctx) -> tuple[dict, dict]:
+    """PADA (hcore/pada.py) on the training samples: (its state with the mean CLIP image feature
+    of the samples of the target age, its metadata)."""
+    import torch
+
+    from hspace.hcore.pada import Pada, train_pada
+
+    model, scheduler, stats = auto
+    texts = guide.text(list(diffae.pada_texts))
+    pada = Pada(texts.shape[1], code.shape[1])
+    ages = torch.from_numpy(age.astype(np.int64))
+    with ctx.progress() as bar:
+        job = bar.add_task("pada (steps)", total=diffae.pada_steps, rate="")
+        losses = train_pada(pada, model, scheduler, guide, x0, torch.from_numpy(code).float(), stats, ages, texts,
+                            steps=diffae.pada_steps, on_step=lambda i, _: bar.update(job, completed=i))  # fmt: skip
+    with torch.no_grad():
+        reference = guide.image(x0[torch.from_numpy(age)]).mean(0).cpu()
+    state = {f"pada.{k}": v.detach().cpu().contiguous() for k, v in pada.state_dict().items()}
+    state["reference"] = reference
+    info = {"attribute": diffae.pada_attribute, "target": diffae.pada_texts[1], "source_text": diffae.pada_texts[0],
+            "clip": diffae.clip, "clip_dim": int(texts.shape[1]), "hidden": pada.hidden, "losses": losses}  # fmt: skip
+    return state, info
 
 
 def sparse(w: np.ndarray, k: int) -> np.ndarray:
@@ -160,25 +217,21 @@ def sparse(w: np.ndarray, k: int) -> np.ndarray:
     return out / np.linalg.norm(out)
 
 
-def k_sweep(coef, b, code, y, ks, held, direction, model, name: str) -> dict:
+def k_sweep(coef, b, code, y, ks, template, net, direction, name: str) -> dict:
     """{k: the sparse hyperplane's accuracy on the training code (coef_k . z + b > 0, coef_k
-    the classifier's weights keeping the top k), its own change and leakage on the held-out
-    samples at PROBE_GAMMA}."""
-    from hspace.hcore.edits import get
-
-    unet, scheduler, replay, net = model
+    the classifier's weights keeping the top k), its own change and leakage at PROBE_GAMMA on
+    the held-out samples ``template`` encoded (against their own renders)}."""
     col = net.names.index(name)
     degrees = set(getattr(net, "degrees", ()))
     others = [i for i, c in enumerate(net.names) if i != col and c not in degrees]
-    base = net.score(replay.render(unet, scheduler, held)).numpy() if held else None
+    base = net.score(template.images).numpy() if template is not None else None
     out = {}
     for k in ks:
         wk = sparse(coef, k)
         kept = np.where(wk != 0, coef, 0.0)
         entry = {"accuracy": float(((code @ kept + b > 0) == y).mean())}
-        if held:
-            made = get("zsem-sparse")(direction(wk), replay.render(unet, scheduler, held), name)
-            change = net.score(replay.render(unet, scheduler, held, edit=made.action(PROBE_GAMMA))).numpy() - base
+        if template is not None:
+            change = net.score(template.with_edit(direction(wk)).action(PROBE_GAMMA).images()).numpy() - base
             entry |= {"own_change": float(change[:, col].mean()), "leakage": float(np.abs(change[:, others]).mean())}
         else:
             entry |= {"own_change": 0.0, "leakage": 1.0}
@@ -186,28 +239,37 @@ def k_sweep(coef, b, code, y, ks, held, direction, model, name: str) -> dict:
     return out
 
 
-def score(run: RunFolder, method: str, name: str, normal, info: dict, held: list[int], direction, model, ctx) -> dict:
-    """Save the direction, then its held-out sweep over GAMMAS (metadata, NAME.png)."""
+def normal_state(normal) -> dict:
     import torch
 
+    return {"normal": torch.from_numpy(np.ascontiguousarray(normal)).float()}
+
+
+def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held: list[int], model, ctx,
+          strengths=GAMMAS, template=None) -> dict:  # fmt: skip
+    """Save the edit, then its held-out sweep over ``strengths`` (metadata, NAME.png);
+    ``template``: the held-out samples encoded already (a z_sem direction's, reused)."""
     from hspace.data import directions as dirfile
     from hspace.tasks.avi import alpha_sweep, draw_sweep
 
     unet, scheduler, replay, net = model
     path = dirfile.trained_file(run, method, name)
-    state = {"normal": torch.from_numpy(np.ascontiguousarray(normal)).float()}
     dirfile.save_trained(path, state, {**info, "method": method})
     cls, trained, _ = dirfile.load_trained(path, info["model"], None, ctx.device)  # as users load it
-    made = cls.from_replay(replay, unet, scheduler, held, trained, name) if held else None
-    sweep, images = alpha_sweep(made, replay, unet, scheduler, held, net, GAMMAS) if held else ({}, None)
+    if template is not None:
+        made = template.with_edit(trained)
+    else:
+        made = cls.from_replay(replay, unet, scheduler, held, trained, name) if held else None
+    sweep, images = alpha_sweep(made, replay, unet, scheduler, held, net, strengths) if held else ({}, None)
     dirfile.save_trained(path, state, {**info, "method": method, "gamma_sweep": sweep,
                                        "held_out": [held[0], held[-1] + 1] if held else []})  # fmt: skip
     figure = path.with_suffix(".png")
     if images is not None:
         draw_sweep(images, sweep, name, figure, f"{method} {name}: gamma sweep on held-out samples (mean own change)")
-    own = sweep.get(f"{PROBE_GAMMA:g}", {}).get(name)
+    shown = PROBE_GAMMA if PROBE_GAMMA in strengths else strengths[-2]
+    own = sweep.get(f"{shown:g}", {}).get(name)
     if own is not None:
-        ctx.log(f"{method} {name}: gamma {PROBE_GAMMA:g} on {len(held)} held-out samples moves it by {own:+.3f}")
+        ctx.log(f"{method} {name}: gamma {shown:g} on {len(held)} held-out samples moves it by {own:+.3f}")
     return {"path": path, "figure": figure if images is not None else None, "own_change": own, "sweep": sweep}
 
 
@@ -243,6 +305,10 @@ def diffae_line(result: dict) -> str:
         return ""
     parts = []
     for name, r in result.get("edits", {}).items():
+        if "pada" in r and r["pada"]["own_change"] is not None:
+            parts.append(f"PADA {name} ({r['pada']['own_change']:+.3f} at 1)")
+        if "zsem" not in r:
+            continue
         own, own_k = r["zsem"]["own_change"], r["zsem-sparse"]["own_change"]
         if own is not None:
             parts.append(f"{name} ({own:+.3f}; top-{r['zsem-sparse']['k']} {own_k:+.3f})")
@@ -252,16 +318,19 @@ def diffae_line(result: dict) -> str:
 
 
 def diffae_cost(cfg) -> int:
-    """U-Net passes (forward calls) of the run's model and the autoencoder: per attribute, the
-    held-out renders for each saved edit's sweep (plain, then the autoencoder's inversion and a
-    decoding per gamma) and for each k of the sweep (plain, render, inversion, one decoding)."""
+    """U-Net sample-passes of the run's model and the autoencoder: the held-out samples rendered
+    once; per attribute their inversion (eq. (14)), each saved edit's sweep (a plain render and
+    a decoding per gamma) and a decoding per k; PADA two passes of a batch of 16 per training
+    step (the edited and the plain one-step image), the samples rendered and inverted again
+    (with its z_age) and its sweep."""
     d = cfg.diffae
     if d is None:
         return 0
     steps, held = cfg.sample.steps, d.held_out
-    edit = held * (2 * steps + d.steps * (1 + len(GAMMAS)))
-    sweep = held * steps + len(d.k) * held * (steps + 2 * d.steps)
-    return len(d.attributes) * (2 * edit + sweep)
+    sweep = held * (steps + d.steps * len(GAMMAS))  # a plain render, a decoding per gamma
+    per_attribute = held * d.steps + 2 * sweep + len(d.k) * held * d.steps  # inversion, two sweeps, the k sweep
+    pada = 2 * 16 * d.pada_steps + held * (steps + d.steps) + held * (steps + d.steps * len(PADA_STRENGTHS))
+    return held * steps + len(d.attributes) * per_attribute + (pada if d.pada_attribute is not None else 0)
 
 
 STAGE = Stage(

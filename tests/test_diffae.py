@@ -225,3 +225,47 @@ def test_diffae_bad_input_is_one_line_before_any_work(coded, tmp_path):
     r = CliRunner().invoke(app, ["diffae", str(run), "--attributes", "Beard", "--samples", "8", "--device", "cpu"])
     assert r.exit_code != 0 and "Beard not in the run's annotations" in r.output, r.output
     assert sorted(p.name for p in (run / "directions").rglob("*")) == before
+
+
+def test_pada_kl_is_eq_8_and_its_edit_decodes_z_age(tiny_diffae, clip_dir):
+    """eq. (8)'s closed form against torch.distributions; at initialisation eq. (11) is the
+    source code's instance normalisation; a few training steps move the networks; the pada
+    method at strength 1 decodes z_age from the image's own x_T, at 0 the reconstruction."""
+    from torch.distributions import Normal, kl_divergence
+
+    from hspace.data.annotators import load_clip_guide
+    from hspace.hcore.diffae import stochastic_code
+    from hspace.hcore.edits import get
+    from hspace.hcore.edits.zsem import AgeEdit
+    from hspace.hcore.pada import Pada, kl_to_text, train_pada
+
+    gen = torch.Generator().manual_seed(0)
+    text, mu, log_sigma = torch.randn(3, 8, generator=gen), torch.randn(3, 8, generator=gen), torch.randn(3, 8) * 0.3
+    e = torch.nn.functional.normalize(text, dim=-1)
+    expected = kl_divergence(Normal(e, torch.ones_like(e)), Normal(mu, log_sigma.exp())).sum(-1)
+    torch.testing.assert_close(kl_to_text(text, mu, log_sigma), expected, rtol=1e-5, atol=1e-5)
+
+    model, scheduler, _, stats = load_diffae(tiny_diffae)
+    guide = load_clip_guide(str(clip_dir))
+    texts = guide.text(["an old person", "a young person"])
+    pada = Pada(texts.shape[1], 16, hidden=32)
+    z = torch.randn(6, 16, generator=gen)
+    z_age, kl = pada(z, texts[[1] * 6], torch.randn(6, texts.shape[1], generator=gen), generator=gen)
+    torch.testing.assert_close(z_age, (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True), rtol=1e-5, atol=1e-5)
+    images = torch.rand(6, 3, 32, 32, generator=gen) * 2 - 1
+    before = {k: v.clone() for k, v in pada.state_dict().items()}
+    losses = train_pada(pada, model, scheduler, guide, images, z, stats, torch.tensor([0, 1, 0, 1, 1, 0]), texts,
+                        steps=3, batch_size=4)  # fmt: skip
+    assert set(losses) == {"age", "identity", "normalisation", "reconstruction", "kl"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert any((pada.state_dict()[k] - v).abs().max() > 0 for k, v in before.items())
+    edit = AgeEdit(pada, texts[1], torch.randn(texts.shape[1], generator=gen), model, scheduler, stats, 4)
+    made = get("pada").from_images(images[:2], edit, "Young")
+    with torch.no_grad():
+        raw = model.encoder(images[:2])
+        x_T = stochastic_code(model, scheduler, images[:2], raw, 4)
+        by_hand = decode(model, scheduler, x_T, made.z_age * stats["std"] + stats["mean"], 4)
+    torch.testing.assert_close(made.action(1.0).images(), by_hand, rtol=0, atol=1e-4)
+    torch.testing.assert_close(made.action(0.0).images(), decode(model, scheduler, x_T, raw, 4), rtol=0, atol=1e-4)
+    other = get("pada").from_images(images[:2], AgeEdit(**{**vars(edit), "seed": 1}), "Young")
+    assert (other.z_age - made.z_age).abs().max() > 0  # another e_age draw (eq. (9)): another plausible age

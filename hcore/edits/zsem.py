@@ -6,6 +6,10 @@
   normal, z' = z + gamma n (normalised units), and decodes it with deterministic DDIM from the
   sample's own stochastic code x_T (DDIM inversion conditioned on z_sem, eq. (14)), so that
   what z_sem does not hold stays.
+- ``pada``: PADA's age edit (the note's sec. IV; hcore/pada.py): z_age from the target age's
+  text and reference image through the aging embedding (eqs. (8)-(11)); strength s moves the
+  code the share s of the way, z + s (z_age - z) (1: PADA's output); ``seed`` draws e_age
+  (eq. (9)): other seeds, other plausible ages (the "pluralistic" samples).
 - ``zsem-sparse``: HDAE's sparse hyperplane (the note's sec. IX): the classifier's normal
   keeping its top-k weights by magnitude, the others zero (k in the file; `hspace diffae`
   sweeps it). HDAE reads the code from several encoder levels; here the code is toy-diffae's
@@ -50,9 +54,8 @@ class Recode(Action):
         from hspace.hcore.diffae import decode
 
         m, d = self.method, self.method.edit
-        g = torch.as_tensor(self.gamma, dtype=torch.float32).reshape(-1, 1)
-        z = m.z + g * d.normal.view(1, -1)
-        raw = z * d.stats["std"] + d.stats["mean"]
+        g = torch.as_tensor(self.gamma, dtype=torch.float32).reshape(-1, 1).to(m.z.device)
+        raw = m.moved(g) * d.stats["std"].to(m.z.device) + d.stats["mean"].to(m.z.device)
         with torch.no_grad():
             return decode(d.model, d.scheduler, m.x_T, raw.to(m.x_T.device), d.steps).float()
 
@@ -81,6 +84,7 @@ class ZSem(EditMethod):
         self.edit, self.attribute = edit, attribute
         device = next(edit.model.parameters()).device
         images = images.to(device, torch.float32)
+        self.images = images  # what was encoded: a run's own renders, or the photos
         with torch.no_grad():
             raw = edit.model.encoder(images)
             self.x_T = stochastic_code(edit.model, edit.scheduler, images, raw, edit.steps)
@@ -105,6 +109,20 @@ class ZSem(EditMethod):
         """For a run's samples ``indices``: their own renders, encoded."""
         return cls(trained, replay.render(unet, scheduler, list(indices)), attribute)
 
+    def with_edit(self, edit: CodeDirection) -> ZSem:
+        """The same encoded samples (z_sem, x_T) under another direction of the same autoencoder."""
+        import copy
+
+        if edit.model is not self.edit.model or edit.steps != self.edit.steps:
+            raise ValueError("with_edit: a direction of another autoencoder or step count: encode the samples again")
+        twin = copy.copy(self)
+        twin.edit = edit
+        return twin
+
+    def moved(self, gamma: torch.Tensor) -> torch.Tensor:
+        """The codes at strength ``gamma`` ((B, 1) or (1, 1)), normalised."""
+        return self.z + gamma * self.edit.normal.to(self.z.device).view(1, -1)
+
     def action(self, strength):
         return Recode(self, strength)
 
@@ -114,3 +132,55 @@ class ZSemSparse(ZSem):
     name = "zsem-sparse"
     unit = "steps along the unit top-k normal of the attribute's hyperplane in z_sem (normalised per dimension)"
     reference = "Lu et al. 2024 (HDAE) sparse hyperplanes, the reading note's sec. IX; on DiffAE's z_sem"
+
+
+@dataclass
+class AgeEdit:
+    """A trained PADA (hcore.pada.Pada), the CLIP text feature of its target age and the mean
+    CLIP image feature of its training images of that age (the text-image pair of eq. (8)), the
+    autoencoder as ``CodeDirection`` holds it, and the seed of e_age."""
+
+    pada: torch.nn.Module
+    text: torch.Tensor
+    reference: torch.Tensor
+    model: torch.nn.Module
+    scheduler: object
+    stats: dict
+    steps: int
+    seed: int = 0
+
+
+@register
+class PadaAge(ZSem):
+    name = "pada"
+    unit = "the share of the way from the sample's z_sem to PADA's z_age (1: PADA's output)"
+    reference = "Li et al. 2023 (PADA), the reading note's sec. IV, eqs. (8)-(11), on DiffAE's z_sem"
+    trainer = "hspace diffae RUN (diffae.pada_attribute: ATTR)"
+    strength_start, strength_max = 1.0, 4.0
+
+    def __init__(self, edit: AgeEdit, images: torch.Tensor, attribute: str | None = None):
+        super().__init__(edit, images, attribute)
+        device = self.z.device
+        n = len(self.z)
+        with torch.no_grad():
+            self.z_age, _ = edit.pada.to(device)(
+                self.z,
+                edit.text.to(device).view(1, -1).expand(n, -1),
+                edit.reference.to(device).view(1, -1).expand(n, -1),
+                generator=torch.Generator().manual_seed(edit.seed),
+            )
+
+    @classmethod
+    def load_weights(cls, state: dict, meta: dict, diffae=None, guide=None, **loaded) -> AgeEdit:
+        from hspace.hcore.pada import Pada
+
+        if diffae is None or guide is None:
+            raise ValueError("pada needs its autoencoder and the CLIP it was trained with (metadata 'diffae', 'clip')")
+        model, scheduler, _, stats = diffae
+        pada = Pada(int(meta["clip_dim"]), int(stats["mean"].numel()), int(meta["hidden"]))
+        pada.load_state_dict({k.removeprefix("pada."): v for k, v in state.items() if k.startswith("pada.")})
+        text = guide.text([meta["target"]])[0]
+        return AgeEdit(pada.eval(), text, state["reference"], model, scheduler, stats, int(meta["diffae_steps"]))
+
+    def moved(self, gamma: torch.Tensor) -> torch.Tensor:
+        return self.z + gamma * (self.z_age - self.z)
