@@ -152,7 +152,8 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
     base = {"diffae": str(diffae.model), "diffae_fingerprint": diffae_fingerprint(diffae.model),
             "diffae_steps": diffae.steps, "model": meta["model"]["fingerprint"],
             "model_id": models.ref_of(meta).id, "samples": diffae.samples}  # fmt: skip
-    direction = lambda normal: CodeDirection(torch.from_numpy(normal).float(), auto, scheduler, stats, diffae.steps)  # noqa: E731
+    direction = lambda normal: CodeDirection(torch.from_numpy(normal).float(), auto, scheduler, stats,  # noqa: E731
+                                             diffae.steps, base["diffae_fingerprint"])  # fmt: skip
     model = (unet, run_scheduler, replay, net)
     own = replay.render(unet, run_scheduler, held) if held else None  # encoded once per attribute, edited by all
     results, paths, normals = {}, [], {}

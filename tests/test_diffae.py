@@ -114,6 +114,15 @@ def test_a_zsem_edit_is_the_moved_code_decoded_from_the_images_own_stochastic_co
     torch.testing.assert_close(rows[1], by_hand[1], rtol=0, atol=1e-4)
     torch.testing.assert_close(rows[0], recon[0], rtol=0, atol=1e-4)
     assert (by_hand - recon).abs().max() > 1e-3
+    import copy
+
+    with pytest.raises(ValueError, match="a direction of another autoencoder"):
+        method.with_edit(CodeDirection(normal, copy.deepcopy(model), scheduler, stats, 4))
+    flipped = method.with_edit(CodeDirection(-normal, model, scheduler, stats, 4))  # the same encoding, reused
+    moved_back = raw - 3.0 * normal * stats["std"]
+    with torch.no_grad():
+        torch.testing.assert_close(flipped.action(3.0).images(), decode(model, scheduler, x_T, moved_back, 4),
+                                   rtol=0, atol=1e-4)  # fmt: skip
     # a run's samples: Replay.render gives the method's images, the run's model is not sampled
     unet, sched = tiny_unet(sample_size=32), tiny_scheduler()
     replay = Replay(seed=0, steps=3, eta=0.0)

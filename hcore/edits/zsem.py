@@ -35,13 +35,14 @@ from hspace.hcore.edits import Action, EditMethod, register
 class CodeDirection:
     """A direction in an autoencoder's z_sem: ``normal`` (z_dim,), unit, in z_sem normalised by
     ``stats`` ({"mean", "std"}); the autoencoder (hcore.diffae.DiffAE) and its scheduler; the
-    DDIM steps of inversion and decoding."""
+    DDIM steps of inversion and decoding; the autoencoder's fingerprint."""
 
     normal: torch.Tensor
     model: torch.nn.Module
     scheduler: object
     stats: dict
     steps: int
+    fingerprint: str = ""  # the autoencoder's (data.diffae.diffae_fingerprint), where known
 
 
 class Recode(Action):
@@ -98,7 +99,7 @@ class ZSem(EditMethod):
         normal = state["normal"].float()
         if normal.shape != stats["mean"].shape:
             raise ValueError(f"a direction of {tuple(normal.shape)} for a z_sem of {tuple(stats['mean'].shape)}")
-        return CodeDirection(normal, model, scheduler, stats, int(meta["diffae_steps"]))
+        return CodeDirection(normal, model, scheduler, stats, int(meta["diffae_steps"]), meta["diffae_fingerprint"])
 
     @classmethod
     def from_images(cls, images: torch.Tensor, trained: CodeDirection, attribute: str | None = None) -> ZSem:
@@ -113,7 +114,8 @@ class ZSem(EditMethod):
         """The same encoded samples (z_sem, x_T) under another direction of the same autoencoder."""
         import copy
 
-        if edit.model is not self.edit.model or edit.steps != self.edit.steps:
+        same = edit.model is self.edit.model or (edit.fingerprint and edit.fingerprint == self.edit.fingerprint)
+        if not same or edit.steps != self.edit.steps:
             raise ValueError("with_edit: a direction of another autoencoder or step count: encode the samples again")
         twin = copy.copy(self)
         twin.edit = edit
