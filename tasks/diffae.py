@@ -171,15 +171,15 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
             info = {**info, "k": int(best), "k_sweep": sweep}
             rs = score(run, "zsem-sparse", name, normal_state(sparse(w, int(best))), info, held, model, ctx,
                        template=template)  # fmt: skip
-            results[name] = {"zsem": r, "zsem-sparse": rs | {"k": int(best)}}
             paths += [p for x in (r, rs) for p in (x.pop("path"), x.pop("figure")) if p]
+            results[name] = {"zsem": r, "zsem-sparse": rs | {"k": int(best)}}
             bar.advance(job)
     if diffae.pada_attribute is not None:
         age = y[:, wanted(diffae).index(diffae.pada_attribute)]
         state, info = train_age(diffae, guide, x0, code, age, (auto, scheduler, stats), ctx)
         r = score(run, "pada", diffae.pada_attribute, state, {**base, **info}, held, model, ctx, PADA_STRENGTHS)
-        results[diffae.pada_attribute] = results.get(diffae.pada_attribute, {}) | {"pada": r}
         paths += [p for p in (r.pop("path"), r.pop("figure")) if p]
+        results[diffae.pada_attribute] = results.get(diffae.pada_attribute, {}) | {"pada": r}
     probe_file = dirfile.code_probe_file(run)
     probe_file.parent.mkdir(parents=True, exist_ok=True)
     probe_file.write_text(json.dumps(probe(store, code, y, diffae.attributes, normals), indent=2))
@@ -329,8 +329,9 @@ def diffae_cost(cfg) -> int:
         return 0
     steps, held = cfg.sample.steps, d.held_out
     sweep = held * (steps + d.steps * len(GAMMAS))  # a plain render, a decoding per gamma
-    per_attribute = held * d.steps + 2 * sweep + len(d.k) * held * d.steps  # inversion, two sweeps, the k sweep
-    pada = 2 * 16 * d.pada_steps + held * (steps + d.steps) + held * (steps + d.steps * len(PADA_STRENGTHS))
+    inversion = held * (d.steps + 1)  # hcore.inversion.ddim_invert: one pass per step and one for h_0
+    per_attribute = inversion + 2 * sweep + len(d.k) * held * d.steps  # two sweeps, the k sweep
+    pada = 2 * 16 * d.pada_steps + held * steps + inversion + held * (steps + d.steps * len(PADA_STRENGTHS))
     return held * steps + len(d.attributes) * per_attribute + (pada if d.pada_attribute is not None else 0)
 
 
