@@ -54,6 +54,21 @@ def spec_of(avi, steps: int, latent: tuple[int, int, int], pair: tuple[str, str]
     return AviSpec(c, side, k, steps, org, tar, pair[0], pair[1], avi.hidden or side * side)
 
 
+def config_problems(cfg, kind: str, latent: tuple[int, int, int]) -> list[str]:
+    """The avi section (none without one) of `hspace run`'s config: its prompt pairs, steps and
+    k against the model (``kind``, its latent's (C, R, R))."""
+    if cfg.avi is None:
+        return []
+    if kind == "pixel":
+        return ["avi: a prompt pair needs a text-conditioned model (Stable Diffusion); drop the avi section"]
+    try:
+        for pair in pairs_of(cfg.avi).values():
+            spec_of(cfg.avi, cfg.sample.steps, latent, pair)
+    except RunError as e:
+        return [str(e)]
+    return []
+
+
 def latents(replay, unet, scheduler, indices: list[int], prompt: str, step: int, batch: int = 64):
     import torch
 

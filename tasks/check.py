@@ -164,22 +164,6 @@ def _latent_svd_problems(cfg: RunConfig) -> list[str]:
     return p
 
 
-def _avi_problems(cfg: RunConfig, kind: str, latent: tuple[int, int, int]) -> list[str]:
-    """The AVI predictors' prompt pairs, steps and k against the model."""
-    from hspace.tasks.avi import pairs_of, spec_of
-
-    if cfg.avi is None:
-        return []
-    if kind == "pixel":
-        return ["avi: a prompt pair needs a text-conditioned model (Stable Diffusion); drop the avi section"]
-    try:
-        for pair in pairs_of(cfg.avi).values():
-            spec_of(cfg.avi, cfg.sample.steps, latent, pair)
-    except RunError as e:
-        return [str(e)]
-    return []
-
-
 def _text_problems(cfg: RunConfig, ref, facts: Facts) -> list[str]:
     """Prompts against the model (text-conditioned or not); loads the text parts of an SD
     model (a damaged VAE or text encoder is found here, before any work)."""
@@ -206,7 +190,9 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     from hspace.data import models
     from hspace.data.annotators import load_annotator
     from hspace.hcore.hooks import NoMidBlockError, h_shape
+    from hspace.tasks.avi import config_problems as avi_problems
     from hspace.tasks.clip_edits import config_problems
+    from hspace.tasks.diffae import config_problems as diffae_problems
     from hspace.tasks.sample import resolve_device
 
     p: list[str] = []
@@ -227,7 +213,8 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
         if cfg.latent_svd is not None and cfg.latent_svd.k > size:
             p.append(f"latent_svd.k: {cfg.latent_svd.k} exceeds the latent's side {size} (matrices {size} x {size})")
-        p += _avi_problems(cfg, ref.kind, (facts.unet.config.in_channels, size, size)) + config_problems(cfg, ref.kind)
+        p += avi_problems(cfg, ref.kind, (facts.unet.config.in_channels, size, size)) + config_problems(cfg, ref.kind)
+        p += diffae_problems(cfg, models.image_size(ref, facts.unet.config))
         p += _text_problems(cfg, ref, facts)
         if ref.kind == "pixel" and (cfg.directions.prompt_pairs or cfg.directions.prompt_pair):
             p.append(

@@ -19,6 +19,10 @@ def _split(value):
 Names = Annotated[list[str], BeforeValidator(_split)]
 Floats = Annotated[list[FiniteFloat], BeforeValidator(_split)]
 Ints = Annotated[list[int], BeforeValidator(_split)]
+# a name that may be switched off: "none" (or empty) on the command line, null in YAML
+MaybeName = Annotated[
+    str | None, BeforeValidator(lambda v: None if isinstance(v, str) and v.lower() in ("", "none") else v)
+]
 
 
 def _eta(value):

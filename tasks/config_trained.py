@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import FiniteFloat
 
-from hspace.tasks.config_fields import BINARY, Floats, Ints, Names, Section, option
+from hspace.tasks.config_fields import BINARY, Floats, Ints, MaybeName, Names, Section, option
 
 
 class AviSection(Section):
@@ -57,7 +57,7 @@ class DiffAESection(Section):
     samples: int = option(256, "the run's first samples, encoded and labelled, that fit the hyperplanes", gt=1)
     steps: int = option(20, "DDIM steps of the autoencoder's inversion (eq. (14)) and decoding", gt=0)
     k: Ints = option(lambda: [4, 8, 16, 32], "HDAE's sparse hyperplanes: the top-k weights kept, swept")
-    pada_attribute: str | None = option("Young", "the age PADA edits (toward pada_texts' second; none: no PADA)")
+    pada_attribute: MaybeName = option("Young", "the age PADA edits (toward pada_texts' second; none: no PADA)")
     pada_texts: tuple[str, str] = option(
         ("An old person", "A young person"), "PADA's ages as texts: [label 0, label 1] of pada_attribute", hidden=True
     )

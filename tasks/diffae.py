@@ -14,8 +14,8 @@ on the same samples, labels and held-out seeds (hcore/edits/zsem.py applies them
 - The probe (the comparison with h-space): 5-fold cross-validated accuracy of a linear
   probe of every binary factor from z_sem and from h_{T:1} (both reduced to their top 64
   principal axes, so that neither has more room), and the cosine between attributes' normals
-  in z_sem beside the labels' own correlations (what each inherits from the world):
-  directions/zsem/probe.json.
+  in z_sem and between the run's eq. (10) directions in h, beside the labels' own correlations
+  (what each inherits from the world): directions/zsem/probe.json.
 
 Each saved edit is scored on the run's last ``held_out`` samples at GAMMAS (gamma 0: the
 autoencoder's reconstruction, what the code keeps) and drawn beside it (NAME.png).
@@ -31,7 +31,7 @@ from hspace.data.catalog import RunError, RunFolder, require_sampled
 from hspace.tasks.stages import Context, Stage, outputs
 
 GAMMAS = (0.0, 8.0, 16.0, 32.0)
-PADA_STRENGTHS = (0.0, 0.5, 1.0, 2.0)  # PADA's: the share of the way to z_age
+PADA_STRENGTHS = (0.0, 1.0, 2.0, 4.0)  # PADA's: the share of the way to z_age (1: its output)
 PROBE_GAMMA = 16.0  # the k sweep's edit strength
 PROBE_DIMS = 64  # principal axes both probes read
 
@@ -60,6 +60,20 @@ def model_problems(section, image_size: int) -> list[str]:
     if side != image_size:
         return [f"diffae.model: {section.model} encodes {side} px images, the run's are {image_size} px"]
     return []
+
+
+def config_problems(cfg, image_size: int) -> list[str]:
+    """The diffae section (none without one) of `hspace run`'s config, for a model of
+    ``image_size`` px images: its settings, its autoencoder (loaded) and PADA's CLIP and texts."""
+    if cfg.diffae is None:
+        return []
+    found = problems(cfg.diffae, cfg.sample.n)
+    try:
+        found = found or model_problems(cfg.diffae, image_size)
+        age_guide(cfg.diffae, "cpu")
+    except RunError as e:
+        found.append(str(e))
+    return found
 
 
 def check(run: RunFolder, cfg, ctx) -> None:
@@ -182,7 +196,9 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
         results[diffae.pada_attribute] = results.get(diffae.pada_attribute, {}) | {"pada": r}
     probe_file = dirfile.code_probe_file(run)
     probe_file.parent.mkdir(parents=True, exist_ok=True)
-    probe_file.write_text(json.dumps(probe(store, code, y, diffae.attributes, normals), indent=2))
+    h_dirs = {a: dirfile.load(run.direction(a))[0].flatten().numpy() for a in normals if run.direction(a).exists()}
+    found = probe(store, code, y, diffae.attributes, normals) | {"h_direction_cosines": cosines(h_dirs)}
+    probe_file.write_text(json.dumps(found, indent=2))
     return {"outputs": outputs(run, [*paths, probe_file]), "edits": results}
 
 
@@ -271,7 +287,8 @@ def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held:
     own = sweep.get(f"{shown:g}", {}).get(name)
     if own is not None:
         ctx.log(f"{method} {name}: gamma {shown:g} on {len(held)} held-out samples moves it by {own:+.3f}")
-    return {"path": path, "figure": figure if images is not None else None, "own_change": own, "sweep": sweep}
+    return {"path": path, "figure": figure if images is not None else None, "own_change": own, "at": shown,
+            "sweep": sweep}  # fmt: skip
 
 
 def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals: dict) -> dict:
@@ -293,12 +310,17 @@ def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals
         pipe = make_pipeline(StandardScaler(), PCA(dims, random_state=0), LogisticRegression(max_iter=2000))
         acc[space] = {a: float(cross_val_score(pipe, feats, y[:, j], cv=folds).mean())
                       for j, a in enumerate(attributes) if 0 < y[:, j].sum() < n}  # fmt: skip
-    names = sorted(normals)
-    cos = {f"{a}~{b}": float(normals[a] @ normals[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
-    return {"n": n, "folds": folds, "dims": PROBE_DIMS, "probe_accuracy": acc, "z_sem_normal_cosines": cos,
+    return {"n": n, "folds": folds, "dims": PROBE_DIMS, "probe_accuracy": acc, "z_sem_normal_cosines": cosines(normals),
             "label_correlation": {f"{a}~{b}": float(np.corrcoef(y[:, i], y[:, j])[0, 1])
                                   for i, a in enumerate(attributes) for j, b in enumerate(attributes) if j > i
                                   and 0 < y[:, i].sum() < n and 0 < y[:, j].sum() < n}}  # fmt: skip
+
+
+def cosines(vectors: dict) -> dict:
+    """{"A~B": cos(v_A, v_B)} for every pair of attributes (names sorted)."""
+    names = sorted(vectors)
+    unit = {a: vectors[a] / max(float(np.linalg.norm(vectors[a])), 1e-12) for a in names}
+    return {f"{a}~{b}": float(unit[a] @ unit[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
 
 
 def diffae_line(result: dict) -> str:
@@ -307,7 +329,7 @@ def diffae_line(result: dict) -> str:
     parts = []
     for name, r in result.get("edits", {}).items():
         if "pada" in r and r["pada"]["own_change"] is not None:
-            parts.append(f"PADA {name} ({r['pada']['own_change']:+.3f} at 1)")
+            parts.append(f"PADA {name} ({r['pada']['own_change']:+.3f} at {r['pada']['at']:g})")
         if "zsem" not in r:
             continue
         own, own_k = r["zsem"]["own_change"], r["zsem-sparse"]["own_change"]

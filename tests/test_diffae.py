@@ -171,7 +171,8 @@ def test_a_zsem_file_is_refused_on_another_autoencoder(tiny_diffae, tmp_path):
 @pytest.fixture(scope="module")
 def coded(prefect_server, tmp_path_factory):
     """The shipped toy model, 64 samples of 10 steps, annotated by the oracle; `hspace diffae`
-    with the shipped toy-diffae (10 steps) on the first 48 (Male), scored on the last 16."""
+    with the shipped toy-diffae (10 steps) on the first 48 (Male; PADA for Young, 100 steps),
+    scored on the last 16."""
     from tests.test_toy_pipeline import hspace as cli
 
     out = tmp_path_factory.mktemp("diffae-run") / "run"
@@ -179,7 +180,7 @@ def coded(prefect_server, tmp_path_factory):
         "--out", out)  # fmt: skip
     cli("annotate", out, "--device", "cpu")
     r = cli("diffae", out, "--samples", "48", "--held-out", "16", "--attributes", "Male", "--k", "8,128",
-            "--steps", "10", "--device", "cpu")  # fmt: skip
+            "--steps", "10", "--pada-steps", "100", "--device", "cpu")  # fmt: skip
     return out, r.output
 
 
@@ -189,8 +190,8 @@ MARGIN = {"Male": 0.3}  # oracle, mean own change at gamma 16 on the 16 held-out
 @pytest.mark.slow
 def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded):
     """DiffAE's normal and HDAE's sparse one, found on the run's labelled samples, each move its
-    attribute on held-out seeds by MARGIN; gamma 0 (the reconstruction) keeps it within 0.1; the
-    probes of z_sem and h are written; `hspace compare` finds both methods."""
+    attribute on held-out seeds by MARGIN; gamma 0 (the reconstruction) keeps it within 0.1; PADA
+    trains and edits; the probes of z_sem and h are written; `hspace compare` finds the methods."""
     import json
 
     from hspace.data import directions as dirfile
@@ -211,12 +212,16 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded):
         k_sweep = json.loads(meta["k_sweep"])
         assert set(k_sweep) == {"8", "128"} and int(meta["k"]) in (8, 128)
         assert int((trained.normal != 0).sum()) == int(meta["k"])
+    cls, age, meta = dirfile.load_trained(run / "directions" / "pada" / "Young.safetensors", None, None)
+    sweep = json.loads(meta["gamma_sweep"])  # PADA trained, loads with its CLIP, and its edit changes the image
+    assert cls.name == "pada" and meta["target"] == "A young person" and set(sweep) == {"0", "1", "2", "4"}
+    assert max(abs(v) for s in ("1", "2", "4") for v in sweep[s].values()) > 0.01, sweep
     probe = json.loads(dirfile.code_probe_file(RunFolder(run)).read_text())
     assert set(probe["probe_accuracy"]) == {"z_sem", "h"} and probe["probe_accuracy"]["z_sem"]["Male"] > 0.7
     meta = RunFolder(run).read()
     unet, scheduler = models.load_for_run(meta)
     found = findings(RunFolder(run), meta, "Male", models.replay_for_run(meta), unet, scheduler)
-    assert {"zsem", "zsem-sparse"} <= set(found)
+    assert {"zsem", "zsem-sparse"} <= set(found) and "pada" not in found  # PADA edits Young only
 
 
 @pytest.mark.slow
@@ -278,3 +283,20 @@ def test_pada_kl_is_eq_8_and_its_edit_decodes_z_age(tiny_diffae, clip_dir):
     torch.testing.assert_close(made.action(0.0).images(), decode(model, scheduler, x_T, raw, 4), rtol=0, atol=1e-4)
     other = get("pada").from_images(images[:2], AgeEdit(**{**vars(edit), "seed": 1}), "Young")
     assert (other.z_age - made.z_age).abs().max() > 0  # another e_age draw (eq. (9)): another plausible age
+
+
+def test_the_run_config_check_finds_a_bad_diffae_section(tmp_path):
+    """`hspace run`'s whole-config check: too many samples, an autoencoder of another image
+    size, a folder that is none, a PADA text toy-clip does not know: one line each."""
+    from hspace.tasks.config import RunConfig
+    from hspace.tasks.diffae import config_problems
+
+    def found(section, size=32):
+        return config_problems(RunConfig.model_validate({"sample": {"n": 64}, "diffae": section}), size)
+
+    assert found({"samples": 48}) == []
+    assert any("exceed the run's 64 samples" in p for p in found({"samples": 60}))
+    assert any("encodes 32 px images, the run's are 64 px" in p for p in found({"samples": 48}, 64))
+    assert any("is no diffusion-autoencoder folder" in p for p in found({"samples": 48, "model": str(tmp_path)}))
+    assert any("diffae.clip:" in p for p in found({"samples": 48, "pada_texts": ["a person", "a zebra person"]}))
+    assert found({"samples": 48, "pada_attribute": "none", "pada_texts": ["a zebra", "a yak"]}) == []
