@@ -348,6 +348,8 @@ def load_trained(where: str | Path, model_fingerprint: str | None = None, steps:
     path = Path(where)
     if not path.is_file() and len(path.parts) >= 3 and RunFolder(path.parents[1]).run_json.exists():
         path = trained_file(RunFolder(path.parents[1]), path.parent.name, path.name)
+    if not path.is_file() and path.with_suffix(".safetensors").is_file():  # RUN/directions/METHOD/NAME
+        path = path.with_suffix(".safetensors")
     if not path.is_file() and (path.parent.name == "avi" or RunFolder(path.parent).run_json.exists()):
         f, meta = load_predictor(where, model_fingerprint, steps)
         return get("avi"), f, meta
@@ -361,7 +363,8 @@ def load_trained(where: str | Path, model_fingerprint: str | None = None, steps:
         state = load_file(str(path))
     except (SafetensorError, KeyError, OSError, ValueError) as e:
         raise RunError(
-            f"{path} is no trained editor's file ({type(e).__name__}: {e}); make one: `hspace clip-edits`"
+            f"{path} is no trained editor's file ({type(e).__name__}: {e}); make one: `hspace clip-edits`, "
+            "`hspace diffae` or `hspace avi`"
         ) from None
     if model_fingerprint is not None and cls.model_bound and meta.get("model") != model_fingerprint:
         raise RunError(

@@ -117,7 +117,8 @@ def generate(
     ``decodes`` (a semantic code's decoder: hcore/edits/zsem.py) gives the images itself."""
     edit = kwargs.get("edit")
     if edit is not None and edit.decodes:
-        given = [k for k in ("stop_before", "start_at", "x_T", "noise") if kwargs.get(k) is not None]
+        given = [k for k in ("stop_before", "x_T", "noise") if kwargs.get(k) is not None]
+        given += ["start_at"] if kwargs.get("start_at") else []
         if given:
             raise ValueError(f"a method that decodes with its own model gives finished images only, not {given[0]}")
         return edit.images()

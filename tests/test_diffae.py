@@ -188,7 +188,7 @@ MARGIN = {"Male": 0.3}  # oracle, mean own change at gamma 16 on the 16 held-out
 
 
 @pytest.mark.slow
-def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded):
+def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded, tmp_path):
     """DiffAE's normal and HDAE's sparse one, found on the run's labelled samples, each move its
     attribute on held-out seeds by MARGIN; gamma 0 (the reconstruction) keeps it within 0.1; PADA
     trains and edits; the probes of z_sem and h are written; `hspace compare` finds the methods."""
@@ -220,6 +220,20 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded):
     assert set(probe["probe_accuracy"]) == {"z_sem", "h"} and probe["probe_accuracy"]["z_sem"]["Male"] > 0.7
     meta = RunFolder(run).read()
     unet, scheduler = models.load_for_run(meta)
+    # a photo (a held-out render saved as PNG) edited in the code: no --model, the autoencoder is the model
+    from PIL import Image
+
+    from hspace.hcore.sampler import to_uint8
+    from tests.test_toy_pipeline import hspace as cli
+
+    photo = tmp_path / "face.png"
+    image = to_uint8(models.replay_for_run(meta).render(unet, scheduler, [60]))[0].numpy().transpose(1, 2, 0)
+    Image.fromarray(image).save(photo)
+    r = cli("edit", "--image", photo, "--edit-method", f"zsem:weights={run}/directions/zsem/Male", "--scales", "0,16",
+            "--out", tmp_path / "p.png")  # fmt: skip
+    assert "reconstruction without edit (toy-diffae: encoded, DDIM-inverted" in r.output, r.output
+    cells = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
+    assert cells == ["face__zsem__gamma+0.png", "face__zsem__gamma+16.png"], cells
     found = findings(RunFolder(run), meta, "Male", models.replay_for_run(meta), unet, scheduler)
     assert {"zsem", "zsem-sparse"} <= set(found) and "pada" not in found  # PADA edits Young only
 

@@ -57,8 +57,9 @@ class Recode(Action):
         m, d = self.method, self.method.edit
         g = torch.as_tensor(self.gamma, dtype=torch.float32).reshape(-1, 1).to(m.z.device)
         raw = m.moved(g) * d.stats["std"].to(m.z.device) + d.stats["mean"].to(m.z.device)
+        x_T = m.x_T.expand(len(raw), *m.x_T.shape[1:]) if len(m.x_T) == 1 else m.x_T  # one sample, many strengths
         with torch.no_grad():
-            return decode(d.model, d.scheduler, m.x_T, raw.to(m.x_T.device), d.steps).float()
+            return decode(d.model, d.scheduler, x_T, raw.to(x_T.device), d.steps).float()
 
 
 @register
