@@ -24,6 +24,7 @@ autoencoder's reconstruction, what the code keeps) and drawn beside it (NAME.png
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -211,7 +212,9 @@ def train_age(diffae, guide, x0, code, age, auto, ctx) -> tuple[dict, dict]:
 
     model, scheduler, stats = auto
     texts = guide.text(list(diffae.pada_texts))
+    torch.manual_seed(0)  # the networks' initialisation: a rerun trains the same PADA
     pada = Pada(texts.shape[1], code.shape[1])
+    start = time.perf_counter()
     ages = torch.from_numpy(age.astype(np.int64))
     with ctx.progress() as bar:
         job = bar.add_task("pada (steps)", total=diffae.pada_steps, rate="")
@@ -222,7 +225,8 @@ def train_age(diffae, guide, x0, code, age, auto, ctx) -> tuple[dict, dict]:
     state = {f"pada.{k}": v.detach().cpu().contiguous() for k, v in pada.state_dict().items()}
     state["reference"] = reference
     info = {"attribute": diffae.pada_attribute, "target": diffae.pada_texts[1], "source_text": diffae.pada_texts[0],
-            "clip": diffae.clip, "clip_dim": int(texts.shape[1]), "hidden": pada.hidden, "losses": losses}  # fmt: skip
+            "clip": diffae.clip, "clip_dim": int(texts.shape[1]), "hidden": pada.hidden, "losses": losses,
+            "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
     return state, info
 
 
