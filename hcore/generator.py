@@ -81,8 +81,7 @@ class TextSetup:
         """x_0 = D(z_0 / scaling_factor (+ shift)) in [-1, 1], float32 (the VAE runs in float32);
         ``grad``: differentiable in z (a loss on the image that trains what made z)."""
         cfg = self.vae.config
-        param = next(self.vae.parameters())
-        z = z.to(param.device, param.dtype) / cfg.scaling_factor
+        z = z.to(next(self.vae.parameters()).device, torch.float32) / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
         with torch.set_grad_enabled(grad):

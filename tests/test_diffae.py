@@ -171,7 +171,7 @@ def test_a_zsem_file_is_refused_on_another_autoencoder(tiny_diffae, tmp_path):
 @pytest.fixture(scope="module")
 def coded(prefect_server, tmp_path_factory):
     """The shipped toy model, 64 samples of 10 steps, annotated by the oracle; `hspace diffae`
-    with the shipped toy-diffae (10 steps) on the first 48 (Male; PADA for Young, 100 steps),
+    with the shipped toy-diffae (20 steps) on the first 48 (Wearing_Hat; PADA for Young, 100 steps),
     scored on the last 16."""
     from tests.test_toy_pipeline import hspace as cli
 
@@ -179,12 +179,12 @@ def coded(prefect_server, tmp_path_factory):
     cli("sample", "--model", "toy", "--n", "64", "--steps", "10", "--batch-size", "64", "--device", "cpu",
         "--out", out)  # fmt: skip
     cli("annotate", out, "--device", "cpu")
-    r = cli("diffae", out, "--samples", "48", "--held-out", "16", "--attributes", "Male", "--k", "8,128",
-            "--steps", "10", "--pada-steps", "100", "--device", "cpu")  # fmt: skip
+    r = cli("diffae", out, "--samples", "48", "--held-out", "16", "--attributes", "Wearing_Hat", "--k", "8,128",
+            "--pada-steps", "100", "--device", "cpu")  # fmt: skip
     return out, r.output
 
 
-MARGIN = {"Male": 0.3}  # oracle, mean own change at gamma 16 on the 16 held-out samples
+MARGIN = {"Wearing_Hat": 0.4}  # oracle, mean own change on the 16 held-out samples at gamma 16 or 32 (the better)
 
 
 @pytest.mark.slow
@@ -200,13 +200,13 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded, tmp_path)
     from hspace.tasks.compare import findings
 
     run, output = coded
-    assert "diffae: done" in output and "z_sem directions at gamma 16: Male (" in output, output
+    assert "diffae: done" in output and "z_sem directions at gamma 16: Wearing_Hat (" in output, output
     for name, margin in MARGIN.items():
         for method in ("zsem", "zsem-sparse"):
             path = run / "directions" / method / f"{name}.safetensors"
             cls, trained, meta = dirfile.load_trained(path, None, None)
             sweep = json.loads(meta["gamma_sweep"])
-            assert cls.name == method and sweep["16"][name] >= margin, (method, name, sweep)
+            assert cls.name == method and max(sweep[g][name] for g in ("16", "32")) >= margin, (method, name, sweep)
             assert abs(sweep["0"][name]) <= 0.1, (method, name, sweep["0"])
             assert path.with_suffix(".png").stat().st_size > 1000
         k_sweep = json.loads(meta["k_sweep"])
@@ -217,7 +217,7 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded, tmp_path)
     assert cls.name == "pada" and meta["target"] == "A young person" and set(sweep) == {"0", "1", "2", "4"}
     assert max(abs(v) for s in ("1", "2", "4") for v in sweep[s].values()) > 0.01, sweep
     probe = json.loads(dirfile.code_probe_file(RunFolder(run)).read_text())
-    assert set(probe["probe_accuracy"]) == {"z_sem", "h"} and probe["probe_accuracy"]["z_sem"]["Male"] > 0.7
+    assert set(probe["probe_accuracy"]) == {"z_sem", "h"} and probe["probe_accuracy"]["z_sem"]["Wearing_Hat"] > 0.7
     meta = RunFolder(run).read()
     unet, scheduler = models.load_for_run(meta)
     # a photo (a held-out render saved as PNG) edited in the code: no --model, the autoencoder is the model
@@ -229,12 +229,12 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded, tmp_path)
     photo = tmp_path / "face.png"
     image = to_uint8(models.replay_for_run(meta).render(unet, scheduler, [60]))[0].numpy().transpose(1, 2, 0)
     Image.fromarray(image).save(photo)
-    r = cli("edit", "--image", photo, "--edit-method", f"zsem:weights={run}/directions/zsem/Male", "--scales", "0,16",
-            "--out", tmp_path / "p.png")  # fmt: skip
+    hat = f"zsem:weights={run}/directions/zsem/Wearing_Hat"
+    r = cli("edit", "--image", photo, "--edit-method", hat, "--scales", "0,16", "--out", tmp_path / "p.png")
     assert "reconstruction without edit (toy-diffae: encoded, DDIM-inverted" in r.output, r.output
     cells = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
     assert cells == ["face__zsem__gamma+0.png", "face__zsem__gamma+16.png"], cells
-    found = findings(RunFolder(run), meta, "Male", models.replay_for_run(meta), unet, scheduler)
+    found = findings(RunFolder(run), meta, "Wearing_Hat", models.replay_for_run(meta), unet, scheduler)
     assert {"zsem", "zsem-sparse"} <= set(found) and "pada" not in found  # PADA edits Young only
 
 

@@ -158,6 +158,7 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
         **dict.fromkeys(["sample", "annotate", "avi", "pca", "pc_names", "jacobian_figure"], "skip (cached)"),
         "latent-svd": "skip (cached)",
         "clip-edits": "skip (cached)",
+        "diffae": "skip (cached)",
         **dict.fromkeys(["directions", "disentangle", "compare", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
