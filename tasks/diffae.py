@@ -212,7 +212,6 @@ def train_age(diffae, guide, x0, code, age, auto, ctx) -> tuple[dict, dict]:
 
     model, scheduler, stats = auto
     texts = guide.text(list(diffae.pada_texts))
-    torch.manual_seed(0)  # the networks' initialisation: a rerun trains the same PADA
     pada = Pada(texts.shape[1], code.shape[1])
     start = time.perf_counter()
     ages = torch.from_numpy(age.astype(np.int64))

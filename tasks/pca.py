@@ -76,8 +76,11 @@ def dask_client(workers: int, address: str | None, timeout: float = 10.0):
 
     # the in-process scheduler logs every client and worker at INFO: keep the CLI readable
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    # the workers' own logs: CRITICAL only. A task that fails raises in this process through its
+    # future; what the workers log besides is shutdown noise (a heartbeat to a scheduler already
+    # closed when a SIGTERM stops a scheduled run prints a traceback that reports nothing wrong)
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.WARNING
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL
     )
     return Client(cluster)
 
