@@ -159,6 +159,8 @@ def edit(
 
         values = None if scales is None else parse_scales(scales)
         if image:
+            if acts_on_code(edit_method) and model is not None:
+                raise RunError(f"--edit-method {edit_method} brings its own model (an autoencoder): drop --model")
             if run_dir is not None or (model is None and not acts_on_code(edit_method)):
                 raise RunError("--image takes --model M (the model the directions were found on), not a run folder")
             from hspace.tasks.photo_edit import edit_photos

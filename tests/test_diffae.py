@@ -234,6 +234,12 @@ def test_zsem_directions_move_their_attribute_on_held_out_seeds(coded, tmp_path)
     assert "reconstruction without edit (toy-diffae: encoded, DDIM-inverted" in r.output, r.output
     cells = sorted(p.name for p in (tmp_path / "p").glob("*.png"))
     assert cells == ["face__zsem__gamma+0.png", "face__zsem__gamma+16.png"], cells
+    from typer.testing import CliRunner
+
+    from hspace.flows.cli import app
+
+    r = CliRunner().invoke(app, ["edit", "--image", str(photo), "--model", "toy", "--edit-method", hat])
+    assert r.exit_code != 0 and "brings its own model (an autoencoder): drop --model" in r.output, r.output
     found = findings(RunFolder(run), meta, "Wearing_Hat", models.replay_for_run(meta), unet, scheduler)
     assert {"zsem", "zsem-sparse"} <= set(found) and "pada" not in found  # PADA edits Young only
 
