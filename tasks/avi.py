@@ -169,6 +169,35 @@ def alpha_sweep(method, replay, unet, scheduler, held: list[int], net, strengths
     return sweep, np.stack(shown, 1)
 
 
+def save_swept(path, state: dict, info: dict, held: list[int], model, strengths, shown: float, ctx, make=None) -> dict:
+    """A trained editor's file (``info``: its metadata, with ``method``, ``attribute``, ``model``
+    and, where it is bound to them, ``steps``) saved, loaded back as users load it, made for the
+    held-out samples (``make(cls, trained)``; default: the method's ``from_replay``), swept over
+    ``strengths`` by the judge, the sweep recorded in the file and drawn beside it (PATH.png); the
+    own change at ``shown`` logged. ``model``: (unet, scheduler, replay, net). Returns {"figure":
+    the drawing or None, "own_change": at ``shown``, "sweep"}."""
+    from hspace.data import directions as dirfile
+
+    unet, scheduler, replay, net = model
+    method, name = info["method"], info["attribute"]
+    dirfile.save_trained(path, state, info)
+    cls, trained, _ = dirfile.load_trained(path, info["model"], info.get("steps"), ctx.device)
+    make = make or (lambda c, t: c.from_replay(replay, unet, scheduler, held, t, name))
+    sweep, images = (
+        alpha_sweep(make(cls, trained), replay, unet, scheduler, held, net, strengths) if held else ({}, None)
+    )
+    dirfile.save_trained(
+        path, state, {**info, "gamma_sweep": sweep, "held_out": [held[0], held[-1] + 1] if held else []}
+    )
+    figure = path.with_suffix(".png")
+    if images is not None:
+        draw_sweep(images, sweep, name, figure, f"{method} {name}: gamma sweep on held-out samples (mean own change)")
+    own = sweep.get(f"{shown:g}", {}).get(name)
+    if own is not None:
+        ctx.log(f"{method} {name}: gamma {shown:g} on {len(held)} held-out samples moves it by {own:+.3f}")
+    return {"figure": figure if images is not None else None, "own_change": own, "sweep": sweep}
+
+
 def draw_sweep(images: np.ndarray, sweep: dict, name: str, path, title: str | None = None) -> None:
     """NAME.png beside the trained edit: held-out samples across its strength, each column's own change."""
     from hspace.data.figures import grid_image, save_grid

@@ -189,27 +189,14 @@ def train_mapper(run: RunFolder, cfg: dict, section, guide, ctx: Context):
 
 
 def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held: list[int], model, ctx) -> dict:
-    """Save the edit, then its held-out sweep over GAMMAS (metadata, NAME.png)."""
+    """Save the edit, then its held-out sweep over GAMMAS (metadata, NAME.png: tasks.avi.save_swept)."""
     from hspace.data import directions as dirfile
-    from hspace.tasks.avi import alpha_sweep, draw_sweep
+    from hspace.tasks.avi import save_swept
 
-    unet, scheduler, replay, guide, net, base, _ = model
+    unet, scheduler, replay, _, net, _, _ = model
     path = dirfile.trained_file(run, method, name)
-    dirfile.save_trained(path, state, info)
-    cls, trained, _ = dirfile.load_trained(path, base["model"], replay.steps, ctx.device)  # as users load it
-    made = cls.from_replay(replay, unet, scheduler, held, trained, name) if held else None
-    sweep, images = alpha_sweep(made, replay, unet, scheduler, held, net, GAMMAS) if held else ({}, None)
-    dirfile.save_trained(
-        path, state, {**info, "gamma_sweep": sweep, "held_out": [held[0], held[-1] + 1] if held else []}
-    )
-    figure = path.with_suffix(".png")
-    if images is not None:
-        draw_sweep(images, sweep, name, figure, f"{method} {name}: gamma sweep on held-out samples (mean own change)")
-    own = sweep.get("1", {}).get(name)
-    if own is not None:
-        ctx.log(f"{method} {name}: gamma 1 on {len(held)} held-out samples moves it by {own:+.3f}")
-    return {"path": path, "figure": figure if images is not None else None, "own_change": own,
-            "train_minutes": round(info["train_minutes"], 2), "sweep": sweep}  # fmt: skip
+    r = save_swept(path, state, info, held, (unet, scheduler, replay, net), GAMMAS, 1.0, ctx)
+    return {"path": path, **r, "train_minutes": round(info["train_minutes"], 2)}
 
 
 def clip_edits_line(result: dict) -> str:

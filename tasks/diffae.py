@@ -63,18 +63,25 @@ def model_problems(section, image_size: int) -> list[str]:
     return []
 
 
-def config_problems(cfg, image_size: int) -> list[str]:
-    """The diffae section (none without one) of `hspace run`'s config, for a model of
-    ``image_size`` px images: its settings, its autoencoder (loaded) and PADA's CLIP and texts."""
-    if cfg.diffae is None:
-        return []
-    found = problems(cfg.diffae, cfg.sample.n)
+def section_problems(section, n: int, image_size: int | None) -> list[str]:
+    """``problems`` of the section for a run of ``n`` samples, then (where there are none) its
+    autoencoder against ``image_size`` px images (None: not known yet) and PADA's CLIP and texts,
+    loaded."""
+    found = problems(section, n)
     try:
-        found = found or model_problems(cfg.diffae, image_size)
-        age_guide(cfg.diffae, "cpu")
+        if not found and image_size is not None:
+            found = model_problems(section, image_size)
+        if not found:
+            age_guide(section, "cpu")
     except RunError as e:
         found.append(str(e))
     return found
+
+
+def config_problems(cfg, image_size: int) -> list[str]:
+    """The diffae section (none without one) of `hspace run`'s config, for a model of
+    ``image_size`` px images (``section_problems``)."""
+    return [] if cfg.diffae is None else section_problems(cfg.diffae, cfg.sample.n, image_size)
 
 
 def check(run: RunFolder, cfg, ctx) -> None:
@@ -84,14 +91,12 @@ def check(run: RunFolder, cfg, ctx) -> None:
     from hspace.data.stores import SampleStore
 
     meta = run.read()
-    found = problems(cfg.diffae, meta["config"]["n"])
-    if not found and run.samples.exists():
-        found = model_problems(cfg.diffae, int(SampleStore(run.samples).x0.shape[-1]))
+    size = int(SampleStore(run.samples).x0.shape[-1]) if run.samples.exists() else None
+    found = section_problems(cfg.diffae, meta["config"]["n"], size)
     if found:
         raise RunError(found[0])
     if run.annotations.exists():
         labels(run, wanted(cfg.diffae), 1)
-    age_guide(cfg.diffae, "cpu")
 
 
 def wanted(diffae) -> list[str]:
@@ -115,11 +120,9 @@ def age_guide(diffae, device: str):
 
 def labels(run: RunFolder, attributes: list[str], n: int):
     """The run's annotator scores (n, A) of ``attributes``; RunError where it has none."""
-    from hspace.data.stores import AnnotationStore
+    from hspace.tasks.supervised import run_scores
 
-    if not run.annotations.exists():
-        raise RunError(f"{run.root} has no annotations; run `hspace annotate {run.root}` first")
-    scores, names = AnnotationStore(run.annotations).scores()
+    scores, names = run_scores(run)
     missing = [a for a in attributes if a not in names]
     if missing:
         raise RunError(f"diffae.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
@@ -267,31 +270,17 @@ def normal_state(normal) -> dict:
 
 def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held: list[int], model, ctx,
           strengths=GAMMAS, template=None) -> dict:  # fmt: skip
-    """Save the edit, then its held-out sweep over ``strengths`` (metadata, NAME.png);
-    ``template``: the held-out samples encoded already (a z_sem direction's, reused)."""
+    """Save the edit, then its held-out sweep over ``strengths`` (metadata, NAME.png:
+    tasks.avi.save_swept); ``template``: the held-out samples encoded already (a z_sem
+    direction's, reused)."""
     from hspace.data import directions as dirfile
-    from hspace.tasks.avi import alpha_sweep, draw_sweep
+    from hspace.tasks.avi import save_swept
 
-    unet, scheduler, replay, net = model
     path = dirfile.trained_file(run, method, name)
-    dirfile.save_trained(path, state, {**info, "method": method})
-    cls, trained, _ = dirfile.load_trained(path, info["model"], None, ctx.device)  # as users load it
-    if template is not None:
-        made = template.with_edit(trained)
-    else:
-        made = cls.from_replay(replay, unet, scheduler, held, trained, name) if held else None
-    sweep, images = alpha_sweep(made, replay, unet, scheduler, held, net, strengths) if held else ({}, None)
-    dirfile.save_trained(path, state, {**info, "method": method, "gamma_sweep": sweep,
-                                       "held_out": [held[0], held[-1] + 1] if held else []})  # fmt: skip
-    figure = path.with_suffix(".png")
-    if images is not None:
-        draw_sweep(images, sweep, name, figure, f"{method} {name}: gamma sweep on held-out samples (mean own change)")
     shown = PROBE_GAMMA if PROBE_GAMMA in strengths else strengths[-2]
-    own = sweep.get(f"{shown:g}", {}).get(name)
-    if own is not None:
-        ctx.log(f"{method} {name}: gamma {shown:g} on {len(held)} held-out samples moves it by {own:+.3f}")
-    return {"path": path, "figure": figure if images is not None else None, "own_change": own, "at": shown,
-            "sweep": sweep}  # fmt: skip
+    make = (lambda cls, trained: template.with_edit(trained)) if template is not None else None
+    r = save_swept(path, state, {**info, "method": method}, held, model, strengths, shown, ctx, make)
+    return {"path": path, **r, "at": shown}
 
 
 def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals: dict) -> dict:

@@ -13,6 +13,13 @@ from hspace.hcore import supervised
 from hspace.tasks.stages import Context, Stage, outputs
 
 
+def run_scores(run: RunFolder) -> tuple[np.ndarray, list[str]]:
+    """The run's annotator scores (n, A) and their names; RunError where it has none."""
+    if not run.annotations.exists():
+        raise RunError(f"{run.root} has no annotations; run `hspace annotate {run.root}` first")
+    return AnnotationStore(run.annotations).scores()
+
+
 def mean_difference(
     run: RunFolder, attribute: str, top: int, latent: str = "h", batch_size: int = 64, first: int | None = None
 ) -> tuple:
@@ -28,9 +35,7 @@ def mean_difference(
     meta = run.read()
     if latent not in ("h", "xT"):
         raise RunError(f"--latent must be h or xT, got {latent!r}")
-    scores, names = AnnotationStore(run.annotations).scores() if run.annotations.exists() else (None, [])
-    if scores is None:
-        raise RunError(f"{run.root} has no annotations; run `hspace annotate {run.root}` first")
+    scores, names = run_scores(run)
     if attribute not in names:
         raise RunError(f"unknown attribute {attribute!r}; this run's annotations have: {', '.join(names)}")
     column = scores[:, names.index(attribute)]
