@@ -13,6 +13,8 @@ import torch
 from hspace.data.catalog import RunError
 
 TOY_DIFFAE_DIR = Path(__file__).resolve().parent / "toy_diffae_model"
+TOY_HDAE_DIR = Path(__file__).resolve().parent / "toy_hdae_model"
+SHIPPED = {"toy-diffae": TOY_DIFFAE_DIR, "toy-hdae": TOY_HDAE_DIR}
 
 
 @dataclass
@@ -34,11 +36,24 @@ class DiffAERecipe:
     latent_steps: int = 3000
     seed: int = 0
     checkpoint_every: int = 200
+    levels: tuple[int, ...] = ()  # HDAE: code sizes of the encoder's shallower stages, finest first (none: DiffAE)
+    init_from: str = ""  # an autoencoder (toy-diffae, a folder) whose weights start the training: a fine-tune
+
+    @property
+    def code_dim(self) -> int:
+        """z_sem's size: the deepest code and (HDAE) every level's."""
+        return self.z_dim + sum(self.levels)
+
+
+HDAE_RECIPE = {"levels": (32, 32), "init_from": "toy-diffae", "steps": 1600, "lr": 1e-4, "seed": 1}
+"""toy-hdae: toy-diffae fine-tuned with codes of its encoder's 16 px and 8 px stages (32 numbers
+each: global-average-pooled features, mostly colour and texture statistics at 32 px) read by the
+decoder's 32 px and 16 px levels; the level maps start at zero, so step 0 is toy-diffae."""
 
 
 def recipe_from_dict(d: dict) -> DiffAERecipe:
     d = dict(d)
-    for key in ("encoder_channels", "block_out_channels"):
+    for key in ("encoder_channels", "block_out_channels", "levels"):
         if key in d:
             d[key] = tuple(d[key])
     return DiffAERecipe(**d)
@@ -61,10 +76,10 @@ def build(recipe: DiffAERecipe):
         class_embed_type="identity", resnet_time_scale_shift="scale_shift", norm_num_groups=8,
         attention_head_dim=min(32, recipe.block_out_channels[-1]),
     )  # fmt: skip
-    encoder = SemanticEncoder(recipe.z_dim, recipe.encoder_channels, recipe.image_size)
+    encoder = SemanticEncoder(recipe.z_dim, recipe.encoder_channels, recipe.image_size, recipe.levels)
     scheduler = DDPMScheduler(num_train_timesteps=recipe.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
                               clip_sample=False)  # fmt: skip
-    return DiffAE(encoder, unet, recipe.z_dim), scheduler
+    return DiffAE(encoder, unet, recipe.z_dim, recipe.levels), scheduler
 
 
 def diffae_files(folder: Path) -> dict[str, Path]:
@@ -92,8 +107,15 @@ def diffae_fingerprint(spec: str | Path) -> str:
 
 
 def diffae_folder(spec: str | Path) -> Path:
-    """``toy-diffae`` (the shipped one) or a folder."""
-    return TOY_DIFFAE_DIR if str(spec) == "toy-diffae" else Path(spec).expanduser()
+    """``toy-diffae`` or ``toy-hdae`` (the shipped ones) or a folder."""
+    return SHIPPED.get(str(spec)) or Path(spec).expanduser()
+
+
+def encoder_state(model) -> dict:
+    """What encoder.safetensors holds: the encoder and the maps of its codes into the decoder's
+    time embedding (prefixed ``encoder.``, ``z_to_emb.``, ``level_to_emb.``)."""
+    parts = {"encoder": model.encoder, "z_to_emb": model.z_to_emb, "level_to_emb": model.level_to_emb}
+    return {f"{name}.{k}": v for name, part in parts.items() for k, v in part.state_dict().items()}
 
 
 def load_diffae(spec: str | Path, device: str = "cpu"):
@@ -111,14 +133,10 @@ def load_diffae(spec: str | Path, device: str = "cpu"):
         model.unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         enc = load_file(str(diffae_files(folder)["encoder"]))
-        model.encoder.load_state_dict(
-            {k.removeprefix("encoder."): v for k, v in enc.items() if k.startswith("encoder.")}
-        )
-        model.z_to_emb.load_state_dict(
-            {k.removeprefix("z_to_emb."): v for k, v in enc.items() if k.startswith("z_to_emb.")}
-        )
+        for name in ("encoder", "z_to_emb", "level_to_emb"):
+            getattr(model, name).load_state_dict(_part(enc, f"{name}."))
         lat = load_file(str(diffae_files(folder)["latent"]))
-        latent = LatentDDPM(recipe.z_dim)
+        latent = LatentDDPM(recipe.code_dim)
         latent.load_state_dict({k.removeprefix("latent."): v for k, v in lat.items() if k.startswith("latent.")})
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise RunError(f"{folder} is no diffusion-autoencoder folder ({type(e).__name__}: {str(e)[:160]})") from None

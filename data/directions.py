@@ -316,9 +316,10 @@ def trained_file(run, method: str, name: str) -> Path:
     return run.directions / method / f"{name}.safetensors"
 
 
-def code_probe_file(run) -> Path:
-    """RUN/directions/zsem/probe.json: `hspace diffae`'s linear probes of z_sem and h."""
-    return run.directions / "zsem" / "probe.json"
+def code_probe_file(run, method: str = "zsem") -> Path:
+    """RUN/directions/METHOD/probe.json: `hspace diffae`'s linear probes of z_sem and h (METHOD:
+    zsem for a flat autoencoder, hdae for a hierarchical one)."""
+    return run.directions / method / "probe.json"
 
 
 def save_trained(path: Path, state: dict[str, torch.Tensor], meta: dict) -> Path:

@@ -314,7 +314,8 @@ def train_toy(
         "runs/toy-train/model"
     ),
     recipe_name: Annotated[
-        str | None, typer.Option("--recipe", help="v1, v2, toy-sd, clip or diffae; default: the checkpoint's, else v2")
+        str | None,
+        typer.Option("--recipe", help="v1, v2, toy-sd, clip, diffae, hdae; default: the checkpoint's, else v2"),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="total training steps (default: the recipe's)")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
@@ -335,7 +336,7 @@ def train_toy(
             from hspace.flows.train_toy import train_sd_command
 
             return train_sd_command(checkpoint, out, steps, checkpoint_every, console)
-        if recipe_name in ("clip", "diffae"):  # toy-clip (contrastive) or toy-diffae (a diffusion autoencoder)
+        if recipe_name in ("clip", "diffae", "hdae"):  # toy-clip, toy-diffae (a diffusion autoencoder), toy-hdae
             from hspace.flows.train_toy import train_recipe_command
 
             return train_recipe_command(recipe_name, checkpoint, out, steps, checkpoint_every, console)

@@ -87,16 +87,18 @@ def train_toy_diffae_flow(checkpoint: str, out: str, recipe: dict) -> dict:
 
 
 def train_recipe_command(name: str, checkpoint: Path, out: Path, steps, checkpoint_every, console) -> None:
-    """The body of `hspace train-toy --recipe clip|diffae`: toy-clip (data/toy/train_clip.py) or
-    toy-diffae (data/toy/train_diffae.py) as a flow on the local Prefect server; resumable (a
-    checkpoint of another recipe is refused)."""
+    """The body of `hspace train-toy --recipe clip|diffae|hdae`: toy-clip (data/toy/train_clip.py),
+    toy-diffae or toy-hdae (data/toy/train_diffae.py; hdae: data.diffae.HDAE_RECIPE) as a flow on
+    the local Prefect server; resumable (a checkpoint of another recipe is refused)."""
     import json
 
+    from hspace.data.diffae import HDAE_RECIPE
     from hspace.data.toy import train_diffae
 
     make, flow_fn = {
         "clip": (lambda d: train_clip.ClipRecipe(**d), train_toy_clip_flow),
         "diffae": (train_diffae.recipe_from_dict, train_toy_diffae_flow),
+        "hdae": (lambda d: train_diffae.recipe_from_dict({**HDAE_RECIPE, **d}), train_toy_diffae_flow),
     }[name]
     if checkpoint == Path("runs/toy-train/checkpoint"):
         checkpoint = Path(f"runs/toy-{name}-train/checkpoint")

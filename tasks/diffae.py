@@ -19,6 +19,11 @@ on the same samples, labels and held-out seeds (hcore/edits/zsem.py applies them
 
 Each saved edit is scored on the run's last ``held_out`` samples at GAMMAS (gamma 0: the
 autoencoder's reconstruction, what the code keeps) and drawn beside it (NAME.png).
+
+A hierarchical autoencoder (HDAE, toy-hdae: codes of several encoder levels) gives the same two
+edits as ``hdae-dense`` and ``hdae`` (HDAE's own: the sparse hyperplane), each file recording
+how the normal's weight falls on the code's levels (HDAE's Fig. 18) and where its top k sit; the
+probe gains each level's code alone (directions/hdae/probe.json). PADA stays on a flat code.
 """
 
 from __future__ import annotations
@@ -60,7 +65,16 @@ def model_problems(section, image_size: int) -> list[str]:
     side = model.unet.config.sample_size
     if side != image_size:
         return [f"diffae.model: {section.model} encodes {side} px images, the run's are {image_size} px"]
+    if model.levels and section.pada_attribute is not None:
+        return [f"diffae.pada_attribute: PADA edits a flat z_sem (toy-diffae); with the hierarchical {section.model} "
+                "give --pada-attribute none"]  # fmt: skip
     return []
+
+
+def method_names(auto) -> tuple[str, str]:
+    """The (dense, sparse) methods of an autoencoder's hyperplanes: zsem / zsem-sparse on a flat
+    code, hdae-dense / hdae on a hierarchical one."""
+    return ("hdae-dense", "hdae") if auto.levels else ("zsem", "zsem-sparse")
 
 
 def section_problems(section, n: int, image_size: int | None) -> list[str]:
@@ -140,6 +154,7 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
     from hspace.data.annotators import load_annotator
     from hspace.data.diffae import diffae_fingerprint, load_diffae
     from hspace.data.stores import SampleStore
+    from hspace.hcore.diffae import level_shares
     from hspace.hcore.edits.zsem import CodeDirection, ZSem
     from hspace.hcore.sampler import to_unit
 
@@ -159,6 +174,8 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
             "hyperplane separates them: drop it or raise diffae.samples"
         )
     auto, scheduler, _, stats = load_diffae(diffae.model, ctx.device)
+    dense_name, sparse_name = method_names(auto)
+    levels = auto.code_parts()
     with torch.no_grad():
         x0 = to_unit(store.x0[: diffae.samples]).to(ctx.device)
         raw = torch.cat([auto.encoder(x0[i : i + 256]) for i in range(0, len(x0), 256)]).cpu()
@@ -182,15 +199,19 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
             w = clf.coef_[0] / np.linalg.norm(clf.coef_[0])
             normals[name] = w
             info = {**base, "attribute": name, "train_accuracy": float(clf.score(code, y[:, j]))}
+            if auto.levels:
+                info["level_shares"] = level_shares(w, levels)
             template = ZSem(direction(w), own, name) if held else None
-            r = score(run, "zsem", name, normal_state(w), info, held, model, ctx, template=template)
+            r = score(run, dense_name, name, normal_state(w), info, held, model, ctx, template=template)
             sweep = k_sweep(clf.coef_[0], clf.intercept_[0], code, y[:, j], diffae.k, template, net, direction, name)
             best = max(sweep, key=lambda k: sweep[k]["own_change"] / max(sweep[k]["leakage"], 1e-3))
             info = {**info, "k": int(best), "k_sweep": sweep}
-            rs = score(run, "zsem-sparse", name, normal_state(sparse(w, int(best))), info, held, model, ctx,
-                       template=template)  # fmt: skip
+            kept = sparse(w, int(best))
+            if auto.levels:
+                info["kept_per_level"] = {lv: int((kept[part] != 0).sum()) for lv, part in levels.items()}
+            rs = score(run, sparse_name, name, normal_state(kept), info, held, model, ctx, template=template)
             paths += [p for x in (r, rs) for p in (x.pop("path"), x.pop("figure")) if p]
-            results[name] = {"zsem": r, "zsem-sparse": rs | {"k": int(best)}}
+            results[name] = {dense_name: r, sparse_name: rs | {"k": int(best)}}
             bar.advance(job)
     if diffae.pada_attribute is not None:
         age = y[:, wanted(diffae).index(diffae.pada_attribute)]
@@ -198,10 +219,11 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
         r = score(run, "pada", diffae.pada_attribute, state, {**base, **info}, held, model, ctx, PADA_STRENGTHS)
         paths += [p for p in (r.pop("path"), r.pop("figure")) if p]
         results[diffae.pada_attribute] = results.get(diffae.pada_attribute, {}) | {"pada": r}
-    probe_file = dirfile.code_probe_file(run)
+    probe_file = dirfile.code_probe_file(run, "hdae" if auto.levels else "zsem")
     probe_file.parent.mkdir(parents=True, exist_ok=True)
     h_dirs = {a: dirfile.load(run.direction(a))[0].flatten().numpy() for a in normals if run.direction(a).exists()}
-    found = probe(store, code, y, diffae.attributes, normals) | {"h_direction_cosines": cosines(h_dirs)}
+    parts = {f"z_sem {lv}": code[:, part] for lv, part in levels.items()} if auto.levels else {}
+    found = probe(store, code, y, diffae.attributes, normals, parts) | {"h_direction_cosines": cosines(h_dirs)}
     probe_file.write_text(json.dumps(found, indent=2))
     return {"outputs": outputs(run, [*paths, probe_file]), "edits": results}
 
@@ -283,9 +305,10 @@ def score(run: RunFolder, method: str, name: str, state: dict, info: dict, held:
     return {"path": path, **r, "at": shown}
 
 
-def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals: dict) -> dict:
+def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals: dict, parts=None) -> dict:
     """Linear probes of every attribute from z_sem and from h_{T:1} (each on its top PROBE_DIMS
-    principal axes, 5-fold cross-validated accuracy), and the cosines between attributes' normals."""
+    principal axes, 5-fold cross-validated accuracy), and from each of ``parts`` ({name: codes}:
+    a hierarchical code's levels alone), and the cosines between attributes' normals."""
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
@@ -294,7 +317,7 @@ def probe(store, code: np.ndarray, y: np.ndarray, attributes: list[str], normals
 
     n = len(code)
     h = np.asarray(store.h[:n], dtype=np.float32).reshape(n, -1)
-    spaces = {"z_sem": code, "h": h}
+    spaces = {"z_sem": code, "h": h, **(parts or {})}
     folds = max(2, min(5, int(min(y.sum(0).min(), (~y).sum(0).min()))))
     acc = {}
     for space, feats in spaces.items():
@@ -322,11 +345,12 @@ def diffae_line(result: dict) -> str:
     for name, r in result.get("edits", {}).items():
         if "pada" in r and r["pada"]["own_change"] is not None:
             parts.append(f"PADA {name} ({r['pada']['own_change']:+.3f} at {r['pada']['at']:g})")
-        if "zsem" not in r:
+        pair = ("hdae-dense", "hdae") if "hdae" in r else ("zsem", "zsem-sparse")
+        if pair[0] not in r:
             continue
-        own, own_k = r["zsem"]["own_change"], r["zsem-sparse"]["own_change"]
+        own, own_k = r[pair[0]]["own_change"], r[pair[1]]["own_change"]
         if own is not None:
-            parts.append(f"{name} ({own:+.3f}; top-{r['zsem-sparse']['k']} {own_k:+.3f})")
+            parts.append(f"{name} ({own:+.3f}; top-{r[pair[1]]['k']} {own_k:+.3f})")
         else:
             parts.append(name)
     return f"z_sem directions at gamma {PROBE_GAMMA:g}: " + ", ".join(parts)
@@ -359,6 +383,7 @@ STAGE = Stage(
     cost=diffae_cost,
     check=check,
     cli_sections={"diffae": None},
-    doc="Directions in a diffusion autoencoder's code z_sem (toy-diffae) from the run's labelled samples: DiffAE's "
-    "normal (zsem) and HDAE's sparse one (zsem-sparse), RUN/directions/METHOD/ATTR, and the probes of z_sem vs h.",
+    doc="Directions in a diffusion autoencoder's code z_sem (toy-diffae, or the hierarchical toy-hdae) from the run's "
+    "labelled samples: DiffAE's normal (zsem; hdae-dense) and HDAE's sparse one (zsem-sparse; hdae), "
+    "RUN/directions/METHOD/ATTR, and the probes of z_sem vs h.",
 )

@@ -7,7 +7,9 @@ std), recipe.json.
 Phases: 1. the autoencoder end to end with L_simple (EMA of its weights); 2. the z_sem of
 ``latent_n`` renders through the EMA encoder, their mean and std, and the latent DDPM on the
 normalised codes. Every batch is a function of (seed, phase, step), so a resumed run is the run
-that was not killed.
+that was not killed. A recipe with ``init_from`` starts phase 1 from that autoencoder's weights
+(toy-hdae: toy-diffae with HDAE's level codes, data.diffae.HDAE_RECIPE); its renders are other
+seeds than the autoencoder it starts from saw (``seed`` << 37 further on).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from hspace.data.catalog import RunError, replace_folder
-from hspace.data.diffae import DiffAERecipe, build, diffae_files, recipe_from_dict
+from hspace.data.diffae import DiffAERecipe, build, diffae_files, encoder_state, load_diffae, recipe_from_dict
 
 __all__ = ["DiffAERecipe", "build", "recipe_from_dict", "train_diffae"]
 
@@ -60,12 +62,14 @@ def train_diffae(checkpoint: Path, out: Path, recipe: DiffAERecipe | None = None
     else:
         recipe, state = recipe or DiffAERecipe(), {"step": 0, "latent_step": 0, "loss": None, "seconds": 0.0}
     model, scheduler = build(recipe)
+    if recipe.init_from and state["step"] == 0:
+        start_from(model, recipe.init_from)
     ema = EMA(model, recipe.ema_decay)
     optim = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
 
     def fresh_latent():
         torch.manual_seed(recipe.seed + 1)
-        net = LatentDDPM(recipe.z_dim)
+        net = LatentDDPM(recipe.code_dim)
         return net, torch.optim.AdamW(net.parameters(), lr=1e-3)
 
     latent, latent_optim = fresh_latent()
@@ -90,7 +94,7 @@ def train_diffae(checkpoint: Path, out: Path, recipe: DiffAERecipe | None = None
     while state["step"] < recipe.steps:
         step = state["step"]
         gen = _gen(recipe, 1, step)
-        x0 = renders(recipe, DATA_SEED + step * recipe.batch_size, recipe.batch_size)
+        x0 = renders(recipe, DATA_SEED + (recipe.seed << 37) + step * recipe.batch_size, recipe.batch_size)
         loss = model.loss(x0, scheduler, gen)
         optim.zero_grad()
         loss.backward()
@@ -144,8 +148,7 @@ def export(auto, latent, scheduler, stats: dict, recipe: DiffAERecipe, out: Path
     tmp.mkdir(parents=True)
     auto.unet.save_pretrained(tmp / "unet")
     scheduler.save_pretrained(tmp / "scheduler")
-    enc = {f"encoder.{k}": v for k, v in auto.encoder.state_dict().items()}
-    enc.update({f"z_to_emb.{k}": v for k, v in auto.z_to_emb.state_dict().items()})
+    enc = encoder_state(auto)
     files = diffae_files(tmp)
     save_file({k: v.contiguous() for k, v in enc.items()}, str(files["encoder"]))
     lat = {f"latent.{k}": v for k, v in latent.state_dict().items()}
@@ -155,6 +158,18 @@ def export(auto, latent, scheduler, stats: dict, recipe: DiffAERecipe, out: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_folder(tmp, out)
     return out
+
+
+def start_from(model, spec: str) -> None:
+    """``model``'s weights from the autoencoder ``spec`` wherever it has them (a hierarchical
+    model's level heads and maps stay as built: the maps zero); RunError where the shapes differ."""
+    source = load_diffae(spec)[0]
+    got = source.state_dict()
+    own = model.state_dict()
+    wrong = [k for k, v in got.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise RunError(f"init_from {spec}: its weights do not fit this recipe ({wrong[0]})")
+    model.load_state_dict(got, strict=False)
 
 
 def save_checkpoint(checkpoint: Path, weights: dict, recipe: DiffAERecipe, state: dict) -> None:

@@ -12,8 +12,11 @@
   (eq. (9)): other seeds, other plausible ages (the "pluralistic" samples).
 - ``zsem-sparse``: HDAE's sparse hyperplane (the note's sec. IX): the classifier's normal
   keeping its top-k weights by magnitude, the others zero (k in the file; `hspace diffae`
-  sweeps it). HDAE reads the code from several encoder levels; here the code is toy-diffae's
-  single z_sem (README's fidelity table).
+  sweeps it), on a flat autoencoder's single z_sem (toy-diffae).
+- ``hdae`` and ``hdae-dense``: the same two on a hierarchical autoencoder's code (HDAE, the
+  note's sec. IX, Fig. 17: toy-hdae's codes of several encoder levels, read by the decoder level
+  by level; hcore/diffae.py): ``hdae`` is HDAE's edit (its sparse hyperplane), ``hdae-dense``
+  the plain normal on the same code.
 
 The sample is any image of the autoencoder's size: a run's own render (what ``from_replay``
 encodes: the edit then replaces the run's model with the autoencoder, and the unedited image
@@ -135,6 +138,22 @@ class ZSemSparse(ZSem):
     name = "zsem-sparse"
     unit = "steps along the unit top-k normal of the attribute's hyperplane in z_sem (normalised per dimension)"
     reference = "Lu et al. 2024 (HDAE) sparse hyperplanes, the reading note's sec. IX; on DiffAE's z_sem"
+
+
+@register
+class Hdae(ZSemSparse):
+    name = "hdae"
+    unit = "steps along the unit top-k normal of the attribute's hyperplane in a hierarchical code (normalised)"
+    reference = "Lu et al. 2024 (HDAE): hierarchical code, sparse hyperplanes; the reading note's sec. IX, Fig. 17-18"
+    trainer = "hspace diffae RUN --model toy-hdae (diffae.attributes: ATTR)"
+
+
+@register
+class HdaeDense(ZSem):
+    name = "hdae-dense"
+    unit = "steps along the unit normal of the attribute's hyperplane in a hierarchical code (normalised)"
+    reference = "Lu et al. 2024 (HDAE)'s hierarchical code with DiffAE's dense normal (sec. 5.2)"
+    trainer = "hspace diffae RUN --model toy-hdae (diffae.attributes: ATTR)"
 
 
 @dataclass
