@@ -83,7 +83,7 @@ def apply(
     first = dirs[0]
     fingerprint = _fingerprint(unet)  # a sha256 of the U-Net's weights: once, not per direction
     for d in dirs:
-        _check_fits(d, first, fingerprint, scheduler, tuple(h_shape(unet)))
+        _check_fits(d, first, fingerprint, scheduler, tuple(h_shape(unet, first.h_point)))
     ddim = ddim_scheduler(scheduler)
     ddim.set_timesteps(first.steps)
     expected = ([int(t) for t in ddim.timesteps], first)

@@ -1,7 +1,11 @@
 """Access to h-space: the U-Net bottleneck activation h_t (paper sec. 3, after Kwon et al.).
 
 ``HSpaceHook`` puts one forward hook on ``unet.mid_block`` (its output by default, its input
-as an option) and, while active, can
+as an option; the paper's choice) or on any named module of the denoiser (``h_point``
+"down_blocks.2", "up_blocks.1.resnets.0", with ":input" its input): where a module returns a
+tuple (diffusers' down blocks: the hidden states and the skip connections), h is its first
+element and only that is edited (the skips it handed to the up blocks stay as computed). While
+active the hook can
 
 - capture: hand every h_t the network computes to a callback (and keep the last one),
 - inject: add a delta, h_t + gamma v_t (paper sec. 3, h^edit = h + gamma v),
@@ -30,6 +34,47 @@ class NoMidBlockError(ValueError):
     pass
 
 
+class HPointError(ValueError):
+    """An h point that names no module of the denoiser, or whose output is no tensor."""
+
+
+def split_point(point: str) -> tuple[str | None, str]:
+    """(module name or None for the mid block, "output" or "input") of an h point: "output",
+    "input", "NAME", "NAME:output", "NAME:input"."""
+    if point in H_POINTS:
+        return None, point
+    name, _, side = str(point).partition(":")
+    side = side or "output"
+    if not name or side not in H_POINTS:
+        raise HPointError(f"h point {point!r}: 'output', 'input', or a module name with ':output' or ':input'")
+    return name, side
+
+
+def point_module(unet: torch.nn.Module, point: str) -> tuple[torch.nn.Module, str]:
+    """The module an h point hooks and the side ("output" or "input"); HPointError naming the
+    nearest module names where the name is none of the denoiser's."""
+    import difflib
+
+    name, side = split_point(point)
+    if name is None:
+        return mid_block(unet), side
+    modules = dict(unet.named_modules())
+    if name not in modules:
+        blocks = [n for n in modules if n and n.count(".") <= 1]
+        near = difflib.get_close_matches(name, list(modules), n=4, cutoff=0.5) or blocks[:6]
+        raise HPointError(f"h point {name!r}: {type(unet).__name__} has no such module (nearest: {', '.join(near)})")
+    return modules[name], side
+
+
+def first_tensor(value, point: str) -> torch.Tensor:
+    """h out of what a module gave: the tensor, or a tuple's first element (a tensor)."""
+    if isinstance(value, tuple) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise HPointError(f"h point {point!r}: the module gives a {type(value).__name__}, not a tensor")
+    return value
+
+
 def mid_block(unet: torch.nn.Module) -> torch.nn.Module:
     block = getattr(unet, "mid_block", None)
     if block is None:
@@ -41,14 +86,72 @@ def mid_block(unet: torch.nn.Module) -> torch.nn.Module:
     return block
 
 
-def h_shape(unet: torch.nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) of h for the model's native sample size, from its config."""
+def h_shape(unet: torch.nn.Module, point: str = "output") -> tuple[int, ...]:
+    """The shape of one sample's h for the model's native sample size: (C, H, W) of the mid block
+    from its config; at another point, what that module gives in one forward of a zero input
+    (stopped there)."""
     cfg = unet.config
+    if split_point(point)[0] is not None:
+        return probe_shape(unet, point)
     mid_block(unet)
     size = cfg.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     n_down = len(cfg.block_out_channels) - 1  # the last down block does not downsample
     return (cfg.block_out_channels[-1], size[0] // 2**n_down, size[1] // 2**n_down)
+
+
+class _Reached(Exception):
+    pass
+
+
+def probe_shape(unet: torch.nn.Module, point: str) -> tuple[int, ...]:
+    """One sample's h shape at ``point``: the denoiser run on a zero input of its sample size (with
+    zero text and added conditioning where its config asks for them) until the point."""
+    module, side = point_module(unet, point)
+    seen = {}
+
+    def grab(value):
+        seen["h"] = first_tensor(value, point)
+        raise _Reached
+
+    if side == "output":
+        handle = module.register_forward_hook(lambda m, args, out: grab(out))
+    else:
+        handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: grab(args[0] if args else kwargs.get("hidden_states")), with_kwargs=True
+        )
+    try:
+        with torch.no_grad():
+            args, kwargs = zero_inputs(unet)
+            unet(*args, **kwargs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in seen:
+        raise HPointError(f"h point {point!r}: the module is not run in the denoiser's forward")
+    return tuple(seen["h"].shape[1:])
+
+
+def zero_inputs(unet: torch.nn.Module) -> tuple[tuple, dict]:
+    """The arguments of one zero sample: (sample, timestep) and, for a text-conditioned U-Net,
+    its zero text (and SDXL's added conditioning)."""
+    cfg = unet.config
+    size = cfg.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    param = next(unet.parameters())
+    x = torch.zeros(1, cfg.in_channels, *size, dtype=param.dtype, device=param.device)
+    t = torch.tensor([1], device=param.device)
+    width = getattr(cfg, "cross_attention_dim", None)
+    if width is None:
+        return (x, t), {}
+    text = torch.zeros(1, 1, width, dtype=param.dtype, device=param.device)
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(1, pooled, dtype=param.dtype, device=param.device),
+                 "time_ids": torch.zeros(1, 6, dtype=param.dtype, device=param.device)}  # fmt: skip
+        return (x, t), {"encoder_hidden_states": text, "added_cond_kwargs": added}
+    return (x, t), {"encoder_hidden_states": text}
 
 
 class HSpaceHook:
@@ -73,9 +176,7 @@ class HSpaceHook:
         on_h: Callable[[torch.Tensor], None] | None = None,
         edit_branch: str = "both",
     ):
-        if point not in H_POINTS:
-            raise ValueError(f"h point must be one of {H_POINTS}, got {point!r}")
-        self.block = mid_block(unet)
+        self.block, self.side = point_module(unet, point)
         self.point = point
         self.on_h = on_h
         self.edit_branch = edit_branch
@@ -125,9 +226,9 @@ class HSpaceHook:
         return h
 
     def _output_hook(self, module, args, output):
-        if isinstance(output, tuple):  # UNet2DConditionModel mid blocks may return tuples
-            return (self._edit(output[0]), *output[1:])
-        return self._edit(output)
+        if isinstance(output, tuple):  # mid blocks may return tuples, down blocks (h, skips)
+            return (self._edit(first_tensor(output, self.point)), *output[1:])
+        return self._edit(first_tensor(output, self.point))
 
     def _input_hook(self, module, args, kwargs):
         if args:
@@ -137,7 +238,7 @@ class HSpaceHook:
         return args, kwargs
 
     def __enter__(self) -> HSpaceHook:
-        if self.point == "output":
+        if self.side == "output":
             self._handle = self.block.register_forward_hook(self._output_hook)
         else:
             self._handle = self.block.register_forward_pre_hook(self._input_hook, with_kwargs=True)

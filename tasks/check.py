@@ -189,7 +189,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     """The rules that load something: device, model, annotators, evaluator (names included)."""
     from hspace.data import models
     from hspace.data.annotators import load_annotator
-    from hspace.hcore.hooks import NoMidBlockError, h_shape
+    from hspace.hcore.hooks import HPointError, NoMidBlockError, h_shape
     from hspace.tasks.avi import config_problems as avi_problems
     from hspace.tasks.clip_edits import config_problems
     from hspace.tasks.diffae import config_problems as diffae_problems
@@ -205,7 +205,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         import torch
 
         facts.unet, facts.scheduler = models.load(ref, dtype=getattr(torch, cfg.sample.dtype))
-        facts.h_shape = tuple(h_shape(facts.unet))
+        facts.h_shape = tuple(h_shape(facts.unet, cfg.sample.h_point))
         size = facts.unet.config.sample_size
         facts.image_shape = (facts.unet.config.out_channels, size, size)
         train_steps = facts.scheduler.config.num_train_timesteps
@@ -220,7 +220,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
             p.append(
                 "directions.prompt_pairs: prompt pairs need a text-conditioned model (Stable Diffusion); drop them"
             )
-    except (RunError, NoMidBlockError) as e:
+    except (RunError, NoMidBlockError, HPointError) as e:
         p.append(f"sample.model: {e}")
     for spec in cfg.annotate.annotators:
         try:

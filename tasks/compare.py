@@ -198,7 +198,9 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     registered = methods()
     wanted = {m: registered[m] for m in compare.methods} if compare.methods else registered
     names = sorted({n for a in attributes for n in (a, f"{a}_xT", f"{a}_prompt", f"{a}_disentangled") if n in have})
-    loaded = dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)
+    loaded = dirfile.load_run_directions(
+        run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler
+    )
     files = {n: v for n, (v, _) in zip(names, loaded, strict=True)}
     metas = {n: md for n, (_, md) in zip(names, loaded, strict=True)}  # ATTR_prompt: its prompt pair
     start = held_out_start([md for _, md in loaded])

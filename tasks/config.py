@@ -21,9 +21,11 @@ from hspace.data.catalog import RunError
 from hspace.tasks.config_fields import (
     BINARY,
     CLIP_HELP,
+    H_POINT_HELP,
     ClipSample,
     Eta,
     Floats,
+    HPoint,
     Names,
     Prompts,
     Section,
@@ -42,7 +44,7 @@ class SampleSection(Section):
     clip_sample: ClipSample = option("off", CLIP_HELP)
     seed: int = option(0, "run seed; sample i uses a generator seeded from (seed, i)")
     batch_size: int = option(64, "samples per batch = per Zarr shard = one Prefect task", gt=0)
-    h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
+    h_point: HPoint = option("output", H_POINT_HELP)
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
     # text-conditioned latent models (Stable Diffusion 1.x / 2.x, SDXL); refused for pixel models
     prompt: str | None = option(None, "SD models: the text of every sample ('' on purpose: unconditional)")
@@ -87,7 +89,7 @@ class InvertSection(Section):
     refine: int = option(3, "ddim: fixed-point refinements per step (0 = plain DDIM inversion)", ge=0)
     clip_sample: ClipSample = option("off", CLIP_HELP)
     batch_size: int = option(32, "images per batch = per Zarr shard", gt=0)
-    h_point: Literal["output", "input"] = option("output", "'output' or 'input' of the U-Net mid block")
+    h_point: HPoint = option("output", H_POINT_HELP)
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
     prompt: str | None = option(None, "SD models: the source prompt the images are inverted with (default empty)")
     guidance_scale: float = option(1.0, "SD models: classifier-free guidance scale of the inversion (1: none)", ge=0)

@@ -65,6 +65,23 @@ ClipSample = Annotated[
 CLIP_HELP = "clamp P_t to [-1, 1]: off (eq. (3), the paper), on, or model (its scheduler's)"
 
 
+def _h_point(value):
+    """'output' / 'input' (the mid block's) or 'MODULE[:output|:input]': its syntax here, the
+    module against the model when the model is loaded (hcore.hooks.point_module)."""
+    from hspace.hcore.hooks import split_point
+
+    split_point(value)  # ValueError: one line naming the forms
+    return value
+
+
+# Where h is read: the mid block (the paper's) or any named module of the denoiser
+HPoint = Annotated[str, BeforeValidator(_h_point)]
+H_POINT_HELP = (
+    "where h is read: 'output' or 'input' of the U-Net mid block (the paper's), or any module of the denoiser "
+    "('down_blocks.2', 'up_blocks.1.resnets.0'; ':input' for its input)"
+)
+
+
 def option(default, description: str, **extra):
     """A section field: default, help text, limits (gt, ge, ...) and CLI hints."""
     limits = {k: extra.pop(k) for k in ("gt", "ge", "le", "lt", "min_length") if k in extra}

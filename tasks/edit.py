@@ -264,7 +264,7 @@ def edit_sample(
         specs,
         model_fingerprint=ref.fingerprint,
         steps=spec.replay.steps,
-        h_shape=h_shape(unet),
+        h_shape=h_shape(unet, spec.replay.h_point),
         h_point=spec.replay.h_point,
         scheduler=scheduler,
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},

@@ -150,7 +150,8 @@ def run_evaluation(
     unet, scheduler = models.load_for_run(meta, device=device)
     replay = models.replay_for_run(meta, device=device)  # SD: prompts, guidance and the VAE decoder
     net = load_annotator(evaluator, device, prompts=prompts)
-    loaded = dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)
+    shape = h_shape(unet, cfg.get("h_point", "output"))
+    loaded = dirfile.load_run_directions(run, meta, names, shape, scheduler)
     vectors = [v for v, _ in loaded]
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])
@@ -213,7 +214,7 @@ def run_evaluation(
             if not kept:
                 continue
             loaded_p = dirfile.load_run_directions(
-                run, meta, [disentangled_name(d) + suffix for d in kept], h_shape(unet), scheduler
+                run, meta, [disentangled_name(d) + suffix for d in kept], shape, scheduler
             )
             variants.append((label, kept, [v for v, _ in loaded_p]))
             if label == "disentangled":

@@ -30,7 +30,7 @@ def export_pack(run_dir: Path, names: list[str] | None, out: Path, device: str =
     if not names:
         raise RunError(f"{run_dir} has no directions to export; run `hspace directions` or `hspace pca` first")
     unet, scheduler = run_model(meta)
-    loaded = load_run_directions(run, meta, names, h_shape(unet), scheduler)
+    loaded = load_run_directions(run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler)
     pack = PackFolder(Path(out))
     pack.prepare()
     summary = EvalFolder(run.eval).summary() or {}

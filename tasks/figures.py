@@ -28,7 +28,7 @@ def edit_grid(unet, scheduler, meta: dict, sample: int, paths: list[Path], scale
         specs,
         model_fingerprint=meta["model"]["fingerprint"],
         steps=cfg["steps"],
-        h_shape=h_shape(unet),
+        h_shape=h_shape(unet, cfg["h_point"]),
         h_point=cfg["h_point"],
         scheduler=scheduler,
         edit_branch=cfg.get("edit_branch"),

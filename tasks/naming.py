@@ -30,7 +30,12 @@ def name_run_directions(
     from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import to_unit
 
-    vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, h_shape(unet), scheduler)]
+    vectors = [
+        v
+        for v, _ in dirfile.load_run_directions(
+            run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler
+        )
+    ]
     replay = models.replay_for_run(meta, text)
     changes = metrics.attribute_changes(unet, scheduler, net, replay, list(range(n)), vectors, gamma)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)

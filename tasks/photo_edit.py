@@ -122,7 +122,7 @@ def edit_photos(
         specs,
         model_fingerprint=ref.fingerprint,
         steps=steps,
-        h_shape=h_shape(unet),
+        h_shape=h_shape(unet, h_point),
         h_point=h_point,
         scheduler=scheduler,
         sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": run_eta},

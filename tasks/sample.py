@@ -125,8 +125,7 @@ def prepare_store(run: RunFolder) -> SampleStore:
     text = models.model_kind(meta) != "pixel"
     if text:  # a latent model stores its decoded images
         image_shape = (3, cfg["image_size"], cfg["image_size"])
-    # a mid block keeps its input's shape
-    layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet), image_shape, cfg["batch_size"])
+    layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet, cfg["h_point"]), image_shape, cfg["batch_size"])
     extra = {"prompt_index": ((), "int32")} if text else {}  # sample i's prompt: prompts[i mod len]
     if cfg.get("store_xt"):  # x_t of every step, before its U-Net pass (the latent; a DDPM's pixels)
         extra[XT] = ((cfg["steps"], *latent_shape), "float16")
@@ -284,13 +283,13 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     the run folder's run.json: its config is the section without the model, plus
     ``extra(unet, ref)`` (checks that need the model run there, before anything is written).
     ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
-    from hspace.hcore.hooks import NoMidBlockError, h_shape
+    from hspace.hcore.hooks import HPointError, NoMidBlockError, h_shape
 
     ref = models.resolve(section.model, allow_download=allow_download)
     unet, scheduler = models.load(ref)
     try:
-        h_shape(unet)
-    except NoMidBlockError as e:
+        h_shape(unet, getattr(section, "h_point", "output"))
+    except (NoMidBlockError, HPointError) as e:
         raise RunError(str(e)) from None
     train_steps = scheduler.config.num_train_timesteps
     if section.steps > train_steps:
@@ -323,7 +322,8 @@ def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
         return left
     size = config.get("image_size") or unet.config.sample_size
     channels = 3 if config.get("image_size") else unet.config.out_channels
-    per_sample = sum(sample_bytes(config["steps"], h_shape(unet), (channels, size, size)))
+    h = h_shape(unet, config.get("h_point", "output"))
+    per_sample = sum(sample_bytes(config["steps"], h, (channels, size, size)))
     if config.get("kind") == "inversion":  # x_T, and a DDPM inversion's noise maps, in float32
         latent = unet.config.in_channels * unet.config.sample_size**2 * 4
         per_sample += latent * (1 + config["steps"] * (config.get("method") == "ddpm"))

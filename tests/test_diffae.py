@@ -320,3 +320,57 @@ def test_the_run_config_check_finds_a_bad_diffae_section(tmp_path):
     assert any("is no diffusion-autoencoder folder" in p for p in found({"samples": 48, "model": str(tmp_path)}))
     assert any("diffae.clip:" in p for p in found({"samples": 48, "pada_texts": ["a person", "a zebra person"]}))
     assert found({"samples": 48, "pada_attribute": "none", "pada_texts": ["a zebra", "a yak"]}) == []
+
+
+@pytest.fixture(scope="module")
+def hier_coded(coded):
+    """`hspace diffae` on the same run with the shipped hierarchical toy-hdae (no PADA)."""
+    from tests.test_toy_pipeline import hspace as cli
+
+    run, _ = coded
+    r = cli("diffae", run, "--model", "toy-hdae", "--pada-attribute", "none", "--samples", "48", "--held-out", "16",
+            "--attributes", "Wearing_Hat", "--k", "8,160", "--device", "cpu")  # fmt: skip
+    return run, r.output
+
+
+@pytest.mark.slow
+def test_hdae_directions_read_the_hierarchical_code_and_move_their_attribute(hier_coded):
+    """HDAE (toy-hdae: codes of three encoder levels): the dense normal and HDAE's sparse one
+    are saved as hdae-dense and hdae beside the flat autoencoder's files, move Wearing_Hat on
+    held-out seeds by MARGIN, record how the normal's weight falls on the levels (shares summing
+    to 1) and where the kept k sit; the probe reads each level alone; compare finds both; PADA
+    on the hierarchical code is refused with one line before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from hspace.data import directions as dirfile
+    from hspace.data import models
+    from hspace.data.catalog import RunFolder
+    from hspace.flows.cli import app
+    from hspace.tasks.compare import findings
+
+    run, output = hier_coded
+    assert "diffae: done" in output and "Wearing_Hat (" in output, output
+    for method in ("hdae-dense", "hdae"):
+        path = run / "directions" / method / "Wearing_Hat.safetensors"
+        cls, trained, meta = dirfile.load_trained(path, None, None)
+        sweep = json.loads(meta["gamma_sweep"])
+        assert cls.name == method and meta["diffae"] == "toy-hdae" and trained.normal.shape == (192,)
+        assert max(sweep[g]["Wearing_Hat"] for g in ("16", "32")) >= MARGIN["Wearing_Hat"], (method, sweep)
+        assert abs(sweep["0"]["Wearing_Hat"]) <= 0.1, sweep["0"]
+        shares = json.loads(meta["level_shares"])
+        assert set(shares) == {"4px (deepest)", "16px", "8px"} and abs(sum(shares.values()) - 1) < 1e-6
+    kept = json.loads(meta["kept_per_level"])
+    assert sum(kept.values()) == int(meta["k"]) == int((trained.normal != 0).sum())
+    assert (run / "directions" / "zsem" / "Wearing_Hat.safetensors").exists()  # the flat autoencoder's stay
+    probe = json.loads(dirfile.code_probe_file(RunFolder(run), "hdae").read_text())
+    assert {"z_sem", "h", "z_sem 16px", "z_sem 8px", "z_sem 4px (deepest)"} == set(probe["probe_accuracy"])
+    meta = RunFolder(run).read()
+    unet, scheduler = models.load_for_run(meta)
+    found = findings(RunFolder(run), meta, "Wearing_Hat", models.replay_for_run(meta), unet, scheduler)
+    assert {"hdae", "hdae-dense", "zsem"} <= set(found)
+    before = sorted(p.name for p in (run / "directions").rglob("*"))
+    r = CliRunner().invoke(app, ["diffae", str(run), "--model", "toy-hdae", "--samples", "8", "--device", "cpu"])
+    assert r.exit_code != 0 and "PADA edits a flat z_sem (toy-diffae)" in r.output, r.output
+    assert sorted(p.name for p in (run / "directions").rglob("*")) == before

@@ -111,3 +111,56 @@ def probe_and_edit(folder, n_train: int = 2048, n_test: int = 512, n_edit: int =
             change = (oracle.score(decode(model, scheduler, x_T, moved, steps)).numpy() - base).mean(0)
             edits[name][f"{g:g}"] = dict(zip(oracle.names, change.round(4).tolist(), strict=True))
     return {"probe_accuracy": probe, "probe_n": [n_train, n_test], "normal_edits": edits, "edit_n": n_edit}
+
+
+@torch.no_grad()
+def level_probe(folder, n_train: int = 2048, n_test: int = 512, recipe: DiffAERecipe | None = None) -> dict:
+    """What each part of the code holds (HDAE's question, the reading note's sec. IX): from each
+    part alone (``DiffAE.code_parts``: the deepest code and, hierarchical, every level's) and
+    from the whole code, a logistic probe of every binary factor (held-out accuracy) and a
+    ridge regression of the continuous ones (pose, skin, hair and hat colour, background;
+    held-out R^2), trained on ``n_train`` renders' true factors."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from hspace.data.diffae import load_diffae
+    from hspace.data.toy import faces as toyfaces
+
+    recipe = recipe or DiffAERecipe()
+    model = load_diffae(folder)[0]
+
+    def codes(first, n):
+        x = renders(recipe, first, n)
+        z = torch.cat([model.encoder(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
+        return z, toyfaces.draw_factors(np.arange(first, first + n))
+
+    z_tr, f_tr = codes(EVAL_SEED + 10_000, n_train)
+    z_te, f_te = codes(EVAL_SEED + 20_000, n_test)
+    mean, std = z_tr.mean(0), z_tr.std(0) + 1e-6
+    z_tr, z_te = (z_tr - mean) / std, (z_te - mean) / std
+    continuous = ("yaw", "pitch", "roll", "skin", "hair_colour", "hat_colour", "background")
+    out = {}
+    for part, cols in {**model.code_parts(), "whole code": slice(None)}.items():
+        a, b = z_tr[:, cols], z_te[:, cols]
+        entry = {"dims": int(a.shape[1])}
+        for name in toyfaces.BINARY_ATTRIBUTES:
+            clf = LogisticRegression(max_iter=2000).fit(a, np.asarray(getattr(f_tr, name), dtype=bool))
+            entry[name] = float(clf.score(b, np.asarray(getattr(f_te, name), dtype=bool)))
+        for name in continuous:
+            target = np.asarray(getattr(f_tr, name), dtype=np.float64).reshape(n_train, -1)
+            reg = Ridge(alpha=1.0).fit(a, target)
+            entry[f"{name} R2"] = float(reg.score(b, np.asarray(getattr(f_te, name)).reshape(n_test, -1)))
+        out[part] = entry
+    return {"n": [n_train, n_test], "parts": out}
+
+
+if __name__ == "__main__":  # python -m hspace.data.toy.diffae_quality FOLDER: writes FOLDER/quality.json
+    import json
+    import sys
+    from pathlib import Path
+
+    from hspace.data.diffae import diffae_folder
+
+    folder = diffae_folder(sys.argv[1])
+    found = measure(folder) | {"probe_and_edit": probe_and_edit(folder), "level_probe": level_probe(folder)}
+    (Path(folder) / "quality.json").write_text(json.dumps(found, indent=1))
+    print(json.dumps(found["reconstruction"] | {"level_probe": found["level_probe"]}, indent=1))

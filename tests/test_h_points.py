@@ -1,0 +1,148 @@
+"""h at any block of the denoiser (hcore.hooks: ``h_point`` a module name): the mid block named
+as a module is the paper's point exactly; a down block's h is what the next block receives (read
+by the independent input hook); its shape is probed by one forward; an edit there moves the
+output and replacing h by itself does not; bad points are one line naming the nearest modules.
+Through the commands, as users run them: sample, PCA, edit and hspace.apply inside diffusers'
+own pipeline at a down block of the SD 1.x test pipeline, and the toy model in bfloat16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hspace.hcore.hooks import HPointError, HSpaceHook, first_tensor, h_shape
+
+
+def attention_unet(dtype=torch.float32):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return (
+        UNet2DModel(
+            sample_size=16,
+            in_channels=3,
+            out_channels=3,
+            layers_per_block=1,
+            block_out_channels=(8, 16),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=4,
+            attention_head_dim=8,
+        )  # fmt: skip
+        .eval()
+        .to(dtype)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_named_points_read_and_edit_where_they_say(dtype):
+    unet = attention_unet(dtype)
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(dtype), 30
+    with torch.no_grad():
+        with HSpaceHook(unet) as paper:
+            eps = unet(x, t).sample
+        with HSpaceHook(unet, point="mid_block") as named:
+            torch.testing.assert_close(unet(x, t).sample, eps, rtol=0, atol=0)
+        torch.testing.assert_close(named.last_h, paper.last_h, rtol=0, atol=0)
+        with HSpaceHook(unet, point="down_blocks.1") as down:
+            unet(x, t)
+        with HSpaceHook(unet, point="input") as mid_in:  # the mid block's input: what the last down block gave
+            unet(x, t)
+        torch.testing.assert_close(down.last_h, mid_in.last_h, rtol=0, atol=0)
+        assert h_shape(unet, "down_blocks.1") == (16, 8, 8) == tuple(down.last_h.shape[1:])
+        assert h_shape(unet, "up_blocks.0.attentions.0") == (16, 8, 8)  # before its upsampler
+        assert h_shape(unet, "up_blocks.0") == (16, 16, 16)
+        assert h_shape(unet, "down_blocks.0:input") == (8, 16, 16)
+        with HSpaceHook(unet, point="up_blocks.0.resnets.1") as up:
+            unet(x, t)
+            up.replace = up.last_h.clone()
+            torch.testing.assert_close(unet(x, t).sample, eps, rtol=0, atol=0)
+            up.replace = None
+            up.delta = torch.ones_like(up.last_h[0])
+            assert (unet(x, t).sample - eps).abs().max() > 1e-2
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules())
+
+
+def test_bad_points_are_one_line_naming_the_nearest_modules():
+    unet = attention_unet()
+    with pytest.raises(HPointError, match=r"no such module \(nearest: down_blocks.1, "):
+        HSpaceHook(unet, point="down_block.1")
+    with pytest.raises(HPointError, match="no such module"):
+        h_shape(unet, "up_blocks.7")
+    with pytest.raises(HPointError, match="a module name with ':output' or ':input'"):
+        HSpaceHook(unet, point="down_blocks.1:middle")
+    with pytest.raises(HPointError, match="gives a dict, not a tensor"):
+        first_tensor({"sample": torch.zeros(1)}, "x")
+    with pytest.raises(HPointError, match="gives a NoneType, not a tensor"):
+        first_tensor((None, torch.zeros(1)), "x")
+
+
+def test_a_run_at_a_down_block_of_sd_samples_edits_and_applies_in_diffusers(tmp_path):
+    """The SD 1.x test pipeline with h after down_blocks.1: samples.zarr holds h of the probed
+    shape; PCA's pc00 edits the sample through `hspace edit`, and hspace.apply inside diffusers'
+    own StableDiffusionPipeline gives the same image (<= 2/255); a module that does not exist is
+    refused in one line with nothing written."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    import hspace
+    from hspace.data.stores import SampleStore
+    from hspace.hcore.sampler import draw_noise, make_generators
+    from tests.sd_fixtures import LATENT_SIZE, load_tiny_sd, save_tiny_sd
+    from tests.test_sd import BASE, PROMPTS, assert_refused
+    from tests.test_sd import hspace as cli
+
+    folder = save_tiny_sd(tmp_path / "sd1", "sd1")
+    run = tmp_path / "run"
+    r = cli("sample", "--model", folder, "--prompts", PROMPTS, *BASE, "--eta", "0", "--h-point", "down_blocks.1",
+            "--out", run)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    pipe = load_tiny_sd(folder, "sd1")
+    shape = h_shape(pipe.unet, "down_blocks.1")
+    assert SampleStore(run / "samples.zarr").h.shape[2:] == shape
+    assert cli("pca", run, "--components", "2").exit_code == 0
+    direction = hspace.open_run(run).direction("pc00")
+    assert direction.h_point == "down_blocks.1" and tuple(direction.v.shape[1:]) == shape
+    grid = tmp_path / "grid.png"
+    r = cli("edit", run, "--sample", "1", "--direction", direction.path, "--scales", "2", "--out", grid)
+    assert r.exit_code == 0, r.output
+    edited_cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    gen = make_generators(0, [1])
+    latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
+    call = {"prompt": PROMPTS.split(",")[1], "latents": latents, "num_inference_steps": 4, "guidance_scale": 3.0}
+    with hspace.apply(pipe, direction, gamma=2.0):
+        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
+    edited = np.round(out * 255).astype(np.int16)
+    assert np.abs(edited - edited_cli).max() <= 2, np.abs(edited - edited_cli).max()
+    plain = SampleStore(run / "samples.zarr").x0[1].astype(np.int16).transpose(1, 2, 0)
+    assert np.abs(edited - plain).mean() > 1
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.unet.modules())
+
+    bad = tmp_path / "bad"
+    r = cli("sample", "--model", folder, "--prompts", PROMPTS, *BASE, "--h-point", "down_block.1", "--out", bad)
+    assert_refused(r, "h point 'down_block.1'", "nearest: down_blocks.1")
+    assert not bad.exists()
+
+
+def test_the_toy_model_in_bfloat16_at_an_up_block(tmp_path):
+    """The shipped toy model (attention, bfloat16) sampled with h after up_blocks.1: h is stored
+    at the probed shape and a PCA direction edits the sample."""
+    from hspace.data import models
+    from hspace.data.stores import SampleStore
+    from tests.test_sd import hspace as cli
+
+    run = tmp_path / "run"
+    r = cli("sample", "--model", "toy", "--n", "8", "--steps", "4", "--batch-size", "8", "--dtype", "bfloat16",
+            "--h-point", "up_blocks.1", "--device", "cpu", "--out", run)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    unet, _ = models.load(models.resolve("toy"))
+    assert SampleStore(run / "samples.zarr").h.shape[2:] == h_shape(unet, "up_blocks.1")
+    assert cli("pca", run, "--components", "2").exit_code == 0
+    r = cli("edit", run, "--sample", "0", "--direction", run / "directions" / "pc00.safetensors", "--scales", "0,8",
+            "--out", tmp_path / "g.png")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    cells = sorted((tmp_path / "g").glob("*.png"))
+    a, b = (np.asarray(__import__("PIL.Image").Image.open(c)).astype(np.int16) for c in cells)
+    assert np.abs(a - b).mean() > 1
