@@ -83,14 +83,12 @@ def test_a_run_at_a_down_block_of_sd_samples_edits_and_applies_in_diffusers(tmp_
     shape; PCA's pc00 edits the sample through `hspace edit`, and hspace.apply inside diffusers'
     own StableDiffusionPipeline gives the same image (<= 2/255); a module that does not exist is
     refused in one line with nothing written."""
-    from diffusers import DDIMScheduler
     from PIL import Image
 
     import hspace
     from hspace.data.stores import SampleStore
-    from hspace.hcore.sampler import draw_noise, make_generators
-    from tests.sd_fixtures import LATENT_SIZE, load_tiny_sd, save_tiny_sd
-    from tests.test_sd import BASE, PROMPTS, assert_refused
+    from tests.sd_fixtures import load_tiny_sd, save_tiny_sd
+    from tests.test_sd import BASE, PROMPTS, applied_in_pipeline, assert_refused
     from tests.test_sd import hspace as cli
 
     folder = save_tiny_sd(tmp_path / "sd1", "sd1")
@@ -108,13 +106,7 @@ def test_a_run_at_a_down_block_of_sd_samples_edits_and_applies_in_diffusers(tmp_
     r = cli("edit", run, "--sample", "1", "--direction", direction.path, "--scales", "2", "--out", grid)
     assert r.exit_code == 0, r.output
     edited_cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    gen = make_generators(0, [1])
-    latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
-    call = {"prompt": PROMPTS.split(",")[1], "latents": latents, "num_inference_steps": 4, "guidance_scale": 3.0}
-    with hspace.apply(pipe, direction, gamma=2.0):
-        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
-    edited = np.round(out * 255).astype(np.int16)
+    edited, _ = applied_in_pipeline(pipe, direction)
     assert np.abs(edited - edited_cli).max() <= 2, np.abs(edited - edited_cli).max()
     plain = SampleStore(run / "samples.zarr").x0[1].astype(np.int16).transpose(1, 2, 0)
     assert np.abs(edited - plain).mean() > 1

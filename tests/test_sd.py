@@ -29,6 +29,25 @@ def hspace(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def applied_in_pipeline(pipe, direction, gamma: float = 2.0, sample: int = 1):
+    """The image (uint8 values as int16) diffusers' own pipeline makes of a run's sample (its
+    latents, prompt, 4 DDIM steps at eta 0, guidance 3) with hspace.apply's edit; and the call."""
+    import hspace as package
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    gen = make_generators(0, [sample])
+    latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
+    call = {
+        "prompt": PROMPTS.split(",")[sample % 2],
+        "latents": latents,
+        "num_inference_steps": 4,
+        "guidance_scale": 3.0,
+    }
+    with package.apply(pipe, direction, gamma=gamma):
+        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
+    return np.round(out * 255).astype(np.int16), (call, gen)
+
+
 hspace_cli = hspace  # where a test imports the package hspace too
 
 
@@ -418,13 +437,7 @@ def test_api_apply_inside_stable_diffusion_pipelines(sd_dirs, sd_runs, kind, tmp
     assert result.exit_code == 0, result.output
     cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
     pipe = load_tiny_sd(sd_dirs[kind], kind)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    gen = make_generators(0, [1])
-    latents = draw_noise(gen, (4, LATENT_SIZE, LATENT_SIZE))
-    call = {"prompt": PROMPTS.split(",")[1], "latents": latents, "num_inference_steps": 4, "guidance_scale": 3.0}
-    with hspace.apply(pipe, direction, gamma=2.0):
-        out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
-    edited = np.round(out * 255).astype(np.int16)
+    edited, (call, gen) = applied_in_pipeline(pipe, direction)
     assert np.abs(edited - cli).max() <= 2, np.abs(edited - cli).max()
     plain = SampleStore(run / "samples.zarr").x0[1].astype(np.int16).transpose(1, 2, 0)
     assert np.abs(edited - plain).mean() > 1  # the edit did something
@@ -433,7 +446,7 @@ def test_api_apply_inside_stable_diffusion_pipelines(sd_dirs, sd_runs, kind, tmp
     args = ("--sample", "1", "--direction", direction.path, "--edit-method", "asyrp", "--scales", "2", "--out", grid)
     assert hspace_cli("edit", run, *args).exit_code == 0
     cli = np.asarray(Image.open(tmp_path / "grid" / "sample1__pc00__gamma+2.png")).astype(np.int16)
-    with hspace.apply(pipe, direction, gamma=2.0, method="asyrp"):
+    with hspace.apply(pipe, direction, gamma=2.0, method="asyrp"):  # the same call, another method
         out = pipe(**call, eta=0.0, generator=gen, output_type="np").images[0]
     asyrp = np.round(out * 255).astype(np.int16)
     assert np.abs(asyrp - cli).max() <= 2, np.abs(asyrp - cli).max()
