@@ -3,8 +3,7 @@ inside a run folder is built here (``RunFolder``'s accessors; ``ARTIFACTS`` list
 `inspect` and `verify`); the Zarr stores are typed in data/stores.py.
 
     RUN/run.json          config, package versions, model id + revision + fingerprint, and one
-                          record per stage: state, fingerprint, inputs,
-                          outputs, seconds (written atomically)
+                          record per stage: state, fingerprint, inputs, outputs, seconds (atomic)
     RUN/run.yaml          the `hspace run` config, as given
     RUN/samples.zarr/     h_{T:1}, x0, seeds (data/stores.SampleStore)
     RUN/annotations.zarr/ scores per annotator
@@ -12,7 +11,7 @@ inside a run folder is built here (``RunFolder``'s accessors; ``ARTIFACTS`` list
     RUN/jacobian.zarr/    Jacobian singular vectors per (sample, step)
     RUN/directions/       NAME.safetensors (data/directions.py)
     RUN/eval/             Table-1 tables, heatmaps, PC names, summary.json
-    RUN/figures/          edit grids and Fig. 7/8
+    RUN/figures/          edit grids and Fig. 7/8; RUN/layers/: the layer map (data/layers.py)
     RUN/report.html       everything above, browsable offline
     RUN/.lock             one writer at a time
 
@@ -54,6 +53,7 @@ ARTIFACTS = {
     "figures": ("figures", "edit grids, Fig. 7, Fig. 8"),
     "compare": ("compare", "every editing method side by side: leaderboard, figure, grid"),
     "latent_svd": ("latent_svd", "the SVD of x_t per step (svd.zarr), the SVD paper's properties measured"),
+    "layers": ("layers", "the layer map: h at every block (h.zarr), its table and figure"),
     "report": ("report.html", "the run's report"),
 }
 
@@ -145,6 +145,7 @@ class RunFolder:
     figures = property(lambda self: self.path("figures"))
     compare = property(lambda self: self.path("compare"))
     latent_svd = property(lambda self: self.path("latent_svd"))
+    layers = property(lambda self: self.path("layers"))
     report = property(lambda self: self.path("report"))
     lock_path = property(lambda self: self.root / LOCK)
 

@@ -62,6 +62,11 @@ def _unet_dir(folder: Path) -> Path | None:
     return None
 
 
+def unet_config(ref: ModelRef) -> dict:
+    """The denoiser's config.json of a resolved model (no weights loaded)."""
+    return json.loads((_unet_dir(Path(ref.path)) / "config.json").read_text())
+
+
 def weights_sha256(unet_dir: Path | None) -> str:
     """sha256 over the UNet's config and weight files (names and bytes)."""
     if unet_dir is None or not Path(unet_dir).is_dir():

@@ -193,6 +193,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     from hspace.tasks.avi import config_problems as avi_problems
     from hspace.tasks.clip_edits import config_problems
     from hspace.tasks.diffae import config_problems as diffae_problems
+    from hspace.tasks.layers import config_problems as layers_problems
     from hspace.tasks.sample import resolve_device
 
     p: list[str] = []
@@ -214,14 +215,14 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         if cfg.latent_svd is not None and cfg.latent_svd.k > size:
             p.append(f"latent_svd.k: {cfg.latent_svd.k} exceeds the latent's side {size} (matrices {size} x {size})")
         p += avi_problems(cfg, ref.kind, (facts.unet.config.in_channels, size, size)) + config_problems(cfg, ref.kind)
-        p += diffae_problems(cfg, models.image_size(ref, facts.unet.config))
+        p += diffae_problems(cfg, models.image_size(ref, facts.unet.config)) + layers_problems(cfg, facts.unet)
         p += _text_problems(cfg, ref, facts)
         if ref.kind == "pixel" and (cfg.directions.prompt_pairs or cfg.directions.prompt_pair):
             p.append(
                 "directions.prompt_pairs: prompt pairs need a text-conditioned model (Stable Diffusion); drop them"
             )
     except (RunError, NoMidBlockError, HPointError) as e:
-        p.append(f"sample.model: {e}")
+        p.append(f"{'sample.h_point' if isinstance(e, HPointError) else 'sample.model'}: {e}")
     for spec in cfg.annotate.annotators:
         try:
             facts.annotator_names[spec] = tuple(load_annotator(spec, "cpu").names)

@@ -235,6 +235,17 @@ class LatentSvdSection(Section):
     evaluator: str = option("oracle", "the judge of which factor moves: oracle | oracle:PATH | celeba40:PATH")
 
 
+class LayersSection(Section):
+    points: Names = option(list, "h points mapped (default: each down block's output, the mid block's, each up's)")
+    attributes: Names = option(lambda: list(BINARY), "attributes probed and edited (the run's annotations)")
+    samples: int = option(128, "the run's first samples: their h at every point captured, probed, eq. (10)", gt=0)
+    components: int = option(4, "principal axes per step against as many random directions (PCs / random)", gt=0)
+    n: int = option(16, "held-out samples every edit is scored on", gt=0)
+    calibration_n: int = option(16, "other held-out samples each eq. (10) strength is calibrated on", gt=0)
+    target: FiniteFloat = option(0.25, "the own change every point's edit is calibrated to", gt=0)
+    evaluator: str = option("oracle", "the judge of the edits: oracle | oracle:PATH | celeba40:PATH")
+
+
 class RunConfig(Section):
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     dask_address: str | None = option(None, "sampling shards and PCA on this Dask scheduler (not in any cache key)")
@@ -253,6 +264,7 @@ class RunConfig(Section):
     avi: AviSection | None = None  # an AVI predictor trained in `hspace run` where configured
     clip_edits: ClipEditsSection | None = None  # DiffusionCLIP, Asyrp's f, DeltaSpace, where configured
     diffae: DiffAESection | None = None  # z_sem directions of a diffusion autoencoder, where configured
+    layers: LayersSection | None = None  # the layer map (h at every block), where configured
 
 
 def evaluated_rows(cfg: RunConfig) -> list[str]:

@@ -134,6 +134,19 @@ def edit_method(v, image_shape, window=None, asyrp=False, sample: SampleSpec | N
     return get("asyrp" if asyrp else "h").from_direction(v, window)
 
 
+def at_directions_point(replay, specs: list[DirectionSpec]):
+    """``replay`` hooking h where the directions were found: a run's sample edited by
+    directions of another h point (`hspace layers`' per-block files) renders the same unedited
+    sample (a hook that only reads changes nothing) and edits at their point; directions of
+    several points at once are refused."""
+    import dataclasses
+
+    points = {p for p in (dirfile.read(s.path).h_point for s in specs) if p != "xT"}
+    if len(points) > 1:
+        raise RunError(f"directions of several h points ({', '.join(sorted(points))}): edit one point at a time")
+    return dataclasses.replace(replay, h_point=points.pop()) if points else replay
+
+
 def load_directions(
     specs: list[DirectionSpec],
     *,
@@ -260,6 +273,7 @@ def edit_sample(
     if isinstance(method, Trained):
         method.load(ref.fingerprint, spec.replay.steps, str(next(unet.parameters()).device))
     specs = [parse_direction(d) for d in directions]
+    spec.replay = at_directions_point(spec.replay, specs)
     vectors: list = load_directions(
         specs,
         model_fingerprint=ref.fingerprint,

@@ -61,23 +61,25 @@ def test_a_folder_that_is_no_diffusion_autoencoder_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shipped_toy_diffae_reconstructs_held_out_renders_keeping_their_factors():
+@pytest.mark.parametrize("name", ["toy-diffae", "toy-hdae"])
+def test_the_shipped_toy_diffae_reconstructs_held_out_renders_keeping_their_factors(name):
     """Encode, invert conditioned on z_sem (eq. (14)), decode: 32 held-out renders come back at
     PSNR >= 28 dB and the oracle reads every binary factor of at least 30 of them the same way,
-    pose within 2 degrees on average (quality.json: the figures on 128)."""
+    pose within 2 degrees on average (quality.json: the figures on 128); toy-diffae and the
+    hierarchical toy-hdae (its code 128 + 32 + 32)."""
     import json
 
-    from hspace.data.diffae import TOY_DIFFAE_DIR
+    from hspace.data.diffae import SHIPPED
     from hspace.data.toy.diffae_quality import measure
 
-    q = measure("toy-diffae", n=32, steps=20)
+    q = measure(name, n=32, steps=20)
     assert q["reconstruction"]["psnr_db"] >= 28, q["reconstruction"]
     for name, value in q["reconstruction"]["oracle_agreement"].items():
         assert value <= 2.0 if name in ("yaw", "pitch", "roll") else value >= 30 / 32, (name, value)
-    shipped = json.loads((TOY_DIFFAE_DIR / "quality.json").read_text())
+    shipped = json.loads((SHIPPED[name] / "quality.json").read_text())
     assert abs(q["reconstruction"]["psnr_db"] - shipped["reconstruction"]["psnr_db"]) < 2.0
-    model, _, _, _ = load_diffae("toy-diffae")
-    assert model.encoder.head.out_features == 128
+    model, _, _, _ = load_diffae(name)
+    assert model.encoder.head.out_features == 128 and model.code_dim == {"toy-diffae": 128, "toy-hdae": 192}[name]
 
 
 @pytest.fixture(scope="module")

@@ -159,6 +159,7 @@ def test_plan_of_a_finished_run_skips_every_stage_and_writes_nothing(pipeline_ru
         "latent-svd": "skip (cached)",
         "clip-edits": "skip (cached)",
         "diffae": "skip (cached)",
+        "layers": "skip (cached)",
         **dict.fromkeys(["directions", "disentangle", "compare", "evaluate", "efficiency", "figures", "report"], "run"),
     }, plan
     assert tree_digest(out) == before
@@ -389,13 +390,22 @@ def test_every_file_a_stage_writes_is_declared(prefect_server, model_dir, oracle
     from hspace.data.toy.train_diffae import DiffAERecipe, train_diffae
     from hspace.flows.runner import execute
     from hspace.tasks.check import unet_passes
-    from hspace.tasks.config import ClipEditsSection, CompareSection, DiffAESection, LatentSvdSection, load_config
+    from hspace.tasks.config import (
+        ClipEditsSection,
+        CompareSection,
+        DiffAESection,
+        LatentSvdSection,
+        LayersSection,
+        load_config,
+    )
     from hspace.tasks.stages import Context, creating_stage, pipeline_stages, registry
 
     cfg = load_config(write_config(tmp_path / "run.yaml", model_dir, oracle_dir))
     cfg.compare = CompareSection(n=3, calibration_n=3, evaluator=f"oracle:{oracle_dir}")
     cfg.latent_svd = LatentSvdSection(k=2, probe_n=2, probe_indices=1, evaluator=f"oracle:{oracle_dir}")
     cfg.sample.store_xt = True
+    cfg.layers = LayersSection(points=["down_blocks.1", "mid_block"], attributes=["Smiling"], samples=8, components=1,
+                               n=2, calibration_n=2, evaluator=f"oracle:{oracle_dir}")  # fmt: skip
     cfg.clip_edits = ClipEditsSection(
         prompt_pairs={"Smiling": ("a person", "a smiling person")}, clip=str(clip_dir), samples=4, held_out=2,
         epochs=1, basis=2, evaluator=f"oracle:{oracle_dir}",
