@@ -82,7 +82,8 @@ def config_problems(cfg, unet) -> list[str]:
 
 
 def check(run: RunFolder, cfg, ctx) -> None:
-    """`hspace layers RUN`: the section against the run, its model and its annotations."""
+    """`hspace layers RUN` (this stage alone): the section against the run, its model and its
+    annotations, which must exist."""
     if cfg.layers is None or not run.run_json.exists():
         return
     from hspace.data import models
@@ -93,11 +94,10 @@ def check(run: RunFolder, cfg, ctx) -> None:
     if found:
         raise RunError(found[0])
     resolved_points(cfg.layers, models.load_for_run(meta)[0])
-    if run.annotations.exists():
-        names = run_scores(run)[1]
-        missing = [a for a in cfg.layers.attributes if a not in names]
-        if missing:
-            raise RunError(f"layers.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
+    names = run_scores(run)[1]  # RunError: no annotations yet (`hspace layers` alone: annotate first)
+    missing = [a for a in cfg.layers.attributes if a not in names]
+    if missing:
+        raise RunError(f"layers.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
 
 
 def capture(run, meta, replay, unet, scheduler, points: dict, n: int, ctx) -> dict:
@@ -229,7 +229,10 @@ def measure(run, meta, point, shape, x, scores, names, attributes, layers, judge
     k = max(1, n // 4)
     for a in attributes:
         col, j = names.index(a), net_names.index(a)
-        top, bottom = top_bottom(scores[:, col], k)
+        try:
+            top, bottom = top_bottom(scores[:, col], k)
+        except ValueError as e:  # tied scores across the quarter's cut
+            raise RunError(f"layers: {a}: {e}") from None
         v = torch.from_numpy((x[top].mean(0) - x[bottom].mean(0)).astype(np.float32))
         info = dirfile.metadata_for_run(meta, f"eq. (10) at {point} (hspace layers)", "layers", "1: the difference")
         dirfile.save(layer_file(run, point, a), v, info | {"h_point": point, "attribute": a, "top": k})

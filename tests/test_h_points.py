@@ -78,6 +78,7 @@ def test_bad_points_are_one_line_naming_the_nearest_modules():
         first_tensor((None, torch.zeros(1)), "x")
 
 
+@pytest.mark.slow
 def test_a_run_at_a_down_block_of_sd_samples_edits_and_applies_in_diffusers(tmp_path):
     """The SD 1.x test pipeline with h after down_blocks.1: samples.zarr holds h of the probed
     shape; PCA's pc00 edits the sample through `hspace edit`, and hspace.apply inside diffusers'

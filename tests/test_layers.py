@@ -62,6 +62,7 @@ def mapped(prefect_server, oracle_dir, tmp_path_factory):
     return run, r.output, root
 
 
+@pytest.mark.slow
 def test_layers_store_every_point_and_its_direction_edits_there(mapped, tmp_path):
     from PIL import Image
 
@@ -110,12 +111,13 @@ def test_layers_store_every_point_and_its_direction_edits_there(mapped, tmp_path
     assert r.exit_code != 0 and "directions of several h points (mid_block, up_blocks.1)" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_layers_bad_input_is_one_line_before_any_work(mapped):
     from tests.test_cli import tree_digest
     from tests.test_sd import assert_refused
     from tests.test_sd import hspace as cli
 
-    run, _, _ = mapped
+    run, _, root = mapped
     before = tree_digest(run)
     small = ("--samples", "8", "--n", "2", "--calibration-n", "2", "--device", "cpu")
     r = cli("layers", run, "--points", "down_block.1", *small)
@@ -124,3 +126,8 @@ def test_layers_bad_input_is_one_line_before_any_work(mapped):
     r = cli("layers", run, "--attributes", "Bald", *small)
     assert_refused(r, "layers.attributes: Bald not in the run's annotations")
     assert tree_digest(run) == before
+    bare = root / "bare"  # a run not annotated yet
+    r = cli("sample", "--model", root / "model", "--n", "12", "--steps", "2", "--device", "cpu", "--out", bare)
+    assert r.exit_code == 0, r.output
+    assert_refused(cli("layers", bare, *small), "has no annotations; run `hspace annotate")
+    assert not (bare / "layers").exists()
