@@ -323,7 +323,8 @@ def layers_line(result: dict) -> str:
 
 
 def layers_cost(cfg) -> int:
-    """U-Net sample-passes: the capture of ``samples``; the unedited held-out renders; per point
+    """U-Net sample-passes: one zero sample per point, its shape probed (hcore.hooks.h_shape,
+    stopped at the point); the capture of ``samples``; the unedited held-out renders; per point
     2 x components PCA and random edits of ``n``; per attribute and point the calibration grid
     on ``calibration_n`` and the edit on ``n``."""
     s = cfg.layers
@@ -331,7 +332,7 @@ def layers_cost(cfg) -> int:
         return 0
     per_point = 2 * s.components * s.n + len(s.attributes) * (len(GAMMAS) * s.calibration_n + s.n)
     points = len(s.points) or block_count(cfg.sample.model)
-    return cfg.sample.steps * (s.samples + s.n + s.calibration_n + points * per_point)
+    return points + cfg.sample.steps * (s.samples + s.n + s.calibration_n + points * per_point)
 
 
 def block_count(model: str) -> int:
@@ -346,7 +347,7 @@ STAGE = Stage(
     "layers",
     sections=("layers",),
     inputs=("sample", "annotate"),
-    outputs=("layers",),
+    outputs=("layers", "directions"),
     body=layers_stage,
     summary=layers_line,
     cost=layers_cost,
