@@ -74,8 +74,8 @@ def test_the_shipped_toy_diffae_reconstructs_held_out_renders_keeping_their_fact
 
     q = measure(name, n=32, steps=20)
     assert q["reconstruction"]["psnr_db"] >= 28, q["reconstruction"]
-    for name, value in q["reconstruction"]["oracle_agreement"].items():
-        assert value <= 2.0 if name in ("yaw", "pitch", "roll") else value >= 30 / 32, (name, value)
+    for factor, value in q["reconstruction"]["oracle_agreement"].items():
+        assert value <= 2.0 if factor in ("yaw", "pitch", "roll") else value >= 30 / 32, (factor, value)
     shipped = json.loads((SHIPPED[name] / "quality.json").read_text())
     assert abs(q["reconstruction"]["psnr_db"] - shipped["reconstruction"]["psnr_db"]) < 2.0
     model, _, _, _ = load_diffae(name)
