@@ -141,7 +141,7 @@ def test_evaluation_tables_edit_along_the_hand_projections(monkeypatch, tmp_path
     monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
     monkeypatch.setattr(models, "replay_for_run", lambda meta, text=None, device=None: None)
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: net)
-    monkeypatch.setattr(hs, "h_shape", lambda unet: (d,))
+    monkeypatch.setattr(hs, "h_shape", lambda unet, point="output": (d,))
     run = RunFolder(tmp_path / "run")
     run.init({"n": 8}, {"id": "m", "fingerprint": "f"}, {})
     # the directions on disk, projected by the disentangle stage itself (eq. (11) is computed
@@ -236,7 +236,7 @@ def test_gamma_auto_out_of_reach_scores_the_direction_and_flags_it(monkeypatch, 
     monkeypatch.setattr(models, "load_for_run", lambda meta, device: (None, None))
     monkeypatch.setattr(models, "replay_for_run", lambda meta, text=None, device=None: None)
     monkeypatch.setattr(annotators, "load_annotator", lambda *a, **k: type("N", (), {"names": tuple(names)})())
-    monkeypatch.setattr(hs, "h_shape", lambda unet: (3,))
+    monkeypatch.setattr(hs, "h_shape", lambda unet, point="output": (3,))
     monkeypatch.setattr(
         dirfile, "load_run_directions", lambda *a: [(v, {"attribute": n}) for v, n in zip(vs, names, strict=True)]
     )

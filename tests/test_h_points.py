@@ -139,3 +139,16 @@ def test_the_toy_model_in_bfloat16_at_an_up_block(tmp_path):
     cells = sorted((tmp_path / "g").glob("*.png"))
     a, b = (np.asarray(__import__("PIL.Image").Image.open(c)).astype(np.int16) for c in cells)
     assert np.abs(a - b).mean() > 1
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_the_probed_shape_is_what_a_guided_pipeline_call_gives(kind):
+    """h_shape's zero-input probe (zero text; SDXL's zero added conditioning) gives the shape
+    HSpaceHook sees inside diffusers' own pipeline call under guidance, at a down and an up block."""
+    from tests.sd_fixtures import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline(kind)
+    for point in ("down_blocks.0", "up_blocks.1.resnets.0"):
+        with HSpaceHook(pipe.unet, point=point) as hs:
+            pipe("a cat", num_inference_steps=1, guidance_scale=3.0, output_type="latent")
+        assert hs.last_h.shape[0] == 2 and tuple(hs.last_h.shape[1:]) == h_shape(pipe.unet, point), (kind, point)
