@@ -4,8 +4,9 @@
 as an option; the paper's choice) or on any named module of the denoiser (``h_point``
 "down_blocks.2", "up_blocks.1.resnets.0", with ":input" its input): where a module returns a
 tuple (diffusers' down blocks: the hidden states and the skip connections), h is its first
-element and only that is edited (the skips it handed to the up blocks stay as computed). While
-active the hook can
+element and only that is edited (the skips it handed to the up blocks stay as computed); of a
+joint text-image transformer block's (text, image) pair (SD3, FLUX), h is the image tokens
+(B, N, D). While active the hook can
 
 - capture: hand every h_t the network computes to a callback (and keep the last one),
 - inject: add a delta, h_t + gamma v_t (paper sec. 3, h^edit = h + gamma v),
@@ -66,10 +67,21 @@ def point_module(unet: torch.nn.Module, point: str) -> tuple[torch.nn.Module, st
     return modules[name], side
 
 
-def first_tensor(value, point: str) -> torch.Tensor:
-    """h out of what a module gave: the tensor, or a tuple's first element (a tensor)."""
-    if isinstance(value, tuple) and value:
-        value = value[0]
+# Transformer blocks whose output is (text stream, image stream): h is the image stream (diffusers'
+# SD3 JointTransformerBlock, FLUX's double- and single-stream blocks, all of them return the pair)
+IMAGE_SECOND = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def stream_index(module: torch.nn.Module) -> int:
+    """Which element of a module's tuple output is h: the image stream (1) of a joint
+    text-image transformer block, else the first (a U-Net down block's hidden states)."""
+    return 1 if type(module).__name__ in IMAGE_SECOND else 0
+
+
+def first_tensor(value, point: str, index: int = 0) -> torch.Tensor:
+    """h out of what a module gave: the tensor, or a tuple's element ``index`` (a tensor)."""
+    if isinstance(value, tuple) and len(value) > index:
+        value = value[index]
     if not isinstance(value, torch.Tensor):
         raise HPointError(f"h point {point!r}: the module gives a {type(value).__name__}, not a tensor")
     return value
@@ -111,7 +123,7 @@ def probe_shape(unet: torch.nn.Module, point: str) -> tuple[int, ...]:
     seen = {}
 
     def grab(value):
-        seen["h"] = first_tensor(value, point)
+        seen["h"] = first_tensor(value, point, stream_index(module))
         raise _Reached
 
     if side == "output":
@@ -226,8 +238,9 @@ class HSpaceHook:
         return h
 
     def _output_hook(self, module, args, output):
-        if isinstance(output, tuple):  # mid blocks may return tuples, down blocks (h, skips)
-            return (self._edit(first_tensor(output, self.point)), *output[1:])
+        if isinstance(output, tuple):  # mid blocks may return tuples, down blocks (h, skips), joint blocks (text, h)
+            i = stream_index(module)
+            return (*output[:i], self._edit(first_tensor(output, self.point, i)), *output[i + 1 :])
         return self._edit(first_tensor(output, self.point))
 
     def _input_hook(self, module, args, kwargs):

@@ -152,3 +152,67 @@ def test_the_probed_shape_is_what_a_guided_pipeline_call_gives(kind):
         with HSpaceHook(pipe.unet, point=point) as hs:
             pipe("a cat", num_inference_steps=1, guidance_scale=3.0, output_type="latent")
         assert hs.last_h.shape[0] == 2 and tuple(hs.last_h.shape[1:]) == h_shape(pipe.unet, point), (kind, point)
+
+
+def _tiny_transformer(kind: str):
+    """A tiny random diffusers transformer of SD3, FLUX or PixArt-α and one call's keyword arguments."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(2, 5, 32, generator=g)
+    if kind == "sd3":
+        model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                      attention_head_dim=8, num_attention_heads=2, caption_projection_dim=16,
+                                      joint_attention_dim=32, pooled_projection_dim=32)  # fmt: skip
+        call = {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": text,
+                "pooled_projections": torch.randn(2, 32, generator=g),
+                "timestep": torch.tensor([500.0, 20.0])}  # fmt: skip
+    elif kind == "flux":
+        model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))  # fmt: skip
+        rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        img_ids = torch.stack([torch.zeros(16), rows.flatten().float(), cols.flatten().float()], 1)
+        call = {"hidden_states": torch.randn(2, 16, 16, generator=g), "encoder_hidden_states": text,
+                "pooled_projections": torch.randn(2, 16, generator=g), "timestep": torch.tensor([0.5, 0.02]),
+                "img_ids": img_ids, "txt_ids": torch.zeros(5, 3)}  # fmt: skip
+    else:
+        model = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                         num_attention_heads=2, caption_channels=32, in_channels=4, out_channels=8,
+                                         cross_attention_dim=16, attention_bias=True,
+                                         activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                         norm_type="ada_norm_single", norm_elementwise_affine=False,
+                                         norm_eps=1e-6)  # fmt: skip
+        added = {"resolution": None, "aspect_ratio": None}
+        call = {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "encoder_hidden_states": text,
+                "timestep": torch.tensor([500, 20]), "added_cond_kwargs": added}  # fmt: skip
+    return model.eval(), call
+
+
+@pytest.mark.parametrize("kind,point", [("sd3", "transformer_blocks.0"), ("sd3", "transformer_blocks.1"),
+                                        ("flux", "transformer_blocks.0"), ("flux", "single_transformer_blocks.1"),
+                                        ("pixart", "transformer_blocks.1")])  # fmt: skip
+def test_h_at_a_transformer_block_is_its_image_tokens(kind, point):
+    """At a joint text-image block (SD3, FLUX) h is the image stream, element 1 of its (text,
+    image) output (SD3's last block gives (None, image)); PixArt's blocks give the image tokens:
+    read by an independent hook, h is those (B, 16, D) tokens; replacing h by itself changes
+    nothing, a random edit changes the output (a uniform one would vanish in the next LayerNorm)."""
+    model, call = _tiny_transformer(kind)
+    module = dict(model.named_modules())[point]
+    seen = {}
+    handle = module.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+    with torch.no_grad():
+        plain = model(**call).sample
+    handle.remove()
+    image = seen["out"][1] if kind in ("sd3", "flux") else seen["out"]
+    with torch.no_grad(), HSpaceHook(model, point=point) as hs:
+        model(**call)
+        torch.testing.assert_close(hs.last_h, image, rtol=0, atol=0)
+        assert hs.last_h.shape[:2] == (2, 16)
+        hs.replace = hs.last_h.clone()
+        torch.testing.assert_close(model(**call).sample, plain, rtol=0, atol=0)
+        hs.replace = None
+        hs.delta = torch.randn(hs.last_h.shape[1:], generator=torch.Generator().manual_seed(3))
+        assert (model(**call).sample - plain).abs().max() > 1e-3
+    assert not any(m._forward_hooks for m in model.modules())
