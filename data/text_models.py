@@ -41,8 +41,9 @@ def pipeline_kind(folder: Path) -> str:
     name = index.get("_class_name", "")
     if "unet" not in index and ("transformer" in index or (folder / "transformer").is_dir()):
         raise RunError(
-            f"{folder} is a {name or 'transformer model'}: it has no U-Net, so no bottleneck and no h-space; "
-            "hspace works on U-Net models (pixel DDPMs, Stable Diffusion 1.x/2.x, SDXL)"
+            f"{folder} is a {name or 'transformer model'}: it has no U-Net; hspace samples U-Net models (pixel "
+            "DDPMs, Stable Diffusion 1.x/2.x, SDXL) and does not yet sample transformers (SD3, FLUX, PixArt): "
+            "no h-space run of it can be made"
         )
     if name in KINDS:
         return KINDS[name]

@@ -124,7 +124,7 @@ def test_a_model_without_unet_is_refused_in_one_line(tmp_path):
     (folder / "model_index.json").write_text(
         json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
     )
-    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "no U-Net", "h-space")
+    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "no U-Net", "does not yet sample")
 
 
 def test_bfloat16_sd_run(sd_dirs, tmp_path):
