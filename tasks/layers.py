@@ -167,7 +167,7 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
             rows.append(measure(run, meta, point, shape, x, scores[: layers.samples], names, attributes, layers,
                                 judge, spread))  # fmt: skip
             bar.advance(job)
-    return {"outputs": outputs(run, write(run, rows, attributes)), "rows": rows}
+    return {"outputs": outputs(run, write(run, rows, layers.target)), "rows": rows}
 
 
 class Judge:
@@ -250,7 +250,7 @@ def measure(run, meta, point, shape, x, scores, names, attributes, layers, judge
     return row
 
 
-def write(run: RunFolder, rows: list[dict], attributes: list[str]) -> list:
+def write(run: RunFolder, rows: list[dict], target: float) -> list:
     """RUN/layers/table.{json,csv} and layers.png."""
     import csv
 
@@ -262,7 +262,7 @@ def write(run: RunFolder, rows: list[dict], attributes: list[str]) -> list:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-    plot(flat, folder / "layers.png")
+    plot(flat, folder / "layers.png", target)
     return [folder / "h.zarr", folder / "table.json", folder / "table.csv", folder / "layers.png"]
 
 
@@ -280,18 +280,19 @@ def flat_row(r: dict) -> dict:
             "MB_per_sample": r["bytes_per_sample"] / 1e6}  # fmt: skip
 
 
-def plot(flat: list[dict], path) -> None:
-    """Measures (rows) over points (columns): each row coloured from its worst to its best point."""
+def plot(flat: list[dict], path, target: float) -> None:
+    """Measures (rows) over points (columns): each row coloured from its worst to its best point
+    (the own change: by its distance from ``target``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = np.array([[r[m] for r in flat] for m in MEASURES], dtype=float)
-    better_low = {"leakage", "MB_per_sample"}
+    better_low = {"leakage", "MB_per_sample", "own_change"}
     shade = np.zeros_like(values)
     for i, m in enumerate(MEASURES):
-        row = values[i]
+        row = np.abs(values[i] - target) if m == "own_change" else values[i]
         finite = row[np.isfinite(row)]
         lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
         shade[i] = 0.5 if hi == lo else (row - lo) / (hi - lo)
@@ -304,7 +305,8 @@ def plot(flat: list[dict], path) -> None:
             shown = "–" if np.isnan(values[i, j]) else f"{values[i, j]:.3g}"
             ax.text(j, i, shown, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(flat)), [r["point"] for r in flat], rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(MEASURES)), ["probe accuracy", "PCs / random", "own change", "leakage (at target)",
+    ax.set_yticks(range(len(MEASURES)), ["probe accuracy", "PCs / random", f"own change (to {target:g})",
+                                          "leakage (at target)",
                                           "PSNR (dB)", "MB per sample"], fontsize=8)  # fmt: skip
     ax.set_title("the layer map: where h is semantic (green: best point of each row)", fontsize=9)
     fig.tight_layout()
