@@ -60,3 +60,16 @@ class LayerStore:
     def read(self, point: str) -> np.ndarray:
         """All samples' h at ``point`` as float32 (n, T, *shape)."""
         return np.asarray(self.group[point][:], dtype=np.float32)
+
+    def read_step(self, point: str, t: int) -> np.ndarray:
+        """All samples' h_t at ``point`` as float32 (n, *shape): one step in memory."""
+        return np.asarray(self.group[point][:, t], dtype=np.float32)
+
+
+def layer_bytes(n: int, steps: int, points: dict[str, tuple[int, ...]], attributes: int) -> int:
+    """What the layer map writes: h of ``n`` samples at every point (float16) and an eq. (10)
+    direction per attribute and point (float32)."""
+    import math
+
+    per_step = sum(math.prod(shape) for shape in points.values())
+    return n * steps * per_step * 2 + attributes * steps * per_step * 4

@@ -3,8 +3,9 @@
 Kwon et al. (Asyrp) chose it by eye; this measures it against a known truth).
 
 - ``gram_scores``: the samples' principal-axis scores of their flattened h_{T:1} (N x T*D, D up
-  to 65,536 at a toy U-Net's last up block) through the N x N Gram matrix, exact and cheap
-  where N << T*D (the centred Gram's eigenvectors scaled by the singular values are the scores).
+  to 65,536 at a toy U-Net's last up block, millions at SD's) through the N x N Gram matrix,
+  summed step by step: exact, cheap where N << T*D, and one step in memory at a time (the
+  centred Gram's eigenvectors scaled by the singular values are the scores).
 - ``probe``: a linear probe of each binary factor on those scores (k-fold cross-validated
   logistic regression), the readability of the factor at that point.
 - ``step_pca``: per step, the top-k principal axes and standard deviations of h_t (Gram trick
@@ -20,14 +21,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def gram_scores(x: np.ndarray, k: int) -> np.ndarray:
-    """(N, k') principal-axis scores of the rows of x (N, ...) flattened, k' = min(k, N - 1):
-    the top eigenvectors of the centred Gram matrix X X^T times their singular values."""
-    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
-    flat = flat - flat.mean(0, keepdims=True)
-    gram = flat @ flat.T
+def gram_scores(step, steps: int, k: int) -> np.ndarray:
+    """(N, k') principal-axis scores of N samples' h_{T:1} flattened, k' = min(k, N - 1): the top
+    eigenvectors of the centred Gram matrix X X^T times their singular values, X X^T summed over
+    the steps (``step(t)``: the samples' h_t as (N, D)), so that no more than one step is held."""
+    gram = None
+    for t in range(steps):
+        x = np.asarray(step(t), dtype=np.float64)
+        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0, keepdims=True)
+        gram = x @ x.T if gram is None else gram + x @ x.T
     values, vectors = np.linalg.eigh(gram)
-    order = np.argsort(values)[::-1][: max(1, min(k, len(x) - 1))]
+    n = len(gram)
+    order = np.argsort(values)[::-1][: max(1, min(k, n - 1))]
     return vectors[:, order] * np.sqrt(np.clip(values[order], 0.0, None))
 
 
@@ -48,21 +53,20 @@ def probe(scores: np.ndarray, labels: np.ndarray, folds: int = 5) -> float | Non
     return float(cross_val_score(pipe, scores, labels, cv=min(folds, fewest)).mean())
 
 
-def step_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per step t of x (N, T, D): the top k principal axes (T, k, D) and the standard deviation
-    of h_t along each (T, k), by the Gram matrix of the centred h_t."""
-    n, steps = x.shape[:2]
-    k = min(k, n - 1)
-    axes = np.zeros((steps, k, x.shape[2]), np.float32)
-    std = np.zeros((steps, k), np.float32)
+def step_pca(step, steps: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step t (``step(t)``: the samples' h_t as (N, D)): the top k principal axes (T, k, D)
+    and the standard deviation of h_t along each (T, k), by the Gram matrix of the centred h_t."""
+    axes, std = [], []
     for t in range(steps):
-        centred = np.asarray(x[:, t], np.float64) - np.asarray(x[:, t], np.float64).mean(0)
+        x = np.asarray(step(t), np.float64)
+        n = len(x)
+        centred = x.reshape(n, -1) - x.reshape(n, -1).mean(0)
         values, vectors = np.linalg.eigh(centred @ centred.T)
-        order = np.argsort(values)[::-1][:k]
+        order = np.argsort(values)[::-1][: min(k, n - 1)]
         sv = np.sqrt(np.clip(values[order], 1e-24, None))
-        axes[t] = (centred.T @ vectors[:, order] / sv).T  # unit principal axes in h
-        std[t] = sv / np.sqrt(max(n - 1, 1))
-    return axes, std
+        axes.append((centred.T @ vectors[:, order] / sv).T.astype(np.float32))  # unit principal axes in h
+        std.append((sv / np.sqrt(max(n - 1, 1))).astype(np.float32))
+    return np.stack(axes), np.stack(std)
 
 
 def interpolate_gamma(gammas, effects, target: float) -> float | None:

@@ -137,6 +137,8 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
         return {"outputs": [], "skipped": True}
     from hspace.data import models
     from hspace.data.annotators import load_annotator
+    from hspace.data.disk import require_space
+    from hspace.data.layers import layer_bytes
     from hspace.tasks.supervised import run_scores
 
     meta = run.read()
@@ -154,6 +156,8 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
         raise RunError(f"layers.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
     replay = models.replay_for_run(meta, device=ctx.device)
     net = load_annotator(layers.evaluator, ctx.device)
+    need = layer_bytes(layers.samples, cfg["steps"], points, len(attributes))
+    require_space(run.root, need, f"the layer map ({len(points)} points, {layers.samples} samples)")
     store = capture(run, meta, replay, unet, scheduler, points, layers.samples, ctx)
     held = list(range(cfg["n"] - layers.n - layers.calibration_n, cfg["n"]))
     judge = Judge(unet, scheduler, replay, net, held[: layers.n], held[layers.n :])
@@ -163,8 +167,8 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
         job = bar.add_task("layers (points)", total=len(points), rate="")
         for point, shape in points.items():
             ctx.log(f"layers: {point}")
-            x = store.read(point)
-            rows.append(measure(run, meta, point, shape, x, scores[: layers.samples], names, attributes, layers,
+            step = lambda t, p=point: store.read_step(p, t)  # noqa: E731  (one step of h in memory at a time)
+            rows.append(measure(run, meta, point, shape, step, scores[: layers.samples], names, attributes, layers,
                                 judge, spread))  # fmt: skip
             bar.advance(job)
     return {"outputs": outputs(run, write(run, rows, layers.target)), "rows": rows}
@@ -197,8 +201,8 @@ class Judge:
         return scores - self.base[which][1], images
 
 
-def measure(run, meta, point, shape, x, scores, names, attributes, layers, judge: Judge, spread) -> dict:
-    """One row of the layer map (the module's docstring)."""
+def measure(run, meta, point, shape, step, scores, names, attributes, layers, judge: Judge, spread) -> dict:
+    """One row of the layer map (the module's docstring); ``step(t)``: the samples' h_t (N, *shape)."""
     import math
 
     import torch
@@ -210,13 +214,13 @@ def measure(run, meta, point, shape, x, scores, names, attributes, layers, judge
     from hspace.hcore.pca import directions_from_pca, random_directions
     from hspace.hcore.supervised import top_bottom
 
-    n, steps = x.shape[:2]
+    n, steps = len(scores), meta["config"]["steps"]
     net_names = list(judge.net.names)
     binary = [j for j, c in enumerate(net_names) if c not in judge.degrees]
     row = {"point": point, "shape": list(shape), "bytes_per_sample": steps * math.prod(shape) * 2}
-    pcs = science.gram_scores(x, PROBE_DIMS)
+    pcs = science.gram_scores(step, steps, PROBE_DIMS)
     row["probe"] = {a: science.probe(pcs, scores[:, names.index(a)] > 0.5) for a in attributes}
-    axes, std = science.step_pca(x.reshape(n, steps, -1), layers.components)
+    axes, std = science.step_pca(lambda t: step(t).reshape(n, -1), steps, layers.components)
     relative = {}
     for kind, dirs in (("pca", directions_from_pca(axes, std)), ("random", random_directions(std, axes.shape[2]))):
         rel = []
@@ -227,13 +231,20 @@ def measure(run, meta, point, shape, x, scores, names, attributes, layers, judge
     row["pca_vs_random"] = relative["pca"] / max(relative["random"], 1e-9)
     row["edits"] = {}
     k = max(1, n // 4)
+    quarters = {}
     for a in attributes:
-        col, j = names.index(a), net_names.index(a)
         try:
-            top, bottom = top_bottom(scores[:, col], k)
+            quarters[a] = top_bottom(scores[:, names.index(a)], k)
         except ValueError as e:  # tied scores across the quarter's cut
             raise RunError(f"layers: {a}: {e}") from None
-        v = torch.from_numpy((x[top].mean(0) - x[bottom].mean(0)).astype(np.float32))
+    means = {a: [] for a in attributes}  # eq. (10) at every step, all attributes in one pass over h
+    for t in range(steps):
+        h = step(t)
+        for a, (top, bottom) in quarters.items():
+            means[a].append(h[top].mean(0) - h[bottom].mean(0))
+    for a in attributes:
+        j = net_names.index(a)
+        v = torch.from_numpy(np.stack(means.pop(a)))
         info = dirfile.metadata_for_run(meta, f"eq. (10) at {point} (hspace layers)", "layers", "1: the difference")
         dirfile.save(layer_file(run, point, a), v, info | {"h_point": point, "attribute": a, "top": k})
         effects = [float(judge.change(point, v, g, "cal")[0][:, j].mean()) for g in GAMMAS]

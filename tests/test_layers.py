@@ -20,10 +20,10 @@ def test_gram_scores_and_step_pca_are_numpys_pca():
     x = rng.standard_normal((12, 3, 40)) @ np.diag(np.linspace(3, 0.1, 40)) + 1.5
     flat = x.reshape(12, -1) - x.reshape(12, -1).mean(0)
     u, s, vt = np.linalg.svd(flat, full_matrices=False)
-    ours = science.gram_scores(x, 4)
+    ours = science.gram_scores(lambda t: x[:, t], 3, 4)  # summed step by step
     np.testing.assert_allclose(np.abs(ours), np.abs(u[:, :4] * s[:4]), rtol=1e-6, atol=1e-8)
-    assert science.gram_scores(x, 64).shape == (12, 11)  # at most N - 1 axes
-    axes, std = science.step_pca(x, 3)
+    assert science.gram_scores(lambda t: x[:, t], 3, 64).shape == (12, 11)  # at most N - 1 axes
+    axes, std = science.step_pca(lambda t: x[:, t], 3, 3)
     for t in range(3):
         c = x[:, t] - x[:, t].mean(0)
         _, st, vtt = np.linalg.svd(c, full_matrices=False)
@@ -131,3 +131,27 @@ def test_layers_bad_input_is_one_line_before_any_work(mapped):
     assert r.exit_code == 0, r.output
     assert_refused(cli("layers", bare, *small), "has no annotations; run `hspace annotate")
     assert not (bare / "layers").exists()
+
+
+@pytest.mark.slow
+def test_layers_on_a_guided_sd_run_capture_the_conditional_half(oracle_dir, tmp_path):
+    """On the SD 1.x test pipeline under guidance 3, the layer map's h at the mid block is what
+    the sampler stored for the run (the conditional half of each [uncond; cond] pass)."""
+    from hspace.data.layers import LayerStore
+    from hspace.data.stores import SampleStore
+    from tests.sd_fixtures import save_tiny_sd
+    from tests.test_sd import PROMPTS
+    from tests.test_sd import hspace as cli
+
+    folder = save_tiny_sd(tmp_path / "sd1", "sd1")
+    run = tmp_path / "run"
+    args = ("--n", "12", "--steps", "3", "--batch-size", "6", "--device", "cpu", "--guidance-scale", "3")
+    assert cli("sample", "--model", folder, "--prompts", PROMPTS, *args, "--out", run).exit_code == 0
+    oracle = f"oracle:{oracle_dir}"
+    assert cli("annotate", run, "--annotator", oracle, "--device", "cpu").exit_code == 0
+    small = ("--samples", "8", "--components", "1", "--n", "2", "--calibration-n", "2", "--device", "cpu")
+    r = cli("layers", run, "--points", "down_blocks.1,mid_block", "--attributes", "Smiling", "--evaluator", oracle,
+            *small)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    stored = np.asarray(SampleStore(run / "samples.zarr").h[:8], np.float32)
+    np.testing.assert_allclose(LayerStore(run / "layers" / "h.zarr").read("mid_block"), stored, rtol=0, atol=2e-3)
