@@ -92,6 +92,7 @@ def train_recipe_command(name: str, checkpoint: Path, out: Path, steps, checkpoi
     the local Prefect server; resumable (a checkpoint of another recipe is refused)."""
     import json
 
+    from hspace.data.catalog import RunError
     from hspace.data.diffae import HDAE_RECIPE
     from hspace.data.toy import train_diffae
 
@@ -105,6 +106,9 @@ def train_recipe_command(name: str, checkpoint: Path, out: Path, steps, checkpoi
     if out == Path("runs/toy-train/model"):
         out = Path(f"runs/toy-{name}-train/model")
     recipe = make(json.loads((checkpoint / "recipe.json").read_text()) if (checkpoint / "recipe.json").exists() else {})
+    if name in ("diffae", "hdae") and bool(recipe.levels) != (name == "hdae"):  # a resumed run keeps its recipe
+        held = "toy-hdae" if recipe.levels else "toy-diffae"
+        raise RunError(f"{checkpoint} holds a {held} run: --recipe {name} needs another --checkpoint")
     recipe.steps = steps or recipe.steps
     recipe.checkpoint_every = checkpoint_every or recipe.checkpoint_every
     with prefect_api(console):

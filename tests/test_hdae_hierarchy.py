@@ -121,3 +121,24 @@ def test_a_hierarchical_autoencoder_starts_as_its_flat_one_trains_and_round_trip
         assert (model.eps(x_t, t, torch.cat([code[:, :16], torch.zeros(2, 8)], 1)) - plain).abs().max() > 0
     with pytest.raises(RunError, match="do not fit this recipe"):
         start_from(build(replace(hier_recipe, z_dim=8))[0], str(tmp_path / "flat"))
+
+
+def test_train_toy_refuses_a_checkpoint_of_the_other_autoencoder(tmp_path):
+    """`hspace train-toy --recipe hdae` on a toy-diffae checkpoint (and the reverse) is one line,
+    nothing written: resuming would silently train the checkpoint's own recipe."""
+    import json
+    from dataclasses import asdict
+
+    from typer.testing import CliRunner
+
+    from hspace.flows.cli import app
+
+    for name, held, other in (("hdae", DiffAERecipe(**TINY), "toy-diffae"),
+                              ("diffae", DiffAERecipe(**TINY, levels=(4, 4)), "toy-hdae")):  # fmt: skip
+        ck = tmp_path / name / "ck"
+        ck.mkdir(parents=True)
+        (ck / "recipe.json").write_text(json.dumps(asdict(held)))
+        args = ["train-toy", "--recipe", name, "--checkpoint", str(ck), "--out", str(tmp_path / name / "out")]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code != 0 and f"holds a {other} run: --recipe {name} needs another" in r.output, r.output
+        assert sorted(p.name for p in (tmp_path / name).rglob("*")) == ["ck", "recipe.json"]
