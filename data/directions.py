@@ -63,15 +63,16 @@ def resolve_path(where: str | Path) -> Path:
     raise RunError(f"direction file {where} does not exist (give a .safetensors file, RUN/NAME or PACK/NAME)")
 
 
-def load(path: Path) -> tuple[torch.Tensor, dict]:
-    """Read a direction file: (v (T, C, H, W) float32, metadata dict of strings)."""
+def load(path: Path, tensor: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """Read a direction file: (v (T, C, H, W) float32, metadata dict of strings); ``tensor``
+    False: the metadata alone (v None, not read)."""
     path = Path(path)
     if not path.exists():
         raise RunError(f"direction file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-        v = load_file(str(path))["v"]
+        v = load_file(str(path))["v"] if tensor else None
     except (SafetensorError, KeyError, OSError) as e:
         raise RunError(f"{path} is not a readable direction file ({e}); re-create it") from None
     return v, meta
@@ -225,9 +226,11 @@ def warn_setting(path: Path, meta: dict, sampling: dict) -> list[str]:
     return lines
 
 
-def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, scheduler) -> list[tuple]:
+def load_run_directions(run, meta: dict, names: list[str], unet, scheduler) -> list[tuple]:
     """RUN/directions/NAME.safetensors for each name, refusing any that does not fit the
-    run's model, schedule, steps and h point: [(v, metadata)]."""
+    run's model (``unet``: h's shape at the run's point), schedule, steps and h point: [(v, metadata)]."""
+    from hspace.hcore.hooks import h_shape
+
     missing = [d for d in names if not run.direction(d).exists()]
     if missing:
         have = sorted(p.stem for p in run.directions.glob("*.safetensors")) if run.directions.exists() else []
@@ -235,13 +238,14 @@ def load_run_directions(run, meta: dict, names: list[str], h_shape: tuple, sched
             f"no direction file for {missing} in {run.directions}; this run has: {', '.join(have) or 'none'}"
         )
     cfg, out = meta["config"], []
+    shape = tuple(h_shape(unet, cfg["h_point"]))
     for name in names:
         d = read(run.direction(name))
         d.fits(
             meta["model"]["fingerprint"],
             scheduler,
             steps=cfg["steps"],
-            h_shape=h_shape,
+            h_shape=shape,
             h_point=cfg["h_point"],
             edit_branch=cfg.get("edit_branch"),
         )

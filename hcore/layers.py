@@ -21,19 +21,28 @@ from __future__ import annotations
 import numpy as np
 
 
+def _top(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top min(k, N - 1) (at least 1) eigenvectors (N, k') of a Gram matrix and the singular
+    values (k') they stand for, largest first."""
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(values)[::-1][: max(1, min(k, len(gram) - 1))]
+    return vectors[:, order], np.sqrt(np.clip(values[order], 0.0, None))
+
+
+def _centred(h) -> np.ndarray:
+    """The samples' h_t (N, ...) flattened to (N, D), float64, minus their mean."""
+    x = np.asarray(h, np.float64)
+    x = x.reshape(len(x), -1)
+    return x - x.mean(0, keepdims=True)
+
+
 def gram_scores(step, steps: int, k: int) -> np.ndarray:
     """(N, k') principal-axis scores of N samples' h_{T:1} flattened, k' = min(k, N - 1): the top
     eigenvectors of the centred Gram matrix X X^T times their singular values, X X^T summed over
     the steps (``step(t)``: the samples' h_t as (N, D)), so that no more than one step is held."""
-    gram = None
-    for t in range(steps):
-        x = np.asarray(step(t), dtype=np.float64)
-        x = x.reshape(len(x), -1) - x.reshape(len(x), -1).mean(0, keepdims=True)
-        gram = x @ x.T if gram is None else gram + x @ x.T
-    values, vectors = np.linalg.eigh(gram)
-    n = len(gram)
-    order = np.argsort(values)[::-1][: max(1, min(k, n - 1))]
-    return vectors[:, order] * np.sqrt(np.clip(values[order], 0.0, None))
+    gram = sum(x @ x.T for x in (_centred(step(t)) for t in range(steps)))
+    vectors, sv = _top(gram, k)
+    return vectors * sv
 
 
 def probe(scores: np.ndarray, labels: np.ndarray, folds: int = 5) -> float | None:
@@ -58,14 +67,11 @@ def step_pca(step, steps: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     and the standard deviation of h_t along each (T, k), by the Gram matrix of the centred h_t."""
     axes, std = [], []
     for t in range(steps):
-        x = np.asarray(step(t), np.float64)
-        n = len(x)
-        centred = x.reshape(n, -1) - x.reshape(n, -1).mean(0)
-        values, vectors = np.linalg.eigh(centred @ centred.T)
-        order = np.argsort(values)[::-1][: min(k, n - 1)]
-        sv = np.sqrt(np.clip(values[order], 1e-24, None))
-        axes.append((centred.T @ vectors[:, order] / sv).T.astype(np.float32))  # unit principal axes in h
-        std.append((sv / np.sqrt(max(n - 1, 1))).astype(np.float32))
+        centred = _centred(step(t))
+        vectors, sv = _top(centred @ centred.T, k)
+        sv = np.maximum(sv, 1e-12)
+        axes.append((centred.T @ vectors / sv).T.astype(np.float32))  # unit principal axes in h
+        std.append((sv / np.sqrt(max(len(centred) - 1, 1))).astype(np.float32))
     return np.stack(axes), np.stack(std)
 
 

@@ -149,24 +149,35 @@ class Judge:
         return float((scores[:, self.col] - self.unedited(indices)[1][:, self.col]).mean())
 
     def score(self, entry: Bound, indices: list[int], s: float, timed: bool = True) -> dict:
-        from hspace.data.photos import psnr, ssim
+        from hspace.data.photos import ssim
 
         images, scores, seconds = self.render(indices, entry, strength(entry, s))
         base_images, base_scores, _ = self.unedited(indices)
         base_seconds = self.render(indices)[2] if timed else seconds  # a plain render timed beside the edit
-        change = np.abs(scores - base_scores).mean(0)
-        others = [j for j, c in enumerate(self.columns) if j != self.col and c not in self.degrees]
-        pose = [self.columns.index(c) for c in self.degrees if c != self.columns[self.col]]
         return {
-            "own_change": float((scores[:, self.col] - base_scores[:, self.col]).mean()),
-            "leakage": float(change[others].mean()) if others else None,
-            "pose_drift_deg": float(change[pose].mean()) if pose else None,
-            "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, base_images, strict=True)])),
+            **edit_change(scores, base_scores, images, base_images, self.col, self.columns, self.degrees),
             "ssim": float(np.mean([ssim(a, b) for a, b in zip(images, base_images, strict=True)])),
             "seconds_per_edit": seconds / len(indices),
             "x_plain": seconds / max(base_seconds, 1e-9),
             "image": images[0],
         }
+
+
+def edit_change(scores, base_scores, images, base_images, col: int, columns: list[str], degrees) -> dict:
+    """An edit judged against the unedited renders: the mean change of its own score (column
+    ``col``), the leakage (mean |change| of the other scores that are not degrees), the pose
+    drift (mean |change| of the degree scores) and the mean PSNR (capped at 99 dB)."""
+    from hspace.data.photos import psnr
+
+    change = np.abs(scores - base_scores).mean(0)
+    others = [j for j, c in enumerate(columns) if j != col and c not in degrees]
+    pose = [columns.index(c) for c in degrees if c != columns[col]]
+    return {
+        "own_change": float((scores[:, col] - base_scores[:, col]).mean()),
+        "leakage": float(change[others].mean()) if others else None,
+        "pose_drift_deg": float(change[pose].mean()) if pose else None,
+        "psnr_db": float(np.mean([min(psnr(a, b), 99.0) for a, b in zip(images, base_images, strict=True)])),
+    }
 
 
 def strength(entry: Bound, s: float) -> float:
@@ -180,7 +191,6 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     from hspace.data import models
     from hspace.data.annotators import load_annotator
     from hspace.hcore.edits import methods
-    from hspace.hcore.hooks import h_shape
     from hspace.tasks.evaluate import held_out_start, own_outputs
 
     meta = run.read()
@@ -198,9 +208,7 @@ def compare_run(run: RunFolder, compare, ctx: Context) -> dict:
     registered = methods()
     wanted = {m: registered[m] for m in compare.methods} if compare.methods else registered
     names = sorted({n for a in attributes for n in (a, f"{a}_xT", f"{a}_prompt", f"{a}_disentangled") if n in have})
-    loaded = dirfile.load_run_directions(
-        run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler
-    )
+    loaded = dirfile.load_run_directions(run, meta, names, unet, scheduler)
     files = {n: v for n, (v, _) in zip(names, loaded, strict=True)}
     metas = {n: md for n, (_, md) in zip(names, loaded, strict=True)}  # ATTR_prompt: its prompt pair
     start = held_out_start([md for _, md in loaded])

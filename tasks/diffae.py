@@ -134,12 +134,9 @@ def age_guide(diffae, device: str):
 
 def labels(run: RunFolder, attributes: list[str], n: int):
     """The run's annotator scores (n, A) of ``attributes``; RunError where it has none."""
-    from hspace.tasks.supervised import run_scores
+    from hspace.tasks.supervised import attribute_scores
 
-    scores, names = run_scores(run)
-    missing = [a for a in attributes if a not in names]
-    if missing:
-        raise RunError(f"diffae.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
+    scores, names = attribute_scores(run, attributes, "diffae.attributes")
     return scores[:n, [names.index(a) for a in attributes]]
 
 
@@ -225,7 +222,7 @@ def diffae_stage(run: RunFolder, diffae, ctx: Context) -> dict:
     parts = {f"z_sem {lv}": code[:, part] for lv, part in levels.items()} if auto.levels else {}
     found = probe(store, code, y, diffae.attributes, normals, parts) | {"h_direction_cosines": cosines(h_dirs)}
     probe_file.write_text(json.dumps(found, indent=2))
-    return {"outputs": outputs(run, [*paths, probe_file]), "edits": results}
+    return {"outputs": outputs(run, [*paths, probe_file]), "edits": results, "methods": [dense_name, sparse_name]}
 
 
 def train_age(diffae, guide, x0, code, age, auto, ctx) -> tuple[dict, dict]:
@@ -345,7 +342,7 @@ def diffae_line(result: dict) -> str:
     for name, r in result.get("edits", {}).items():
         if "pada" in r and r["pada"]["own_change"] is not None:
             parts.append(f"PADA {name} ({r['pada']['own_change']:+.3f} at {r['pada']['at']:g})")
-        pair = ("hdae-dense", "hdae") if "hdae" in r else ("zsem", "zsem-sparse")
+        pair = result["methods"]
         if pair[0] not in r:
             continue
         own, own_k = r[pair[0]]["own_change"], r[pair[1]]["own_change"]

@@ -141,7 +141,8 @@ def at_directions_point(replay, specs: list[DirectionSpec]):
     several points at once are refused."""
     import dataclasses
 
-    points = {p for p in (dirfile.read(s.path).h_point for s in specs) if p != "xT"}
+    metas = (dirfile.load(dirfile.resolve_path(s.path), tensor=False)[1] for s in specs)  # not the tensors
+    points = {p for p in (m.get("h_point", "output") for m in metas) if p != "xT"}
     if len(points) > 1:
         raise RunError(f"directions of several h points ({', '.join(sorted(points))}): edit one point at a time")
     return dataclasses.replace(replay, h_point=points.pop()) if points else replay

@@ -140,7 +140,6 @@ def run_evaluation(
     from hspace.data.annotators import load_annotator
     from hspace.hcore import metrics
     from hspace.hcore.calibrate import CalibrationError
-    from hspace.hcore.hooks import h_shape
     from hspace.tasks.disentangle import AS_WRITTEN, disentangled_name
 
     run = RunFolder(run_dir)
@@ -150,8 +149,7 @@ def run_evaluation(
     unet, scheduler = models.load_for_run(meta, device=device)
     replay = models.replay_for_run(meta, device=device)  # SD: prompts, guidance and the VAE decoder
     net = load_annotator(evaluator, device, prompts=prompts)
-    shape = h_shape(unet, cfg.get("h_point", "output"))
-    loaded = dirfile.load_run_directions(run, meta, names, shape, scheduler)
+    loaded = dirfile.load_run_directions(run, meta, names, unet, scheduler)
     vectors = [v for v, _ in loaded]
     rows = [md.get("attribute", d) for d, (_, md) in zip(names, loaded, strict=True)]
     start = held_out_start([md for _, md in loaded])
@@ -214,7 +212,7 @@ def run_evaluation(
             if not kept:
                 continue
             loaded_p = dirfile.load_run_directions(
-                run, meta, [disentangled_name(d) + suffix for d in kept], shape, scheduler
+                run, meta, [disentangled_name(d) + suffix for d in kept], unet, scheduler
             )
             variants.append((label, kept, [v for v, _ in loaded_p]))
             if label == "disentangled":

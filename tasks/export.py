@@ -19,7 +19,6 @@ def export_pack(run_dir: Path, names: list[str] | None, out: Path, device: str =
     from hspace.data.eval_folder import EvalFolder
     from hspace.data.packs import PackFolder, model_card
     from hspace.data.stores import package_versions
-    from hspace.hcore.hooks import h_shape
     from hspace.tasks.edit import SampleSpec, render_edits
     from hspace.tasks.sample import run_model, run_text
 
@@ -30,7 +29,7 @@ def export_pack(run_dir: Path, names: list[str] | None, out: Path, device: str =
     if not names:
         raise RunError(f"{run_dir} has no directions to export; run `hspace directions` or `hspace pca` first")
     unet, scheduler = run_model(meta)
-    loaded = load_run_directions(run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler)
+    loaded = load_run_directions(run, meta, names, unet, scheduler)
     pack = PackFolder(Path(out))
     pack.prepare()
     summary = EvalFolder(run.eval).summary() or {}

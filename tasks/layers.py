@@ -87,21 +87,20 @@ def check(run: RunFolder, cfg, ctx) -> None:
     if cfg.layers is None or not run.run_json.exists():
         return
     from hspace.data import models
-    from hspace.tasks.supervised import run_scores
+    from hspace.tasks.supervised import attribute_scores
 
     meta = run.read()
     found = problems(cfg.layers, meta["config"]["n"])
     if found:
         raise RunError(found[0])
     resolved_points(cfg.layers, models.load_for_run(meta)[0])
-    names = run_scores(run)[1]  # RunError: no annotations yet (`hspace layers` alone: annotate first)
-    missing = [a for a in cfg.layers.attributes if a not in names]
-    if missing:
-        raise RunError(f"layers.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
+    attribute_scores(run, cfg.layers.attributes, "layers.attributes")  # (`hspace layers` alone: annotated first)
 
 
 def capture(run, meta, replay, unet, scheduler, points: dict, n: int, ctx) -> dict:
     """h_{T:1} of the run's samples 0..n-1 at every point, written to RUN/layers/h.zarr; the arrays."""
+    import contextlib
+
     import torch
 
     from hspace.data.layers import LayerStore
@@ -114,15 +113,10 @@ def capture(run, meta, replay, unet, scheduler, points: dict, n: int, ctx) -> di
         for first in range(0, n, batch):
             idx = list(range(first, min(n, first + batch)))
             seen = {p: [] for p in points}
-            hooks = [HSpaceHook(unet, point=p, on_h=seen[p].append) for p in points]
-            for hook in hooks:
-                hook.__enter__()
-            try:
-                with torch.no_grad():
-                    replay.render(unet, scheduler, idx)
-            finally:
-                for hook in hooks:
-                    hook.__exit__(None, None, None)
+            with torch.no_grad(), contextlib.ExitStack() as hooks:
+                for p in points:
+                    hooks.enter_context(HSpaceHook(unet, point=p, on_h=seen[p].append))
+                replay.render(unet, scheduler, idx)
             for p, hs in seen.items():
                 if len(hs) != replay.steps:
                     raise RunError(f"layers: {p} ran {len(hs)} times in {replay.steps} steps; a point inside a loop?")
@@ -139,7 +133,7 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
     from hspace.data.annotators import load_annotator
     from hspace.data.disk import require_space
     from hspace.data.layers import layer_bytes
-    from hspace.tasks.supervised import run_scores
+    from hspace.tasks.supervised import attribute_scores
 
     meta = run.read()
     require_sampled(meta, "hspace layers")
@@ -149,11 +143,8 @@ def layers_stage(run: RunFolder, layers, ctx: Context) -> dict:
         raise RunError(found[0])
     unet, scheduler = models.load_for_run(meta, device=ctx.device)
     points = resolved_points(layers, unet)
-    scores, names = run_scores(run)
-    attributes = [a for a in layers.attributes if a in names]
-    if len(attributes) != len(layers.attributes):
-        missing = sorted(set(layers.attributes) - set(attributes))
-        raise RunError(f"layers.attributes: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
+    scores, names = attribute_scores(run, layers.attributes, "layers.attributes")
+    attributes = list(layers.attributes)
     replay = models.replay_for_run(meta, device=ctx.device)
     net = load_annotator(layers.evaluator, ctx.device)
     need = layer_bytes(layers.samples, cfg["steps"], points, len(attributes))
@@ -192,13 +183,17 @@ class Judge:
         x0 = replay.render(self.unet, self.scheduler, idx, **how)
         return to_uint8(x0).cpu().numpy(), self.net.score(x0).numpy()
 
-    def change(self, point: str, v, gamma: float, which: str = "n") -> tuple[np.ndarray, np.ndarray]:
-        """(mean change of every score (A,), the edited images) at ``gamma`` along ``v`` at ``point``."""
+    def edited(self, point: str, v, gamma: float, which: str = "n") -> tuple[np.ndarray, np.ndarray]:
+        """(images, scores (B, A)) of the ``which`` samples ("n" or "cal") edited at ``gamma``
+        along ``v`` at ``point``."""
         from hspace.hcore.edits.directions import HDirection
 
         idx = self.indices if which == "n" else self.cal
-        images, scores = self._render(self.at(point), idx, HDirection(v).action(gamma))
-        return scores - self.base[which][1], images
+        return self._render(self.at(point), idx, HDirection(v).action(gamma))
+
+    def change(self, point: str, v, gamma: float, which: str = "n") -> np.ndarray:
+        """Every score's change (B, A) against the unedited renders (``edited``)."""
+        return self.edited(point, v, gamma, which)[1] - self.base[which][1]
 
 
 def measure(run, meta, point, shape, step, scores, names, attributes, layers, judge: Judge, spread) -> dict:
@@ -209,10 +204,10 @@ def measure(run, meta, point, shape, step, scores, names, attributes, layers, ju
 
     from hspace.data import directions as dirfile
     from hspace.data.layers import layer_file
-    from hspace.data.photos import psnr
     from hspace.hcore import layers as science
     from hspace.hcore.pca import directions_from_pca, random_directions
     from hspace.hcore.supervised import top_bottom
+    from hspace.tasks.compare import edit_change
 
     n, steps = len(scores), meta["config"]["steps"]
     net_names = list(judge.net.names)
@@ -225,7 +220,7 @@ def measure(run, meta, point, shape, step, scores, names, attributes, layers, ju
     for kind, dirs in (("pca", directions_from_pca(axes, std)), ("random", random_directions(std, axes.shape[2]))):
         rel = []
         for v in dirs:
-            delta, _ = judge.change(point, torch.from_numpy(v.reshape(steps, *shape)), PCA_GAMMA)
+            delta = judge.change(point, torch.from_numpy(v.reshape(steps, *shape)), PCA_GAMMA)
             rel.append(float(np.max(np.abs(delta.mean(0)[binary]) / spread[binary])))
         relative[kind] = float(np.mean(rel))
     row["pca_vs_random"] = relative["pca"] / max(relative["random"], 1e-9)
@@ -247,17 +242,11 @@ def measure(run, meta, point, shape, step, scores, names, attributes, layers, ju
         v = torch.from_numpy(np.stack(means.pop(a)))
         info = dirfile.metadata_for_run(meta, f"eq. (10) at {point} (hspace layers)", "layers", "1: the difference")
         dirfile.save(layer_file(run, point, a), v, info | {"h_point": point, "attribute": a, "top": k})
-        effects = [float(judge.change(point, v, g, "cal")[0][:, j].mean()) for g in GAMMAS]
+        effects = [float(judge.change(point, v, g, "cal")[:, j].mean()) for g in GAMMAS]
         gamma = science.interpolate_gamma(GAMMAS, effects, layers.target)
-        delta, images = judge.change(point, v, gamma if gamma is not None else GAMMAS[-1])
-        others = [i for i in binary if i != j]
-        pose = [net_names.index(c) for c in judge.degrees]
-        row["edits"][a] = {
-            "gamma": gamma, "calibrated": gamma is not None, "own_change": float(delta[:, j].mean()),
-            "leakage": float(np.abs(delta[:, others]).mean()) if others else None,
-            "pose_drift_deg": float(np.abs(delta[:, pose]).mean()) if pose else None,
-            "psnr_db": float(np.mean([min(psnr(e, b), 99.0) for e, b in zip(images, judge.base["n"][0], strict=True)])),
-        }  # fmt: skip
+        images, edited = judge.edited(point, v, gamma if gamma is not None else GAMMAS[-1])
+        judged = edit_change(edited, judge.base["n"][1], images, judge.base["n"][0], j, net_names, judge.degrees)
+        row["edits"][a] = {"gamma": gamma, "calibrated": gamma is not None, **judged}
     return row
 
 

@@ -27,15 +27,9 @@ def name_run_directions(
     from hspace.data import models
     from hspace.data.stores import SampleStore
     from hspace.hcore import metrics
-    from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import to_unit
 
-    vectors = [
-        v
-        for v, _ in dirfile.load_run_directions(
-            run, meta, names, h_shape(unet, meta["config"].get("h_point", "output")), scheduler
-        )
-    ]
+    vectors = [v for v, _ in dirfile.load_run_directions(run, meta, names, unet, scheduler)]
     replay = models.replay_for_run(meta, text)
     changes = metrics.attribute_changes(unet, scheduler, net, replay, list(range(n)), vectors, gamma)
     scale = net.score(to_unit(SampleStore(run.samples).x0[:n])).numpy().std(0)

@@ -20,6 +20,16 @@ def run_scores(run: RunFolder) -> tuple[np.ndarray, list[str]]:
     return AnnotationStore(run.annotations).scores()
 
 
+def attribute_scores(run: RunFolder, attributes, where: str) -> tuple[np.ndarray, list[str]]:
+    """``run_scores``, refusing ``attributes`` the annotations lack (``where``: the option that
+    named them) with one line."""
+    scores, names = run_scores(run)
+    missing = [a for a in attributes if a not in names]
+    if missing:
+        raise RunError(f"{where}: {', '.join(missing)} not in the run's annotations ({', '.join(names)})")
+    return scores, names
+
+
 def mean_difference(
     run: RunFolder, attribute: str, top: int, latent: str = "h", batch_size: int = 64, first: int | None = None
 ) -> tuple:

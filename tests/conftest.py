@@ -32,18 +32,18 @@ def tiny_unet(seed: int = 0, sample_size: int = 16, **overrides):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        add_attention=False,
-        **overrides,
-    ).eval()
+    config = {
+        "sample_size": sample_size,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 1,
+        "block_out_channels": (8, 16),
+        "down_block_types": ("DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 4,
+        "add_attention": False,
+    }
+    return UNet2DModel(**(config | overrides)).eval()
 
 
 def tiny_scheduler():

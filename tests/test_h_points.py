@@ -15,24 +15,12 @@ from hspace.hcore.hooks import HPointError, HSpaceHook, first_tensor, h_shape
 
 
 def attention_unet(dtype=torch.float32):
-    from diffusers import UNet2DModel
+    """tests.conftest's tiny U-Net with attention: in its second down and first up block and its mid block."""
+    from tests.conftest import tiny_unet
 
-    torch.manual_seed(0)
-    return (
-        UNet2DModel(
-            sample_size=16,
-            in_channels=3,
-            out_channels=3,
-            layers_per_block=1,
-            block_out_channels=(8, 16),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=4,
-            attention_head_dim=8,
-        )  # fmt: skip
-        .eval()
-        .to(dtype)
-    )
+    unet = tiny_unet(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                     add_attention=True, attention_head_dim=8)  # fmt: skip
+    return unet.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

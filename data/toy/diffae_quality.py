@@ -68,6 +68,15 @@ def measure(folder, n: int = 128, steps: int = 20, recipe: DiffAERecipe | None =
     }  # fmt: skip
 
 
+def encoded(model, recipe: DiffAERecipe, first: int, n: int):
+    """Renders first .. first + n - 1, their raw codes (n, code) and their true factors."""
+    from hspace.data.toy import faces as toyfaces
+
+    x = renders(recipe, first, n)
+    z = torch.cat([model.encoder(x[i : i + 256]) for i in range(0, n, 256)])
+    return x, z, toyfaces.draw_factors(np.arange(first, first + n))
+
+
 @torch.no_grad()
 def probe_and_edit(folder, n_train: int = 2048, n_test: int = 512, n_edit: int = 48, steps: int = 20,
                    gammas=(1.0, 2.0, 4.0), recipe: DiffAERecipe | None = None) -> dict:  # fmt: skip
@@ -87,9 +96,8 @@ def probe_and_edit(folder, n_train: int = 2048, n_test: int = 512, n_edit: int =
     oracle = load_annotator("oracle")
 
     def codes(first, n):
-        x = renders(recipe, first, n)
-        z = torch.cat([model.encoder(x[i : i + 256]) for i in range(0, n, 256)])
-        return x, ((z - stats["mean"]) / stats["std"]).numpy(), toyfaces.draw_factors(np.arange(first, first + n))
+        x, z, factors = encoded(model, recipe, first, n)
+        return x, ((z - stats["mean"]) / stats["std"]).numpy(), factors
 
     _, z_tr, f_tr = codes(EVAL_SEED + 10_000, n_train)
     x_te, z_te, f_te = codes(EVAL_SEED + 20_000, n_test)
@@ -128,13 +136,9 @@ def level_probe(folder, n_train: int = 2048, n_test: int = 512, recipe: DiffAERe
     recipe = recipe or DiffAERecipe()
     model = load_diffae(folder)[0]
 
-    def codes(first, n):
-        x = renders(recipe, first, n)
-        z = torch.cat([model.encoder(x[i : i + 256]) for i in range(0, n, 256)]).numpy()
-        return z, toyfaces.draw_factors(np.arange(first, first + n))
-
-    z_tr, f_tr = codes(EVAL_SEED + 10_000, n_train)
-    z_te, f_te = codes(EVAL_SEED + 20_000, n_test)
+    _, z_tr, f_tr = encoded(model, recipe, EVAL_SEED + 10_000, n_train)
+    _, z_te, f_te = encoded(model, recipe, EVAL_SEED + 20_000, n_test)
+    z_tr, z_te = z_tr.numpy(), z_te.numpy()
     mean, std = z_tr.mean(0), z_tr.std(0) + 1e-6
     z_tr, z_te = (z_tr - mean) / std, (z_te - mean) / std
     continuous = ("yaw", "pitch", "roll", "skin", "hair_colour", "hat_colour", "background")

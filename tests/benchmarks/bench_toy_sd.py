@@ -110,7 +110,6 @@ def studies(run: Path, oracle) -> dict:
     from hspace.data import models
     from hspace.data.catalog import RunFolder
     from hspace.data.eval_folder import EvalFolder
-    from hspace.hcore.hooks import h_shape
 
     rf = RunFolder(run)
     meta = rf.read()
@@ -119,7 +118,7 @@ def studies(run: Path, oracle) -> dict:
     unet, scheduler = models.load_for_run(meta)
     text = models.text_for_run(meta)
     names = summary["directions"]
-    loaded = dirfile.load_run_directions(rf, meta, names, h_shape(unet), scheduler)
+    loaded = dirfile.load_run_directions(rf, meta, names, unet, scheduler)
     vectors = [v for v, _ in loaded]
     rows = [md["attribute"] for _, md in loaded]
     gammas = [summary["original"]["gamma"][d] for d in names]
