@@ -57,9 +57,9 @@ def apply(
     method: a registered editing method (its name, or an hcore.edits.EditMethod) that needs
     no direction, at strength ``gamma``; its steps are the pipeline scheduler's."""
     from hspace.hcore.hooks import h_shape
-    from hspace.hcore.sampler import Edit, ddim_scheduler
+    from hspace.hcore.sampler import Edit
 
-    unet = getattr(pipe, "unet", pipe)
+    unet = _denoiser(pipe)
     scheduler = scheduler if scheduler is not None else getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise DirectionMismatch("give scheduler= to hspace.apply for a bare U-Net: a timestep's step needs it")
@@ -84,14 +84,46 @@ def apply(
     fingerprint = _fingerprint(unet)  # a sha256 of the U-Net's weights: once, not per direction
     for d in dirs:
         _check_fits(d, first, fingerprint, scheduler, tuple(h_shape(unet, first.h_point)))
-    ddim = ddim_scheduler(scheduler)
-    ddim.set_timesteps(first.steps)
-    expected = ([int(t) for t in ddim.timesteps], first)
+    expected = (_timesteps(unet, scheduler, first.steps), first)
     param = next(unet.parameters())
     edit = Edit(directions=[d.v.to(param.device) for d in dirs], gammas=gammas, window=window, asyrp=name == "asyrp")
     action = edit if any(g != 0 for g in gammas) else None  # gamma 0: nothing is added, bit for bit
     with _attached(pipe, unet, scheduler, action, expected, first.h_point, first.edit_branch, guided) as hs:
         yield hs
+
+
+def _denoiser(pipe):
+    """The denoiser whose h the hooks edit: a U-Net, or a pipeline's transformer (PixArt, SD3,
+    FLUX) seen through hcore.transformer's adapter (its blocks are the pipeline's own)."""
+    from hspace.hcore.transformer import FAMILIES, TransformerDenoiser
+
+    inner = getattr(pipe, "transformer", None)
+    if type(inner).__name__ in FAMILIES:
+        return TransformerDenoiser(inner)
+    if type(pipe).__name__ in FAMILIES:
+        return TransformerDenoiser(pipe)
+    return getattr(pipe, "unet", pipe)
+
+
+def _timesteps(unet, scheduler, steps: int) -> list[float]:
+    """The timesteps a direction's sampling ran: DDIM's at its step count, or a flow model's
+    (sigma * 1000, as its pipeline spaces them)."""
+    from hspace.hcore.flow import is_flow
+    from hspace.hcore.sampler import ddim_scheduler
+
+    if is_flow(scheduler):
+        if not hasattr(unet, "flow_sigmas"):
+            raise DirectionMismatch(f"{type(scheduler).__name__} drives a flow-matching transformer, not a U-Net")
+        return [float(t) for t in unet.flow_sigmas(scheduler, steps).timesteps]
+    ddim = ddim_scheduler(scheduler)
+    ddim.set_timesteps(steps)
+    return [int(t) for t in ddim.timesteps]
+
+
+def _index(t: float, timesteps: list[float]) -> int | None:
+    """Where ``t`` is in ``timesteps`` (within a bfloat16 timestep's rounding), or None."""
+    i = min(range(len(timesteps)), key=lambda k: abs(timesteps[k] - t))
+    return i if abs(timesteps[i] - t) <= 1e-3 + 5e-3 * abs(timesteps[i]) else None
 
 
 def _method(method):
@@ -123,25 +155,26 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
         )
 
     def step_of(t) -> int:
-        t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
-        running = [int(x) for x in getattr(scheduler, "timesteps", [])]  # every call: a second pipe() too
+        t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        t = t * 1000 if getattr(unet, "family", None) == "flux" else t  # FLUX's pipeline passes sigma
+        running = [float(x) for x in getattr(scheduler, "timesteps", [])]  # every call: a second pipe() too
         if expected is not None:
             timesteps, first = expected
-            if running and running != timesteps:
+            if running and (len(running) != len(timesteps) or any(_index(r, timesteps) is None for r in running)):
                 raise DirectionMismatch(
                     f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
                     f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
                     f"{timesteps[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
                     f"num_inference_steps={first.steps}"
                 )
-            if t not in timesteps:
-                raise DirectionMismatch(f"timestep {t} is not one of the direction's {first.steps} DDIM timesteps")
-            return timesteps.index(t)
-        if t not in running:
-            raise DirectionMismatch(f"timestep {t} is not one of the pipeline scheduler's timesteps {running[:4]}...")
+            if _index(t, timesteps) is None:
+                raise DirectionMismatch(f"timestep {t:g} is not one of the direction's {first.steps} timesteps")
+            return _index(t, timesteps)
+        if not running or _index(t, running) is None:
+            raise DirectionMismatch(f"timestep {t:g} is not one of the pipeline scheduler's timesteps {running[:4]}...")
         if action is not None:
             action.check(len(running), bool(is_guided()))
-        return running.index(t)
+        return _index(t, running)
 
     def is_guided() -> bool:
         return bool(getattr(pipe, "do_classifier_free_guidance", False)) if guided is None else guided
@@ -163,6 +196,8 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
             return None
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         step = step_of(t)
+        if hasattr(unet, "note_call"):
+            unet.note_call(args, kwargs)  # a transformer's token grid, for h's (D, rows, cols) view
         hs.guided = is_guided()
         hs.delta = None if action is None else action.delta(step)
         if not acts_on_x:
@@ -201,10 +236,11 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
 
     session = action.session(unet) if action is not None else contextlib.nullcontext()
     wrap_step = acts_on_x or asyrp
+    called = unet.transformer if hasattr(unet, "note_call") else unet  # what the pipeline calls
     with HSpaceHook(unet, point=h_point, edit_branch=edit_branch) as hs, session:
-        handles = [unet.register_forward_pre_hook(before_unet, with_kwargs=True)]
+        handles = [called.register_forward_pre_hook(before_unet, with_kwargs=True)]
         if asyrp:
-            handles.append(unet.register_forward_hook(after_unet, with_kwargs=True))
+            handles.append(called.register_forward_hook(after_unet, with_kwargs=True))
         if wrap_step:
             scheduler.step = step_with_action  # an instance attribute over the class's method
         try:
@@ -287,7 +323,7 @@ def _fingerprint(unet) -> str | None:
     """The sha256 fingerprint of the folder the U-Net was loaded from (None if unknown)."""
     from hspace.data import models
 
-    where = getattr(unet.config, "_name_or_path", None)
+    where = getattr(getattr(unet, "transformer", unet).config, "_name_or_path", None)
     if not where:
         return None
     try:

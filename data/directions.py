@@ -1,6 +1,5 @@
-"""Direction files: ``NAME.safetensors`` holding one tensor ``v`` of shape (T, C, H, W)
-and string metadata: model, revision, h_point, scheduler, eta, steps, method,
-source, scale_unit. Never pickles.
+"""Direction files: ``NAME.safetensors`` holding one tensor ``v`` of shape (T, C, H, W) and string
+metadata: model, revision, h_point, scheduler, eta, steps, method, source, scale_unit. Never pickles.
 
 ``Direction`` is a direction file read (``read``): v, its metadata and one check,
 ``Direction.fits(model, scheduler, ...)``, that refuses it where it does not fit the model,
@@ -79,8 +78,10 @@ def load(path: Path, tensor: bool = True) -> tuple[torch.Tensor | None, dict]:
 
 
 def scheduler_name(scheduler) -> str:
-    """A compact id of a noise schedule: class-independent, keyed on the betas."""
+    """A compact id of a noise schedule: class-independent, keyed on the betas (flow matching: its shift)."""
     cfg = scheduler.config
+    if "beta_schedule" not in cfg:
+        return f"flow:{cfg.num_train_timesteps}:{cfg.shift}:{'dynamic' if cfg.get('use_dynamic_shifting') else 'fixed'}"
     return f"{cfg.beta_schedule}:{cfg.num_train_timesteps}:{cfg.beta_start}:{cfg.beta_end}"
 
 

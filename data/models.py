@@ -37,6 +37,8 @@ CELEBAHQ_256_UNET = dict(
     norm_num_groups=32,
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TRANSFORMER_KINDS = ("pixart", "sd3", "flux")  # hcore.transformer.TransformerDenoiser
+FLOW_KINDS = ("sd3", "flux")  # flow matching: sampled by hcore.flow, no eta
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,17 @@ class ModelRef:
     path: str
     revision: str | None
     fingerprint: str
-    kind: str = "pixel"  # pixel | sd (SD 1.x / 2.x) | sdxl: data.text_models.pipeline_kind
+    kind: str = "pixel"  # pixel | sd | sdxl | pixart | sd3 | flux: data.text_models.pipeline_kind
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def _unet_dir(folder: Path) -> Path | None:
-    if (folder / "unet" / "config.json").exists():
-        return folder / "unet"
+    """The denoiser's folder: unet/, transformer/ (PixArt, SD3, FLUX), or a bare model folder."""
+    for name in ("unet", "transformer"):
+        if (folder / name / "config.json").exists():
+            return folder / name
     if (folder / "config.json").exists():
         return folder
     return None
@@ -153,7 +157,7 @@ def load_checked(ref: ModelRef, device: str = "cpu", dtype=None, clip_sample: bo
             f"{ref.fingerprint[:12]}); restore it or start a new run"
         )
     unet, scheduler = load(ref, device=device, dtype=dtype)
-    if clip_sample is not None:
+    if clip_sample is not None and type(scheduler).__name__ == "DDIMScheduler":
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=bool(clip_sample))
@@ -202,6 +206,11 @@ def noise_shape(run_meta: dict) -> tuple[int, int, int] | None:
         return None
     folder = _unet_dir(Path(run_meta["model"]["path"]))
     cfg = json.loads((folder / "config.json").read_text())
+    if model_kind(run_meta) == "flux":  # 2x2 latent cells packed per token; no sample size of its own
+        from hspace.hcore.transformer import DEFAULT_SAMPLE_SIZE
+
+        size = cfg.get("sample_size", DEFAULT_SAMPLE_SIZE)
+        return (cfg["in_channels"] // 4, size, size)
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     return (cfg["in_channels"], size, size)
 
@@ -233,6 +242,7 @@ def text_setup(
         edit_branch=edit_branch,
         image_size=image_size,
         force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        pipeline=parts.pipeline,
     )
 
 
@@ -273,16 +283,29 @@ def replay_for_run(run_meta: dict, text=None, device: str | None = None):
     return Replay(int(cfg["seed"]), int(cfg["steps"]), eta, cfg.get("h_point", "output"), text)
 
 
+def _denoiser_class(config: dict):
+    import diffusers
+
+    from hspace.hcore.transformer import FAMILIES
+
+    name = config.get("_class_name")
+    if name in FAMILIES:
+        return getattr(diffusers, name)
+    return diffusers.UNet2DConditionModel if name == "UNet2DConditionModel" else diffusers.UNet2DModel
+
+
 def load(ref: ModelRef, device: str = "cpu", dtype=None):
-    """Load (unet, scheduler) for a resolved model, in eval mode on ``device``."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+    """Load (unet, scheduler) for a resolved model, in eval mode on ``device``. A transformer
+    (PixArt, SD3, FLUX) comes inside hcore.transformer's adapter, called like a U-Net; PixArt's
+    scheduler becomes DDIM (same betas), SD3's and FLUX's stay flow-matching Euler."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     folder = Path(ref.path)
     unet_dir = _unet_dir(folder)
     if unet_dir is None:
         raise RunError(f"model folder {folder} does not exist or holds no diffusers UNet (moved?); restore it")
     config = json.loads((unet_dir / "config.json").read_text())
-    cls = UNet2DConditionModel if config.get("_class_name") == "UNet2DConditionModel" else UNet2DModel
+    cls = _denoiser_class(config)
     try:
         unet = cls.from_pretrained(unet_dir, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
@@ -295,13 +318,20 @@ def load(ref: ModelRef, device: str = "cpu", dtype=None):
         unet = unet.to(device).eval().requires_grad_(False)
     except (RuntimeError, AssertionError) as e:
         raise RunError(f"cannot move the UNet to device {device!r}: {str(e).splitlines()[0]}") from None
+    from hspace.hcore.transformer import FAMILIES, FLOW_FAMILIES, TransformerDenoiser
+
+    flow = False
+    if type(unet).__name__ in FAMILIES:
+        unet = TransformerDenoiser(unet)  # by its class: a run's cached loader knows the path only
+        flow = unet.family in FLOW_FAMILIES
+    sched_cls = FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler
     sched_dir = next(
         (d for d in (folder / "scheduler", unet_dir / "scheduler") if (d / "scheduler_config.json").exists()), None
     )
     if sched_dir is not None:
-        scheduler = DDIMScheduler.from_pretrained(sched_dir)
+        scheduler = sched_cls.from_pretrained(sched_dir)
     elif (unet_dir / "scheduler_config.json").exists():
-        scheduler = DDIMScheduler.from_pretrained(unet_dir)
+        scheduler = sched_cls.from_pretrained(unet_dir)
     else:
         raise RunError(
             f"{folder} has no scheduler config (scheduler/scheduler_config.json); "

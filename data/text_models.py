@@ -8,8 +8,10 @@ diffusers' and transformers' own ``from_pretrained`` from a local folder or the 
     text_encoder/ tokenizer/         CLIP (SD 1.x / 2.x)
     text_encoder_2/ tokenizer_2/     OpenCLIP with projection (SDXL)
 
-A model without a U-Net (SD3, FLUX, PixArt, ...: a transformer) has no bottleneck, so no
-h-space: ``pipeline_kind`` refuses it with one line.
+Transformer pipelines (PixArtAlphaPipeline, StableDiffusion3Pipeline, FluxPipeline: kinds
+pixart, sd3, flux) keep their denoiser in transformer/ (hcore.transformer drives it); their
+tokenizers, T5 / CLIP encoders and VAE are loaded as the pipeline object itself without the
+transformer and scheduler, and prompts go through its own ``encode_prompt``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from hspace.data.catalog import RunError
 
 KINDS = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+TRANSFORMER_PIPELINES = {"PixArtAlphaPipeline": "pixart", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 
 def _index(folder: Path) -> dict:
@@ -34,16 +37,17 @@ def _index(folder: Path) -> dict:
 
 
 def pipeline_kind(folder: Path) -> str:
-    """'pixel' (an unconditional U-Net), 'sd' (SD 1.x / 2.x) or 'sdxl'; RunError for a model
-    hspace cannot work in (no U-Net, or a text-conditioned pipeline it does not know)."""
+    """'pixel' (an unconditional U-Net), 'sd' (SD 1.x / 2.x), 'sdxl', or a transformer's 'pixart',
+    'sd3', 'flux'; RunError for a model hspace cannot work in (a pipeline it does not know)."""
     folder = Path(folder)
     index = _index(folder)
     name = index.get("_class_name", "")
+    if name in TRANSFORMER_PIPELINES:
+        return TRANSFORMER_PIPELINES[name]
     if "unet" not in index and ("transformer" in index or (folder / "transformer").is_dir()):
         raise RunError(
-            f"{folder} is a {name or 'transformer model'}: it has no U-Net; hspace samples U-Net models (pixel "
-            "DDPMs, Stable Diffusion 1.x/2.x, SDXL) and does not yet sample transformers (SD3, FLUX, PixArt): "
-            "no h-space run of it can be made"
+            f"{folder} is a {name or 'transformer model'}: hspace samples the transformers of "
+            f"{', '.join(TRANSFORMER_PIPELINES)} folders; save yours as one of those"
         )
     if name in KINDS:
         return KINDS[name]
@@ -65,6 +69,7 @@ class TextParts:
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
     force_zeros_for_empty_prompt: bool = True
+    pipeline: object = None  # a transformer pipeline without its transformer: encodes the prompts
 
     @property
     def vae_scale(self) -> int:
@@ -82,13 +87,50 @@ def _load(cls, path: Path, what: str, **kw):
         raise RunError(f"cannot load {what} from {path}: {first}; the files may be truncated or incomplete") from None
 
 
+def _transformer_parts(folder: Path, kind: str, device: str) -> TextParts:
+    """The pipeline of ``folder`` without its transformer and scheduler, in float32."""
+    import diffusers
+    import torch
+
+    name = next(n for n, k in TRANSFORMER_PIPELINES.items() if k == kind)
+    missing = [d for d in ("vae", "text_encoder", "tokenizer") if not (folder / d).is_dir()]
+    if missing:
+        raise RunError(f"{folder} has no {missing[0]}/; copy the whole pipeline folder")
+    import transformers
+
+    libs = [lib.utils.logging for lib in (diffusers, transformers)]
+    bars = [log.is_progress_bar_enabled() for log in libs]
+    for log in libs:
+        log.disable_progress_bar()  # hspace shows its own progress
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(
+            folder, transformer=None, scheduler=None, dtype=torch.float32, local_files_only=True
+        )
+        pipe.to(device)
+    except (OSError, ValueError, RuntimeError, KeyError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"cannot load the VAE / text encoders of {folder}: {first}; the files may be damaged") from None
+    finally:
+        for log, on in zip(libs, bars, strict=True):
+            if on:
+                log.enable_progress_bar()
+    encoders = [m for k, m in sorted(pipe.components.items()) if k.startswith("text_encoder") and m is not None]
+    tokenizers = [m for k, m in sorted(pipe.components.items()) if k.startswith("tokenizer") and m is not None]
+    for m in [pipe.vae, *encoders]:
+        m.eval().requires_grad_(False)
+    return TextParts(kind, pipe.vae, tokenizers, encoders, False, pipe)
+
+
 def load_text_parts(folder: Path, kind: str, device: str = "cpu") -> TextParts:
-    """VAE, tokenizers and text encoders of the pipeline folder (``kind`` 'sd' or 'sdxl')."""
+    """VAE, tokenizers and text encoders of the pipeline folder (``kind`` 'sd', 'sdxl', or a
+    transformer's: then also the pipeline object that encodes prompts)."""
     import torch
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
+    if kind in TRANSFORMER_PIPELINES.values():
+        return _transformer_parts(folder, kind, device)
     vae = _load(AutoencoderKL, folder / "vae", "the VAE", torch_dtype=torch.float32)
     tokenizers = [_load(CLIPTokenizer, folder / "tokenizer", "the tokenizer")]
     encoders = [_load(CLIPTextModel, folder / "text_encoder", "the text encoder", torch_dtype=torch.float32)]

@@ -39,11 +39,15 @@ class TextEmbedding:
 
     hidden_states: (B, L, D) ``encoder_hidden_states``; text_embeds: (B, P) SDXL's pooled
     text embedding; time_ids: (B, 6) SDXL's (original size, crop top-left, target size).
+    Transformer denoisers (hcore.transformer): text_embeds is SD3's / FLUX's pooled CLIP
+    embedding; attention_mask PixArt's T5 padding mask; guidance FLUX's embedded guidance value.
     B may be 1 for a prompt shared by the whole batch."""
 
     hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # PixArt's T5 padding mask (B, L)
+    guidance: torch.Tensor | None = None  # FLUX's embedded guidance value (B,)
 
     @property
     def batch_size(self) -> int:
@@ -61,7 +65,14 @@ class TextEmbedding:
         return replace(self, **{k: v.expand(n, *v.shape[1:]) for k, v in self._fields().items()})
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> TextEmbedding:
-        return replace(self, **{k: v.to(device=device, dtype=dtype) for k, v in self._fields().items()})
+        """On ``device`` in ``dtype`` (the attention mask keeps its integer dtype)."""
+        return replace(
+            self,
+            **{
+                k: v.to(device=device, dtype=None if k == "attention_mask" else dtype)
+                for k, v in self._fields().items()
+            },
+        )
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -91,15 +102,12 @@ class Conditioning:
         cond = self.cond.expand(batch_size)
         if self.guided:
             u = self.uncond.expand(batch_size)
-            cond = TextEmbedding(
-                _cat(u.hidden_states, cond.hidden_states),
-                _cat(u.text_embeds, cond.text_embeds),
-                _cat(u.time_ids, cond.time_ids),
-            )
+            cond = TextEmbedding(**{k: _cat(getattr(u, k), v) for k, v in vars(cond).items()})
         cond = cond.to(device, dtype)
         kwargs = {"encoder_hidden_states": cond.hidden_states}
-        if cond.text_embeds is not None or cond.time_ids is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        added = {k: v for k, v in cond._fields().items() if k != "hidden_states"}
+        if added:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids, **added}
         return kwargs
 
     def check(self, unet: torch.nn.Module) -> None:
@@ -116,6 +124,12 @@ class Conditioning:
                     f"text embedding width {emb.hidden_states.shape[-1]} != the U-Net's cross_attention_dim {width}"
                 )
         text_time = getattr(cfg, "addition_embed_type", None) == "text_time"
+        if getattr(cfg, "addition_embed_type", None) == "pooled":  # SD3 / FLUX (hcore.transformer)
+            for emb in branches:
+                if emb.text_embeds is None or emb.text_embeds.shape[-1] != cfg.pooled_dim:
+                    got = None if emb.text_embeds is None else emb.text_embeds.shape[-1]
+                    raise ValueError(f"this transformer needs a pooled text embedding of {cfg.pooled_dim}, got {got}")
+            return
         for emb in branches:
             if text_time and (emb.text_embeds is None or emb.time_ids is None):
                 raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")

@@ -42,6 +42,7 @@ class TextSetup:
     edit_branch: str = "both"
     image_size: int | None = None
     force_zeros_for_empty_prompt: bool = True
+    pipeline: object = None  # a transformer pipeline (PixArt, SD3, FLUX): its own encode_prompt
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -52,7 +53,8 @@ class TextSetup:
 
     @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1
+        """Whether the sampler runs [uncond; cond] (FLUX embeds its guidance value instead)."""
+        return self.guidance_scale > 1 and type(self.pipeline).__name__ != "FluxPipeline"
 
     def prompts_for(self, indices: Sequence[int]) -> list[str]:
         return [self.prompts[int(i) % len(self.prompts)] for i in indices]
@@ -62,20 +64,27 @@ class TextSetup:
         setting: a changed guidance scale or negative prompt is encoded anew)."""
         key = (tuple(prompts), self.guidance_scale, self.negative_prompt, self.image_size)
         if key not in self._cache:
-            size = (self.image_size, self.image_size) if self.image_size else None
-            with torch.no_grad():
-                self._cache[key] = encode_prompt(
-                    list(prompts),
-                    self.tokenizers,
-                    self.text_encoders,
-                    negative_prompt=self.negative_prompt,
-                    guidance_scale=self.guidance_scale,
-                    image_size=size,
-                    force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
-                )
+            self._cache[key] = self._encode(list(prompts))
             if len(self._cache) > 64:
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> Conditioning:
+        if self.pipeline is not None:  # PixArt, SD3, FLUX: the pipeline's own encode_prompt
+            from hspace.hcore.transformer import encode_with_pipeline
+
+            return encode_with_pipeline(self.pipeline, prompts, self.negative_prompt, self.guidance_scale)
+        size = (self.image_size, self.image_size) if self.image_size else None
+        return encode_prompt(
+            prompts,
+            self.tokenizers,
+            self.text_encoders,
+            negative_prompt=self.negative_prompt,
+            guidance_scale=self.guidance_scale,
+            image_size=size,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+        )
 
     def decode(self, z: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """x_0 = D(z_0 / scaling_factor (+ shift)) in [-1, 1], float32 (the VAE runs in float32);

@@ -6,7 +6,7 @@ as an option; the paper's choice) or on any named module of the denoiser (``h_po
 tuple (diffusers' down blocks: the hidden states and the skip connections), h is its first
 element and only that is edited (the skips it handed to the up blocks stay as computed); of a
 joint text-image transformer block's (text, image) pair (SD3, FLUX), h is the image tokens
-(B, N, D). While active the hook can
+(B, N, D), seen on their patch grid as (B, D, rows, cols) (hcore.transformer). While active the hook can
 
 - capture: hand every h_t the network computes to a callback (and keep the last one),
 - inject: add a delta, h_t + gamma v_t (paper sec. 3, h^edit = h + gamma v),
@@ -59,12 +59,24 @@ def point_module(unet: torch.nn.Module, point: str) -> tuple[torch.nn.Module, st
     name, side = split_point(point)
     if name is None:
         return mid_block(unet), side
-    modules = dict(unet.named_modules())
+    modules = dict(denoiser_root(unet).named_modules())
     if name not in modules:
         blocks = [n for n in modules if n and n.count(".") <= 1]
         near = difflib.get_close_matches(name, list(modules), n=4, cutoff=0.5) or blocks[:6]
         raise HPointError(f"h point {name!r}: {type(unet).__name__} has no such module (nearest: {', '.join(near)})")
     return modules[name], side
+
+
+def denoiser_root(unet: torch.nn.Module) -> torch.nn.Module:
+    """The module whose names h points use: a transformer inside hcore.transformer's adapter
+    (so "transformer_blocks.12" is named as in diffusers), else the denoiser itself."""
+    inner = getattr(unet, "transformer", None)
+    return inner if isinstance(inner, torch.nn.Module) else unet
+
+
+def grid_view(unet: torch.nn.Module):
+    """The token <-> (D, rows, cols) view of a transformer adapter (hcore.transformer), or None."""
+    return unet if hasattr(unet, "to_chw") else None
 
 
 # Transformer blocks whose output is (text stream, image stream): h is the image stream (diffusers'
@@ -103,7 +115,7 @@ def h_shape(unet: torch.nn.Module, point: str = "output") -> tuple[int, ...]:
     from its config; at another point, what that module gives in one forward of a zero input
     (stopped there)."""
     cfg = unet.config
-    if split_point(point)[0] is not None:
+    if split_point(point)[0] is not None or grid_view(unet) is not None:
         return probe_shape(unet, point)
     mid_block(unet)
     size = cfg.sample_size
@@ -121,9 +133,11 @@ def probe_shape(unet: torch.nn.Module, point: str) -> tuple[int, ...]:
     zero text and added conditioning where its config asks for them) until the point."""
     module, side = point_module(unet, point)
     seen = {}
+    view = grid_view(unet)
 
     def grab(value):
-        seen["h"] = first_tensor(value, point, stream_index(module))
+        h = first_tensor(value, point, stream_index(module))
+        seen["h"] = view.to_chw(h) if view is not None and h.dim() == 3 else h
         raise _Reached
 
     if side == "output":
@@ -147,7 +161,9 @@ def probe_shape(unet: torch.nn.Module, point: str) -> tuple[int, ...]:
 
 def zero_inputs(unet: torch.nn.Module) -> tuple[tuple, dict]:
     """The arguments of one zero sample: (sample, timestep) and, for a text-conditioned U-Net,
-    its zero text (and SDXL's added conditioning)."""
+    its zero text (and SDXL's added conditioning); a transformer adapter gives its own."""
+    if hasattr(unet, "zero_inputs"):
+        return unet.zero_inputs()
     cfg = unet.config
     size = cfg.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -189,6 +205,7 @@ class HSpaceHook:
         edit_branch: str = "both",
     ):
         self.block, self.side = point_module(unet, point)
+        self.view = grid_view(unet)
         self.point = point
         self.on_h = on_h
         self.edit_branch = edit_branch
@@ -227,6 +244,8 @@ class HSpaceHook:
         return torch.cat([uncond, cond])
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
+        if self.view is not None and h.dim() == 3:  # a transformer's tokens: h seen as (B, D, rows, cols)
+            return self.view.to_tokens(self._edit(self.view.to_chw(h)))
         if self.replace is not None:
             replace = self.replace.to(dtype=h.dtype)
             h = replace.expand_as(h) if replace.dim() == 3 else replace

@@ -35,6 +35,7 @@ from diffusers import DDIMScheduler
 
 from hspace.hcore.conditioning import Conditioning, unet_output
 from hspace.hcore.edits import Action
+from hspace.hcore.flow import flow_sample, is_flow
 from hspace.hcore.hooks import EDIT_BRANCHES, HSpaceHook
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
@@ -97,6 +98,11 @@ def ddim_scheduler(
     prediction_types: the model outputs the caller can handle; ``ddim_step`` and ``sample``
     handle "epsilon" and "v_prediction". Code that reads the U-Net's output as eps directly
     should pass ("epsilon",)."""
+    if is_flow(scheduler):
+        raise ValueError(
+            f"{type(scheduler).__name__}: a flow-matching model (SD3, FLUX) has no DDPM noise schedule, so no DDIM "
+            "step, inversion or eps here"
+        )
     overrides = {} if clip_sample is None else {"clip_sample": bool(clip_sample)}
     sched = DDIMScheduler.from_config(scheduler.config, **overrides)
     if sched.config.prediction_type not in prediction_types:
@@ -107,6 +113,16 @@ def ddim_scheduler(
     if sched.config.thresholding:
         raise ValueError("scheduler uses dynamic thresholding, which hspace does not support")
     return sched
+
+
+def sampling_timesteps(unet: torch.nn.Module, scheduler, steps: int) -> list[int]:
+    """The timesteps ``sample`` runs at ``steps`` steps: DDIM's, or a flow model's sigma * 1000
+    rounded (a label of the step; the sampler uses the exact value)."""
+    if is_flow(scheduler):
+        return [round(float(t)) for t in unet.flow_sigmas(scheduler, steps).timesteps]
+    sched = ddim_scheduler(scheduler)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
 
 
 def step_alphas(scheduler: DDIMScheduler, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +280,13 @@ def sample(
     final alpha is 1) x_(t-1) = mean + z_t, so the maps can carry that residual too.
     start_at: begin at step ``start_at`` with ``x_T`` as the point there (SDEdit: a photo
     noised to that step); the steps before it are skipped (their z_t still drawn).
+    A flow-matching transformer (SD3, FLUX) is sampled by ``hcore.flow.flow_sample`` instead.
     """
+    if is_flow(scheduler):
+        return flow_sample(
+            unet, scheduler, generators, num_inference_steps, eta, edit, on_step, h_point, x_T, stop_before,
+            conditioning, capture, noise, start_at,
+        )  # fmt: skip
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
     etas = eta_schedule(eta, num_inference_steps)

@@ -192,6 +192,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
     from hspace.hcore.hooks import HPointError, NoMidBlockError, h_shape
     from hspace.tasks.avi import config_problems as avi_problems
     from hspace.tasks.clip_edits import config_problems
+    from hspace.tasks.config_fields import flow_eta_problem
     from hspace.tasks.diffae import config_problems as diffae_problems
     from hspace.tasks.layers import config_problems as layers_problems
     from hspace.tasks.sample import resolve_device
@@ -210,6 +211,8 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
         size = facts.unet.config.sample_size
         facts.image_shape = (facts.unet.config.out_channels, size, size)
         train_steps = facts.scheduler.config.num_train_timesteps
+        if problem := flow_eta_problem(facts.scheduler, cfg.sample.eta, cfg.sample.steps):
+            p.append(f"sample.eta: {problem}")
         if cfg.sample.steps > train_steps:
             p.append(f"sample.steps: {cfg.sample.steps} exceeds the model's {train_steps} training timesteps")
         if cfg.latent_svd is not None and cfg.latent_svd.k > size:

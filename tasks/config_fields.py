@@ -91,3 +91,15 @@ def option(default, description: str, **extra):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def flow_eta_problem(scheduler, eta, steps: int) -> str | None:
+    """What is wrong with an eta for a flow-matching model (SD3, FLUX: it has none), or None."""
+    from hspace.hcore.flow import check_flow, is_flow
+
+    if is_flow(scheduler):
+        try:
+            check_flow(scheduler, eta, steps)
+        except ValueError as e:
+            return str(e)
+    return None

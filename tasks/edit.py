@@ -282,7 +282,7 @@ def edit_sample(
         h_shape=h_shape(unet, spec.replay.h_point),
         h_point=spec.replay.h_point,
         scheduler=scheduler,
-        sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": cfg.get("eta")},
+        sampling={"clip_sample": bool(scheduler.config.get("clip_sample", False)), "eta": cfg.get("eta")},
         edit_branch=text.edit_branch if text is not None else None,
     )
     how = {"window": parse_window(window, spec.replay.steps), "asyrp": asyrp or edit_method == "asyrp"}

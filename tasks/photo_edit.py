@@ -125,7 +125,7 @@ def edit_photos(
         h_shape=h_shape(unet, h_point),
         h_point=h_point,
         scheduler=scheduler,
-        sampling={"clip_sample": bool(scheduler.config.clip_sample), "eta": run_eta},
+        sampling={"clip_sample": bool(scheduler.config.get("clip_sample", False)), "eta": run_eta},
         edit_branch=text.edit_branch if text is not None else None,
     )
     how = {"window": em.parse_window(window, steps), "asyrp": asyrp}

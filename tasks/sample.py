@@ -1,9 +1,8 @@
 """Sampling tasks: prepare samples.zarr, then one cached task per shard (= sampling batch).
 
-A shard task replays its samples from their own seeds, buffers h for all timesteps and
-writes the shard whole, then marks it done (data.catalog). The done marker is the truth
-and the only cache: a Prefect cache hit would not know whether the files it stands for
-still exist, so shard tasks are recorded by Prefect and cache nothing.
+A shard task replays its samples from their own seeds, buffers h for all timesteps and writes the
+shard whole, then marks it done (data.catalog). The done marker is the truth and the only cache: a
+Prefect cache hit would not know whether its files still exist, so shard tasks cache nothing.
 """
 
 from __future__ import annotations
@@ -61,8 +60,7 @@ def _cached_text(ref: models.ModelRef, settings: str, device: str):
 
 
 def run_text(meta: dict):
-    """The run's text setup (prompts, guidance, VAE, text encoders; None for a pixel model),
-    cached per process like the model, keyed on the model and the text settings."""
+    """The run's text setup (None for a pixel model), cached per process, keyed on model and text."""
     import json
 
     if models.model_kind(meta) == "pixel":
@@ -114,10 +112,8 @@ def prepare_store(run: RunFolder) -> SampleStore:
         return store
     unet, scheduler = run_model(meta)
     from hspace.hcore.hooks import h_shape
-    from hspace.hcore.sampler import ddim_scheduler, sample_seed
+    from hspace.hcore.sampler import sample_seed, sampling_timesteps
 
-    sched = ddim_scheduler(scheduler)
-    sched.set_timesteps(cfg["steps"])
     size = unet.config.sample_size
     latent_shape = (unet.config.in_channels, size, size)  # x_T, and an inversion's noise maps
     inverted = cfg.get("kind") == "inversion"  # x0 holds the input images
@@ -138,7 +134,8 @@ def prepare_store(run: RunFolder) -> SampleStore:
             seeds = np.full(cfg["n"], -1)  # DDIM inversion draws nothing
         if text:
             extra["vae_mse"] = ((), "float32")
-    return SampleStore.create(run.samples, layout, seeds, sched.timesteps.numpy(), extra or None)
+    timesteps = np.array(sampling_timesteps(unet, scheduler, cfg["steps"]), dtype=np.int64)
+    return SampleStore.create(run.samples, layout, seeds, timesteps, extra or None)
 
 
 def open_shard(run_dir: str, shard: int):
@@ -284,6 +281,7 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     ``extra(unet, ref)`` (checks that need the model run there, before anything is written).
     ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
     from hspace.hcore.hooks import HPointError, NoMidBlockError, h_shape
+    from hspace.tasks.config_fields import flow_eta_problem
 
     ref = models.resolve(section.model, allow_download=allow_download)
     unet, scheduler = models.load(ref)
@@ -294,6 +292,8 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     train_steps = scheduler.config.num_train_timesteps
     if section.steps > train_steps:
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
+    if problem := flow_eta_problem(scheduler, getattr(section, "eta", 0), section.steps):  # SD3, FLUX
+        raise RunError(f"--eta: {problem}")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
     config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet, ref) if extra else {})
     config |= text_config(section, ref, unet)
