@@ -122,7 +122,7 @@ class TransformerDenoiser(torch.nn.Module):
         cfg, dtype = self.config, self.dtype
         device = next(self.transformer.parameters()).device
         x = torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size, dtype=dtype, device=device)
-        added = {}
+        added = {"guidance": torch.ones(1, dtype=dtype, device=device)}  # read by FLUX.1-dev-like models only
         if cfg.pooled_dim:
             added["text_embeds"] = torch.zeros(1, cfg.pooled_dim, dtype=dtype, device=device)
         text = torch.zeros(1, 1, cfg.cross_attention_dim, dtype=dtype, device=device)

@@ -124,6 +124,41 @@ def build(family: str):
 
 
 def save(family: str, folder: Path) -> Path:
-    """``build(family)`` saved with save_pretrained into ``folder`` (safetensors)."""
+    """``build(family)`` saved with save_pretrained into ``folder`` (safetensors). FLUX's config
+    has no sample size (its pipeline defaults to 128 latent cells, 1024 px): the tiny one records
+    16 there, which hspace reads (diffusers keeps the key, warning that the model ignores it)."""
+    import json
+
     build(family).save_pretrained(folder, safe_serialization=True)
+    if family.startswith("flux"):
+        path = Path(folder) / "transformer" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "sample_size": IMAGE // 2}))
     return Path(folder)
+
+
+def latents(family: str, x_T: torch.Tensor) -> torch.Tensor:
+    """hspace's x_T (B, C, H, W) as the family's pipeline takes ``latents=`` (FLUX: packed 2x2)."""
+    from diffusers import FluxPipeline
+
+    if not family.startswith("flux"):
+        return x_T
+    b, c, h, w = x_T.shape
+    return FluxPipeline._pack_latents(x_T, b, c, h, w)
+
+
+def pipeline(folder: Path, family: str, dtype=torch.float32):
+    """The saved pipeline loaded with diffusers' own from_pretrained; PixArt's scheduler swapped
+    for DDIM of the same betas, P_t unclipped (as hspace samples it); ``dtype`` for the transformer."""
+    import json
+
+    import diffusers
+
+    cls = getattr(diffusers, json.loads((Path(folder) / "transformer" / "config.json").read_text())["_class_name"])
+    transformer = cls.from_pretrained(Path(folder) / "transformer", dtype=dtype)  # as diffusers casts, buffers too
+    pipe = diffusers.DiffusionPipeline.from_pretrained(
+        folder, transformer=transformer, dtype=torch.float32, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if family == "pixart":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    return pipe
