@@ -144,7 +144,8 @@ def test_commands_and_apply_in_the_diffusers_pipeline(folders, family, tmp_path)
     assert r.exit_code == 0, r.output
     direction = hspace.open_run(run).direction("happy")
     assert direction.v.shape[1:] == store.h.shape[2:] and direction.v.abs().sum() > 0
-    r = cli("edit", run, "--sample", "0", "--direction", direction.path, "--scales", "0,10", "--out", tmp_path / "g.png")
+    grid = tmp_path / "g.png"
+    r = cli("edit", run, "--sample", "0", "--direction", direction.path, "--scales", "0,10", "--out", grid)
     assert r.exit_code == 0, r.output
     png = {g: np.asarray(Image.open(tmp_path / "g" / f"sample0__happy__gamma{g}.png")).astype(np.int16)
            for g in ("+0", "+10")}  # fmt: skip
