@@ -119,7 +119,9 @@ def resolve(spec: str, allow_download: bool = False) -> ModelRef:
     kind = pipeline_kind(folder)  # a model without a U-Net is refused here, in one line
     unet_dir = _unet_dir(folder)
     if unet_dir is None:
-        raise RunError(f"{folder} is not a diffusers model folder (no config.json or unet/config.json)")
+        raise RunError(
+            f"{folder} is not a diffusers model folder (no config.json, unet/config.json or transformer/config.json)"
+        )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in unet_dir.iterdir()):
         raise RunError(f"{unet_dir} holds no weight file (*.safetensors or *.bin); copy the model's weights there")
     return ModelRef(id=spec, path=str(folder), revision=revision, fingerprint=weights_sha256(unet_dir), kind=kind)

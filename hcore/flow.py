@@ -22,6 +22,7 @@ import torch
 
 from hspace.hcore.conditioning import Conditioning
 from hspace.hcore.hooks import HSpaceHook
+from hspace.hcore.noise import draw_noise, eta_schedule
 
 
 def is_flow(scheduler) -> bool:
@@ -31,8 +32,6 @@ def is_flow(scheduler) -> bool:
 
 def check_flow(scheduler, eta, steps: int) -> None:
     """ValueError for settings a flow-matching sampler has no meaning for."""
-    from hspace.hcore.sampler import eta_schedule
-
     if any(e != 0 for e in eta_schedule(eta, steps)):
         raise ValueError(
             "flow-matching models (SD3, FLUX) have no eta: their sampler is deterministic Euler; set eta to 0"
@@ -71,8 +70,6 @@ def flow_sample(
 ) -> torch.Tensor:
     """``hcore.sampler.sample`` for a flow-matching transformer (arguments as there; the step
     index is the timestep index and on_step gets the timestep sigma * 1000 as an int)."""
-    from hspace.hcore.sampler import draw_noise
-
     check_flow(scheduler, eta, num_inference_steps)
     if conditioning is None:
         raise ValueError("a flow-matching transformer is text-conditioned: give its conditioning")

@@ -72,7 +72,7 @@ def run_jacobian(
 
     from hspace.data import directions as dirfile
     from hspace.hcore import jacobian as jac
-    from hspace.hcore.sampler import ddim_scheduler
+    from hspace.hcore.sampler import step_timestep
 
     run = RunFolder(Path(run_dir))
     meta = run.read()
@@ -104,9 +104,7 @@ def run_jacobian(
     elif mask_path:
         mask = load_mask(Path(mask_path), size)
     x_t = replay.render(unet, scheduler, [sample], stop_before=step)[0]  # a latent for SD: ROI in latent cells
-    sched = ddim_scheduler(scheduler)
-    sched.set_timesteps(cfg["steps"])
-    t = int(sched.timesteps[step])
+    t = step_timestep(unet, scheduler, cfg["steps"], step)  # a flow model: f(h) = v(x_t, h) at sigma * 1000
     h0 = jac.h_at(unet, x_t, t, h_point=cfg["h_point"], conditioning=conditioning)  # float32, any dtype
     if mask is not None:
         mask = mask.to(x_t.device)

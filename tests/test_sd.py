@@ -118,13 +118,18 @@ def test_text_models_need_a_prompt_and_pixel_models_take_none(sd_dirs, model_dir
     assert result.exit_code == 0, result.output
 
 
-def test_a_model_without_unet_is_refused_in_one_line(tmp_path):
-    folder = tmp_path / "sd3"
+def test_an_unknown_or_empty_transformer_pipeline_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "sana"
     (folder / "transformer").mkdir(parents=True)
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "SanaPipeline", "transformer": ["diffusers", "SanaTransformer2DModel"]})
+    )
+    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "SanaPipeline", "FluxPipeline")
     (folder / "model_index.json").write_text(
         json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]})
     )
-    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "no U-Net", "does not yet sample")
+    assert_refused(hspace("sample", "--model", folder, "--out", tmp_path / "o"), "transformer/config.json")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bfloat16_sd_run(sd_dirs, tmp_path):
