@@ -72,22 +72,30 @@ def sample_bytes(steps: int, h_shape, image_shape) -> tuple[int, int]:
     return steps * math.prod(h_shape) * 2, math.prod(image_shape)
 
 
-def disk_needs(cfg, h_shape, image_shape, latent_shape=None) -> dict[str, tuple[str, int]]:
+def disk_needs(cfg, h_shape, image_shape, latent_shape=None, point_shapes=None) -> dict[str, tuple[str, int]]:
     """The large arrays a run writes, label -> (stage, bytes), uncompressed (fp16
     activations barely compress): the plan's disk table and what `hspace run` checks
     against the free space before it starts (h: n x T x C x H x W x 2 bytes); with
-    sample.store_xt and the model's ``latent_shape`` (C, R, R), x_t: n x T x C x R x R x 2."""
+    sample.store_xt and the model's ``latent_shape`` (C, R, R), x_t: n x T x C x R x R x 2;
+    ``point_shapes``: {extra h point: its h shape} (sample.h_points), h and its PCA at each."""
     n, steps = cfg.sample.n, cfg.sample.steps
     d = math.prod(h_shape)
     k = cfg.pca.components
     h, x0 = sample_bytes(steps, h_shape, image_shape)
     xt = cfg.sample.store_xt and latent_shape is not None
-    return {
-        "h (samples.zarr)": ("sample", n * h),
-        "x0 (samples.zarr)": ("sample", n * x0),
-        "pca.zarr + directions": ("pca", (steps * (k + 1) * d * 4 + 2 * k * steps * d * 4) * cfg.pca.enabled),
-        "attribute directions": ("directions", 3 * len(cfg.directions.attributes) * steps * d * 4),
-    } | ({"x_t (samples.zarr)": ("sample", n * steps * math.prod(latent_shape) * 2)} if xt else {})
+    return (
+        {
+            "h (samples.zarr)": ("sample", n * h),
+            "x0 (samples.zarr)": ("sample", n * x0),
+            "pca.zarr + directions": ("pca", (steps * (k + 1) * d * 4 + 2 * k * steps * d * 4) * cfg.pca.enabled),
+            "attribute directions": ("directions", 3 * len(cfg.directions.attributes) * steps * d * 4),
+        }
+        | ({"x_t (samples.zarr)": ("sample", n * steps * math.prod(latent_shape) * 2)} if xt else {})
+        | {
+            f"h@{point} (samples.zarr)": ("sample", n * steps * math.prod(shape) * 2)
+            for point, shape in (point_shapes or {}).items()
+        }
+    )
 
 
 def run_disk_needs(run, cfg) -> dict[str, int]:

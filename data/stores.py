@@ -55,11 +55,13 @@ class SampleLayout:
 class SampleStore:
     """samples.zarr: allocation, whole-shard writes, done markers."""
 
-    def __init__(self, path: Path, mode: str = "r"):
+    def __init__(self, path: Path, mode: str = "r", h_array: str = "h"):  # h_array: "h" or "h@POINT"
         self.path = Path(path)
         try:
             self.group = zarr.open_group(self.path, mode=mode)
-            self.h = self.group["h"]
+            if h_array not in self.group:
+                raise RunError(f"{self.path} holds no {h_array}: sample a run with --h-points to capture more points")
+            self.h = self.group[h_array]
             self.x0 = self.group["x0"]
             self.seeds = self.group["seeds"]
             self.timesteps = self.group["timesteps"]
@@ -116,7 +118,7 @@ class SampleStore:
             "done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0, compressors=[Crc32cCodec()]
         )
         for name, (shape, dtype) in (extra or {}).items():
-            per_step = name == XT  # x_t of every step: sharded and chunked like h, one chunk per step
+            per_step = name == XT or name.startswith("h@")  # x_t / h at extra points: every step, like h
             group.create_array(
                 name,
                 shape=(n, *shape),

@@ -23,6 +23,7 @@ flows through the bottleneck. Hooks are removed on exit, also after an exception
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -281,3 +282,23 @@ class HSpaceHook:
             self._handle.remove()
             self._handle = None
         self.delta = self.replace = None
+
+
+@contextlib.contextmanager
+def capture_points(unet: torch.nn.Module, points, guided: bool = False):
+    """h at each of ``points`` at every call of the denoiser while the block runs (one call per
+    sampling step): {point: [h of each call as (B, *shape) float16 numpy]}, the conditional half of
+    a guided [uncond; cond] batch. Hooks only read; with no points nothing is hooked."""
+    got = {p: [] for p in points}
+
+    def keep(point):
+        def on_h(h):
+            h = h.chunk(2)[1] if guided else h
+            got[point].append(h.detach().to("cpu", torch.float16).numpy())
+
+        return on_h
+
+    with contextlib.ExitStack() as stack:
+        for point in points:
+            stack.enter_context(HSpaceHook(unet, point=point, on_h=keep(point)))
+        yield got

@@ -33,6 +33,7 @@ class Facts:
     unet: object = None
     scheduler: object = None
     h_shape: tuple[int, int, int] | None = None
+    point_shapes: dict = field(default_factory=dict)  # sample.h_points -> h's shape there
     image_shape: tuple[int, int, int] | None = None
     conditioning: object = None  # a text-conditioned model's guided conditioning of one prompt (the probe)
     annotator_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -41,11 +42,13 @@ class Facts:
 
 def _static_problems(cfg: RunConfig) -> list[str]:
     """The rules that need no file: counts and names of one section against another."""
-    from hspace.tasks.sample import resolve_eta
+    from hspace.tasks.config_fields import resolve_eta
 
     p: list[str] = []
     s, d, ev, f = cfg.sample, cfg.directions, cfg.evaluate, cfg.figures
     n, steps = s.n, s.steps
+    if len(set(s.h_points)) != len(s.h_points) or s.h_point in s.h_points:
+        p.append("sample.h_points: name each extra point once, and not sample.h_point again")
     try:
         resolve_eta(s.eta, steps)
     except RunError as e:
@@ -208,6 +211,7 @@ def _load_problems(cfg: RunConfig, facts: Facts) -> list[str]:
 
         facts.unet, facts.scheduler = models.load(ref, dtype=getattr(torch, cfg.sample.dtype))
         facts.h_shape = tuple(h_shape(facts.unet, cfg.sample.h_point))
+        facts.point_shapes = {point: tuple(h_shape(facts.unet, point)) for point in cfg.sample.h_points}
         size = facts.unet.config.sample_size
         facts.image_shape = (facts.unet.config.out_channels, size, size)
         train_steps = facts.scheduler.config.num_train_timesteps
@@ -359,7 +363,8 @@ def make_plan(cfg: RunConfig, out, facts: Facts, probe: bool = True) -> dict:
     seconds = probe_seconds(facts, cfg) if probe else None
     n, steps = cfg.sample.n, cfg.sample.steps
     c = facts.unet.config if facts.unet is not None else None
-    needs = disk_needs(cfg, facts.h_shape, facts.image_shape, c and (c.in_channels, c.sample_size, c.sample_size))
+    latent = c and (c.in_channels, c.sample_size, c.sample_size)
+    needs = disk_needs(cfg, facts.h_shape, facts.image_shape, latent, facts.point_shapes)
     disk = {label: b for label, (_, b) in needs.items()}
     sampling = creating_stage().name  # the stage that makes samples.zarr
     left = pending_sample_bytes(run) if states.get(sampling) == "run" else None

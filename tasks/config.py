@@ -26,6 +26,7 @@ from hspace.tasks.config_fields import (
     Eta,
     Floats,
     HPoint,
+    HPoints,
     Names,
     Prompts,
     Section,
@@ -45,6 +46,9 @@ class SampleSection(Section):
     seed: int = option(0, "run seed; sample i uses a generator seeded from (seed, i)")
     batch_size: int = option(64, "samples per batch = per Zarr shard = one Prefect task", gt=0)
     h_point: HPoint = option("output", H_POINT_HELP)
+    h_points: HPoints = option(
+        list, "more h points captured in the same pass (samples.zarr h@POINT; each gets its own PCA and directions)"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = option("float32", "float32, float16 or bfloat16 for the UNet")
     # text-conditioned latent models (Stable Diffusion 1.x / 2.x, SDXL); refused for pixel models
     prompt: str | None = option(None, "SD models: the text of every sample ('' on purpose: unconditional)")
@@ -64,8 +68,9 @@ class SampleSection(Section):
         """store_xt off: the dump (run.json's config, the fingerprint) is what it was before the
         option existed, so an old run folder opens, resumes and stays cached."""
         data = handler(self)
-        if not data.get("store_xt"):
-            data.pop("store_xt", None)
+        for key in ("store_xt", "h_points"):  # off / none: the dump of runs made before the option
+            if not data.get(key):
+                data.pop(key, None)
         return data
 
     def prompt_list(self) -> list[str] | None:

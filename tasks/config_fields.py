@@ -76,6 +76,7 @@ def _h_point(value):
 
 # Where h is read: the mid block (the paper's) or any named module of the denoiser
 HPoint = Annotated[str, BeforeValidator(_h_point)]
+HPoints = Annotated[list[HPoint], BeforeValidator(_split)]
 H_POINT_HELP = (
     "where h is read: 'output' or 'input' of the U-Net mid block (the paper's), or any module of the denoiser "
     "('down_blocks.2', 'up_blocks.1.resnets.0'; ':input' for its input)"
@@ -103,3 +104,21 @@ def flow_eta_problem(scheduler, eta, steps: int) -> str | None:
         except ValueError as e:
             return str(e)
     return None
+
+
+def resolve_eta(eta, steps: int) -> float | list[float]:
+    """The eta a run records: one number where every step has the same, else one per step
+    (hcore.sampler.eta_schedule); RunError naming --eta for a bad value."""
+    from hspace.data.catalog import RunError
+    from hspace.hcore.sampler import eta_schedule
+
+    try:
+        etas = eta_schedule(eta, steps)
+    except ValueError as e:
+        raise RunError(f"--{e}") from None  # every message of eta_schedule starts with "eta"
+    return etas[0] if len(set(etas)) == 1 else etas
+
+
+def resolve_clip(setting: str, scheduler) -> bool:
+    """--clip-sample off | on | model (the model's scheduler config) -> the bool a run records."""
+    return bool(scheduler.config.get("clip_sample", False)) if setting == "model" else setting == "on"

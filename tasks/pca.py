@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hspace.data.catalog import RunError, RunFolder
+from hspace.data.points import PointView, h_array, views
 from hspace.data.stores import PCAStore, SampleStore, timestep_batches
 from hspace.hcore import pca as hpca
 from hspace.tasks.stages import Context, Stage, outputs
@@ -43,12 +44,13 @@ def fit_timestep(
     seed: int,
     rows: list[int] | None = None,
     blas_threads: int = 1,
+    h_array: str = "h",
 ) -> hpca.TimestepPCA:
-    """Runs on a Dask worker: PCA of h_t. BLAS threads are set explicitly (Dask workers
-    pin OMP/MKL to 1)."""
+    """Runs on a Dask worker: PCA of h_t (``h_array``: the run's h or an extra point's). BLAS
+    threads are set explicitly (Dask workers pin OMP/MKL to 1)."""
     from threadpoolctl import threadpool_limits
 
-    store = SampleStore(Path(samples_path))
+    store = SampleStore(Path(samples_path), h_array=h_array)
     source = timestep_batches(store, t, batch_size, None if rows is None else np.asarray(rows))
     try:
         with threadpool_limits(blas_threads):
@@ -96,15 +98,17 @@ def run_pca(
     complete_only: bool = False,
     seed: int = 0,
     progress=None,
+    point: str | None = None,
 ) -> dict:
-    """Fit every timestep, align signs, write pca.zarr and the direction files."""
+    """Fit every timestep, align signs, write pca.zarr and the direction files; ``point``: at one
+    of the run's extra h points (data/points.py: its own pca.zarr and direction folder)."""
     from dask.distributed import as_completed
 
-    run = RunFolder(Path(run_dir))
+    run = RunFolder(Path(run_dir)) if point is None else PointView(RunFolder(Path(run_dir)), point)
     meta = run.read()
     if not run.samples.exists():
         raise RunError(f"{run.root} has no samples.zarr; run `hspace sample --out {run.root}` first")
-    store = SampleStore(run.samples)
+    store = SampleStore(run.samples, h_array=h_array(point))
     pending = store.pending_shards()
     rows = None
     if pending:
@@ -143,6 +147,7 @@ def run_pca(
                 batch_size,
                 seed,
                 rows,
+                h_array=h_array(point),
                 pure=False,
                 key=f"pca-{t}-{time.time_ns()}",
             ): t
@@ -174,6 +179,7 @@ def run_pca(
     ev = np.stack([results[t].explained_variance for t in range(steps)])
     ratio = np.stack([results[t].explained_variance_ratio for t in range(steps)]).astype(np.float32)
     std = np.sqrt(np.maximum(ev, 0)).astype(np.float32)
+    run.pca.parent.mkdir(parents=True, exist_ok=True)  # RUN/points/POINT/ at an extra point
     PCAStore(run.pca).write(
         {
             "mean": np.stack([results[t].mean for t in range(steps)]),
@@ -247,21 +253,28 @@ def write_directions(
 def pca_stage(run: RunFolder, pca, ctx: Context) -> dict:
     if not pca.enabled:
         return {"outputs": [], "skipped": True}
+    at = views(run)  # the run's h point, then each of its extra points (sample.h_points)
+    files, first = [], None
     with ctx.progress() as bar:
-        job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"], rate="")
-        r = run_pca(
-            str(run.root),
-            pca.components,
-            pca.method,
-            pca.batch_size,
-            pca.workers,
-            ctx.dask_address,
-            pca.reference_step,
-            pca.complete_shards_only,
-            progress=lambda i: bar.advance(job, i),
-        )
+        job = bar.add_task("pca (timesteps)", total=run.read()["config"]["steps"] * len(at), rate="")
+        for view in at:
+            r = run_pca(
+                str(run.root),
+                pca.components,
+                pca.method,
+                pca.batch_size,
+                pca.workers,
+                ctx.dask_address,
+                pca.reference_step,
+                pca.complete_shards_only,
+                progress=lambda i: bar.advance(job, i),
+                point=getattr(view, "point", None),
+            )
+            first = first or r
+            files += [view.pca] + [view.direction(d) for d in r["directions"]]
+    r = first
     return {
-        "outputs": outputs(run, [run.pca] + [run.direction(d) for d in r["directions"]]),
+        "outputs": outputs(run, files),
         "method": r["method"],
         "k": pca.components,
         "n_samples": r["n"],

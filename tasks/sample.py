@@ -111,6 +111,7 @@ def prepare_store(run: RunFolder) -> SampleStore:
             )
         return store
     unet, scheduler = run_model(meta)
+    from hspace.data.points import h_array
     from hspace.hcore.hooks import h_shape
     from hspace.hcore.sampler import sample_seed, sampling_timesteps
 
@@ -123,6 +124,8 @@ def prepare_store(run: RunFolder) -> SampleStore:
         image_shape = (3, cfg["image_size"], cfg["image_size"])
     layout = SampleLayout(cfg["n"], cfg["steps"], h_shape(unet, cfg["h_point"]), image_shape, cfg["batch_size"])
     extra = {"prompt_index": ((), "int32")} if text else {}  # sample i's prompt: prompts[i mod len]
+    for point in cfg.get("h_points") or []:  # h at more points, side by side (data/points.py)
+        extra[h_array(point)] = ((cfg["steps"], *h_shape(unet, point)), "float16")
     if cfg.get("store_xt"):  # x_t of every step, before its U-Net pass (the latent; a DDPM's pixels)
         extra[XT] = ((cfg["steps"], *latent_shape), "float16")
     seeds = np.array([sample_seed(cfg["seed"], i) for i in range(cfg["n"])], dtype=np.int64)
@@ -155,6 +158,8 @@ def run_shard(run_dir: str, shard: int) -> dict:
     """Sample shard ``shard`` of a run and write it; a no-op when it is already done."""
     import torch
 
+    from hspace.data.points import extra_points, h_array
+    from hspace.hcore.hooks import capture_points
     from hspace.hcore.latent_svd import XtRecorder
     from hspace.hcore.sampler import to_uint8
 
@@ -176,7 +181,8 @@ def run_shard(run_dir: str, shard: int) -> dict:
 
     xt = np.empty((len(rows), steps, *store.group[XT].shape[2:]), np.float16) if XT in store.group else None
     how = {"edit": XtRecorder.into(xt)} if xt is not None else {}  # x_t of every step (sample.store_xt)
-    x0 = replay.render(unet, scheduler, rows, on_step=on_step, **how)
+    with capture_points(unet, extra_points(meta), text is not None and text.guided) as more:  # sample.h_points
+        x0 = replay.render(unet, scheduler, rows, on_step=on_step, **how)
     if not torch.isfinite(x0).all():
         i = int((~torch.isfinite(x0)).flatten(1).any(1).nonzero()[0])
         bad.append(f"x0 of sample {rows[i]} is NaN/Inf")
@@ -185,6 +191,7 @@ def run_shard(run_dir: str, shard: int) -> dict:
     extra = {"prompt_index": np.array([i % len(text.prompts) for i in rows], np.int32)} if text else {}
     if xt is not None:
         extra[XT] = xt
+    extra |= {h_array(p): np.stack(per_step, 1) for p, per_step in more.items()}
     store.write_shard(shard, h, to_uint8(x0).cpu().numpy(), extra or None)
     return {"shard": shard, "recomputed": True, "rows": [rows.start, rows.stop]}
 
@@ -281,20 +288,24 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     ``extra(unet, ref)`` (checks that need the model run there, before anything is written).
     ``dry``: the checks only (the CLI runs them before it locks or starts Prefect)."""
     from hspace.hcore.hooks import HPointError, NoMidBlockError, h_shape
-    from hspace.tasks.config_fields import flow_eta_problem
+    from hspace.tasks.config_fields import flow_eta_problem, resolve_clip, resolve_eta
 
     ref = models.resolve(section.model, allow_download=allow_download)
     unet, scheduler = models.load(ref)
+    points = list(getattr(section, "h_points", None) or [])
     try:
-        h_shape(unet, getattr(section, "h_point", "output"))
+        for point in [getattr(section, "h_point", "output"), *points]:
+            h_shape(unet, point)
     except (NoMidBlockError, HPointError) as e:
         raise RunError(str(e)) from None
+    if len(set(points)) != len(points) or getattr(section, "h_point", None) in points:
+        raise RunError(f"--h-points {','.join(points)}: each point once, and not the run's --h-point again")
     train_steps = scheduler.config.num_train_timesteps
     if section.steps > train_steps:
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
     if problem := flow_eta_problem(scheduler, getattr(section, "eta", 0), section.steps):  # SD3, FLUX
         raise RunError(f"--eta: {problem}")
-    keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "dtype")
+    keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "h_points", "dtype")
     config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet, ref) if extra else {})
     config |= text_config(section, ref, unet)
     config["eta"] = resolve_eta(config["eta"], section.steps)
@@ -330,23 +341,6 @@ def _bytes_to_write(run: RunFolder, config: dict, unet) -> int:
     if config.get("store_xt"):  # x_t of every step in float16
         per_sample += config["steps"] * unet.config.in_channels * unet.config.sample_size**2 * 2
     return config["n"] * per_sample
-
-
-def resolve_eta(eta, steps: int) -> float | list[float]:
-    """The eta a run records: one number where every step has the same, else one per step
-    (hcore.sampler.eta_schedule); RunError naming --eta for a bad value."""
-    from hspace.hcore.sampler import eta_schedule
-
-    try:
-        etas = eta_schedule(eta, steps)
-    except ValueError as e:
-        raise RunError(f"--{e}") from None  # every message of eta_schedule starts with "eta"
-    return etas[0] if len(set(etas)) == 1 else etas
-
-
-def resolve_clip(setting: str, scheduler) -> bool:
-    """--clip-sample off | on | model (the model's scheduler config) -> the bool a run records."""
-    return bool(scheduler.config.get("clip_sample", False)) if setting == "model" else setting == "on"
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -57,7 +57,7 @@ def mean_difference(
         pos, neg = supervised.top_bottom(column, top)
     except ValueError as e:
         raise RunError(f"--top {top}: {e}") from None
-    store = SampleStore(run.samples)
+    store = SampleStore(run.samples, h_array=getattr(run, "h_array", "h"))  # a PointView: h at its point
     if not store.complete():
         raise RunError(f"samples.zarr has unfinished shards {store.pending_shards()[:10]}; rerun `hspace sample`")
     acc = supervised.MeanDifference()
@@ -105,11 +105,14 @@ def build_direction(
     name: str | None = None,
     batch_size: int = 64,
     first: int | None = None,
+    point: str | None = None,
 ) -> dict:
-    """eq. (10) (``mean_difference``), saved as RUN/directions/NAME.safetensors."""
+    """eq. (10) (``mean_difference``), saved as RUN/directions/NAME.safetensors (at an extra h
+    ``point``: RUN/directions/points/POINT/NAME.safetensors, data/points.py)."""
     from hspace.data import directions as dirfile
+    from hspace.data.points import PointView
 
-    run = RunFolder(Path(run_dir))
+    run = RunFolder(Path(run_dir)) if point is None else PointView(RunFolder(Path(run_dir)), point)
     v, md, picked = mean_difference(run, attribute, top, latent, batch_size, first)
     path = dirfile.save(run.direction(name or direction_name(attribute, latent)), v, md)
     return {"path": str(path), **picked, "norm": float(v.norm())}
@@ -174,6 +177,8 @@ def build_prompt_pair(
 
 
 def directions_stage(run: RunFolder, directions, ctx: Context) -> dict:
+    from hspace.data.points import extra_points
+
     run_config = run.read()["config"]
     n, held_out = run_config["n"], directions.held_out_of(run_config)
     if held_out >= n - 1:
@@ -188,7 +193,12 @@ def directions_stage(run: RunFolder, directions, ctx: Context) -> dict:
     if directions.name and len(directions.attributes) > 1:
         raise RunError("--name names one direction: give a single --attribute with it")
     d, ranked = directions, n - held_out
-    files = [build_direction(str(run.root), a, d.top, d.latent, d.name, first=ranked)["path"] for a in d.attributes]
+    points = [None, *(extra_points(run.read()) if d.latent == "h" else [])]  # eq. (10) at each h point
+    files = [
+        build_direction(str(run.root), a, d.top, d.latent, d.name, first=ranked, point=p)["path"]
+        for p in points
+        for a in d.attributes
+    ]
     first = min(n - held_out, directions.pair_samples or n)
     for attribute, (a, b) in directions.prompt_pairs.items():  # attribute-named, so evaluate calibrates and scores them
         r = build_prompt_pair(run, a, b, first, f"{attribute}_prompt", ctx.device, attribute=attribute)

@@ -204,3 +204,75 @@ def test_h_at_a_transformer_block_is_its_image_tokens(kind, point):
         hs.delta = torch.randn(hs.last_h.shape[1:], generator=torch.Generator().manual_seed(3))
         assert (model(**call).sample - plain).abs().max() > 1e-3
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _several_points(tmp_path, model: str, point: str, text: tuple = ()):
+    """One run with h at its mid block and at ``point`` (sample.h_points), one run at ``point`` only,
+    same seeds: the extra point's h, PCA and eq. (10) directions and its edits equal the single run's."""
+    from PIL import Image
+
+    from hspace.data.stores import SampleStore
+    from tests.test_sd import hspace as cli
+
+    base = ("--model", model, "--n", "8", "--steps", "3", "--batch-size", "4", *text)
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert cli("sample", *base, "--h-points", point, "--out", both).exit_code == 0
+    assert cli("sample", *base, "--h-point", point, "--out", alone).exit_code == 0
+    store = SampleStore(both / "samples.zarr")
+    extra = store.group[f"h@{point}"][:]
+    np.testing.assert_array_equal(extra, SampleStore(alone / "samples.zarr").h[:])
+    assert store.h.shape[2:] != extra.shape[2:] or point != "output"  # the run's own h is still the mid block's
+    for run in (both, alone):
+        assert cli("pca", run, "--components", "2").exit_code == 0
+    from safetensors import safe_open
+
+    def read(path):
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("v"), f.metadata()
+
+    v_point, md = read(both / "directions" / "points" / point / "pc00.safetensors")
+    v_alone, _ = read(alone / "directions" / "pc00.safetensors")
+    assert md["h_point"] == point and (both / "points" / point / "pca.zarr").is_dir()
+    torch.testing.assert_close(v_point, v_alone, rtol=0, atol=0)
+    direction = both / "directions" / "points" / point / "pc00.safetensors"
+    grids = {}
+    for run, path in ((both, direction), (alone, alone / "directions" / "pc00.safetensors")):
+        out = tmp_path / f"{run.name}.png"
+        r = cli("edit", run, "--sample", "7", "--direction", path, "--scales", "0,2", "--out", out)
+        assert r.exit_code == 0, r.output
+        grids[run.name] = {g: np.asarray(Image.open(out.with_suffix("") / f"sample7__pc00__gamma{g}.png")).astype(int)
+                           for g in ("+0", "+2")}  # fmt: skip
+    assert np.array_equal(grids["both"]["+2"], grids["alone"]["+2"])
+    assert np.abs(grids["both"]["+2"] - grids["both"]["+0"]).mean() > 1
+    return both, alone
+
+
+def test_several_points_in_one_toy_run(tmp_path, oracle_dir):
+    """The toy model with h also after up_blocks.0: h@up_blocks.0 in samples.zarr, its own PCA,
+    pc00 and eq. (10) direction, each equal to a run sampled at up_blocks.0 alone, and the edit
+    with the point's direction equal to that run's; bad extra points refused before any work."""
+    from tests.test_sd import assert_refused
+    from tests.test_sd import hspace as cli
+
+    both, alone = _several_points(tmp_path, "toy", "up_blocks.0")
+    for run in (both, alone):
+        assert cli("annotate", run, "--annotator", f"oracle:{oracle_dir}").exit_code == 0
+        r = cli("directions", run, "--attribute", "Smiling", "--top", "2", "--held-out", "2")
+        assert r.exit_code == 0, r.output
+    from safetensors.torch import load_file
+
+    a = load_file(both / "directions" / "points" / "up_blocks.0" / "Smiling.safetensors")["v"]
+    torch.testing.assert_close(a, load_file(alone / "directions" / "Smiling.safetensors")["v"], rtol=0, atol=0)
+    assert (both / "directions" / "Smiling.safetensors").exists()  # the run's own point too
+    assert cli("verify", both).exit_code == 0
+    base = ("sample", "--model", "toy", "--n", "4", "--steps", "2")
+    assert_refused(cli(*base, "--h-points", "up_blocks.9", "--out", tmp_path / "bad"), "up_blocks.9", "nearest")
+    assert_refused(cli(*base, "--h-points", "output", "--out", tmp_path / "bad"), "once")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_several_points_in_one_toy_sd_run(tmp_path):
+    """toy-sd (latent, text-conditioned, guided): h@down_blocks.1 is the conditional half at that
+    block, equal to a run sampled there alone; its PCA and edits as there."""
+    _several_points(tmp_path, "toy-sd", "down_blocks.1", ("--prompt", "a face", "--guidance-scale", "3"))
