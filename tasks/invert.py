@@ -176,6 +176,11 @@ def create_inversion_run(run: RunFolder, section, device: str, dry: bool = False
     def extra(unet, ref) -> dict:
         from hspace.data import models
 
+        if ref.kind in models.FLOW_KINDS:
+            raise RunError(
+                f"{ref.id} is a flow-matching model ({ref.kind}): hspace inverts with DDIM / DDPM (eq. (5)), which "
+                "needs a noise schedule it has not; invert with a U-Net or PixArt model"
+            )
         _, notes = load_images(section.images, names, models.image_size(ref, unet.config))
         if not dry:
             for note in notes:

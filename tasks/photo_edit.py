@@ -112,6 +112,10 @@ def edit_photos(
     if sdedit is not None and not (1 <= sdedit <= steps):
         raise RunError(f"--sdedit {sdedit}: give the number of denoising steps to run, in [1, {steps}]")
     ref = models.resolve(model)
+    if ref.kind in models.FLOW_KINDS:
+        raise RunError(
+            f"{ref.id} is a flow-matching model ({ref.kind}): a photo is inverted with DDIM / DDPM, which it has not"
+        )
     run_eta = 0.0 if method == "ddim" and sdedit is None else eta
     if ref.kind != "pixel":  # the source prompt, empty by default; no guidance unless asked for
         prompt, guidance_scale = prompt or "", 1.0 if guidance_scale is None else guidance_scale

@@ -303,10 +303,11 @@ def create_run(run: RunFolder, section, device: str, allow_download=False, extra
     train_steps = scheduler.config.num_train_timesteps
     if section.steps > train_steps:
         raise RunError(f"--steps {section.steps} exceeds the model's {train_steps} training timesteps")
+    more = extra(unet, ref) if extra else {}
     if problem := flow_eta_problem(scheduler, getattr(section, "eta", 0), section.steps):  # SD3, FLUX
         raise RunError(f"--eta: {problem}")
     keys = ("n", "steps", "eta", "seed", "batch_size", "h_point", "h_points", "dtype")
-    config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | (extra(unet, ref) if extra else {})
+    config = {k: getattr(section, k) for k in keys if hasattr(section, k)} | more
     config |= text_config(section, ref, unet)
     config["eta"] = resolve_eta(config["eta"], section.steps)
     config["clip_sample"] = resolve_clip(section.clip_sample, scheduler)

@@ -182,3 +182,54 @@ def test_bad_input_is_one_line_before_any_work(folders, tmp_path):
             "--out", out)  # fmt: skip
     assert_refused(r, "transformer_blocks.7", "transformer_blocks.1")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_jacobian_plan_and_inversion_on_transformers(folders, tmp_path):
+    """The Jacobian of sec. 4.2 at a step of a flow model (f(h) = v(x_t, h)) and of PixArt (eps):
+    its vector v is an eigenvector of J^T J with eigenvalue sigma^2, by torch's own jvp and vjp of
+    the map (|J v| = sigma; J^T J v = sigma^2 v), and sigma beats a random unit vector's gain;
+    `hspace run --plan` counts a transformer's h bytes; a flow model is not
+    inverted (no noise schedule), refused in one line with nothing written."""
+    from hspace.data.stores import JacobianStore
+    from hspace.hcore import jacobian as jac
+    from hspace.hcore.sampler import step_timestep
+    from tests.test_sd import assert_refused
+    from tests.test_sd import hspace as cli
+
+    for family in ("sd3", "pixart"):
+        run = tmp_path / family
+        r = cli("sample", "--model", folders[family], "--prompt", "a red cat", "--n", "2", "--steps", "2", "--eta", "0",
+                "--guidance-scale", "1", "--out", run)  # fmt: skip
+        assert r.exit_code == 0, r.output
+        r = cli("jacobian", run, "--sample", "0", "--step", "1", "--k", "1", "--max-iters", "40", "--tol", "1e-5")
+        assert r.exit_code == 0, r.output
+        arrays, attrs = JacobianStore(run / "jacobian.zarr").read(0, 1)
+        _, unet, scheduler, text = loaded(folders[family])
+        t = step_timestep(unet, scheduler, 2, 1)
+        x_t = torch.from_numpy(arrays["x_t"])
+        cond = text.conditioning(["a red cat"])
+        h0 = jac.h_at(unet, x_t, t, conditioning=cond)
+        f = jac.eps_of_h(unet, x_t, t, conditioning=cond, h0=h0)
+        v, h0 = torch.from_numpy(arrays["vectors"][:1]).to(h0.dtype), h0[None]  # f maps a batch of h
+        _, jv = torch.autograd.functional.jvp(f, h0, v)
+        _, jtjv = torch.autograd.functional.vjp(f, h0, jv)
+        sigma = float(arrays["singular_values"][0])
+        assert abs(float(jv.norm()) - sigma) <= 1e-3 * sigma
+        assert float((jtjv - sigma**2 * v).norm()) <= 0.05 * sigma**2, float((jtjv - sigma**2 * v).norm()) / sigma**2
+        r = torch.randn(tuple(v.shape), generator=torch.Generator().manual_seed(0))
+        assert float(torch.autograd.functional.jvp(f, h0, r / r.norm())[1].norm()) < sigma
+    config = tmp_path / "flux.yaml"
+    config.write_text(f"sample:\n  model: {folders['flux']}\n  prompt: a cat\n  n: 300\n  steps: 4\n  eta: 0\n")
+    r = cli("run", "--config", config, "--out", tmp_path / "plan", "--plan")
+    assert r.exit_code == 0, r.output
+    assert "300 x 4 x 32x8x8 x 2 B" in r.output.replace("\n", " ") and not (tmp_path / "plan").exists()
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    for label in ("positive", "negative"):
+        (images / label).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 100, 50)).save(images / label / "a.png")
+    r = cli("invert", "--images", images, "--model", folders["sd3"], "--prompt", "x", "--out", tmp_path / "inv")
+    assert_refused(r, "flow-matching", "DDIM")
+    assert not (tmp_path / "inv").exists()
