@@ -161,11 +161,16 @@ def _attached(pipe, unet, scheduler, action, expected, h_point: str, edit_branch
         if expected is not None:
             timesteps, first = expected
             if running and (len(running) != len(timesteps) or any(_index(r, timesteps) is None for r in running)):
+                flow = hasattr(unet, "flow_sigmas") and "FlowMatch" in type(scheduler).__name__
+                fix = (
+                    "call it at the same height and width with"
+                    if flow
+                    else ("set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and")
+                )
                 raise DirectionMismatch(
                     f"the pipeline's scheduler ({type(scheduler).__name__}) runs {len(running)} timesteps "
-                    f"{running[:4]}...; direction {first.name} was found with DDIM at {first.steps} steps "
-                    f"{timesteps[:4]}...: set pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) and "
-                    f"num_inference_steps={first.steps}"
+                    f"{running[:4]}...; direction {first.name} was found at {first.steps} steps "
+                    f"{timesteps[:4]}...: {fix} num_inference_steps={first.steps}"
                 )
             if _index(t, timesteps) is None:
                 raise DirectionMismatch(f"timestep {t:g} is not one of the direction's {first.steps} timesteps")

@@ -37,7 +37,6 @@ CELEBAHQ_256_UNET = dict(
     norm_num_groups=32,
 )
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TRANSFORMER_KINDS = ("pixart", "sd3", "flux")  # hcore.transformer.TransformerDenoiser
 FLOW_KINDS = ("sd3", "flux")  # flow matching: sampled by hcore.flow, no eta
 
 

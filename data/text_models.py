@@ -91,13 +91,12 @@ def _transformer_parts(folder: Path, kind: str, device: str) -> TextParts:
     """The pipeline of ``folder`` without its transformer and scheduler, in float32."""
     import diffusers
     import torch
+    import transformers
 
     name = next(n for n, k in TRANSFORMER_PIPELINES.items() if k == kind)
     missing = [d for d in ("vae", "text_encoder", "tokenizer") if not (folder / d).is_dir()]
     if missing:
         raise RunError(f"{folder} has no {missing[0]}/; copy the whole pipeline folder")
-    import transformers
-
     libs = [lib.utils.logging for lib in (diffusers, transformers)]
     bars = [log.is_progress_bar_enabled() for log in libs]
     for log in libs:
