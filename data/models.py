@@ -208,10 +208,9 @@ def noise_shape(run_meta: dict) -> tuple[int, int, int] | None:
     folder = _unet_dir(Path(run_meta["model"]["path"]))
     cfg = json.loads((folder / "config.json").read_text())
     if model_kind(run_meta) == "flux":  # 2x2 latent cells packed per token; no sample size of its own
-        from hspace.hcore.transformer import DEFAULT_SAMPLE_SIZE
+        from hspace.hcore.transformer import latent_shape
 
-        size = cfg.get("sample_size", DEFAULT_SAMPLE_SIZE)
-        return (cfg["in_channels"] // 4, size, size)
+        return latent_shape(cfg)
     size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
     return (cfg["in_channels"], size, size)
 

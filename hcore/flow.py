@@ -22,7 +22,7 @@ import torch
 
 from hspace.hcore.conditioning import Conditioning
 from hspace.hcore.hooks import HSpaceHook
-from hspace.hcore.noise import draw_noise, eta_schedule
+from hspace.hcore.noise import check_arguments, draw_noise, eta_schedule
 
 
 def is_flow(scheduler) -> bool:
@@ -75,17 +75,9 @@ def flow_sample(
         raise ValueError("a flow-matching transformer is text-conditioned: give its conditioning")
     if noise is not None:
         raise ValueError("explicit noise maps belong to DDPM inversion (eq. (5)); a flow model has no noise term")
-    guided = conditioning.guided
-    conditioning.check(unet)
-    if capture != "cond" and not guided:
-        raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
-    if edit is not None:
-        edit.check(num_inference_steps, guided)
-        if getattr(edit, "asyrp", False):
-            raise ValueError("Asyrp's asymmetric step splits eq. (2)'s P_t and D_t: a flow model's Euler step has none")
-        start_at = max(start_at, edit.first_step)
-    if not 0 <= start_at < num_inference_steps:
-        raise ValueError(f"start_at must be a step in [0, {num_inference_steps}), got {start_at}")
+    guided, start_at = check_arguments(unet, conditioning, capture, edit, num_inference_steps, start_at)
+    if edit is not None and edit.asyrp:
+        raise ValueError("Asyrp's asymmetric step splits eq. (2)'s P_t and D_t: a flow model's Euler step has none")
     sched = unet.flow_sigmas(scheduler, num_inference_steps)
     device = next(unet.parameters()).device
     cfg = unet.config
@@ -95,7 +87,6 @@ def flow_sample(
     if edit is not None:
         x = edit.start(x)
     x = x.to(unet.dtype)
-    batch = len(generators)
     sigmas = sched.sigmas.to(device)
     session = edit.session(unet) if edit is not None else contextlib.nullcontext()
     with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs, session:
@@ -108,13 +99,9 @@ def flow_sample(
                 continue
             if edit is not None:
                 x = edit.x_t(step, x.float()).to(unet.dtype)
-            delta = edit.delta(step) if edit is not None else None
-            hs.delta = delta.to(device) if isinstance(delta, torch.Tensor) else delta
+            hs.step_delta(edit, step, device)
             v = velocity(unet, x, t.to(device), conditioning)
             if on_step is not None:
-                h = hs.last_h
-                if guided and capture != "both":
-                    h = h[batch:] if capture == "cond" else h[:batch]
-                on_step(step, int(t), h)
+                on_step(step, int(t), hs.captured(capture))
             x = (x.float() + (sigmas[step + 1] - sigmas[step]) * v).to(v.dtype)  # the scheduler's Euler step
     return x.float()

@@ -244,6 +244,22 @@ class HSpaceHook:
             cond = cond + shift(cond)
         return torch.cat([uncond, cond])
 
+    def captured(self, capture: str = "cond") -> torch.Tensor:
+        """h of the latest call, as a sampler hands it on: under guidance the half ``capture``
+        names ("cond" or "uncond" of [uncond; cond]; "both": all rows), unguided all of it."""
+        h = self.last_h
+        if not self.guided or capture == "both":
+            return h
+        uncond, cond = h.chunk(2)
+        return cond if capture == "cond" else uncond
+
+    def step_delta(self, action, step: int, device):
+        """Set the delta of ``action`` (None: no edit) at sampling step ``step`` on ``device``, and
+        return it (a tensor, an h -> delta callable, or None)."""
+        delta = action.delta(step) if action is not None else None
+        self.delta = delta.to(device) if isinstance(delta, torch.Tensor) else delta
+        return delta
+
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
         if self.view is not None and h.dim() == 3:  # a transformer's tokens: h seen as (B, D, rows, cols)
             return self.view.to_tokens(self._edit(self.view.to_chw(h)))

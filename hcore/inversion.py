@@ -107,7 +107,7 @@ def ddim_invert(
 
     with HSpaceHook(unet, point=h_point) as hs:
         hs.guided = conditioning is not None and conditioning.guided
-        cond_h = lambda: hs.last_h[len(x) :] if hs.guided else hs.last_h  # noqa: E731
+        cond_h = hs.captured
         for step in reversed(range(len(timesteps))):
             t = timesteps[step]
             alpha = sched.alphas_cumprod[t].to(x.device)
@@ -165,7 +165,7 @@ def ddpm_invert(
         for step, t in enumerate(timesteps):
             out = unet_output(unet, x, t, conditioning)
             if on_step is not None:
-                on_step(step, t, hs.last_h[len(x) :] if hs.guided else hs.last_h)
+                on_step(step, t, hs.captured())
             mean, _ = ddim_step(sched, x, t, out, out, etas[step], torch.zeros_like(x))  # eqs. (2)-(4)
             target = noised[step + 1] if step + 1 < len(timesteps) else x0
             scale = noise_scale(sched, t, etas[step])

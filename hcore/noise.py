@@ -1,6 +1,6 @@
-"""The sampler's randomness and its eta schedule, shared by the DDIM sampler (hcore.sampler) and
-the flow-matching one (hcore.flow): one standard normal draw per sample generator, and the paper's
-eta_t of eq. (5) per step."""
+"""What the DDIM sampler (hcore.sampler) and the flow-matching one (hcore.flow) share: one standard
+normal draw per sample generator, the paper's eta_t of eq. (5) per step, and the checks of the
+arguments both take (conditioning, capture, edit, start step)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,27 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+CAPTURE = ("cond", "uncond", "both")
+
+
+def check_arguments(unet, conditioning, capture: str, edit, steps: int, start_at: int) -> tuple[bool, int]:
+    """(guided, the first step to run) of a sampling call, or ValueError naming the argument that
+    does not fit: the conditioning against the denoiser, ``capture`` (a half needs guidance), the
+    edit against the steps, ``start_at`` (moved to the edit's first step where that is later)."""
+    guided = conditioning is not None and conditioning.guided
+    if conditioning is not None:
+        conditioning.check(unet)
+    if capture not in CAPTURE:
+        raise ValueError(f"capture must be one of {CAPTURE}, got {capture!r}")
+    if capture != "cond" and not guided:
+        raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
+    if edit is not None:
+        edit.check(steps, guided)
+        start_at = max(start_at, edit.first_step)  # e.g. SDEdit's restart (hcore.edits.sdedit)
+    if not 0 <= start_at < steps:
+        raise ValueError(f"start_at must be a step in [0, {steps}), got {start_at}")
+    return guided, start_at
 
 
 def draw_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:

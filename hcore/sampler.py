@@ -37,11 +37,10 @@ from hspace.hcore.conditioning import Conditioning, unet_output
 from hspace.hcore.edits import Action
 from hspace.hcore.flow import flow_sample, is_flow
 from hspace.hcore.hooks import EDIT_BRANCHES, HSpaceHook
-from hspace.hcore.noise import draw_noise, eta_schedule
+from hspace.hcore.noise import check_arguments, draw_noise, eta_schedule
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step index, timestep, h (B,C,H,W))
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-CAPTURE = ("cond", "uncond", "both")
 
 
 def sample_seed(run_seed: int, index: int) -> int:
@@ -266,16 +265,7 @@ def sample(
     sched = ddim_scheduler(scheduler)
     sched.set_timesteps(num_inference_steps)
     etas = eta_schedule(eta, num_inference_steps)
-    guided = conditioning is not None and conditioning.guided
-    if conditioning is not None:
-        conditioning.check(unet)
-    if capture not in CAPTURE:
-        raise ValueError(f"capture must be one of {CAPTURE}, got {capture!r}")
-    if capture != "cond" and not guided:
-        raise ValueError(f"capture={capture!r} needs classifier-free guidance (a conditioning with an uncond branch)")
-    if edit is not None:
-        edit.check(num_inference_steps, guided)
-        start_at = max(start_at, edit.first_step)  # e.g. SDEdit's restart (hcore.edits.sdedit)
+    guided, start_at = check_arguments(unet, conditioning, capture, edit, num_inference_steps, start_at)
     param = next(unet.parameters())
     device = param.device
     cfg = unet.config
@@ -287,8 +277,6 @@ def sample(
     batch = len(generators)
     if noise is not None and tuple(noise.shape) != (batch, num_inference_steps, *shape):
         raise ValueError(f"noise maps have shape {tuple(noise.shape)}, need {(batch, num_inference_steps, *shape)}")
-    if not 0 <= start_at < num_inference_steps:
-        raise ValueError(f"start_at must be a step in [0, {num_inference_steps}), got {start_at}")
     session = edit.session(unet) if edit is not None else contextlib.nullcontext()
     with torch.no_grad(), HSpaceHook(unet, point=h_point) as hs, session:
         hs.guided = guided
@@ -304,14 +292,10 @@ def sample(
                 z = noise[:, step].to(device, torch.float32)
             if edit is not None:
                 x = edit.x_t(step, x)  # a method acting on the latent x_t (hcore.edits)
-            delta = edit.delta(step) if edit is not None else None
-            hs.delta = delta.to(device) if isinstance(delta, torch.Tensor) else delta  # or h -> delta
+            delta = hs.step_delta(edit, step, device)  # a tensor, or h -> delta
             eps = unet_output(unet, x, t_int, conditioning)  # eps, or v (see ddim_step)
             if on_step is not None:
-                h = hs.last_h
-                if guided and capture != "both":
-                    h = h[batch:] if capture == "cond" else h[:batch]
-                on_step(step, t_int, h)
+                on_step(step, t_int, hs.captured(capture))
             eps_d = eps
             if delta is not None and edit.asyrp:
                 hs.delta = None

@@ -39,6 +39,15 @@ FLOW_FAMILIES = ("sd3", "flux")
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size (its config has no sample size): 1024 px
 
 
+def latent_shape(config, sample_size: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of a transformer's latent x_t from its config (config.json's dict or the model's):
+    FLUX packs 2x2 latent cells per token (C = in_channels / 4) and has no sample size of its own."""
+    flux = config.get("_class_name") == "FluxTransformer2DModel"
+    channels = config["in_channels"] // 4 if flux else config["in_channels"]
+    size = int(sample_size or config.get("sample_size") or DEFAULT_SAMPLE_SIZE)
+    return channels, size, size
+
+
 @dataclass
 class DenoiserOutput:
     sample: torch.Tensor
@@ -59,13 +68,12 @@ class TransformerDenoiser(torch.nn.Module):
         self.family = FAMILIES[name]
         self.grid: tuple[int, int] | None = None
         cfg = transformer.config
-        channels = cfg.in_channels // 4 if self.family == "flux" else cfg.in_channels
-        size = sample_size or cfg.get("sample_size") or DEFAULT_SAMPLE_SIZE
+        channels, size, _ = latent_shape({**cfg, "_class_name": name}, sample_size)
         text = cfg.caption_channels if self.family == "pixart" else cfg.joint_attention_dim
         self.config = FrozenDict(
             in_channels=channels,
             out_channels=channels,
-            sample_size=int(size),
+            sample_size=size,
             cross_attention_dim=int(text),
             addition_embed_type=None if self.family == "pixart" else "pooled",
             pooled_dim=None if self.family == "pixart" else int(cfg.pooled_projection_dim),
